@@ -1,0 +1,24 @@
+"""LAM: a sentence encoder with linear-time dual-state DeltaNet layers.
+
+Importing this package registers the ``lam`` architecture with transformers'
+Auto classes, so ``SentenceTransformer(folder)`` loads a saved LAM model.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_lam import LAMConfig
+from .modeling_lam import LAMModel
+from .sentence_transformer import build_sentence_transformer
+from .teacher import DEFAULT_TEACHER, from_teacher, resolve_teacher_path
+
+AutoConfig.register(LAMConfig.model_type, LAMConfig, exist_ok=True)
+AutoModel.register(LAMConfig, LAMModel, exist_ok=True)
+
+__all__ = [
+    "LAMConfig",
+    "LAMModel",
+    "build_sentence_transformer",
+    "from_teacher",
+    "resolve_teacher_path",
+    "DEFAULT_TEACHER",
+]

@@ -1,0 +1,150 @@
+"""Data loading shared by training and evaluation.
+
+STS-B comes either from a local folder of the original csv files
+(``sts-{train,dev,test}.csv``) or from the Hugging Face Hub
+(``sentence-transformers/stsb``). Both give the same columns: ``sentence1``,
+``sentence2`` and ``score`` in 0..1.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from pathlib import Path
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+STSB_HUB_NAME = "sentence-transformers/stsb"
+STSB_SPLITS = ("train", "validation", "test")
+
+# Split name -> file name in the original distribution, which calls the validation split "dev".
+_STSB_FILES = {"train": "sts-train.csv", "validation": "sts-dev.csv", "test": "sts-test.csv"}
+_SPLIT_ALIASES = {"dev": "validation"}
+_STSB_FEATURES = datasets.Features(
+    {
+        "sentence1": datasets.Value("string"),
+        "sentence2": datasets.Value("string"),
+        "score": datasets.Value("float64"),
+    }
+)
+
+
+def default_data_dir() -> Path | None:
+    """Folder of the shared data: ``$LAM_DATA_DIR``, else ``<project root>/../shared/data`` if it exists."""
+    env = os.environ.get("LAM_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    # The project root is the parent of this package; the data lives beside the checkout, not in it.
+    candidate = (Path(__file__).resolve().parent.parent.parent / "shared" / "data").resolve()
+    return candidate if candidate.is_dir() else None
+
+
+def canonical_split(split: str) -> str:
+    """Return ``train``, ``validation`` or ``test`` for ``split`` (``dev`` means ``validation``)."""
+    name = _SPLIT_ALIASES.get(split, split)
+    if name not in STSB_SPLITS:
+        raise ValueError(f"split={split!r} is not one of {', '.join(STSB_SPLITS)} (or 'dev' for 'validation')")
+    return name
+
+
+def resolve_stsb_source(source: str | os.PathLike | None = None) -> str:
+    """Where STS-B is read from: ``source`` if given, else ``$LAM_STSB``, else the shared
+    data folder's ``stsb/`` if it exists, else the hub dataset name."""
+    if source is not None:
+        return os.fspath(source)
+    env = os.environ.get("LAM_STSB")
+    if env:
+        return env
+    data_dir = default_data_dir()
+    if data_dir is not None and (data_dir / "stsb").is_dir():
+        return str(data_dir / "stsb")
+    return STSB_HUB_NAME
+
+
+def _looks_like_hub_name(source: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything absolute, relative to "." or "~",
+    # or with more than one slash can only be meant as a local path.
+    if source.startswith((".", "/", "~")) or os.path.isabs(source):
+        return False
+    return source.count("/") <= 1 and "\\" not in source
+
+
+def load_stsb(split: str, source: str | os.PathLike | None = None) -> datasets.Dataset:
+    """Load one STS-B split with columns ``sentence1``, ``sentence2``, ``score`` (float in 0..1).
+
+    ``split`` is ``train``, ``validation`` (alias ``dev``) or ``test``. ``source`` is a
+    folder holding ``sts-{train,dev,test}.csv`` or a hub dataset name; ``None`` uses
+    :func:`resolve_stsb_source`.
+    """
+    split = canonical_split(split)
+    source = resolve_stsb_source(source)
+    if os.path.isdir(source):
+        return _load_stsb_csv(Path(source) / _STSB_FILES[split])
+    if os.path.exists(source) or not _looks_like_hub_name(source):
+        raise FileNotFoundError(
+            f"STS-B source {source!r} is not an existing folder (expected a folder holding "
+            f"{', '.join(_STSB_FILES.values())}, or a hub dataset name such as {STSB_HUB_NAME!r})"
+        )
+    logger.info("loading STS-B %s from the hub dataset %s", split, source)
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as err:
+        raise RuntimeError(
+            f"STS-B source {source!r} is not a local folder, and loading it as a hub dataset failed "
+            f"({type(err).__name__}: {err}). "
+            "Without network access, pass a local folder of sts-*.csv files (--stsb, $LAM_STSB or $LAM_DATA_DIR)."
+        ) from err
+    missing = {"sentence1", "sentence2", "score"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"hub dataset {source!r} lacks the columns {sorted(missing)}")
+    return ds.select_columns(["sentence1", "sentence2", "score"]).cast(_STSB_FEATURES)
+
+
+def _load_stsb_csv(path: Path) -> datasets.Dataset:
+    if not path.is_file():
+        raise FileNotFoundError(f"STS-B file {str(path)!r} does not exist")
+    rows: dict[str, list] = {"sentence1": [], "sentence2": [], "score": []}
+    # Split on tabs by hand: sentences contain quote characters that csv quoting would swallow.
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if len(cols) < 7:
+                raise ValueError(f"{path}, line {lineno}: expected at least 7 tab-separated columns, found {len(cols)}")
+            # Columns 5-7 are score, sentence1, sentence2; some lines carry trailing source notes.
+            try:
+                score = float(cols[4])
+            except ValueError:
+                raise ValueError(f"{path}, line {lineno}: score {cols[4]!r} is not a number") from None
+            if not 0.0 <= score <= 5.0:
+                raise ValueError(f"{path}, line {lineno}: score {score} is outside 0..5")
+            rows["sentence1"].append(cols[5].strip())
+            rows["sentence2"].append(cols[6].strip())
+            rows["score"].append(score / 5.0)
+    logger.info("read %d STS-B pairs from %s", len(rows["score"]), path)
+    return datasets.Dataset.from_dict(rows, features=_STSB_FEATURES)
+
+
+def read_text_lines(path: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """Stripped, non-empty lines of a ``.txt`` or ``.txt.gz`` file, at most ``limit`` of them."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit={limit} must be None or >= 0")
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    lines: list[str] = []
+    if limit == 0:
+        return lines
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                lines.append(line)
+                # Stop early: the corpus has ~700k lines and callers often want a sample.
+                if limit is not None and len(lines) >= limit:
+                    break
+    return lines

@@ -1,0 +1,242 @@
+"""LAM: a BERT encoder whose self-attention is a dual-state DeltaNet layer (SPEC.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_lam import LAMConfig
+from .ops import dual_state_delta_rule
+
+try:  # transformers >= 5: init functions that respect weights already loaded
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers
+    init = nn.init
+
+
+class ResonanceFlux(nn.Module):
+    """Coupling strength psi of a chunk, from its mean key, mean written value and a
+    bilinear key-value score; all means over the chunk's valid tokens."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.bilinear = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
+        self.temperature = nn.Parameter(torch.empty(num_heads))
+        self.hidden = nn.Linear(2 * head_dim + 1, head_dim // 2)
+        self.out = nn.Linear(head_dim // 2, 1)
+
+    def forward(self, K: torch.Tensor, U: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """K, U: (B, H, N, C, d) float32; valid: (B, N, C) bool. Returns psi (B, H, N)."""
+        w = valid[:, None].to(K.dtype)  # (B, 1, N, C)
+        count = w.sum(-1).clamp(min=1)
+        mean_k = (K * w[..., None]).sum(-2) / count[..., None]
+        mean_u = (U * w[..., None]).sum(-2) / count[..., None]
+        score = torch.einsum("bhnci,hij,bhncj->bhnc", K, self.bilinear.float(), U)
+        score = (score * w).sum(-1) / count / self.temperature.float()[:, None]
+        features = torch.cat([mean_k, mean_u, score[..., None]], -1)
+        hidden = F.silu(F.linear(features, self.hidden.weight.float(), self.hidden.bias.float()))
+        psi = torch.sigmoid(F.linear(hidden, self.out.weight.float(), self.out.bias.float()))[..., 0]
+        return psi.clamp(0.01, 0.99)
+
+
+class CausalDepthwiseConv(nn.Conv1d):
+    """Depthwise convolution over positions that sees the current and earlier tokens only."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, D)
+        return super().forward(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+
+
+class DualStateDeltaNet(nn.Module):
+    """The token mixer of a LAM layer (SPEC.md section 2)."""
+
+    def __init__(self, config: LAMConfig):
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        self.num_heads, self.head_dim = H, config.head_dim
+        self.chunk_size = config.chunk_size
+        self.state_dropout = config.state_dropout
+        self.rms_norm_eps = config.rms_norm_eps
+        self.config = config
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(D, D, bias=False) for _ in range(3))
+        self.g_proj = nn.Linear(D, D, bias=False)
+        self.o_proj = nn.Linear(D, D, bias=False)
+        self.q_conv, self.k_conv, self.v_conv = (CausalDepthwiseConv(D, config.conv_size) for _ in range(3))
+        self.beta_proj = nn.Linear(D, H, bias=False)
+        self.fast_decay_proj = nn.Linear(D, H)
+        self.slow_decay_proj = nn.Linear(D, H)
+        self.fast_gate_proj = nn.Linear(D, H, bias=False)
+        self.slow_gate_proj = nn.Linear(D, H, bias=False)
+        self.flux = ResonanceFlux(H, self.head_dim)
+        self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
+        keep = mask[..., None].to(x.dtype)
+        # Padding is zeroed before the convolutions so it never reaches a valid token.
+        q = F.silu(self.q_conv(self.q_proj(x) * keep))
+        k = F.silu(self.k_conv(self.k_proj(x) * keep))
+        v = F.silu(self.v_conv(self.v_proj(x) * keep))
+        heads = lambda t: rearrange(t, "b l (h d) -> b h l d", h=self.num_heads)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)
+        q, k = F.normalize(q.float(), dim=-1, eps=1e-6), F.normalize(k.float(), dim=-1, eps=1e-6)
+        per_head = lambda t: rearrange(t, "b l h -> b h l")  # noqa: E731
+        beta = per_head(torch.sigmoid(self.beta_proj(x)))
+        decay_fast = per_head(torch.sigmoid(self.fast_decay_proj(x)))
+        decay_slow = per_head(torch.sigmoid(self.slow_decay_proj(x)))
+        gate_fast = per_head(torch.sigmoid(self.fast_gate_proj(x)))
+        gate_slow = per_head(torch.sigmoid(self.slow_gate_proj(x)))
+        o = dual_state_delta_rule(
+            q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
+            chunk_size=self.chunk_size, state_dropout=self.state_dropout, training=self.training,
+            impl=self.config.delta_impl,
+        )  # (B, H, L, d) float32
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.rms_norm_eps) * self.norm_weight.float()
+        o = rearrange(o, "b h l d -> b l (h d)").to(x.dtype) * torch.sigmoid(self.g_proj(x))
+        return self.o_proj(o)
+
+
+class LAMEmbeddings(nn.Module):
+    """BERT embeddings: word + absolute position + token type, then LayerNorm.
+
+    Inputs longer than the position table reuse it cyclically (position p reads
+    row p mod max_position_embeddings): the token mixer is recurrent, so order is
+    still seen, and every length up to the memory limit runs.
+    """
+
+    def __init__(self, config: LAMConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) % self.position_embeddings.num_embeddings
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class LAMLayer(nn.Module):
+    """Post-LayerNorm encoder layer, as BERT's, with the DeltaNet as token mixer."""
+
+    def __init__(self, config: LAMConfig):
+        super().__init__()
+        self.delta_net = DualStateDeltaNet(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.activation = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def mix(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attention block: token mixing, residual, LayerNorm."""
+        return self.attention_norm(x + self.dropout(self.delta_net(x, mask)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.mix(x, mask)
+        return self.ffn_norm(h + self.dropout(self.ffn_out(self.activation(self.ffn_in(h)))))
+
+
+class LAMPreTrainedModel(PreTrainedModel):
+    config_class = LAMConfig
+    config: LAMConfig
+    base_model_prefix = "lam"
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, CausalDepthwiseConv):
+            # Start as the identity (only the current token's tap is 1): the teacher's
+            # q/k/v projections then mean what they meant in the teacher.
+            weight = torch.zeros_like(module.weight)
+            weight[..., -1] = 1.0
+            init.copy_(module.weight, weight)
+        elif isinstance(module, ResonanceFlux):
+            init.normal_(module.bilinear, std=config.initializer_range)
+            init.constant_(module.temperature, math.sqrt(config.head_dim))
+        elif isinstance(module, DualStateDeltaNet):
+            init.constant_(module.fast_decay_proj.bias, math.log(config.fast_decay_init / (1 - config.fast_decay_init)))
+            init.constant_(module.slow_decay_proj.bias, math.log(config.slow_decay_init / (1 - config.slow_decay_init)))
+            init.ones_(module.norm_weight)
+
+
+class LAMModel(LAMPreTrainedModel):
+    """The LAM encoder. ``forward`` returns ``last_hidden_state`` (B, L, hidden_size)."""
+
+    def __init__(self, config: LAMConfig):
+        super().__init__(config)
+        self.embeddings = LAMEmbeddings(config)
+        self.layers = nn.ModuleList(LAMLayer(config) for _ in range(config.num_hidden_layers))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
+        """Raise ValueError naming the argument that does not fit the model."""
+        if input_ids is None:
+            raise ValueError("LAMModel needs input_ids")
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+        if attention_mask is not None and attention_mask.numel():
+            m = attention_mask.long()
+            if int(m.min()) < 0 or int(m.max()) > 1:
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+            if bool((m[:, 1:] > m[:, :-1]).any()):
+                raise ValueError(
+                    "attention_mask must be right-padded (ones, then zeros): LAM reads tokens in order, "
+                    "so left padding would shift every chunk; set tokenizer.padding_side = 'right'"
+                )
+        if token_type_ids is not None and token_type_ids.numel():
+            if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size:
+                raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size})")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        self.check_inputs(input_ids, attention_mask, token_type_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        mask = attention_mask.bool()
+        x = self.embeddings(input_ids, token_type_ids)
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, mask)
+            if output_hidden_states:
+                hidden_states.append(x)
+        if return_dict is False:
+            return (x,) if hidden_states is None else (x, tuple(hidden_states))
+        return BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)

@@ -1,0 +1,77 @@
+"""Implementations of the dual-state delta rule and the dispatch between them.
+
+- ``naive``: token-level reference (naive.py), the test oracle;
+- ``chunk``: chunked form with the exact triangular solve (chunk.py);
+- ``compiled``: the chunked form with its two hot functions under torch.compile;
+- ``triton``: fused kernel (triton.py), CUDA only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .chunk import chunk_dual_state_delta_rule, intra_chunk, state_step
+from .naive import naive_dual_state_delta_rule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["dual_state_delta_rule", "resolve_impl", "naive_dual_state_delta_rule", "chunk_dual_state_delta_rule"]
+
+
+@functools.cache
+def _compiled_functions():
+    # dynamic=True: one graph serves every batch size and number of chunks.
+    return torch.compile(intra_chunk, dynamic=True), torch.compile(state_step, dynamic=True)
+
+
+def compiled_dual_state_delta_rule(*args, **kwargs):
+    intra_fn, step_fn = _compiled_functions()
+    return chunk_dual_state_delta_rule(*args, intra_fn=intra_fn, step_fn=step_fn, **kwargs)
+
+
+def _triton_dual_state_delta_rule(*args, **kwargs):
+    try:
+        from .triton import triton_dual_state_delta_rule
+    except ImportError as err:
+        raise NotImplementedError(
+            "delta_impl='triton' needs the fused kernel in lam_embed/ops/triton.py and the triton package; "
+            f"it is not available here ({err}). Use delta_impl='chunk' or 'compiled'."
+        ) from err
+    return triton_dual_state_delta_rule(*args, **kwargs)
+
+
+IMPLEMENTATIONS = {
+    "naive": naive_dual_state_delta_rule,
+    "chunk": chunk_dual_state_delta_rule,
+    "compiled": compiled_dual_state_delta_rule,
+    "triton": _triton_dual_state_delta_rule,
+}
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` stands for on ``device`` ("auto" picks per device)."""
+    if impl == "auto":
+        return "compiled" if device.type == "cuda" else "chunk"
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"delta_impl must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
+    if impl == "triton" and device.type != "cuda":
+        raise ValueError(f"delta_impl='triton' runs on CUDA tensors only, got tensors on {device}")
+    return impl
+
+
+def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux, *,
+                          chunk_size: int = 128, state_dropout: float = 0.0, training: bool = False,
+                          impl: str = "auto") -> torch.Tensor:
+    """Dual-state delta rule of SPEC.md; returns O (B, H, L, d) in q's dtype.
+
+    The state math runs in float32 whatever the input dtype and autocast say.
+    """
+    fn = IMPLEMENTATIONS[resolve_impl(impl, q.device)]
+    dtype = q.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        tensors = [t.float() for t in (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)]
+        out = fn(*tensors, mask, flux, chunk_size=chunk_size, state_dropout=state_dropout, training=training)
+    return out.to(dtype)

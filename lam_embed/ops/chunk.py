@@ -1,0 +1,119 @@
+"""Chunked form of the dual-state delta rule (SPEC.md section 2).
+
+Everything that depends on one chunk alone is computed for all chunks at once:
+the exact inverse T = (I + strictly_lower(Kb K^T))^-1 by a unit-triangular solve,
+U = T Vb, W = T Kb, the causal scores A, psi and the mean decays. Because
+Q R + A (U - W R) = (Q - A W) R + A U and K^T (U - W R) = K^T U - (K^T W) R, the
+only sequential part is a loop over chunks on d x d matrices (the two states);
+the output rows are then formed for all chunks in one batched product. An input
+of one chunk starts from zero states and skips the loop.
+
+Shapes as in naive.py: q, k, v (B, H, L, d); beta, decays, gates (B, H, L); mask (B, L).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .common import EPS, coupling_and_normalise, pad_to_chunks
+
+
+def intra_chunk(q, k, v, beta, mask, chunk_size: int):
+    """Per-chunk quantities, for all chunks in parallel.
+
+    Returns Q, K (B, H, N, C, d), U, W (B, H, N, C, d), A (B, H, N, C, C), valid (B, N, C).
+    """
+    to_chunks = lambda t: rearrange(t, "b h (n c) ... -> b h n c ...", c=chunk_size)  # noqa: E731
+    Q, K, V, b = map(to_chunks, (q, k, v, beta))
+    valid = rearrange(mask, "b (n c) -> b n c", c=chunk_size)
+    b = b * valid[:, None]
+    Kb, Vb = K * b[..., None], V * b[..., None]
+    C = chunk_size
+    strictly_lower = torch.tril(Kb @ K.transpose(-1, -2), diagonal=-1)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    # One solve for both right-hand sides: (I + L) [U W] = [Vb Kb].
+    UW = torch.linalg.solve_triangular(eye + strictly_lower, torch.cat([Vb, Kb], -1), upper=False, unitriangular=True)
+    U, W = UW.split(q.shape[-1], dim=-1)
+    A = torch.tril(Q @ K.transpose(-1, -2))
+    return Q, K, U, W, A, valid
+
+
+def state_step(S_fast, S_slow, KtU, KtW, decay_fast, decay_slow, psi, keep, state_dropout: float, training: bool):
+    """Advance both states over one chunk; return the new states and the normalised
+    states R the chunk reads. States (B, H, d, d); KtU, KtW (B, H, d, d); decays, psi (B, H); keep (B,)."""
+    S_fast_decayed = S_fast * decay_fast[..., None, None]
+    S_slow_decayed = S_slow * decay_slow[..., None, None]
+    R_fast = S_fast_decayed / (torch.linalg.matrix_norm(S_fast_decayed)[..., None, None] + EPS)
+    R_slow = S_slow_decayed / (torch.linalg.matrix_norm(S_slow_decayed)[..., None, None] + EPS)
+    new_fast = S_fast_decayed + F.dropout(KtU - KtW @ R_fast, state_dropout, training)
+    new_slow = S_slow_decayed + F.dropout(KtU - KtW @ R_slow, state_dropout, training)
+    new_fast, new_slow = coupling_and_normalise(new_fast, new_slow, psi)
+    keep = keep[:, None, None, None]
+    return torch.where(keep, new_fast, S_fast), torch.where(keep, new_slow, S_slow), R_fast, R_slow
+
+
+def chunk_dual_state_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_fast: torch.Tensor,
+    decay_slow: torch.Tensor,
+    gate_fast: torch.Tensor,
+    gate_slow: torch.Tensor,
+    mask: torch.Tensor,
+    flux: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    chunk_size: int = 128,
+    state_dropout: float = 0.0,
+    training: bool = False,
+    intra_fn: Callable = intra_chunk,
+    step_fn: Callable = state_step,
+) -> torch.Tensor:
+    """Dual-state delta rule in chunked form; same contract as ``naive_dual_state_delta_rule``.
+
+    ``intra_fn`` and ``step_fn`` let the compiled implementation pass compiled
+    versions of the two hot functions.
+    """
+    B, H, L, d = q.shape
+    q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask = pad_to_chunks(
+        chunk_size, q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask=mask
+    )
+    Q, K, U, W, A, valid = intra_fn(q, k, v, beta, mask, chunk_size)
+    psi = flux(K, U, valid)  # (B, H, N)
+    to_chunks = lambda t: rearrange(t, "b h (n c) -> b h n c", c=chunk_size)  # noqa: E731
+    gate_fast, gate_slow = to_chunks(gate_fast)[..., None], to_chunks(gate_slow)[..., None]
+    alpha = (0.5 + 0.3 * psi)[..., None, None]
+    AU = A @ U
+    N = Q.shape[2]
+    if N == 1:
+        # Zero states: R = 0 and each state's output is A U.
+        O = (alpha * gate_fast + (1 - alpha) * gate_slow) * AU
+        return rearrange(O, "b h n c d -> b h (n c) d")[:, :, :L]
+
+    count = valid.sum(-1).clamp(min=1)[:, None]  # (B, 1, N)
+    decay_fast = (to_chunks(decay_fast) * valid[:, None]).sum(-1) / count * (1 - 0.10 * psi)
+    decay_slow = (to_chunks(decay_slow) * valid[:, None]).sum(-1) / count * (1 - 0.05 * psi)
+    Kt = K.transpose(-1, -2)
+    KtU, KtW = Kt @ U, Kt @ W
+    keep = valid.any(-1)  # (B, N)
+
+    S_fast = q.new_zeros(B, H, d, d)
+    S_slow = q.new_zeros(B, H, d, d)
+    R_fast, R_slow = [], []
+    for n in range(N):
+        S_fast, S_slow, r_fast, r_slow = step_fn(
+            S_fast, S_slow, KtU[:, :, n], KtW[:, :, n], decay_fast[:, :, n], decay_slow[:, :, n],
+            psi[:, :, n], keep[:, n], state_dropout, training,
+        )
+        R_fast.append(r_fast)
+        R_slow.append(r_slow)
+    R_fast, R_slow = torch.stack(R_fast, 2), torch.stack(R_slow, 2)
+    QW = Q - A @ W
+    O_fast = gate_fast * (QW @ R_fast + AU)
+    O_slow = gate_slow * (QW @ R_slow + AU)
+    O = alpha * O_fast + (1 - alpha) * O_slow
+    return rearrange(O, "b h n c d -> b h (n c) d")[:, :, :L]

@@ -1,0 +1,35 @@
+"""Pieces shared by every implementation of the dual-state delta rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Guards the division of a state by its Frobenius norm (SPEC.md: epsilon = 1e-8).
+EPS = 1e-8
+
+
+def pad_to_chunks(chunk_size: int, *tensors: torch.Tensor, mask: torch.Tensor):
+    """Zero-pad the position axis (dim 2 of each tensor, dim 1 of mask) to a multiple of chunk_size."""
+    pad = -mask.shape[1] % chunk_size
+    if pad == 0:
+        return (*tensors, mask)
+    padded = []
+    for t in tensors:
+        widths = [0, 0] * (t.dim() - 3) + [0, pad]  # F.pad counts from the last dim backwards
+        padded.append(F.pad(t, widths))
+    return (*padded, F.pad(mask, (0, pad), value=False))
+
+
+def coupling_and_normalise(S_fast: torch.Tensor, S_slow: torch.Tensor, psi: torch.Tensor):
+    """Resonance coupling of the two states after a chunk, then both normalised.
+
+    S_fast, S_slow: (..., d, d); psi: (...). The slow update reads the new fast state.
+    """
+    c = (0.05 + 0.1 * psi)[..., None, None]
+    p = psi[..., None, None]
+    S_fast = S_fast + c * p * S_slow
+    S_slow = S_slow + c * (1 - p) * S_fast
+    S_fast = S_fast / (torch.linalg.matrix_norm(S_fast)[..., None, None] + EPS)
+    S_slow = S_slow / (torch.linalg.matrix_norm(S_slow)[..., None, None] + EPS)
+    return S_fast, S_slow

@@ -1,0 +1,1 @@
+"""Training entry points (fine-tuning on labelled pairs); run them through ``scripts/``."""
