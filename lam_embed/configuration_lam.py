@@ -12,7 +12,10 @@ class LAMConfig(PretrainedConfig):
     dual-state DeltaNet layer (see SPEC.md).
 
     The BERT fields keep BERT's names and meanings so that a BERT teacher's
-    weights map onto LAM one to one. The DeltaNet fields:
+    weights map onto LAM one to one, except ``position_table_size`` (BERT's
+    ``max_position_embeddings``): it is only the size of the position table, not a
+    length limit, since positions past it wrap around (see LAMEmbeddings).
+    The DeltaNet fields:
 
     Args:
         chunk_size: positions per chunk of the chunked delta rule (C in SPEC.md).
@@ -37,7 +40,7 @@ class LAMConfig(PretrainedConfig):
         intermediate_size: int = 1536,
         hidden_act: str = "gelu",
         hidden_dropout_prob: float = 0.1,
-        max_position_embeddings: int = 512,
+        position_table_size: int = 512,
         type_vocab_size: int = 2,
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-12,
@@ -59,7 +62,7 @@ class LAMConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
         self.hidden_dropout_prob = hidden_dropout_prob
-        self.max_position_embeddings = max_position_embeddings
+        self.position_table_size = position_table_size
         self.type_vocab_size = type_vocab_size
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
@@ -80,7 +83,7 @@ class LAMConfig(PretrainedConfig):
         """Raise ValueError naming the first inconsistent field."""
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "max_position_embeddings", "type_vocab_size",
+            "intermediate_size", "position_table_size", "type_vocab_size",
             "chunk_size", "conv_size",
         )
         for name in positive:

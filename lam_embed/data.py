@@ -61,6 +61,9 @@ def resolve_stsb_source(source: str | os.PathLike | None = None) -> str:
     data_dir = default_data_dir()
     if data_dir is not None and (data_dir / "stsb").is_dir():
         return str(data_dir / "stsb")
+    if os.environ.get("LAM_DATA_DIR"):
+        # An explicit data folder without stsb/ is more likely a typo than a wish for the hub.
+        logger.warning("$LAM_DATA_DIR=%s has no stsb/ folder; using the hub dataset %s", data_dir, STSB_HUB_NAME)
     return STSB_HUB_NAME
 
 

@@ -109,14 +109,14 @@ class LAMEmbeddings(nn.Module):
     """BERT embeddings: word + absolute position + token type, then LayerNorm.
 
     Inputs longer than the position table reuse it cyclically (position p reads
-    row p mod max_position_embeddings): the token mixer is recurrent, so order is
+    row p mod position_table_size): the token mixer is recurrent, so order is
     still seen, and every length up to the memory limit runs.
     """
 
     def __init__(self, config: LAMConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.position_table_size, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -154,6 +154,24 @@ class LAMPreTrainedModel(PreTrainedModel):
     config: LAMConfig
     base_model_prefix = "lam"
     supports_gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers' ``from_pretrained``, but a checkpoint that lacks tensors or
+        holds tensors of other shapes is an error, never a silently re-initialised model."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {
+            "missing": sorted(info.get("missing_keys") or []),
+            "of another shape": sorted(str(m) for m in info.get("mismatched_keys") or []),
+            "unexpected": sorted(info.get("unexpected_keys") or []),
+        }
+        problems = {k: v for k, v in problems.items() if v}
+        if problems:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            detail = "; ".join(f"{len(v)} {k} (e.g. {', '.join(v[:3])})" for k, v in problems.items())
+            raise ValueError(f"the LAM checkpoint at {where} does not match the model: {detail}")
+        return (model, info) if want_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):

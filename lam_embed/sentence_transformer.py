@@ -39,6 +39,9 @@ def build_sentence_transformer(
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(resolve_teacher_path(tokenizer))
     tokenizer.padding_side = "right"  # LAM reads tokens in order; see LAMModel.check_inputs
+    # sentence-transformers caps max_seq_length at the tokenizer's limit when loading;
+    # LAM's only limit is the one chosen here.
+    tokenizer.model_max_length = max_seq_length
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -94,7 +94,7 @@ _EMBEDDING_NAMES = (
 )
 _CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_act", "hidden_dropout_prob", "max_position_embeddings", "type_vocab_size",
+    "hidden_act", "hidden_dropout_prob", "type_vocab_size",
     "initializer_range", "layer_norm_eps", "pad_token_id",
 )
 
@@ -132,6 +132,7 @@ def from_teacher(name_or_path: str | os.PathLike | None = None, **config_overrid
     path = resolve_teacher_path(name_or_path)
     teacher_config = AutoConfig.from_pretrained(path)
     fields = {name: getattr(teacher_config, name) for name in _CONFIG_FIELDS if hasattr(teacher_config, name)}
+    fields["position_table_size"] = teacher_config.max_position_embeddings
     config = LAMConfig(**{**fields, **config_overrides})
     teacher = AutoModel.from_pretrained(path)
     model = LAMModel(config)

