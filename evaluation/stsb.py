@@ -10,9 +10,11 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformer, SimilarityFunction
@@ -33,8 +35,8 @@ _SPLIT_LABELS = {"train": "train", "validation": "dev", "test": "test"}
 
 def evaluate_stsb(
     model: SentenceTransformer,
-    source=None,
-    splits=("validation", "test"),
+    source: str | os.PathLike | None = None,
+    splits: Sequence[str] = ("validation", "test"),
     batch_size: int = 64,
     name: str = "",
 ) -> dict[str, dict[str, float]]:
@@ -51,9 +53,9 @@ def evaluate_stsb(
         ds = load_stsb(split, source)
         ev_name = f"{name}-sts-{split}" if name else f"sts-{split}"
         evaluator = EmbeddingSimilarityEvaluator(
-            ds["sentence1"],
-            ds["sentence2"],
-            ds["score"],
+            list(ds["sentence1"]),
+            list(ds["sentence2"]),
+            list(ds["score"]),
             batch_size=batch_size,
             main_similarity=SimilarityFunction.COSINE,
             similarity_fn_names=["cosine"],

@@ -13,8 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-import datasets
-
 logger = logging.getLogger(__name__)
 
 STSB_HUB_NAME = "sentence-transformers/stsb"
@@ -23,13 +21,14 @@ STSB_SPLITS = ("train", "validation", "test")
 # Split name -> file name in the original distribution, which calls the validation split "dev".
 _STSB_FILES = {"train": "sts-train.csv", "validation": "sts-dev.csv", "test": "sts-test.csv"}
 _SPLIT_ALIASES = {"dev": "validation"}
-_STSB_FEATURES = datasets.Features(
-    {
-        "sentence1": datasets.Value("string"),
-        "sentence2": datasets.Value("string"),
-        "score": datasets.Value("float64"),
-    }
-)
+
+
+def _stsb_features():
+    import datasets
+
+    return datasets.Features(
+        {"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"), "score": datasets.Value("float64")}
+    )
 
 
 def default_data_dir() -> Path | None:
@@ -75,7 +74,7 @@ def _looks_like_hub_name(source: str) -> bool:
     return source.count("/") <= 1 and "\\" not in source
 
 
-def load_stsb(split: str, source: str | os.PathLike | None = None) -> datasets.Dataset:
+def load_stsb(split: str, source: str | os.PathLike | None = None) -> "datasets.Dataset":
     """Load one STS-B split with columns ``sentence1``, ``sentence2``, ``score`` (float in 0..1).
 
     ``split`` is ``train``, ``validation`` (alias ``dev``) or ``test``. ``source`` is a
@@ -92,6 +91,8 @@ def load_stsb(split: str, source: str | os.PathLike | None = None) -> datasets.D
             f"{', '.join(_STSB_FILES.values())}, or a hub dataset name such as {STSB_HUB_NAME!r})"
         )
     logger.info("loading STS-B %s from the hub dataset %s", split, source)
+    import datasets
+
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as err:
@@ -103,13 +104,19 @@ def load_stsb(split: str, source: str | os.PathLike | None = None) -> datasets.D
     missing = {"sentence1", "sentence2", "score"} - set(ds.column_names)
     if missing:
         raise ValueError(f"hub dataset {source!r} lacks the columns {sorted(missing)}")
-    return ds.select_columns(["sentence1", "sentence2", "score"]).cast(_STSB_FEATURES)
+    return ds.select_columns(["sentence1", "sentence2", "score"]).cast(_stsb_features())
 
 
-def _load_stsb_csv(path: Path) -> datasets.Dataset:
+def read_stsb_pairs(path: str | os.PathLike) -> tuple[list[str], list[str], list[float]]:
+    """(sentence1, sentence2, score in 0..5) lists of one original STS-B csv file.
+
+    Plain lists, so that code that only needs the pairs (the distillation log) runs
+    where the ``datasets`` package is not installed.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"STS-B file {str(path)!r} does not exist")
-    rows: dict[str, list] = {"sentence1": [], "sentence2": [], "score": []}
+    first, second, scores = [], [], []
     # Split on tabs by hand: sentences contain quote characters that csv quoting would swallow.
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -126,11 +133,19 @@ def _load_stsb_csv(path: Path) -> datasets.Dataset:
                 raise ValueError(f"{path}, line {lineno}: score {cols[4]!r} is not a number") from None
             if not 0.0 <= score <= 5.0:
                 raise ValueError(f"{path}, line {lineno}: score {score} is outside 0..5")
-            rows["sentence1"].append(cols[5].strip())
-            rows["sentence2"].append(cols[6].strip())
-            rows["score"].append(score / 5.0)
-    logger.info("read %d STS-B pairs from %s", len(rows["score"]), path)
-    return datasets.Dataset.from_dict(rows, features=_STSB_FEATURES)
+            first.append(cols[5].strip())
+            second.append(cols[6].strip())
+            scores.append(score)
+    logger.info("read %d STS-B pairs from %s", len(scores), path)
+    return first, second, scores
+
+
+def _load_stsb_csv(path: Path):
+    import datasets
+
+    first, second, scores = read_stsb_pairs(path)
+    rows = {"sentence1": first, "sentence2": second, "score": [x / 5.0 for x in scores]}
+    return datasets.Dataset.from_dict(rows, features=_stsb_features())
 
 
 def read_text_lines(path: str | os.PathLike, limit: int | None = None) -> list[str]:

@@ -50,9 +50,9 @@ def test_local_split_sizes_and_scores(split, n):
     ds = load_stsb(split, STSB_DIR)
     assert len(ds) == n
     assert ds.column_names == ["sentence1", "sentence2", "score"]
-    scores = np.array(ds["score"])
+    scores = np.array(list(ds["score"]))
     assert scores.min() == 0.0 and scores.max() == 1.0
-    assert all(s.strip() for s in ds["sentence1"] + ds["sentence2"])
+    assert all(s.strip() for s in [*ds["sentence1"], *ds["sentence2"]])
 
 
 @needs_stsb
@@ -77,8 +77,8 @@ def test_dev_is_an_alias_of_validation():
 def test_scores_are_divided_by_five_and_quotes_are_kept(tmp_path):
     folder = _write_stsb(tmp_path, [_line("5.000", '"Yes," he said.', "He said yes."), _line("0", "a", "b", ["note"])])
     ds = load_stsb("dev", folder)
-    assert ds["score"] == [1.0, 0.0]
-    assert ds["sentence1"] == ['"Yes," he said.', "a"]
+    assert list(ds["score"]) == [1.0, 0.0]
+    assert list(ds["sentence1"]) == ['"Yes," he said.', "a"]
 
 
 def test_bad_split_names_the_argument_and_the_choices(tmp_path):
@@ -116,7 +116,7 @@ def test_env_var_chooses_the_default_source(tmp_path, monkeypatch):
     monkeypatch.delenv("LAM_STSB")
     monkeypatch.setenv("LAM_DATA_DIR", str(tmp_path))
     assert default_data_dir() == tmp_path
-    assert load_stsb("test")["sentence1"] == ["x"]
+    assert list(load_stsb("test")["sentence1"]) == ["x"]
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".txt.gz"])
@@ -173,11 +173,14 @@ def test_evaluator_agrees_with_scipy(teacher, tmp_path):
     ds = load_stsb("dev", folder)
     results = evaluate_stsb(teacher, source=folder, splits=("dev",))
     assert set(results) == {"validation"}
-    e1 = teacher.encode(ds["sentence1"], normalize_embeddings=True)
-    e2 = teacher.encode(ds["sentence2"], normalize_embeddings=True)
+    e1 = teacher.encode(list(ds["sentence1"]), normalize_embeddings=True)
+    e2 = teacher.encode(list(ds["sentence2"]), normalize_embeddings=True)
     cos = (e1 * e2).sum(axis=1)
-    assert results["validation"]["spearman"] == pytest.approx(spearmanr(ds["score"], cos)[0], abs=1e-5)
-    assert results["validation"]["pearson"] == pytest.approx(pearsonr(ds["score"], cos)[0], abs=1e-5)
+    gold = list(ds["score"])
+    assert results["validation"]["spearman"] == pytest.approx(spearmanr(gold, cos)[0], abs=1e-5)
+    assert results["validation"]["pearson"] == pytest.approx(pearsonr(gold, cos)[0], abs=1e-5)
+    # The two correlations differ on real data, so a swap of the two would be caught.
+    assert abs(results["validation"]["spearman"] - results["validation"]["pearson"]) > 1e-3
 
 
 def test_cli_writes_table_and_json(teacher, tmp_path, capsys, monkeypatch):
@@ -202,8 +205,9 @@ def test_cli_writes_table_and_json(teacher, tmp_path, capsys, monkeypatch):
     (row,) = report["models"]
     assert row["is_teacher"] and Path(row["path"]).is_dir()
     assert set(row["results"]) == {"validation", "test"}
-    # Four pairs whose similarity order matches the gold order exactly.
-    assert row["results"]["test"]["spearman"] == pytest.approx(1.0)
+    # Both files hold the same pairs, so both splits must give the same figures.
+    assert row["results"]["test"] == pytest.approx(row["results"]["validation"])
+    assert -1.0 <= row["results"]["test"]["spearman"] <= 1.0
 
 
 def test_cli_requires_a_model():

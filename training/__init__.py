@@ -1,1 +1,1 @@
-"""Training entry points (fine-tuning on labelled pairs); run them through ``scripts/``."""
+"""Training entry points (distillation, fine-tuning); run them through ``scripts/``."""

@@ -45,8 +45,6 @@ import triton.language as tl
 from .chunk import chunk_dual_state_delta_rule
 from .common import EPS
 
-# Rows of the diagonal blocks solved at once. 16 is the smallest tl.dot dimension.
-BLOCK_T = 16
 # The epsilon of the state normalisations, as a constant the kernels can read.
 STATE_EPS = tl.constexpr(EPS)
 
@@ -56,13 +54,15 @@ def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.co
     """(I + b_a)^-1 for a strictly lower triangular BT x BT block b_a.
 
     Block doubling: with X the inverse of the block-diagonal part made of s x s
-    blocks and E the strictly-lower s x s quadrant of each 2s x 2s diagonal block,
-    X - X E X is the inverse for 2s x 2s blocks. Each level is exact (no power
-    series), so the error stays at float32 rounding even for strongly correlated keys.
+    blocks and E the strictly lower s x s quadrant of each 2s x 2s diagonal block,
+    X - X E X is the inverse for 2s x 2s blocks. Each level is exact (no truncated
+    power series), so the error stays at float32 rounding even for strongly
+    correlated keys, where the Neumann product (I - A)(I + A^2)(I + A^4)... does not.
     """
     o_i = tl.arange(0, BT)
-    b_x = (o_i[:, None] == o_i[None, :]).to(tl.float32)
-    for lvl in tl.static_range(LOG2_BT):
+    # s = 1 needs no product: X = I - E.
+    b_x = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0) - tl.where(o_i[:, None] // 2 == o_i[None, :] // 2, b_a, 0.0)
+    for lvl in tl.static_range(1, LOG2_BT):
         s = 1 << lvl
         m_e = (o_i[:, None] // (2 * s) == o_i[None, :] // (2 * s)) & (o_i[:, None] // s != o_i[None, :] // s)
         b_e = tl.where(m_e, b_a, 0.0)
@@ -74,7 +74,7 @@ def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.co
 def intra_chunk_fwd_kernel(
     q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask,
     w_bil, tau, w_hid, b_hid, w_out, b_out,
-    o, qw, ktu, ktw, stats,
+    o, qw, kt, stats,
     L, N, H, CS,
     s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
     s_sb, s_sh, s_sl,  # strides of beta, decays, gates
@@ -83,6 +83,10 @@ def intra_chunk_fwd_kernel(
     C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     SINGLE: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Per-chunk pass; see the module docstring. The right-hand sides of U and W are
+    solved together as the columns of one tile [V | K] -> [U | W] (XW = 2d columns);
+    a single-chunk input needs U alone (XW = d)."""
+    XW: tl.constexpr = D if SINGLE else 2 * D
     i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
     x_off = i_b64 * s_xb + i_h * s_xh
@@ -91,15 +95,16 @@ def intra_chunk_fwd_kernel(
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
+    o_e = tl.arange(0, XW)
+    m_left = o_e < D  # columns of V, U, A U; the others are those of K, W, A W
     m_lower = o_t[:, None] > o_t[None, :]
     m_causal = o_t[:, None] >= o_t[None, :]
 
-    # K^T U and K^T W over the blocks done so far.
-    b_ktu = tl.zeros([D, D], dtype=tl.float32)
-    b_ktw = tl.zeros([D, D], dtype=tl.float32)
-    # Sums over the chunk's valid tokens: keys, written values, count, decays.
+    # [K^T U | K^T W] over the blocks done so far.
+    b_p = tl.zeros([D, XW], dtype=tl.float32)
+    # Sums over the chunk's valid tokens: keys, [U | W], count, decays.
     b_sum_k = tl.zeros([D], dtype=tl.float32)
-    b_sum_u = tl.zeros([D], dtype=tl.float32)
+    b_sum_y = tl.zeros([XW], dtype=tl.float32)
     n_valid = 0.0
     sum_df = 0.0
     sum_ds = 0.0
@@ -109,50 +114,50 @@ def intra_chunk_fwd_kernel(
         t = i_n * CS + r  # positions
         m_t = (r < CS) & (t < L)
         valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
-        p_x = x_off + t[:, None] * s_xl + o_d[None, :]
-        b_q = tl.load(q + p_x, mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_x, mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_v = tl.load(v + p_x, mask=m_t[:, None], other=0.0).to(tl.float32)
+        p_row = x_off + t[:, None] * s_xl
+        b_q = tl.load(q + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_x = tl.load(v + p_row + o_e[None, :], mask=m_t[:, None] & m_left[None, :], other=0.0).to(tl.float32)
+        if not SINGLE:
+            b_x += tl.load(k + p_row + (o_e[None, :] - D), mask=m_t[:, None] & ~m_left[None, :], other=0.0).to(tl.float32)
         p_s = s_off + t * s_sl
         b_beta = tl.load(beta + p_s, mask=m_t, other=0.0).to(tl.float32)
         b_beta = tl.where(valid, b_beta, 0.0)
         b_kb = b_k * b_beta[:, None]
-        b_vb = b_v * b_beta[:, None]
 
+        # [U | W] rows of this block: T_ii ([Vb | Kb] - Kb [K^T U | K^T W] of the earlier blocks).
         b_a = tl.where(m_lower, tl.dot(b_kb, tl.trans(b_k), input_precision=PREC), 0.0)
         b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
-        b_u = tl.dot(b_t, b_vb - tl.dot(b_kb, b_ktu, input_precision=PREC), input_precision=PREC)
-        b_w = tl.dot(b_t, b_kb - tl.dot(b_kb, b_ktw, input_precision=PREC), input_precision=PREC)
+        b_y = tl.dot(b_t, b_x * b_beta[:, None] - tl.dot(b_kb, b_p, input_precision=PREC), input_precision=PREC)
 
-        # Rows of A U and A W: earlier blocks through the running K^T U, K^T W; this block causally.
+        # [A U | A W] rows: the earlier blocks through b_p, this block causally.
         b_qk = tl.where(m_causal, tl.dot(b_q, tl.trans(b_k), input_precision=PREC), 0.0)
-        b_au = tl.dot(b_q, b_ktu, input_precision=PREC) + tl.dot(b_qk, b_u, input_precision=PREC)
-        p_o = o_off + t[:, None] * s_ol + o_d[None, :]
-        tl.store(o + p_o, b_au, mask=m_t[:, None])
+        b_z = tl.dot(b_q, b_p, input_precision=PREC) + tl.dot(b_qk, b_y, input_precision=PREC)
+        p_o = o_off + t[:, None] * s_ol + o_e[None, :]
+        tl.store(o + p_o, b_z, mask=m_t[:, None] & m_left[None, :])
         if not SINGLE:
-            b_aw = tl.dot(b_q, b_ktw, input_precision=PREC) + tl.dot(b_qk, b_w, input_precision=PREC)
-            tl.store(qw + p_o, b_q - b_aw, mask=m_t[:, None])
+            m_right = m_t[:, None] & ~m_left[None, :]
+            b_qr = tl.load(q + p_row + (o_e[None, :] - D), mask=m_right, other=0.0).to(tl.float32)
+            tl.store(qw + p_o - D, b_qr - b_z, mask=m_right)
 
-        b_kt = tl.trans(b_k)
-        b_ktu += tl.dot(b_kt, b_u, input_precision=PREC)
-        b_ktw += tl.dot(b_kt, b_w, input_precision=PREC)
+        b_p += tl.dot(tl.trans(b_k), b_y, input_precision=PREC)
 
         b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
-        b_sum_u += tl.sum(tl.where(valid[:, None], b_u, 0.0), 0)
+        b_sum_y += tl.sum(tl.where(valid[:, None], b_y, 0.0), 0)
         n_valid += tl.sum(valid.to(tl.float32), 0)
         sum_df += tl.sum(tl.where(valid, tl.load(decay_fast + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
         sum_ds += tl.sum(tl.where(valid, tl.load(decay_slow + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
 
-    # psi: ResonanceFlux on [mean K ; mean U ; mean bilinear score / tau].
+    # psi = ResonanceFlux([mean K ; mean U ; mean_t k_t W_bil u_t / tau]). Rows of U are
+    # zero where beta = 0, so sum_t k_t W_bil u_t over valid tokens is <W_bil, K^T U>.
     count = tl.maximum(n_valid, 1.0)
-    b_mk = b_sum_k / count
-    b_mu = b_sum_u / count
-    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_d[None, :]).to(tl.float32)
-    score = tl.sum(tl.sum(b_wb * b_ktu, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
+    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
+    score = tl.sum(tl.sum(b_wb * b_p, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
     o_j = tl.arange(0, D // 2)
-    p_wh = w_hid + o_j[:, None] * (2 * D + 1) + o_d[None, :]
-    b_z = tl.sum(tl.load(p_wh).to(tl.float32) * b_mk[None, :], 1)
-    b_z += tl.sum(tl.load(p_wh + D).to(tl.float32) * b_mu[None, :], 1)
+    p_wh = w_hid + o_j[:, None] * (2 * D + 1)
+    b_z = tl.sum(tl.load(p_wh + o_d[None, :]).to(tl.float32) * (b_sum_k / count)[None, :], 1)
+    b_wu = tl.load(p_wh + D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
+    b_z += tl.sum(b_wu * (b_sum_y / count)[None, :], 1)
     b_z += tl.load(w_hid + o_j * (2 * D + 1) + 2 * D).to(tl.float32) * score
     b_z += tl.load(b_hid + o_j).to(tl.float32)
     b_hidden = b_z * tl.sigmoid(b_z)
@@ -177,9 +182,7 @@ def intra_chunk_fwd_kernel(
             tl.store(o + p_o, b_o, mask=m_t[:, None])
     else:
         i_c = (i_b64 * H + i_h) * N + i_n  # index of this (sample, head, chunk)
-        p_dd = i_c * D * D + o_d[:, None] * D + o_d[None, :]
-        tl.store(ktu + p_dd, b_ktu)
-        tl.store(ktw + p_dd, b_ktw)
+        tl.store(kt + i_c * D * XW + o_d[:, None] * XW + o_e[None, :], b_p)
         tl.store(stats + i_c * 4 + 0, psi)
         tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
         tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
@@ -187,19 +190,26 @@ def intra_chunk_fwd_kernel(
 
 
 @triton.jit
-def state_recurrence_kernel(ktu, ktw, stats, r_fast, r_slow, N, D: tl.constexpr, PREC: tl.constexpr):
-    """Both states of one (sample, head) over its N chunks; writes the R each chunk reads."""
+def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC: tl.constexpr):
+    """Both states of one (sample, head) over its N chunks; writes the R each chunk reads.
+
+    This loop is the only sequential part of the op, so its chain of dependent steps is
+    kept short: the loads of chunk n + 1 are issued before the arithmetic of chunk n,
+    the norm of a decayed state is |decay| times the state's norm (known from the step
+    that normalised it), and K^T W R is formed as (K^T W S) times a scalar.
+    """
     i_bh = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, D)
     p_dd = o_d[:, None] * D + o_d[None, :]
+    p_ktu = o_d[:, None] * (2 * D) + o_d[None, :]
     b_sf = tl.zeros([D, D], dtype=tl.float32)
     b_ss = tl.zeros([D, D], dtype=tl.float32)
+    norm_f = 0.0  # Frobenius norms of b_sf, b_ss
+    norm_s = 0.0
 
-    # The loads of chunk n + 1 are issued before the arithmetic of chunk n, so their
-    # latency hides behind it: this loop is the sequential part of the whole op.
     i_c = i_bh * N
-    b_ktu = tl.load(ktu + i_c * D * D + p_dd)
-    b_ktw = tl.load(ktw + i_c * D * D + p_dd)
+    b_ktu = tl.load(kt + i_c * 2 * D * D + p_ktu)
+    b_ktw = tl.load(kt + i_c * 2 * D * D + p_ktu + D)
     psi = tl.load(stats + i_c * 4 + 0)
     df = tl.load(stats + i_c * 4 + 1)
     ds = tl.load(stats + i_c * 4 + 2)
@@ -207,30 +217,32 @@ def state_recurrence_kernel(ktu, ktw, stats, r_fast, r_slow, N, D: tl.constexpr,
     for n in range(N):
         i_c = i_bh * N + n
         i_next = i_bh * N + tl.minimum(n + 1, N - 1)
-        nb_ktu = tl.load(ktu + i_next * D * D + p_dd)
-        nb_ktw = tl.load(ktw + i_next * D * D + p_dd)
+        nb_ktu = tl.load(kt + i_next * 2 * D * D + p_ktu)
+        nb_ktw = tl.load(kt + i_next * 2 * D * D + p_ktu + D)
         n_psi = tl.load(stats + i_next * 4 + 0)
         n_df = tl.load(stats + i_next * 4 + 1)
         n_ds = tl.load(stats + i_next * 4 + 2)
         n_keep = tl.load(stats + i_next * 4 + 3)
 
-        b_sf_d = b_sf * df
-        b_ss_d = b_ss * ds
-        b_rf = b_sf_d / (tl.sqrt(tl.sum(tl.sum(b_sf_d * b_sf_d, 1), 0)) + STATE_EPS)
-        b_rs = b_ss_d / (tl.sqrt(tl.sum(tl.sum(b_ss_d * b_ss_d, 1), 0)) + STATE_EPS)
-        tl.store(r_fast + i_c * D * D + p_dd, b_rf)
-        tl.store(r_slow + i_c * D * D + p_dd, b_rs)
+        # R = S d / (||S d|| + eps) = S * scale
+        scale_f = df / (tl.abs(df) * norm_f + STATE_EPS)
+        scale_s = ds / (tl.abs(ds) * norm_s + STATE_EPS)
+        tl.store(r_fast + i_c * D * D + p_dd, b_sf * scale_f)
+        tl.store(r_slow + i_c * D * D + p_dd, b_ss * scale_s)
 
-        b_nf = b_sf_d + (b_ktu - tl.dot(b_ktw, b_rf, input_precision=PREC))
-        b_ns = b_ss_d + (b_ktu - tl.dot(b_ktw, b_rs, input_precision=PREC))
+        b_nf = b_sf * df + (b_ktu - tl.dot(b_ktw, b_sf, input_precision=PREC) * scale_f)
+        b_ns = b_ss * ds + (b_ktu - tl.dot(b_ktw, b_ss, input_precision=PREC) * scale_s)
         c = 0.05 + 0.1 * psi
         b_nf = b_nf + c * psi * b_ns
         b_ns = b_ns + c * (1 - psi) * b_nf
-        b_nf = b_nf / (tl.sqrt(tl.sum(tl.sum(b_nf * b_nf, 1), 0)) + STATE_EPS)
-        b_ns = b_ns / (tl.sqrt(tl.sum(tl.sum(b_ns * b_ns, 1), 0)) + STATE_EPS)
+        nf = tl.sqrt(tl.sum(tl.sum(b_nf * b_nf, 1), 0))
+        ns = tl.sqrt(tl.sum(tl.sum(b_ns * b_ns, 1), 0))
         # A chunk without valid tokens leaves the states as they were.
-        b_sf = tl.where(keep > 0, b_nf, b_sf)
-        b_ss = tl.where(keep > 0, b_ns, b_ss)
+        if keep > 0:
+            b_sf = b_nf / (nf + STATE_EPS)
+            b_ss = b_ns / (ns + STATE_EPS)
+            norm_f = nf / (nf + STATE_EPS)
+            norm_s = ns / (ns + STATE_EPS)
 
         b_ktu, b_ktw, psi, df, ds, keep = nb_ktu, nb_ktw, n_psi, n_df, n_ds, n_keep
 
@@ -241,13 +253,15 @@ def chunk_output_kernel(
     L, N, H, CS,
     s_sb, s_sh, s_sl,
     s_ob, s_oh, s_ol,
-    C: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+    C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr,
 ):
-    """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU); AU is read from o and overwritten."""
-    i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU) for ROWS rows of a
+    chunk; AU is read from o and overwritten."""
+    i_h, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = i_m // (C // ROWS)
     i_b64 = i_b.to(tl.int64)
     i_c = (i_b64 * H + i_h) * N + i_n
-    o_r = tl.arange(0, C)
+    o_r = (i_m % (C // ROWS)) * ROWS + tl.arange(0, ROWS)
     o_d = tl.arange(0, D)
     t = i_n * CS + o_r
     m_t = (o_r < CS) & (t < L)
@@ -255,8 +269,7 @@ def chunk_output_kernel(
     p_dd = i_c * D * D + o_d[:, None] * D + o_d[None, :]
     b_rf = tl.load(r_fast + p_dd)
     b_rs = tl.load(r_slow + p_dd)
-    psi = tl.load(stats + i_c * 4)
-    alpha = 0.5 + 0.3 * psi
+    alpha = 0.5 + 0.3 * tl.load(stats + i_c * 4)
 
     p_o = i_b64 * s_ob + i_h * s_oh + t[:, None] * s_ol + o_d[None, :]
     b_qw = tl.load(qw + p_o, mask=m_t[:, None], other=0.0)
@@ -288,11 +301,14 @@ def _common_layout(tensors, unit_last: bool):
     return [t.contiguous() for t in tensors]
 
 
-# Precision of the tl.dot products of kernel 1 by input dtype (module-level so that a
-# benchmark can compare "ieee" with "tf32x3").
-PRECISION = {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"}
-# num_warps of the three kernels.
-NUM_WARPS = [4, 4, 4]
+# Launch settings, module-level so that a benchmark can compare variants.
+CONFIG = {
+    "block_t": 16,  # rows of the diagonal blocks solved at once (16 is the smallest tl.dot size)
+    "precision": {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"},  # kernel 1 and 3
+    "state_precision": "tf32x3",  # kernel 2
+    "num_warps": (4, 4, 4),  # kernels 1, 2, 3
+    "output_rows": 64,  # rows of a chunk per program of kernel 3
+}
 
 
 def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int):
@@ -300,10 +316,12 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
     single = N == 1
+    BT = CONFIG["block_t"]
     # The kernel's chunk: chunk_size rows padded to a power of two (rows past chunk_size
     # are padding); a single short chunk is cut to the input length.
-    C = max(BLOCK_T, triton.next_power_of_2(min(chunk_size, L) if single else chunk_size))
-    prec = PRECISION.get(q.dtype, "ieee")
+    C = max(BT, triton.next_power_of_2(min(chunk_size, L)))
+    prec = CONFIG["precision"].get(q.dtype, "ieee")
+    warps = CONFIG["num_warps"]
     q, k, v = _common_layout([q, k, v], unit_last=True)
     beta, decay_fast, decay_slow, gate_fast, gate_slow = _common_layout(
         [beta, decay_fast, decay_slow, gate_fast, gate_slow], unit_last=False)
@@ -313,37 +331,38 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     # o (and qw) are (B, L, H, d) in memory: the layer's next step merges the heads for free.
     o = q.new_empty(B, L, H, D, dtype=torch.float32).permute(0, 2, 1, 3)
     if single:
-        qw = ktu = ktw = stats = o  # not touched by the kernel
+        qw = kt = stats = o  # not touched by the kernel
     else:
         qw = torch.empty_like(o)
-        ktu = q.new_empty(B, H, N, D, D, dtype=torch.float32)
-        ktw = torch.empty_like(ktu)
-        stats = q.new_empty(B, H, N, 4, dtype=torch.float32)
+        kt = q.new_empty(B, H, N, D, 2 * D, dtype=torch.float32)  # [K^T U | K^T W] of each chunk
+        stats = q.new_empty(B, H, N, 4, dtype=torch.float32)  # psi, effective decays, any valid token
 
     intra_chunk_fwd_kernel[(H, N, B)](
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
         w_bil, tau, w_hid, b_hid, w_out, b_out,
-        o, qw, ktu, ktw, stats,
+        o, qw, kt, stats,
         L, N, H, chunk_size,
         q.stride(0), q.stride(1), q.stride(2),
         beta.stride(0), beta.stride(1), beta.stride(2),
         mask_u8.stride(0), mask_u8.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, BT=BLOCK_T, LOG2_BT=BLOCK_T.bit_length() - 1, SINGLE=single, PREC=prec,
-        num_warps=NUM_WARPS[0],
+        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, PREC=prec,
+        num_warps=warps[0],
     )
     if single:
         return o
 
-    r_fast = torch.empty_like(ktu)
-    r_slow = torch.empty_like(ktu)
-    state_recurrence_kernel[(B * H,)](ktu, ktw, stats, r_fast, r_slow, N, D=D, PREC="tf32x3", num_warps=NUM_WARPS[1])
-    chunk_output_kernel[(H, N, B)](
+    r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
+    r_slow = torch.empty_like(r_fast)
+    state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=CONFIG["state_precision"],
+                                      num_warps=warps[1])
+    rows = min(CONFIG["output_rows"], C)
+    chunk_output_kernel[(H, N * (C // rows), B)](
         o, qw, r_fast, r_slow, stats, gate_fast, gate_slow,
         L, N, H, chunk_size,
         gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, PREC="tf32x3", num_warps=NUM_WARPS[2],
+        C=C, D=D, ROWS=rows, PREC=prec, num_warps=warps[2],
     )
     return o
 

@@ -1,0 +1,97 @@
+"""Compact released weights: only what differs from the teacher.
+
+A distilled LAM shares its embeddings and FFNs with the teacher bit for bit, so a
+release stores the other tensors (the DeltaNets and LayerNorms, about 9 MB in
+fp16) and a manifest; ``assemble`` rebuilds the complete sentence-transformers
+folder from the teacher and these tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .configuration_lam import LAMConfig
+from .modeling_lam import LAMModel
+from .teacher import resolve_teacher_path, teacher_to_lam_state_dict
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "lam_weights.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+MAX_FILE_BYTES = 15 * 2**20
+
+
+def _teacher_tensors(teacher: str | os.PathLike | None, num_layers: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoModel
+
+    teacher_model = AutoModel.from_pretrained(resolve_teacher_path(teacher), dtype=torch.float32)
+    return teacher_to_lam_state_dict(teacher_model.state_dict(), num_layers)
+
+
+def save_release(model: LAMModel, folder: str | os.PathLike, manifest: dict, teacher: str | os.PathLike | None = None) -> Path:
+    """Write the tensors of ``model`` that differ from the teacher (fp16), its config and ``manifest``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = _teacher_tensors(teacher, model.config.num_hidden_layers)
+    own = {}
+    for name, tensor in model.state_dict().items():
+        if name in shared and torch.equal(tensor.detach().cpu().float(), shared[name].float()):
+            continue
+        own[name] = tensor.detach().cpu().to(torch.float16).contiguous()
+    save_file(own, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    size = (folder / WEIGHTS_FILE).stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{folder / WEIGHTS_FILE} is {size / 2**20:.1f} MiB, over the 15 MiB a released file may take")
+    config = model.config.to_dict()
+    config["delta_impl"] = "auto"
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    logger.info("released %d tensors (%.1f MiB) to %s", len(own), size / 2**20, folder)
+    return folder
+
+
+def load_release(folder: str | os.PathLike, teacher: str | os.PathLike | None = None) -> LAMModel:
+    """The LAMModel of a release folder, completed with the teacher's tensors."""
+    folder = Path(folder)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"release folder {folder} lacks {name}")
+    config_dict = json.loads((folder / CONFIG_FILE).read_text())
+    config_dict.pop("model_type", None)
+    config = LAMConfig(**config_dict)
+    model = LAMModel(config)
+    tensors = _teacher_tensors(teacher, config.num_hidden_layers)
+    tensors.update({k: v.float() for k, v in load_file(folder / WEIGHTS_FILE).items()})
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"release {folder} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"of another shape {mismatched[:3]}"
+        )
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str | os.PathLike | None = None,
+             max_seq_length: int = 512) -> Path:
+    """Build the complete sentence-transformers folder ``output`` from a release and the teacher."""
+    from .sentence_transformer import build_sentence_transformer
+
+    model = load_release(folder, teacher)
+    st = build_sentence_transformer(model, tokenizer=teacher, max_seq_length=max_seq_length, device="cpu")
+    st.save(str(output))
+    manifest = Path(folder) / MANIFEST_FILE
+    if manifest.is_file():
+        (Path(output) / "lam_manifest.json").write_text(manifest.read_text())
+    logger.info("assembled %s from %s", output, folder)
+    return Path(output)

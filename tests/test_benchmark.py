@@ -1,0 +1,175 @@
+"""The benchmark script (evaluation/benchmark.py): a tiny CPU run end to end, the
+option checks, and the pieces that keep one failed measurement from ending a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evaluation import benchmark
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "A woman is slicing an onion.",
+    "Two dogs run through a field of tall grass.",
+    "The stock market fell sharply on Monday.",
+]
+
+
+def _write_tiny_stsb(folder):
+    # load_stsb reads the original tab-separated layout: 4 fields, score, sentence1, sentence2.
+    lines = [
+        "\t".join(["main-captions", "MSRvid", "2012test", f"{i:04d}", "2.5", a, b])
+        for i, (a, b) in enumerate(zip(SENTENCES, reversed(SENTENCES)))
+    ]
+    (folder / "sts-test.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny CPU run shared by the tests below (loading the models dominates its time)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    stsb = _write_tiny_stsb(tmp)
+    output = tmp / "out" / "bench.json"
+    argv = [
+        "--device", "cpu", "--lengths", "128", "--cpu-tokens", "128", "--repeats", "1", "--warmup", "1",
+        "--impls", "chunk", "triton", "--sentences", "6", "--batch-size", "4", "--stsb", str(stsb),
+        "--output", str(output), "--log-level", "WARNING",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert benchmark.main(argv) == 0
+    return json.loads(output.read_text()), output
+
+
+def test_json_has_the_expected_keys(tiny_run):
+    result, _ = tiny_run
+    assert result["schema_version"] == benchmark.SCHEMA_VERSION
+    assert result["complete"] is True
+    env = result["environment"]
+    for key in ("device", "device_name", "torch", "transformers", "sentence_transformers", "triton", "git_commit",
+                "timestamp"):
+        assert key in env
+    assert env["device"] == "cpu"
+    settings = result["settings"]
+    assert settings["dtype"] == "fp32" and settings["lengths"] == [128] and settings["impls"] == ["chunk", "triton"]
+    assert settings["tokens_per_batch"] == 128
+    assert set(result) >= {"forward", "op", "encode"}
+
+
+def test_forward_throughputs_are_positive(tiny_run):
+    (row,) = tiny_run[0]["forward"]
+    assert (row["length"], row["batch_size"], row["tokens"]) == (128, 1, 128)
+    for record in (row["minilm"], row["lam"]["chunk"]):
+        assert record["status"] == "ok"
+        assert record["tokens_per_s"] > 0 and record["median_s"] > 0
+        assert len(record["times_s"]) == 1
+        assert record["peak_memory_mib"] is None  # CPU: no device memory counter
+    assert row["ratio"]["chunk"] == pytest.approx(row["lam"]["chunk"]["tokens_per_s"] / row["minilm"]["tokens_per_s"])
+    # The fused kernel runs on CUDA only: recorded, not raised.
+    assert row["lam"]["triton"]["status"] == "unavailable"
+    assert row["ratio"]["triton"] is None
+
+
+def test_op_and_encode_figures(tiny_run):
+    result = tiny_run[0]
+    (op,) = result["op"]
+    assert (op["heads"], op["head_dim"]) == (12, 32)
+    assert op["lam"]["chunk"]["status"] == "ok" and op["lam"]["chunk"]["ms_per_call"] > 0
+    assert op["sdpa"]["status"] == "ok" and op["sdpa"]["ms_per_call"] > 0
+    assert op["fla_chunk_delta_rule"]["status"] == "unavailable"  # fla is CUDA only
+    enc = result["encode"]
+    assert enc["num_sentences"] == 6 and enc["batch_size"] == 4
+    assert enc["minilm"]["sentences_per_s"] > 0
+    assert enc["lam"]["chunk"]["sentences_per_s"] > 0
+    assert enc["ratio"]["chunk"] > 0
+
+
+def test_table_is_printed(tiny_run, capsys):
+    text = benchmark.format_tables(tiny_run[0])
+    assert "Forward, tokens/s" in text and "LAM chunk" in text and "MiniLM" in text
+    assert "n/a" in text  # triton and fla on CPU
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--impls", "naive"], "unknown delta_impl 'naive'"),
+        (["--impls", "fast"], "unknown delta_impl 'fast'"),
+        (["--lengths", "0"], "must be a positive integer"),
+        (["--lengths", "128", "-5"], "must be a positive integer"),
+        (["--lengths", "long"], "is not an integer"),
+        (["--repeats", "0"], "must be a positive integer"),
+        (["--cpu-tokens", "-1"], "must be a positive integer"),
+        (["--sections", "train"], "invalid choice"),
+        (["--dtype", "fp8"], "invalid choice"),
+    ],
+)
+def test_bad_options_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.parse_args(["--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_defaults():
+    args = benchmark.parse_args(["--device", "cpu"])
+    assert args.lengths == list(benchmark.CPU_LENGTHS)
+    assert args.tokens_per_batch == benchmark.CPU_TOKENS
+    assert args.dtype == "fp32" and args.repeats == benchmark.CPU_REPEATS
+    assert "triton" not in args.impls and "naive" not in args.impls
+
+
+def test_default_output_names_the_device():
+    assert str(benchmark.default_output(torch.device("cpu"))).endswith("benchmark-cpu.json")
+
+
+def _measure(setup, budget=0.0):
+    return benchmark.measure(setup, device=torch.device("cpu"), warmup=1, repeats=2,
+                             clock=benchmark.Clock(budget), label="test")
+
+
+def test_measure_records_oom_and_missing_impls_instead_of_raising():
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def cpu_oom():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    def missing():
+        raise NotImplementedError("no kernel")
+
+    assert _measure(oom)["status"] == "OOM"
+    assert _measure(lambda: cpu_oom)["status"] == "OOM"  # raised inside a call, not in setup
+    assert _measure(missing) == {"status": "unavailable", "reason": "no kernel"}
+    assert _measure(lambda: (lambda: 1 / 0))["status"] == "error"
+
+
+def test_measure_times_calls_and_respects_the_budget():
+    calls = []
+    record = _measure(lambda: (lambda: calls.append(1)))
+    assert record["status"] == "ok" and len(calls) == 3  # 1 warm-up + 2 timed
+    assert len(record["times_s"]) == 2 and record["median_s"] >= 0
+    clock = benchmark.Clock(1e-9)
+    assert benchmark.measure(lambda: (lambda: None), device=torch.device("cpu"), warmup=0, repeats=1, clock=clock,
+                             label="late")["status"] == "skipped"
+
+
+def test_minilm_position_table_is_tiled():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=4)
+    base = BertModel(config, add_pooling_layer=False).eval()
+    assert benchmark.minilm_for_length(base, 4) is base
+    tiled = benchmark.minilm_for_length(base, 10)
+    table = tiled.embeddings.position_embeddings.weight
+    original = base.embeddings.position_embeddings.weight
+    assert table.shape == (10, 8)
+    assert tiled.config._attn_implementation == base.config._attn_implementation
+    assert torch.equal(table[:4], original) and torch.equal(table[4:8], original) and torch.equal(table[8:], original[:2])
+    ids = torch.randint(0, 50, (2, 10))
+    assert tiled(input_ids=ids).last_hidden_state.shape == (2, 10, 8)

@@ -1,0 +1,357 @@
+"""The fused Triton dual-state delta rule (lam_embed/ops/triton.py) against the chunked one.
+
+GPU tests: skipped without triton or CUDA. One CPU test runs the kernels under
+Triton's interpreter (slow; skipped without triton).
+
+Run as a script on a GPU machine for timings:
+    python tests/test_triton.py --bench           # triton vs chunk vs compiled, 32,768 tokens a call
+    python tests/test_triton.py --bench --sweep   # and the launch-setting variants of the kernels
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lam_embed.modeling_lam import ResonanceFlux
+
+LENGTHS = [1, 100, 128, 129, 1000, 8192]
+HEADS, HEAD_DIM = 12, 32
+
+
+def make_inputs(lengths, heads=HEADS, d=HEAD_DIM, seed=0, device="cpu"):
+    """Inputs as the layer makes them: SiLU features with unit q/k per head, sigmoid
+    beta/decays/gates, all (B, H, L, .) views of (B, L, H, .) tensors; mask right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    B, L = len(lengths), max(lengths)
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q = F.normalize(F.silu(rand(B, L, heads, d)), dim=-1)
+    k = F.normalize(F.silu(rand(B, L, heads, d) + 0.5), dim=-1)  # correlated keys, as SiLU makes them
+    v = F.silu(rand(B, L, heads, d))
+    scalars = [torch.sigmoid(rand(B, L, heads) + shift) for shift in (0.0, -0.8, 1.7, 0.0, 0.0)]
+    tensors = [t.to(device).transpose(1, 2) for t in (q, k, v, *scalars)]
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).to(device)
+    return tensors, mask
+
+
+def make_flux(heads=HEADS, d=HEAD_DIM, seed=1, device="cpu"):
+    torch.manual_seed(seed)
+    flux = ResonanceFlux(heads, d)
+    torch.nn.init.normal_(flux.bilinear, std=0.5)
+    torch.nn.init.constant_(flux.temperature, d ** 0.5)
+    return flux.to(device)
+
+
+def batch_lengths(L):
+    """Mixed lengths with the longest L: full, partial last chunk, whole padded chunks."""
+    return sorted({L, max(1, L - 37), max(1, L // 3), max(1, min(L, 5))}, reverse=True)
+
+
+def max_error(out, ref, mask):
+    """Largest |out - ref| over valid positions, and over all positions."""
+    diff = (out.float() - ref.float()).abs()
+    return (diff * mask[:, None, :, None]).max().item(), diff.max().item()
+
+
+# ---------------------------------------------------------------------------- GPU tests
+
+
+def _needs_gpu():
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    _needs_gpu()
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", LENGTHS)
+def test_forward_fp32_matches_chunk(gpu, L):
+    from lam_embed.ops import dual_state_delta_rule
+
+    tensors, mask = make_inputs(batch_lengths(L), device=gpu)
+    flux = make_flux(device=gpu)
+    with torch.no_grad():
+        ref = dual_state_delta_rule(*tensors, mask, flux, impl="chunk")
+        out = dual_state_delta_rule(*tensors, mask, flux, impl="triton")
+    valid, everywhere = max_error(out, ref, mask)
+    print(f"\nfp32 L={L}: max error {valid:.2e} (valid) {everywhere:.2e} (all), output scale {ref.abs().max().item():.2f}")
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert valid <= 1e-4
+    assert everywhere <= 1e-4  # padded positions are computed as chunk computes them
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", LENGTHS)
+def test_forward_bf16_matches_chunk(gpu, L):
+    from lam_embed.ops import chunk_dual_state_delta_rule
+    from lam_embed.ops.triton import triton_dual_state_delta_rule
+
+    tensors, mask = make_inputs(batch_lengths(L), device=gpu)
+    tensors = [t.bfloat16() for t in tensors]
+    flux = make_flux(device=gpu)
+    chunk_size = min(128, L)
+    with torch.no_grad():
+        ref = chunk_dual_state_delta_rule(*[t.float() for t in tensors], mask, flux, chunk_size=chunk_size)
+        out = triton_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
+    valid, _ = max_error(out, ref, mask)
+    scale = ref.abs().max().item()
+    print(f"\nbf16 L={L}: max error {valid:.2e}, output scale {scale:.2f}")
+    assert out.dtype == torch.bfloat16
+    assert valid <= 2e-2 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [100, 129, 1000])
+def test_gradients_match_chunk(gpu, L):
+    from lam_embed.ops import dual_state_delta_rule
+
+    tensors, mask = make_inputs(batch_lengths(L), heads=4, device=gpu)
+    flux = make_flux(heads=4, device=gpu)
+    weights = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(7)).to(gpu)
+    results = {}
+    for impl in ("chunk", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = dual_state_delta_rule(*leaves, mask, flux, impl=impl)
+        loss = (out * weights * mask[:, None, :, None]).sum() / mask.sum()
+        results[impl] = torch.autograd.grad(loss, leaves + list(flux.parameters()))
+    worst = max((g - g_ref).abs().max().item() for g, g_ref in zip(results["triton"], results["chunk"]))
+    print(f"\ngradients L={L}: max error {worst:.2e}")
+    assert worst <= 1e-4
+
+
+@pytest.mark.gpu
+def test_model_triton_matches_chunk(gpu):
+    """The whole layer through delta_impl="triton": outputs and every parameter gradient."""
+    from lam_embed import LAMConfig, LAMModel
+
+    torch.manual_seed(0)
+    config = LAMConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                       vocab_size=100, hidden_dropout_prob=0.0)
+    model = LAMModel(config).to(gpu).eval()
+    lengths = [300, 129, 40]
+    mask = (torch.arange(300)[None] < torch.tensor(lengths)[:, None]).long().to(gpu)
+    ids = torch.randint(1, 100, mask.shape, device=gpu) * mask
+    weights = torch.randn(*mask.shape, 64, device=gpu)
+    results = {}
+    for impl in ("chunk", "triton"):
+        model.config.delta_impl = impl
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (out * weights * mask[..., None]).sum().div(mask.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (out.detach() * mask[..., None], grads)
+    (out_ref, grads_ref), (out, grads) = results["chunk"], results["triton"]
+    assert (out - out_ref).abs().max() <= 1e-4
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert (grads[name] - grads_ref[name]).abs().max() <= 1e-4, name
+
+
+@pytest.mark.gpu
+def test_state_dropout_while_training_falls_back_to_chunk(gpu):
+    from lam_embed.ops.triton import triton_dual_state_delta_rule
+
+    tensors, mask = make_inputs([300, 200], heads=2, device=gpu)
+    flux = make_flux(heads=2, device=gpu)
+    torch.manual_seed(3)
+    out = triton_dual_state_delta_rule(*tensors, mask, flux, state_dropout=0.5, training=True)
+    from lam_embed.ops import chunk_dual_state_delta_rule
+
+    torch.manual_seed(3)
+    ref = chunk_dual_state_delta_rule(*tensors, mask, flux, state_dropout=0.5, training=True)
+    assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------- CPU: the interpreter
+
+_INTERPRETER_CHECK = textwrap.dedent("""
+    import numpy as np
+    import torch
+    import triton.runtime.interpreter as interp
+    # triton 3.6's interpreter turns a run-time loop bound into int() of a 1-element
+    # array, which numpy >= 2.3 refuses: index it instead.
+    _patch = interp._patch_lang_tensor
+    def _patch_lang_tensor(tensor, scope):
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    interp._patch_lang_tensor = _patch_lang_tensor
+
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_triton import make_inputs, make_flux, max_error
+    from lam_embed.ops import chunk_dual_state_delta_rule
+    from lam_embed.ops.triton import triton_dual_state_delta_rule
+
+    flux = make_flux(heads=2)
+    for lengths, chunk_size in (([100, 37], 100), ([300, 129, 10], 128)):
+        tensors, mask = make_inputs(lengths, heads=2)
+        with torch.no_grad():
+            ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
+            out = triton_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
+        _, err = max_error(out, ref, mask)
+        print(lengths, err)
+        assert err <= 1e-5, (lengths, err)
+""")
+
+
+@pytest.mark.slow
+def test_kernels_under_the_interpreter():
+    """The kernels' logic on CPU, through TRITON_INTERPRET=1 (in a subprocess: the
+    variable is read when the kernels are defined)."""
+    pytest.importorskip("triton")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK.format(tests=tests)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------- timings (script)
+
+BENCH_SHAPES = [(256, 128), (64, 512), (16, 2048), (4, 8192), (1, 32768)]
+
+
+def _time(fn, warmup=3, repeat=20):
+    """Median milliseconds of fn() over `repeat` calls, each timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _kernel_times(fn):
+    """Milliseconds per call spent in each CUDA kernel of fn(), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.count:
+            rows[e.key[:40]] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3 / 5
+    return rows
+
+
+def bench(sweep: bool = False):
+    import time
+
+    from lam_embed.ops import chunk_dual_state_delta_rule, compiled_dual_state_delta_rule
+    from lam_embed.ops import triton as T
+
+    dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__)
+    flux = make_flux(device=dev)
+    cases = {}
+    for B, L in BENCH_SHAPES:
+        tensors, mask = make_inputs([L] * B, seed=B, device=dev)
+        cases[(B, L)] = (tensors, mask)
+
+    def run(fn, B, L, dtype=torch.float32):
+        tensors, mask = cases[(B, L)]
+        tensors = [t.to(dtype) for t in tensors]
+        return lambda: fn(*tensors, mask, flux, chunk_size=128)
+
+    def table():
+        print("\nms per call, 12 heads x 32, 32,768 tokens (median of CUDA-event timings, warm-up excluded)")
+        print(f"  {'B x L':>10s} {'triton fp32':>12s} {'triton bf16':>12s} {'chunk':>10s} {'compiled':>10s} {'max err':>10s}")
+        for (B, L), r in results.items():
+            compiled = f"{r['compiled']:10.3f}" if "compiled" in r else f"{'-':>10s}"
+            print(f"  {f'{B}x{L}':>10s} {r['triton']:12.3f} {r['triton_bf16']:12.3f} {r['chunk']:10.3f} {compiled} {r['err']:10.1e}",
+                  flush=True)
+
+    results = {}
+    with torch.no_grad():
+        refs = {shape: run(chunk_dual_state_delta_rule, *shape)() for shape in BENCH_SHAPES}
+        for B, L in BENCH_SHAPES:
+            out = run(T.triton_dual_state_delta_rule, B, L)()
+            err = (out - refs[(B, L)]).abs().max().item()
+            results[(B, L)] = {
+                "err": err,
+                "triton": _time(run(T.triton_dual_state_delta_rule, B, L)),
+                "triton_bf16": _time(run(T.triton_dual_state_delta_rule, B, L, torch.bfloat16)),
+                "chunk": _time(run(chunk_dual_state_delta_rule, B, L), repeat=5),
+            }
+        table()
+        print("\nkernel times (ms per call, default settings):")
+        for B, L in BENCH_SHAPES:
+            try:
+                rows = _kernel_times(run(T.triton_dual_state_delta_rule, B, L))
+                print(f"  {B}x{L}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rows.items(), key=lambda kv: -kv[1])))
+            except Exception as exc:
+                print("  profiler failed:", type(exc).__name__, str(exc)[:200])
+                break
+
+        if sweep:
+            default = {k: v for k, v in T.CONFIG.items()}
+            variants = [
+                ("default", {}),
+                ("k1 ieee", {"precision": {**default["precision"], torch.float32: "ieee"}}),
+                ("k1 bt32", {"block_t": 32}),
+                ("k1 8 warps", {"num_warps": (8, *default["num_warps"][1:])}),
+                ("k1 2 warps", {"num_warps": (2, *default["num_warps"][1:])}),
+                ("k2 ieee", {"state_precision": "ieee"}),
+                ("k2 1 warp", {"num_warps": (default["num_warps"][0], 1, default["num_warps"][2])}),
+                ("k2 2 warps", {"num_warps": (default["num_warps"][0], 2, default["num_warps"][2])}),
+                ("k2 8 warps", {"num_warps": (default["num_warps"][0], 8, default["num_warps"][2])}),
+                ("k3 128 rows", {"output_rows": 128}),
+                ("k3 8 warps", {"num_warps": (*default["num_warps"][:2], 8)}),
+            ]
+            print("\nvariants: ms per call (max error vs chunk)")
+            print(f"  {'variant':14s}" + "".join(f"{f'{B}x{L}':>22s}" for B, L in BENCH_SHAPES))
+            for name, change in variants:
+                T.CONFIG.clear()
+                T.CONFIG.update(default, **change)
+                cells = []
+                for B, L in BENCH_SHAPES:
+                    try:
+                        fn = run(T.triton_dual_state_delta_rule, B, L)
+                        err = (fn() - refs[(B, L)]).abs().max().item()
+                        cells.append(f"{_time(fn):8.3f} ({err:.1e})")
+                    except Exception as exc:  # a variant that does not compile or fit
+                        cells.append(f"{type(exc).__name__[:20]:>20s}")
+                print(f"  {name:14s}" + "".join(f"{c:>22s}" for c in cells), flush=True)
+            T.CONFIG.clear()
+            T.CONFIG.update(default)
+
+    # torch.compile last: its compilation takes the longest.
+    start = time.time()
+    with torch.no_grad():
+        for B, L in BENCH_SHAPES:
+            try:
+                results[(B, L)]["compiled"] = _time(run(compiled_dual_state_delta_rule, B, L), repeat=5)
+            except Exception as exc:
+                print("compiled failed:", type(exc).__name__, str(exc)[:200])
+                break
+            print(f"compiled {B}x{L}: {results[(B, L)]['compiled']:.3f} ms ({time.time() - start:.0f} s so far)", flush=True)
+            if time.time() - start > 120:
+                print("compiled: stopped after 120 s")
+                break
+    table()
+
+
+if __name__ == "__main__":
+    if "--bench" in sys.argv:
+        bench(sweep="--sweep" in sys.argv)

@@ -1,0 +1,381 @@
+"""Distil a LAM encoder from its teacher (all-MiniLM-L6-v2).
+
+Two stages, one run:
+1. attention transfer: every layer's DeltaNet block learns to reproduce the
+   teacher's attention block (output after residual and LayerNorm) given the
+   teacher's hidden states; all layers train in parallel, everything else frozen.
+2. end to end: the student's sentence embedding follows the teacher's (cosine
+   loss) and its hidden states follow the teacher's (token MSE). Embeddings and
+   FFNs stay frozen, so the released weights are the DeltaNets and LayerNorms only.
+
+Data: unlabelled sentences, plus passages longer than one 128-token chunk every
+``--passage-every`` steps so that the fast and slow states are trained. The last
+``--passage-holdout`` passages of the file are never read: they are the held-out
+set of ``evaluation/passages.py``.
+
+Checkpoints go to ``--output-dir`` every ``--save-every`` steps and when the time
+budget (``--stop-after-minutes``) runs out; ``--resume`` continues from the last one
+and, with the same seed, sees the same batches as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+import lam_embed
+from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines
+from lam_embed.release import save_release
+
+logger = logging.getLogger("distill")
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised mean of the valid token vectors, as sentence-transformers' Pooling + Normalize."""
+    m = mask[..., None].to(hidden.dtype)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+
+class Teacher:
+    """The teacher's hidden states and attention-block outputs of each layer."""
+
+    def __init__(self, path: str, device: torch.device):
+        # float32 master weights even when the staged copy is fp16; autocast does the rest.
+        self.model = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).to(device).eval()
+        self.model.requires_grad_(False)
+        self.attention_outputs: list[torch.Tensor] = []
+        for layer in self.model.encoder.layer:
+            layer.attention.register_forward_hook(self._keep_attention_output)
+
+    def _keep_attention_output(self, module, args, output):
+        self.attention_outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Returns (layer inputs x_0..x_5, attention-block outputs h_1..h_6, sentence embedding)."""
+        self.attention_outputs = []
+        out = self.model(**batch, output_hidden_states=True)
+        hidden = [h.float() for h in out.hidden_states]
+        attention = [h.float() for h in self.attention_outputs]
+        return hidden, attention, mean_pool(hidden[-1], batch["attention_mask"])
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].to(a.dtype)
+    return ((a - b).pow(2) * m).sum() / (m.sum() * a.shape[-1])
+
+
+@dataclass
+class Batches:
+    """A deterministic stream of tokenised batches: step n always gives the same batch."""
+
+    sentences: list[str]
+    passages: list[str]
+    tokenizer: object
+    batch_size: int
+    passage_batch_size: int
+    passage_every: int
+    max_length: int
+    passage_max_length: int
+    seed: int
+    _orders: dict = field(default_factory=dict)
+
+    def _order(self, n_items: int, epoch: int) -> list[int]:
+        # Shuffling 700k indices takes a while: keep the current permutation of each kind.
+        key = (n_items, epoch)
+        if key not in self._orders:
+            order = list(range(n_items))
+            random.Random(self.seed * 1000 + epoch).shuffle(order)
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != n_items}
+            self._orders[key] = order
+        return self._orders[key]
+
+    def texts(self, step: int) -> tuple[list[str], int]:
+        use_passages = self.passages and self.passage_every > 0 and step % self.passage_every == self.passage_every - 1
+        items, size = (self.passages, self.passage_batch_size) if use_passages else (self.sentences, self.batch_size)
+        # Which batch of this kind this is, counted over the whole run.
+        if self.passages and self.passage_every > 0:
+            index = step // self.passage_every if use_passages else step - (step + 1) // self.passage_every
+        else:
+            index = step
+        per_epoch = max(len(items) // size, 1)
+        epoch, position = divmod(index, per_epoch)
+        order = self._order(len(items), epoch + (7919 if use_passages else 0))
+        chosen = [items[i] for i in order[position * size:(position + 1) * size]]
+        return chosen, self.passage_max_length if use_passages else self.max_length
+
+    def __call__(self, step: int, device: torch.device) -> dict:
+        texts, max_length = self.texts(step)
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def stsb_spearman(model, tokenizer, pairs, device, batch_size: int = 256) -> float:
+    """Spearman of cosine similarity on STS-B pairs (the full evaluation is evaluation/stsb.py)."""
+    s1, s2, scores = pairs
+    model.eval()
+
+    def encode(texts):
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                hidden = model(**batch).last_hidden_state
+            out.append(mean_pool(hidden.float(), batch["attention_mask"]))
+        return torch.cat(out)
+
+    cos = (encode(s1) * encode(s2)).sum(-1).cpu().numpy()
+    return float(spearmanr(cos, scores).statistic)
+
+
+def parameter_groups(model, stage: int, args) -> list[dict]:
+    """Stage 1 trains the DeltaNets; stage 2 the DeltaNets and the LayerNorms around them."""
+    delta = [p for n, p in model.named_parameters() if ".delta_net." in n]
+    norms = [p for n, p in model.named_parameters() if "layers." in n and ("attention_norm" in n or "ffn_norm" in n)]
+    model.requires_grad_(False)
+    for p in delta:
+        p.requires_grad_(True)
+    if stage == 1:
+        return [{"params": delta, "lr": args.lr_stage1}]
+    for p in norms:
+        p.requires_grad_(True)
+    return [{"params": delta, "lr": args.lr_stage2}, {"params": norms, "lr": args.lr_stage2 * args.norm_lr_scale}]
+
+
+def make_optimizer(model, stage: int, args, steps: int):
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage, args), weight_decay=args.weight_decay)
+    warmup = max(int(steps * args.warmup_ratio), 1)
+
+    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def stage1_loss(student, teacher_hidden, teacher_attention, mask):
+    """Each student attention block, fed the teacher's layer input, against the teacher's block output."""
+    losses = [
+        masked_mse(layer.mix(teacher_hidden[i], mask), teacher_attention[i], mask)
+        for i, layer in enumerate(student.layers)
+    ]
+    return torch.stack(losses).mean()
+
+
+def stage2_loss(student, batch, teacher_hidden, teacher_embedding, hidden_weight: float):
+    out = student(**batch, output_hidden_states=True)
+    mask = batch["attention_mask"]
+    embedding = mean_pool(out.last_hidden_state.float(), mask)
+    cosine = (1 - (embedding * teacher_embedding).sum(-1)).mean()
+    hidden = torch.stack([
+        masked_mse(s.float(), t, mask.bool()) for s, t in zip(out.hidden_states[1:], teacher_hidden[1:])
+    ]).mean()
+    return cosine + hidden_weight * hidden, cosine
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save_checkpoint(path: Path, student, optimizer, scheduler, step: int, stage: int, history: list, elapsed: float):
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "step": step, "stage": stage, "history": history, "elapsed": elapsed,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }, tmp)
+    os.replace(tmp, path)  # a run killed mid-save keeps the previous checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    data = default_data_dir()
+    p = argparse.ArgumentParser(
+        description="Distil a LAM encoder from all-MiniLM-L6-v2 (attention transfer, then end to end).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--teacher", default=None, help="teacher folder or hub name (default: all-MiniLM-L6-v2, offline copy when the hub is unreachable)")
+    p.add_argument("--sentences", default=str(data / "corpus/sentences.txt.gz") if data else None,
+                   help="text file (.txt or .txt.gz) of training sentences, one per line")
+    p.add_argument("--passages", default=str(data / "corpus/passages.txt.gz") if data else None,
+                   help="text file of passages longer than one chunk; empty string for none")
+    p.add_argument("--stsb", default=str(data / "stsb") if data else None, help="folder of the STS-B csv files, for the dev figure in the log")
+    p.add_argument("--max-sentences", type=int, default=0, help="use at most this many sentences (0: all)")
+    p.add_argument("--max-dev-pairs", type=int, default=0, help="use at most this many STS-B dev pairs for the logged figure (0: all 1,500)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout inside the student while distilling (the saved config keeps the teacher's)")
+    p.add_argument("--max-passages", type=int, default=0, help="use at most this many training passages (0: all but the held-out ones)")
+    p.add_argument("--passage-holdout", type=int, default=1000, help="the last N passages of the file are never used for training")
+    p.add_argument("--output-dir", default="runs/distill", help="checkpoints, log and the final model go here")
+    p.add_argument("--stage1-steps", type=int, default=1500, help="steps of attention transfer")
+    p.add_argument("--stage2-steps", type=int, default=6000, help="steps of end-to-end distillation")
+    p.add_argument("--batch-size", type=int, default=256, help="sentences per batch")
+    p.add_argument("--passage-batch-size", type=int, default=32, help="passages per passage batch")
+    p.add_argument("--passage-every", type=int, default=4, help="every N-th step is a passage batch (0: never)")
+    p.add_argument("--max-length", type=int, default=128, help="token limit of a sentence")
+    p.add_argument("--passage-max-length", type=int, default=512, help="token limit of a passage (teacher and student)")
+    p.add_argument("--lr-stage1", type=float, default=2e-3, help="peak learning rate of stage 1")
+    p.add_argument("--lr-stage2", type=float, default=5e-4, help="peak learning rate of the DeltaNets in stage 2")
+    p.add_argument("--norm-lr-scale", type=float, default=0.1, help="LayerNorm learning rate as a fraction of --lr-stage2")
+    p.add_argument("--hidden-weight", type=float, default=0.1, help="weight of the hidden-state MSE beside the cosine loss in stage 2")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of each stage's steps spent warming up")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--delta-impl", default="auto", choices=lam_embed.configuration_lam.DELTA_IMPLS, help="implementation of the DeltaNet while training")
+    p.add_argument("--eval-every", type=int, default=1000, help="log STS-B dev Spearman every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=1000, help="save a checkpoint every N steps")
+    p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop after this much training time (0: no limit); --resume continues")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
+    p.add_argument("--seed", type=int, default=42, help="random seed (initialisation and data order)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to train on")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name, value in (("--sentences", args.sentences), ("--stsb", args.stsb)):
+        if not value:
+            raise SystemExit(f"{name} is required: no data folder found (set LAM_DATA_DIR or pass the path)")
+    if args.stage1_steps < 0 or args.stage2_steps < 0 or args.stage1_steps + args.stage2_steps == 0:
+        raise SystemExit("--stage1-steps and --stage2-steps must be >= 0 and not both 0")
+    device = torch.device(args.device)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    torch.manual_seed(args.seed)
+
+    teacher_path = lam_embed.resolve_teacher_path(args.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    tokenizer.padding_side = "right"
+    teacher = Teacher(teacher_path, device)
+    student = lam_embed.from_teacher(teacher_path, delta_impl=args.delta_impl).to(device)
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = args.dropout
+
+    sentences = read_text_lines(args.sentences, limit=args.max_sentences or None)
+    passages = []
+    if args.passages:
+        passages = read_text_lines(args.passages)
+        if len(passages) <= args.passage_holdout:
+            raise SystemExit(f"--passages has {len(passages)} passages, not more than --passage-holdout {args.passage_holdout}")
+        passages = passages[: len(passages) - args.passage_holdout]
+        if args.max_passages:
+            passages = passages[: args.max_passages]
+    dev = read_stsb_pairs(Path(args.stsb) / "sts-dev.csv")
+    if args.max_dev_pairs:
+        dev = tuple(column[: args.max_dev_pairs] for column in dev)
+    logger.info("data: %d sentences, %d passages, %d dev pairs", len(sentences), len(passages), len(dev[0]))
+    batches = Batches(sentences, passages, tokenizer, args.batch_size, args.passage_batch_size, args.passage_every,
+                      args.max_length, args.passage_max_length, args.seed)
+
+    total = args.stage1_steps + args.stage2_steps
+    step, stage, history, elapsed = 0, 1 if args.stage1_steps else 2, [], 0.0
+    state = None
+    if args.resume:
+        if not checkpoint_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        student.load_state_dict(state["model"])
+        step, stage, history, elapsed = state["step"], state["stage"], state["history"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        logger.info("resumed at step %d (stage %d, %.1f min trained)", step, stage, elapsed / 60)
+    stage_steps = args.stage1_steps if stage == 1 else args.stage2_steps
+    optimizer, scheduler = make_optimizer(student, stage, args, stage_steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+
+    use_bf16 = device.type == "cuda"
+    start = time.time() - elapsed
+    session_start = time.time()
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True)
+    stopped_early = False
+    while step < total:
+        if stage == 1 and step >= args.stage1_steps:
+            stage = 2
+            optimizer, scheduler = make_optimizer(student, 2, args, args.stage2_steps)
+            bar.set_description("stage 2")
+        student.train()
+        batch = batches(step, device)
+        mask = batch["attention_mask"].bool()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            hidden, attention, teacher_embedding = teacher(batch)
+            if stage == 1:
+                loss = stage1_loss(student, hidden, attention, mask)
+                cosine = None
+            else:
+                loss, cosine = stage2_loss(student, batch, hidden, teacher_embedding, args.hidden_weight)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            record = {"step": step, "stage": stage, "loss": round(loss.item(), 6), "minutes": round((time.time() - start) / 60, 2)}
+            if cosine is not None:
+                record["cosine_loss"] = round(cosine.item(), 6)
+            bar.set_postfix(loss=record["loss"])
+            history.append(record)
+        if (args.eval_every and step % args.eval_every == 0) or step == total:
+            rho = stsb_spearman(student, tokenizer, dev, device)
+            history.append({"step": step, "stage": stage, "stsb_dev_spearman": round(rho, 5)})
+            logger.info("step %d: STS-B dev Spearman %.4f", step, rho)
+        out_of_time = args.stop_after_minutes and time.time() - session_start > args.stop_after_minutes * 60
+        if step % args.save_every == 0 or step == total or out_of_time:
+            save_checkpoint(checkpoint_path, student, optimizer, scheduler, step, stage, history, time.time() - start)
+        if out_of_time and step < total:
+            logger.info("time budget reached at step %d; run again with --resume to continue", step)
+            stopped_early = True
+            break
+    bar.close()
+    summary = {"step": step, "total_steps": total, "finished": not stopped_early,
+               "train_minutes": round((time.time() - start) / 60, 2), "history": history,
+               "args": vars(args), "commit": git_commit(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    if not stopped_early:
+        student.config.delta_impl = "auto"
+        student.save_pretrained(out_dir / "model")
+        tokenizer.save_pretrained(out_dir / "model")
+        summary["stsb_dev_spearman"] = next(h["stsb_dev_spearman"] for h in reversed(history) if "stsb_dev_spearman" in h)
+        manifest = {k: summary[k] for k in ("commit", "device", "train_minutes", "stsb_dev_spearman", "args")}
+        manifest["command"] = "python scripts/distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        manifest["data"] = {"sentences": len(sentences), "passages": len(passages),
+                            "sentences_file": args.sentences, "passages_file": args.passages}
+        save_release(student.cpu(), out_dir / "release", manifest, teacher=teacher_path)
+        st = lam_embed.build_sentence_transformer(student, tokenizer)
+        st.save(str(out_dir / "sentence-transformer"))
+        logger.info("saved the distilled model to %s and its release weights to %s",
+                    out_dir / "sentence-transformer", out_dir / "release")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
