@@ -829,7 +829,8 @@ def format_tables(result: dict) -> str:
                  _cell(r["fla_chunk_delta_rule"], "ms_per_call", ms), _cell(r["sdpa"], "ms_per_call", ms)]
                 for r in result["op"]]
         parts.append(f"\nToken-mixing op alone, ms per call (B, H={NUM_HEADS}, L, d={HEAD_DIM}), inputs in "
-                     f"{settings['dtype']}\n" + _table(headers, rows))
+                     f"{settings['dtype']} (LAM's op computes in fp32 inside; fla's delta rule is single-state)\n"
+                     + _table(headers, rows))
     enc = result.get("encode")
     if enc:
         if enc.get("status") == "unavailable":

@@ -88,7 +88,7 @@ def test_op_and_encode_figures(tiny_run):
     assert enc["ratio"]["chunk"] > 0
 
 
-def test_table_is_printed(tiny_run, capsys):
+def test_table_is_printed(tiny_run):
     text = benchmark.format_tables(tiny_run[0])
     assert "Forward, tokens/s" in text and "LAM chunk" in text and "MiniLM" in text
     assert "n/a" in text  # triton and fla on CPU

@@ -51,7 +51,8 @@ STATE_EPS = tl.constexpr(EPS)
 
 @triton.jit
 def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
-    """(I + b_a)^-1 for a strictly lower triangular BT x BT block b_a.
+    """(I + b_a)^-1 for a strictly lower triangular BT x BT block b_a (or a batch of
+    them, b_a of shape (NB, BT, BT): the dots are then batched).
 
     Block doubling: with X the inverse of the block-diagonal part made of s x s
     blocks and E the strictly lower s x s quadrant of each 2s x 2s diagonal block,
@@ -83,9 +84,164 @@ def intra_chunk_fwd_kernel(
     C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     SINGLE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per-chunk pass; see the module docstring. The right-hand sides of U and W are
-    solved together as the columns of one tile [V | K] -> [U | W] (XW = 2d columns);
-    a single-chunk input needs U alone (XW = d)."""
+    """Per-chunk pass; see the module docstring.
+
+    What does not depend on the recurrence over the blocks (the inverses T_ii of the
+    diagonal blocks, the causal scores tril(Q_i K_i^T), the sums over valid tokens)
+    is computed first for all NB = C / BT blocks at once, with batched dots on
+    (NB, BT, .) tiles; the loop over blocks then holds only the products with the
+    running [K^T U | K^T W]. The right-hand sides of U and W are solved together as
+    the columns of one tile [V | K] -> [U | W] (XW = 2d columns); a single-chunk
+    input needs U alone (XW = d).
+    """
+    XW: tl.constexpr = D if SINGLE else 2 * D
+    NB: tl.constexpr = C // BT
+    i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64 = i_b.to(tl.int64)
+    x_off = i_b64 * s_xb + i_h * s_xh
+    s_off = i_b64 * s_sb + i_h * s_sh
+    o_off = i_b64 * s_ob + i_h * s_oh
+
+    o_b = tl.arange(0, NB)
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_e = tl.arange(0, XW)
+    m_left = o_e < D  # columns of V, U, A U; the others are those of K, W, A W
+    m_lower = o_t[:, None] > o_t[None, :]
+    m_causal = o_t[:, None] >= o_t[None, :]
+
+    # Diagonal blocks, all at once: rows r2[b, t] = b * BT + t of the (padded) chunk.
+    r2 = o_b[:, None] * BT + o_t[None, :]
+    t2 = i_n * CS + r2
+    m2 = (r2 < CS) & (t2 < L)
+    valid2 = tl.load(mask + i_b64 * s_mb + t2 * s_ml, mask=m2, other=0) != 0
+    p3 = x_off + t2[:, :, None] * s_xl + o_d[None, None, :]
+    k3 = tl.load(k + p3, mask=m2[:, :, None], other=0.0).to(tl.float32)
+    q3 = tl.load(q + p3, mask=m2[:, :, None], other=0.0).to(tl.float32)
+    p_s2 = s_off + t2 * s_sl
+    beta2 = tl.where(valid2, tl.load(beta + p_s2, mask=m2, other=0.0).to(tl.float32), 0.0)
+    k3t = tl.permute(k3, (0, 2, 1))
+    a3 = tl.where(m_lower[None, :, :], tl.dot(k3 * beta2[:, :, None], k3t, input_precision=PREC), 0.0)
+    t3 = unit_lower_inverse(a3, BT, LOG2_BT, PREC)  # T_ii of every block
+    qk3 = tl.where(m_causal[None, :, :], tl.dot(q3, k3t, input_precision=PREC), 0.0)  # tril(Q_i K_i^T)
+
+    n_valid = tl.sum(tl.sum(valid2.to(tl.float32), 1), 0)
+    b_sum_k = tl.sum(tl.sum(tl.where(valid2[:, :, None], k3, 0.0), 1), 0)
+    sum_df = tl.sum(tl.sum(tl.where(valid2, tl.load(decay_fast + p_s2, mask=m2, other=0.0).to(tl.float32), 0.0), 1), 0)
+    sum_ds = tl.sum(tl.sum(tl.where(valid2, tl.load(decay_slow + p_s2, mask=m2, other=0.0).to(tl.float32), 0.0), 1), 0)
+
+    # [K^T U | K^T W] over the blocks done so far, and the sum of [U | W] over valid tokens.
+    b_p = tl.zeros([D, XW], dtype=tl.float32)
+    b_sum_y = tl.zeros([XW], dtype=tl.float32)
+    for i in range(NB):
+        r = i * BT + o_t
+        t = i_n * CS + r
+        m_t = (r < CS) & (t < L)
+        valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
+        p_row = x_off + t[:, None] * s_xl
+        b_q = tl.load(q + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_x = tl.load(v + p_row + o_e[None, :], mask=m_t[:, None] & m_left[None, :], other=0.0).to(tl.float32)
+        if not SINGLE:
+            b_x += tl.load(k + p_row + (o_e[None, :] - D), mask=m_t[:, None] & ~m_left[None, :], other=0.0).to(tl.float32)
+        b_beta = tl.where(valid, tl.load(beta + s_off + t * s_sl, mask=m_t, other=0.0).to(tl.float32), 0.0)
+        # Block i of the batched prologue (a masked sum picks it: registers cannot be indexed).
+        sel = (o_b == i)[:, None, None]
+        b_t = tl.sum(tl.where(sel, t3, 0.0), 0)
+        b_qk = tl.sum(tl.where(sel, qk3, 0.0), 0)
+
+        # [U | W] rows of this block: T_ii ([Vb | Kb] - Kb [K^T U | K^T W] of the earlier blocks).
+        b_kb = b_k * b_beta[:, None]
+        b_y = tl.dot(b_t, b_x * b_beta[:, None] - tl.dot(b_kb, b_p, input_precision=PREC), input_precision=PREC)
+        # [A U | A W] rows: the earlier blocks through b_p, this block causally.
+        b_z = tl.dot(b_q, b_p, input_precision=PREC) + tl.dot(b_qk, b_y, input_precision=PREC)
+        p_o = o_off + t[:, None] * s_ol + o_e[None, :]
+        tl.store(o + p_o, b_z, mask=m_t[:, None] & m_left[None, :])
+        if not SINGLE:
+            m_right = m_t[:, None] & ~m_left[None, :]
+            b_qr = tl.load(q + p_row + (o_e[None, :] - D), mask=m_right, other=0.0).to(tl.float32)
+            tl.store(qw + p_o - D, b_qr - b_z, mask=m_right)
+
+        b_p += tl.dot(tl.trans(b_k), b_y, input_precision=PREC)
+        b_sum_y += tl.sum(tl.where(valid[:, None], b_y, 0.0), 0)
+
+    psi = _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D, XW)
+    _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_df, sum_ds,
+                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, XW, SINGLE)
+
+
+@triton.jit
+def _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out,
+              D: tl.constexpr, XW: tl.constexpr):
+    """psi = ResonanceFlux([mean K ; mean U ; mean_t k_t W_bil u_t / tau]). Rows of U are
+    zero where beta = 0, so sum_t k_t W_bil u_t over valid tokens is <W_bil, K^T U>."""
+    o_d = tl.arange(0, D)
+    o_e = tl.arange(0, XW)
+    m_left = o_e < D
+    count = tl.maximum(n_valid, 1.0)
+    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
+    score = tl.sum(tl.sum(b_wb * b_p, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
+    o_j = tl.arange(0, D // 2)
+    p_wh = w_hid + o_j[:, None] * (2 * D + 1)
+    b_z = tl.sum(tl.load(p_wh + o_d[None, :]).to(tl.float32) * (b_sum_k / count)[None, :], 1)
+    b_wu = tl.load(p_wh + D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
+    b_z += tl.sum(b_wu * (b_sum_y / count)[None, :], 1)
+    b_z += tl.load(w_hid + o_j * (2 * D + 1) + 2 * D).to(tl.float32) * score
+    b_z += tl.load(b_hid + o_j).to(tl.float32)
+    b_hidden = b_z * tl.sigmoid(b_z)
+    y = tl.sum(b_hidden * tl.load(w_out + o_j).to(tl.float32), 0) + tl.load(b_out).to(tl.float32)
+    return tl.minimum(tl.maximum(tl.sigmoid(y), 0.01), 0.99)
+
+
+@triton.jit
+def _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_df, sum_ds,
+                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol,
+                    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, XW: tl.constexpr, SINGLE: tl.constexpr):
+    """A single chunk: its output. Otherwise: what the recurrence and the output kernel read."""
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    if SINGLE:
+        # Zero states: O = (alpha g_f + (1 - alpha) g_s) A U. The A U rows were written
+        # to o by other threads of this program: the barrier makes them visible.
+        alpha = 0.5 + 0.3 * psi
+        tl.debug_barrier()
+        for i in range(C // BT):
+            r = i * BT + o_t
+            t = i_n * CS + r
+            m_t = (r < CS) & (t < L)
+            p_s = s_off + t * s_sl
+            b_gf = tl.load(gate_fast + p_s, mask=m_t, other=0.0).to(tl.float32)
+            b_gs = tl.load(gate_slow + p_s, mask=m_t, other=0.0).to(tl.float32)
+            p_o = o_off + t[:, None] * s_ol + o_d[None, :]
+            b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
+            b_o = (alpha * b_gf + (1 - alpha) * b_gs)[:, None] * b_au
+            tl.store(o + p_o, b_o, mask=m_t[:, None])
+    else:
+        count = tl.maximum(n_valid, 1.0)
+        i_c = (i_b64 * H + i_h) * N + i_n  # index of this (sample, head, chunk)
+        o_e = tl.arange(0, XW)
+        tl.store(kt + i_c * D * XW + o_d[:, None] * XW + o_e[None, :], b_p)
+        tl.store(stats + i_c * 4 + 0, psi)
+        tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
+        tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
+        tl.store(stats + i_c * 4 + 3, (n_valid > 0).to(tl.float32))
+
+
+@triton.jit
+def intra_chunk_fwd_kernel_loop(
+    q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask,
+    w_bil, tau, w_hid, b_hid, w_out, b_out,
+    o, qw, kt, stats,
+    L, N, H, CS,
+    s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
+    s_sb, s_sh, s_sl,  # strides of beta, decays, gates
+    s_mb, s_ml,  # strides of mask
+    s_ob, s_oh, s_ol,  # strides of o and qw (unit stride on d)
+    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    SINGLE: tl.constexpr, PREC: tl.constexpr,
+):
+    """As intra_chunk_fwd_kernel, with every per-block quantity computed inside the loop
+    over blocks (one dependent chain of small dots per block)."""
     XW: tl.constexpr = D if SINGLE else 2 * D
     i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
@@ -148,45 +304,14 @@ def intra_chunk_fwd_kernel(
         sum_df += tl.sum(tl.where(valid, tl.load(decay_fast + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
         sum_ds += tl.sum(tl.where(valid, tl.load(decay_slow + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
 
-    # psi = ResonanceFlux([mean K ; mean U ; mean_t k_t W_bil u_t / tau]). Rows of U are
-    # zero where beta = 0, so sum_t k_t W_bil u_t over valid tokens is <W_bil, K^T U>.
-    count = tl.maximum(n_valid, 1.0)
-    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
-    score = tl.sum(tl.sum(b_wb * b_p, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
-    o_j = tl.arange(0, D // 2)
-    p_wh = w_hid + o_j[:, None] * (2 * D + 1)
-    b_z = tl.sum(tl.load(p_wh + o_d[None, :]).to(tl.float32) * (b_sum_k / count)[None, :], 1)
-    b_wu = tl.load(p_wh + D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
-    b_z += tl.sum(b_wu * (b_sum_y / count)[None, :], 1)
-    b_z += tl.load(w_hid + o_j * (2 * D + 1) + 2 * D).to(tl.float32) * score
-    b_z += tl.load(b_hid + o_j).to(tl.float32)
-    b_hidden = b_z * tl.sigmoid(b_z)
-    y = tl.sum(b_hidden * tl.load(w_out + o_j).to(tl.float32), 0) + tl.load(b_out).to(tl.float32)
-    psi = tl.minimum(tl.maximum(tl.sigmoid(y), 0.01), 0.99)
-    alpha = 0.5 + 0.3 * psi
+    psi = _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D, XW)
+    _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_df, sum_ds,
+                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, XW, SINGLE)
 
-    if SINGLE:
-        # Zero states: O = (alpha g_f + (1 - alpha) g_s) A U. The A U rows were written
-        # to o above by other threads of this program: the barrier makes them visible.
-        tl.debug_barrier()
-        for i in range(C // BT):
-            r = i * BT + o_t
-            t = i_n * CS + r
-            m_t = (r < CS) & (t < L)
-            p_s = s_off + t * s_sl
-            b_gf = tl.load(gate_fast + p_s, mask=m_t, other=0.0).to(tl.float32)
-            b_gs = tl.load(gate_slow + p_s, mask=m_t, other=0.0).to(tl.float32)
-            p_o = o_off + t[:, None] * s_ol + o_d[None, :]
-            b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
-            b_o = (alpha * b_gf + (1 - alpha) * b_gs)[:, None] * b_au
-            tl.store(o + p_o, b_o, mask=m_t[:, None])
-    else:
-        i_c = (i_b64 * H + i_h) * N + i_n  # index of this (sample, head, chunk)
-        tl.store(kt + i_c * D * XW + o_d[:, None] * XW + o_e[None, :], b_p)
-        tl.store(stats + i_c * 4 + 0, psi)
-        tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
-        tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
-        tl.store(stats + i_c * 4 + 3, (n_valid > 0).to(tl.float32))
+
+@triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -235,8 +360,10 @@ def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC:
         c = 0.05 + 0.1 * psi
         b_nf = b_nf + c * psi * b_ns
         b_ns = b_ns + c * (1 - psi) * b_nf
-        nf = tl.sqrt(tl.sum(tl.sum(b_nf * b_nf, 1), 0))
-        ns = tl.sqrt(tl.sum(tl.sum(b_ns * b_ns, 1), 0))
+        # Both squared norms in one reduction: one exchange between warps instead of two.
+        nf, ns = tl.reduce((b_nf * b_nf, b_ns * b_ns), 1, _add_pair)
+        nf, ns = tl.reduce((nf, ns), 0, _add_pair)
+        nf, ns = tl.sqrt(nf), tl.sqrt(ns)
         # A chunk without valid tokens leaves the states as they were.
         if keep > 0:
             b_sf = b_nf / (nf + STATE_EPS)
@@ -305,9 +432,13 @@ def _common_layout(tensors, unit_last: bool):
 CONFIG = {
     "block_t": 16,  # rows of the diagonal blocks solved at once (16 is the smallest tl.dot size)
     "precision": {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"},  # kernel 1 and 3
-    "state_precision": "tf32x3",  # kernel 2
+    "state_precision": "ieee",  # kernel 2 (as fast as "tf32x3" there, measured on an H100)
     "num_warps": (4, 4, 4),  # kernels 1, 2, 3
+    "num_warps_single": 4,  # kernel 1 for single-chunk inputs
+    "num_stages": (None, None, None),  # kernels 1, 2, 3 (None: Triton's default)
     "output_rows": 64,  # rows of a chunk per program of kernel 3
+    "batched_prologue": True,  # kernel 1: intra_chunk_fwd_kernel (True) or intra_chunk_fwd_kernel_loop
+    "maxnreg": (None, None, None),  # register cap per thread of kernels 1, 2, 3 (None: the compiler's choice)
 }
 
 
@@ -322,11 +453,17 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     C = max(BT, triton.next_power_of_2(min(chunk_size, L)))
     prec = CONFIG["precision"].get(q.dtype, "ieee")
     warps = CONFIG["num_warps"]
+    stages = [{} if n is None else {"num_stages": n} for n in CONFIG["num_stages"]]
+    for opts, cap in zip(stages, CONFIG["maxnreg"]):
+        if cap is not None:
+            opts["maxnreg"] = cap
+    intra_kernel = intra_chunk_fwd_kernel if CONFIG["batched_prologue"] else intra_chunk_fwd_kernel_loop
     q, k, v = _common_layout([q, k, v], unit_last=True)
     beta, decay_fast, decay_slow, gate_fast, gate_slow = _common_layout(
         [beta, decay_fast, decay_slow, gate_fast, gate_slow], unit_last=False)
     mask_u8 = mask.contiguous().view(torch.uint8)
-    w_bil, tau, w_hid, b_hid, w_out, b_out = (p.detach().float().contiguous() for p in flux_params)
+    w_bil, tau, w_hid, b_hid, w_out, b_out = (
+        p if p.dtype == torch.float32 and p.is_contiguous() else p.float().contiguous() for p in flux_params)
 
     # o (and qw) are (B, L, H, d) in memory: the layer's next step merges the heads for free.
     o = q.new_empty(B, L, H, D, dtype=torch.float32).permute(0, 2, 1, 3)
@@ -337,7 +474,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         kt = q.new_empty(B, H, N, D, 2 * D, dtype=torch.float32)  # [K^T U | K^T W] of each chunk
         stats = q.new_empty(B, H, N, 4, dtype=torch.float32)  # psi, effective decays, any valid token
 
-    intra_chunk_fwd_kernel[(H, N, B)](
+    intra_kernel[(H, N, B)](
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
         w_bil, tau, w_hid, b_hid, w_out, b_out,
         o, qw, kt, stats,
@@ -347,7 +484,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         mask_u8.stride(0), mask_u8.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
         C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, PREC=prec,
-        num_warps=warps[0],
+        num_warps=CONFIG["num_warps_single"] if single else warps[0], **stages[0],
     )
     if single:
         return o
@@ -355,14 +492,14 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
     r_slow = torch.empty_like(r_fast)
     state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=CONFIG["state_precision"],
-                                      num_warps=warps[1])
+                                      num_warps=warps[1], **stages[1])
     rows = min(CONFIG["output_rows"], C)
     chunk_output_kernel[(H, N * (C // rows), B)](
         o, qw, r_fast, r_slow, stats, gate_fast, gate_slow,
         L, N, H, chunk_size,
         gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, ROWS=rows, PREC=prec, num_warps=warps[2],
+        C=C, D=D, ROWS=rows, PREC=prec, num_warps=warps[2], **stages[2],
     )
     return o
 

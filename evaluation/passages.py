@@ -1,0 +1,70 @@
+"""Agreement with the teacher on long inputs: mean cosine between a model's and the
+teacher's embeddings of held-out passages (130-520 tokens, several 128-token chunks).
+
+The passages are the last ``--holdout`` lines of the passages file, which
+distillation never reads (training/distill.py, ``--passage-holdout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+
+def held_out_passages(path: str | Path, holdout: int = 1000) -> list[str]:
+    """The last ``holdout`` passages of the file."""
+    from lam_embed.data import read_text_lines
+
+    return read_text_lines(path)[-holdout:]
+
+
+def teacher_agreement(model: SentenceTransformer, teacher: SentenceTransformer, passages: list[str], batch_size: int = 32) -> dict:
+    """Mean, 5th percentile and minimum of the cosine between the two models' embeddings."""
+    a = model.encode(passages, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=True)
+    b = teacher.encode(passages, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=True)
+    cos = (a * b).sum(1)
+    return {"passages": len(passages), "mean_cosine": float(cos.mean()), "p5_cosine": float(np.percentile(cos, 5)),
+            "min_cosine": float(cos.min())}
+
+
+def main(argv=None) -> dict:
+    import lam_embed  # noqa: F401  (registers LAM with the Auto classes)
+    from lam_embed.data import default_data_dir
+    from lam_embed.teacher import resolve_teacher_path
+
+    data = default_data_dir()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="sentence-transformers folder of the model to compare with the teacher")
+    p.add_argument("--passages", default=str(data / "corpus/passages.txt.gz") if data else None, help="passages file (.txt or .txt.gz)")
+    p.add_argument("--holdout", type=int, default=1000, help="how many passages from the end of the file to use")
+    p.add_argument("--max-seq-length", type=int, default=512, help="token limit of both models (the teacher's table ends at 512)")
+    p.add_argument("--batch-size", type=int, default=32, help="encoding batch size")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--output", default=None, help="write the figures to this JSON file")
+    args = p.parse_args(argv)
+    if not args.passages:
+        p.error("--passages is required: no data folder found (set LAM_DATA_DIR)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    model = SentenceTransformer(args.model, device=args.device)
+    teacher = SentenceTransformer(resolve_teacher_path(), device=args.device)
+    model.max_seq_length = teacher.max_seq_length = args.max_seq_length
+    passages = held_out_passages(args.passages, args.holdout)
+    tokens = [min(len(ids), args.max_seq_length) for ids in teacher.tokenizer(passages)["input_ids"]]
+    result = {"model": args.model, "max_seq_length": args.max_seq_length, "min_tokens": min(tokens),
+              "max_tokens": max(tokens), "mean_tokens": round(float(np.mean(tokens)), 1),
+              **teacher_agreement(model, teacher, passages, args.batch_size)}
+    print(json.dumps(result, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
