@@ -22,7 +22,7 @@ from .teacher import resolve_teacher_path, teacher_to_lam_state_dict
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "lam_weights.safetensors"
+WEIGHTS_FILE = "lam_weights.safetensors"  # the first shard; more are lam_weights-N.safetensors
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MAX_FILE_BYTES = 15 * 2**20
@@ -45,15 +45,28 @@ def save_release(model: LAMModel, folder: str | os.PathLike, manifest: dict, tea
         if name in shared and torch.equal(tensor.detach().cpu().float(), shared[name].float()):
             continue
         own[name] = tensor.detach().cpu().to(torch.float16).contiguous()
-    save_file(own, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    size = (folder / WEIGHTS_FILE).stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise ValueError(f"{folder / WEIGHTS_FILE} is {size / 2**20:.1f} MiB, over the 15 MiB a released file may take")
+    for old in folder.glob("lam_weights*.safetensors"):
+        old.unlink()
+    # Shards of at most MAX_FILE_BYTES, since every tracked file travels to the GPU machine.
+    shards, current, current_bytes = [], {}, 0
+    for name, tensor in own.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and current_bytes + nbytes > MAX_FILE_BYTES - 2**20:
+            shards.append(current)
+            current, current_bytes = {}, 0
+        current[name] = tensor
+        current_bytes += nbytes
+    shards.append(current)
+    size = 0
+    for i, shard in enumerate(shards):
+        path = folder / (WEIGHTS_FILE if i == 0 else f"lam_weights-{i + 1}.safetensors")
+        save_file(shard, path, metadata={"format": "pt"})
+        size += path.stat().st_size
     config = model.config.to_dict()
     config["delta_impl"] = "auto"
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    logger.info("released %d tensors (%.1f MiB) to %s", len(own), size / 2**20, folder)
+    logger.info("released %d tensors (%.1f MiB in %d files) to %s", len(own), size / 2**20, len(shards), folder)
     return folder
 
 
@@ -68,7 +81,8 @@ def load_release(folder: str | os.PathLike, teacher: str | os.PathLike | None = 
     config = LAMConfig(**config_dict)
     model = LAMModel(config)
     tensors = _teacher_tensors(teacher, config.num_hidden_layers)
-    tensors.update({k: v.float() for k, v in load_file(folder / WEIGHTS_FILE).items()})
+    for shard in sorted(folder.glob("lam_weights*.safetensors")):
+        tensors.update({k: v.float() for k, v in load_file(shard).items()})
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -121,7 +121,10 @@ class Batches:
 
     def __call__(self, step: int, device: torch.device) -> dict:
         texts, max_length = self.texts(step)
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        # Lengths rounded up to a multiple of 16: few distinct shapes, so the GPU libraries'
+        # per-shape set-up (kernel selection) is paid a few times, not at every step.
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                               pad_to_multiple_of=16, return_tensors="pt")
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -145,9 +148,13 @@ def stsb_spearman(model, tokenizer, pairs, device, batch_size: int = 256) -> flo
 
 
 def parameter_groups(model, stage: int, args) -> list[dict]:
-    """Stage 1 trains the DeltaNets; stage 2 the DeltaNets and the LayerNorms around them."""
+    """Stage 1 trains the DeltaNets; stage 2 also the LayerNorms and the FFNs of the top
+    ``--train-ffn-layers`` layers, at a lower rate (they start from the teacher's)."""
+    first_ffn = model.config.num_hidden_layers - args.train_ffn_layers
     delta = [p for n, p in model.named_parameters() if ".delta_net." in n]
     norms = [p for n, p in model.named_parameters() if "layers." in n and ("attention_norm" in n or "ffn_norm" in n)]
+    norms += [p for i, layer in enumerate(model.layers) if i >= first_ffn
+              for p in (*layer.ffn_in.parameters(), *layer.ffn_out.parameters())]
     model.requires_grad_(False)
     for p in delta:
         p.requires_grad_(True)
@@ -192,6 +199,8 @@ def stage2_loss(student, batch, teacher_hidden, teacher_embedding, hidden_weight
 
 
 def git_commit() -> str:
+    if os.environ.get("LAM_COMMIT"):  # set where the code runs outside a git checkout
+        return os.environ["LAM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -236,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passage-max-length", type=int, default=512, help="token limit of a passage (teacher and student)")
     p.add_argument("--lr-stage1", type=float, default=2e-3, help="peak learning rate of stage 1")
     p.add_argument("--lr-stage2", type=float, default=5e-4, help="peak learning rate of the DeltaNets in stage 2")
-    p.add_argument("--norm-lr-scale", type=float, default=0.1, help="LayerNorm learning rate as a fraction of --lr-stage2")
+    p.add_argument("--norm-lr-scale", type=float, default=0.1, help="learning rate of the LayerNorms and FFNs as a fraction of --lr-stage2")
+    p.add_argument("--train-ffn-layers", type=int, default=3, help="stage 2 also trains the FFNs of this many top layers (released weights grow by 2.3 MB a layer)")
     p.add_argument("--hidden-weight", type=float, default=0.1, help="weight of the hidden-state MSE beside the cosine loss in stage 2")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of each stage's steps spent warming up")
