@@ -24,7 +24,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     assemble(args.release, args.output, teacher=args.teacher, max_seq_length=args.max_seq_length)
+
+    # Load it back the way users do and encode a few sentences.
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(args.output, device="cpu")
+    examples = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
+    embeddings = model.encode(examples)
+    similarity = model.similarity(embeddings, embeddings)
     print(f"wrote {args.output}: load it with `import lam_embed; SentenceTransformer({args.output!r})`")
+    print(f"embeddings: {embeddings.shape} {embeddings.dtype}; cosine similarity of the examples:")
+    for text, row in zip(examples, similarity.tolist()):
+        print("  " + "  ".join(f"{x:5.2f}" for x in row) + f"  {text}")
 
 
 if __name__ == "__main__":

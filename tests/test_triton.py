@@ -330,17 +330,12 @@ def bench(sweep: bool = False, compiled: bool = False):
             w1, w2, w3 = default["num_warps"]
             variants = [
                 ("default", {}),
-                ("k1 loop", {"batched_prologue": False}),
-                ("k1 loop ss2w", {"batched_prologue": False, "num_warps_single": 2}),
+                ("k1 4w single", {"num_warps_single": 4}),
                 ("k1 8w", {"num_warps": (8, w2, w3), "num_warps_single": 8}),
-                ("k1 2w", {"num_warps": (2, w2, w3), "num_warps_single": 2}),
                 ("k1 bt32", {"block_t": 32}),
-                ("k1 bt32 8w", {"block_t": 32, "num_warps": (8, w2, w3), "num_warps_single": 8}),
-                ("k1 reg168", {"maxnreg": (168, None, None)}),
-                ("k1 reg128", {"maxnreg": (128, None, None)}),
-                ("k1 2 stages", {"num_stages": (2, None, None)}),
-                ("k2 8w", {"num_warps": (w1, 8, w3)}),
                 ("k2 tf32x3", {"state_precision": "tf32x3"}),
+                ("k2 8w", {"num_warps": (w1, 8, w3)}),
+                ("k3 128 rows", {"output_rows": 128}),
             ]
             print("\nvariants: ms per call (max error vs chunk)")
             print(f"  {'variant':14s}" + "".join(f"{f'{B}x{L}':>22s}" for B, L in BENCH_SHAPES))

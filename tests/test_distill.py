@@ -1,0 +1,56 @@
+"""CPU smoke run of the distillation: both stages, release files, and an interrupted run
+that resumes to exactly the weights of an uninterrupted one."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lam_embed.data import default_data_dir
+from training import distill
+
+DATA = default_data_dir()
+pytestmark = pytest.mark.skipif(DATA is None or not (DATA / "corpus").is_dir(), reason="shared data folder not found")
+
+
+def run(out: Path, *extra: str) -> dict:
+    return distill.main([
+        "--output-dir", str(out), "--max-sentences", "200", "--max-passages", "20",
+        "--stage1-steps", "3", "--stage2-steps", "3", "--batch-size", "4", "--passage-batch-size", "2",
+        "--passage-every", "3", "--max-dev-pairs", "24", "--eval-every", "3", "--save-every", "100",
+        "--device", "cpu", *extra,
+    ])
+
+
+def test_distill_smoke_and_exact_resume(tmp_path):
+    torch.set_num_threads(1)  # deterministic kernels, so the two runs can be compared exactly
+    whole = run(tmp_path / "whole")
+    assert whole["finished"] and whole["step"] == 6
+    assert all(k in whole for k in ("stsb_dev_spearman", "train_minutes", "commit"))
+    release = tmp_path / "whole" / "release"
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert manifest["command"].startswith("python scripts/distill.py") and manifest["data"]["sentences"] == 200
+    weights = load_file(release / "lam_weights.safetensors")
+    assert "layers.0.delta_net.q_proj.weight" in weights  # trained, so shipped
+    assert "embeddings.word_embeddings.weight" not in weights  # the teacher's, so not shipped
+    assert all(t.dtype == torch.float16 for t in weights.values())
+
+    # Interrupted after the first step (time budget), then resumed.
+    first = run(tmp_path / "parts", "--stop-after-minutes", "0.00001")
+    assert not first["finished"] and first["step"] == 1
+    assert not (tmp_path / "parts" / "release").exists()
+    second = run(tmp_path / "parts", "--resume")
+    assert second["finished"] and second["step"] == 6
+    resumed = load_file(tmp_path / "parts" / "release" / "lam_weights.safetensors")
+    assert resumed.keys() == weights.keys()
+    for name in weights:
+        assert torch.equal(resumed[name], weights[name]), name
+
+
+def test_distill_rejects_bad_options(tmp_path):
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        run(tmp_path, "--resume")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--stage1-steps", "0", "--stage2-steps", "0")
