@@ -11,7 +11,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -174,13 +173,11 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import datasets
-    import sentence_transformers
     import torch
-    import transformers
 
     # Registers the LAM architecture so SentenceTransformer can load LAM model folders.
     import lam_embed  # noqa: F401
+    from lam_embed.environment import device_name, library_versions
     from lam_embed.teacher import DEFAULT_TEACHER, resolve_teacher_path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,14 +228,8 @@ def main(argv=None) -> int:
             "batch_size": args.batch_size,
             "max_seq_length": args.max_seq_length,
             "device": device,
-            "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine()),
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "sentence_transformers": sentence_transformers.__version__,
-                "datasets": datasets.__version__,
-            },
+            "device_name": device_name(device),
+            "versions": library_versions(),
             "models": rows,
         }
         out = Path(args.output)

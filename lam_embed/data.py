@@ -12,6 +12,10 @@ import gzip
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily: distillation reads STS-B where `datasets` is not installed
+    import datasets
 
 logger = logging.getLogger(__name__)
 

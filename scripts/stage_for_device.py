@@ -10,7 +10,6 @@ import gzip
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from lam_embed import resolve_teacher_path

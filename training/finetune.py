@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ import datasets
 # folders load with SentenceTransformer(folder) like any other model.
 import lam_embed  # noqa: F401
 from lam_embed.data import load_stsb, resolve_stsb_source
+from lam_embed.environment import device_name, library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -525,7 +525,6 @@ def run(args: argparse.Namespace):
     ``<output-dir>/stsb_results.json``. Input problems raise :class:`FinetuneError` (or
     :class:`PairFileError`) before the model is loaded.
     """
-    import sentence_transformers
     import torch
     import transformers
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -680,14 +679,8 @@ def run(args: argparse.Namespace):
         # Wall time of this process's training only (not earlier runs that --resume continues).
         "train_seconds": round(train_seconds, 1),
         "final_model": str(final_dir),
-        "device": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "sentence_transformers": sentence_transformers.__version__,
-            "datasets": datasets.__version__,
-        },
+        "device": device_name("cuda:0" if cuda else "cpu"),
+        "versions": library_versions(),
     }
     results_path = output_dir / RESULTS_FILE
     results_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
