@@ -702,10 +702,15 @@ def _ms(record: dict) -> dict:
 
 
 def load_sentences(args) -> list[str]:
-    from lam_embed.data import load_stsb
+    from lam_embed.data import load_stsb, read_stsb_pairs, resolve_stsb_source
 
-    ds = load_stsb("test", args.stsb)
-    sentences = list(ds["sentence1"]) + list(ds["sentence2"])
+    source = resolve_stsb_source(args.stsb)
+    if os.path.isdir(source):  # plain files: no need for the datasets package
+        first, second, _ = read_stsb_pairs(os.path.join(source, "sts-test.csv"))
+    else:
+        ds = load_stsb("test", source)
+        first, second = list(ds["sentence1"]), list(ds["sentence2"])
+    sentences = first + second
     return sentences[: args.sentences] if args.sentences else sentences
 
 

@@ -143,3 +143,10 @@ def test_unknown_impl_is_rejected():
         dual_state_delta_rule(*tensors, mask, flux_module(), impl="fast")
     with pytest.raises(ValueError, match="CUDA"):
         dual_state_delta_rule(*tensors, mask, flux_module(), impl="triton")
+
+
+def test_auto_picks_chunk_on_cpu():
+    from lam_embed.ops import resolve_impl
+
+    assert resolve_impl("auto", torch.device("cpu")) == "chunk"
+    assert resolve_impl("naive", torch.device("cpu")) == "naive"

@@ -26,6 +26,7 @@ def intra_chunk(q, k, v, beta, mask, chunk_size: int):
     """Per-chunk quantities, for all chunks in parallel.
 
     Returns Q, K (B, H, N, C, d), U, W (B, H, N, C, d), A (B, H, N, C, C), valid (B, N, C).
+    W is None for a single chunk: only the states read it, and they are zero there.
     """
     to_chunks = lambda t: rearrange(t, "b h (n c) ... -> b h n c ...", c=chunk_size)  # noqa: E731
     Q, K, V, b = map(to_chunks, (q, k, v, beta))
@@ -35,9 +36,11 @@ def intra_chunk(q, k, v, beta, mask, chunk_size: int):
     C = chunk_size
     strictly_lower = torch.tril(Kb @ K.transpose(-1, -2), diagonal=-1)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    single_chunk = Q.shape[2] == 1
     # One solve for both right-hand sides: (I + L) [U W] = [Vb Kb].
-    UW = torch.linalg.solve_triangular(eye + strictly_lower, torch.cat([Vb, Kb], -1), upper=False, unitriangular=True)
-    U, W = UW.split(q.shape[-1], dim=-1)
+    rhs = Vb if single_chunk else torch.cat([Vb, Kb], -1)
+    UW = torch.linalg.solve_triangular(eye + strictly_lower, rhs, upper=False, unitriangular=True)
+    U, W = (UW, None) if single_chunk else UW.split(q.shape[-1], dim=-1)
     A = torch.tril(Q @ K.transpose(-1, -2))
     return Q, K, U, W, A, valid
 
