@@ -44,7 +44,7 @@ def resolve_teacher_path(name_or_path: str | os.PathLike | None = None) -> str:
     if name_or_path is not None and os.path.isdir(name_or_path):
         return str(name_or_path)
     name = str(name_or_path) if name_or_path is not None else DEFAULT_TEACHER
-    if name != DEFAULT_TEACHER and os.sep in name and not name.count("/") == 1:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # meant as a path, not a hub name
         raise FileNotFoundError(f"teacher path {name!r} is not a folder")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if name == DEFAULT_TEACHER:

@@ -157,3 +157,8 @@ def test_missing_teacher_says_how_to_get_one(monkeypatch):
 def test_build_rejects_other_models():
     with pytest.raises(TypeError, match="LAMModel"):
         build_sentence_transformer(torch.nn.Linear(2, 2))
+
+
+def test_teacher_path_that_is_not_a_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        resolve_teacher_path(str(tmp_path / "missing"))
