@@ -62,10 +62,8 @@ class DualStateDeltaNet(nn.Module):
     def __init__(self, config: LAMConfig):
         super().__init__()
         D, H = config.hidden_size, config.num_attention_heads
-        self.num_heads, self.head_dim = H, config.head_dim
-        self.chunk_size = config.chunk_size
-        self.state_dropout = config.state_dropout
-        self.rms_norm_eps = config.rms_norm_eps
+        # The config object is shared with the model, so a change of config.delta_impl
+        # after construction takes effect here.
         self.config = config
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(D, D, bias=False) for _ in range(3))
         self.g_proj = nn.Linear(D, D, bias=False)
@@ -76,8 +74,8 @@ class DualStateDeltaNet(nn.Module):
         self.slow_decay_proj = nn.Linear(D, H)
         self.fast_gate_proj = nn.Linear(D, H, bias=False)
         self.slow_gate_proj = nn.Linear(D, H, bias=False)
-        self.flux = ResonanceFlux(H, self.head_dim)
-        self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+        self.flux = ResonanceFlux(H, config.head_dim)
+        self.norm_weight = nn.Parameter(torch.ones(config.head_dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
@@ -86,7 +84,8 @@ class DualStateDeltaNet(nn.Module):
         q = F.silu(self.q_conv(self.q_proj(x) * keep))
         k = F.silu(self.k_conv(self.k_proj(x) * keep))
         v = F.silu(self.v_conv(self.v_proj(x) * keep))
-        heads = lambda t: rearrange(t, "b l (h d) -> b h l d", h=self.num_heads)  # noqa: E731
+        config = self.config
+        heads = lambda t: rearrange(t, "b l (h d) -> b h l d", h=config.num_attention_heads)  # noqa: E731
         q, k, v = heads(q), heads(k), heads(v)
         q, k = F.normalize(q.float(), dim=-1, eps=1e-6), F.normalize(k.float(), dim=-1, eps=1e-6)
         per_head = lambda t: rearrange(t, "b l h -> b h l")  # noqa: E731
@@ -97,10 +96,10 @@ class DualStateDeltaNet(nn.Module):
         gate_slow = per_head(torch.sigmoid(self.slow_gate_proj(x)))
         o = dual_state_delta_rule(
             q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
-            chunk_size=self.chunk_size, state_dropout=self.state_dropout, training=self.training,
-            impl=self.config.delta_impl,
+            chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
+            impl=config.delta_impl,
         )  # (B, H, L, d) float32
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.rms_norm_eps) * self.norm_weight.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * self.norm_weight.float()
         o = rearrange(o, "b h l d -> b l (h d)").to(x.dtype) * torch.sigmoid(self.g_proj(x))
         return self.o_proj(o)
 
@@ -213,26 +212,35 @@ class LAMModel(LAMPreTrainedModel):
             raise ValueError("LAMModel needs input_ids")
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)} {input_ids.dtype}")
-        if input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-        if attention_mask is not None and attention_mask.numel():
-            m = attention_mask.long()
-            if int(m.min()) < 0 or int(m.max()) > 1:
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-            if bool((m[:, 1:] > m[:, :-1]).any()):
-                raise ValueError(
-                    "attention_mask must be right-padded (ones, then zeros): LAM reads tokens in order, "
-                    "so left padding would shift every chunk; set tokenizer.padding_side = 'right'"
-                )
-        if token_type_ids is not None and token_type_ids.numel():
-            if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size:
-                raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size})")
+        if not input_ids.numel():
+            return
+        # Every value check in one device-to-host copy: on a GPU each separate read of a
+        # value would stall the forward pass.
+        zero = input_ids.new_zeros((), dtype=torch.long)
+        mask = attention_mask.long() if attention_mask is not None else None
+        types = token_type_ids.long() if token_type_ids is not None else None
+        stats = torch.stack([
+            input_ids.min().long(), input_ids.max().long(),
+            mask.min() if mask is not None else zero, mask.max() if mask is not None else zero,
+            (mask[:, 1:] > mask[:, :-1]).any().long() if mask is not None else zero,
+            types.min() if types is not None else zero, types.max() if types is not None else zero,
+        ]).tolist()
+        low, high, mask_low, mask_high, left_padded, type_low, type_high = stats
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        if mask_low < 0 or mask_high > 1:
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        if left_padded:
+            raise ValueError(
+                "attention_mask must be right-padded (ones, then zeros): LAM reads tokens in order, "
+                "so left padding would shift every chunk; set tokenizer.padding_side = 'right'"
+            )
+        if type_low < 0 or type_high >= self.config.type_vocab_size:
+            raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size})")
 
     def forward(
         self,
