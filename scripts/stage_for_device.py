@@ -1,8 +1,13 @@
-"""Stage the teacher and a data sample in a git-ignored folder for the GPU machine.
+"""Stage the teacher and the data in git-ignored folders for the GPU machine.
 
-The GPU machine receives only the working tree (64 MiB a call) and not ../shared,
-so this writes the teacher with fp16 weights (about 45 MB) and samples of the
-corpus into --out, to be carried along with the call.
+The GPU machine receives only the working tree (64 MiB a call) and not ../shared.
+This writes two folders that each fit in one call:
+
+- ``<out>/teacher``: the teacher with fp16 weights (about 43 MiB);
+- ``<out>/data``: the corpus files and the STS-B csv files (about 45 MiB when whole).
+
+Carry ``<out>/data`` in one call that copies it to /tmp on the machine, then
+``<out>/teacher`` in the next call, while the machine is still warm.
 """
 
 import argparse
@@ -23,12 +28,16 @@ def write_lines(path: Path, lines: list[str]) -> None:
 
 def main(argv=None):
     data = default_data_dir()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=".stage", help="folder to write (keep it git-ignored)")
-    p.add_argument("--data-dir", default=str(data) if data else None, help="the shared data folder")
-    p.add_argument("--sentences", type=int, default=250_000, help="sentences to copy (from the start of the shuffled file)")
-    p.add_argument("--passages", type=int, default=9_000, help="training passages to copy (from the start of the file)")
-    p.add_argument("--holdout", type=int, default=1_000, help="held-out passages kept at the end of the file, as in the original")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=".stage", help="folder to write; keep it git-ignored (default: .stage)")
+    p.add_argument("--data-dir", default=str(data) if data else None,
+                   help=f"the shared data folder (default: {data})")
+    p.add_argument("--sentences", type=int, default=0,
+                   help="copy only the first N sentences (0: the whole file, as the distillation defaults read; default: 0)")
+    p.add_argument("--passages", type=int, default=0,
+                   help="copy only the first N training passages, plus the held-out ones (0: the whole file; default: 0)")
+    p.add_argument("--holdout", type=int, default=1_000,
+                   help="held-out passages kept at the end of the file, as in the original (default: 1000)")
     args = p.parse_args(argv)
     out = Path(args.out)
     data_dir = Path(args.data_dir)
@@ -40,13 +49,19 @@ def main(argv=None):
 
     corpus = out / "data" / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    write_lines(corpus / "sentences.txt.gz", read_text_lines(data_dir / "corpus/sentences.txt.gz", limit=args.sentences))
-    passages = read_text_lines(data_dir / "corpus/passages.txt.gz")
-    write_lines(corpus / "passages.txt.gz", passages[: args.passages] + passages[-args.holdout:])
+    if args.sentences:
+        write_lines(corpus / "sentences.txt.gz", read_text_lines(data_dir / "corpus/sentences.txt.gz", limit=args.sentences))
+    else:
+        shutil.copyfile(data_dir / "corpus/sentences.txt.gz", corpus / "sentences.txt.gz")
+    if args.passages:
+        passages = read_text_lines(data_dir / "corpus/passages.txt.gz")
+        write_lines(corpus / "passages.txt.gz", passages[: args.passages] + passages[-args.holdout:])
+    else:
+        shutil.copyfile(data_dir / "corpus/passages.txt.gz", corpus / "passages.txt.gz")
     shutil.copytree(data_dir / "stsb", out / "data" / "stsb", dirs_exist_ok=True)
-    for f in sorted(out.rglob("*")):
-        if f.is_file():
-            print(f"{f.stat().st_size / 2**20:8.2f} MiB  {f}")
+    for folder in (teacher, out / "data"):
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        print(f"{size / 2**20:8.2f} MiB  {folder}")
 
 
 if __name__ == "__main__":

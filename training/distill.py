@@ -5,7 +5,8 @@ Two stages, one run:
    teacher's attention block (output after residual and LayerNorm) given the
    teacher's hidden states; all layers train in parallel, everything else frozen.
 2. end to end: the student's sentence embedding follows the teacher's (cosine
-   loss) and its hidden states follow the teacher's (token MSE). Embeddings and
+   loss), so do the cosine similarities between the sentences of a batch (MSE of
+   the two similarity matrices), and its hidden states (token MSE). Embeddings and
    FFNs stay frozen, so the released weights are the DeltaNets and LayerNorms only.
 
 Data: unlabelled sentences, plus passages longer than one 128-token chunk every
@@ -187,15 +188,19 @@ def stage1_loss(student, teacher_hidden, teacher_attention, mask):
     return torch.stack(losses).mean()
 
 
-def stage2_loss(student, batch, teacher_hidden, teacher_embedding, hidden_weight: float):
+def stage2_loss(student, batch, teacher_hidden, teacher_embedding, hidden_weight: float, similarity_weight: float):
+    """Cosine to the teacher's embedding, plus the in-batch similarity matrix against the
+    teacher's (what STS measures: how sentences relate, not only where each one lies),
+    plus the hidden states. Returns (loss, cosine term, similarity term)."""
     out = student(**batch, output_hidden_states=True)
     mask = batch["attention_mask"]
     embedding = mean_pool(out.last_hidden_state.float(), mask)
     cosine = (1 - (embedding * teacher_embedding).sum(-1)).mean()
+    similarity = F.mse_loss(embedding @ embedding.T, teacher_embedding @ teacher_embedding.T)
     hidden = torch.stack([
         masked_mse(s.float(), t, mask.bool()) for s, t in zip(out.hidden_states[1:], teacher_hidden[1:])
     ]).mean()
-    return cosine + hidden_weight * hidden, cosine
+    return cosine + similarity_weight * similarity + hidden_weight * hidden, cosine, similarity
 
 
 def git_commit() -> str:
@@ -230,23 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passages", default=str(data / "corpus/passages.txt.gz") if data else None,
                    help="text file of passages longer than one chunk; empty string for none")
     p.add_argument("--stsb", default=str(data / "stsb") if data else None, help="folder of the STS-B csv files, for the dev figure in the log")
-    p.add_argument("--max-sentences", type=int, default=250_000, help="use the first N sentences of the file (0: all)")
+    p.add_argument("--max-sentences", type=int, default=0, help="use the first N sentences of the file (0: all)")
     p.add_argument("--max-dev-pairs", type=int, default=0, help="use at most this many STS-B dev pairs for the logged figure (0: all 1,500)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout inside the student while distilling (the saved config keeps the teacher's)")
-    p.add_argument("--max-passages", type=int, default=9_000, help="use the first N passages of the file (0: all but the held-out ones)")
+    p.add_argument("--max-passages", type=int, default=0, help="use the first N passages of the file (0: all but the held-out ones)")
     p.add_argument("--passage-holdout", type=int, default=1000, help="the last N passages of the file are never used for training")
     p.add_argument("--output-dir", default="runs/distill", help="checkpoints, log and the final model go here")
     p.add_argument("--stage1-steps", type=int, default=400, help="steps of attention transfer")
     p.add_argument("--stage2-steps", type=int, default=3000, help="steps of end-to-end distillation")
     p.add_argument("--batch-size", type=int, default=256, help="sentences per batch")
     p.add_argument("--passage-batch-size", type=int, default=32, help="passages per passage batch")
-    p.add_argument("--passage-every", type=int, default=4, help="every N-th step is a passage batch (0: never)")
+    p.add_argument("--passage-every", type=int, default=3, help="every N-th step is a passage batch (0: never)")
     p.add_argument("--max-length", type=int, default=128, help="token limit of a sentence")
     p.add_argument("--passage-max-length", type=int, default=512, help="token limit of a passage (teacher and student)")
     p.add_argument("--lr-stage1", type=float, default=2e-3, help="peak learning rate of stage 1")
     p.add_argument("--lr-stage2", type=float, default=5e-4, help="peak learning rate of the DeltaNets in stage 2")
     p.add_argument("--norm-lr-scale", type=float, default=0.1, help="learning rate of the LayerNorms and FFNs as a fraction of --lr-stage2")
     p.add_argument("--train-ffn-layers", type=int, default=0, help="stage 2 also trains the FFNs of this many top layers (released weights grow by 2.3 MB a layer)")
+    p.add_argument("--similarity-weight", type=float, default=30.0,
+                   help="weight of the in-batch similarity-matrix MSE in stage 2 (its raw value is about 50 times smaller than the cosine loss)")
     p.add_argument("--hidden-weight", type=float, default=0.1, help="weight of the hidden-state MSE beside the cosine loss in stage 2")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of each stage's steps spent warming up")
@@ -341,9 +348,10 @@ def main(argv=None) -> dict:
             hidden, attention, teacher_embedding = teacher(batch)
             if stage == 1:
                 loss = stage1_loss(student, hidden, attention, mask)
-                cosine = None
+                cosine = similarity = None
             else:
-                loss, cosine = stage2_loss(student, batch, hidden, teacher_embedding, args.hidden_weight)
+                loss, cosine, similarity = stage2_loss(student, batch, hidden, teacher_embedding,
+                                                       args.hidden_weight, args.similarity_weight)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -357,6 +365,7 @@ def main(argv=None) -> dict:
             record = {"step": step, "stage": stage, "loss": round(loss.item(), 6), "minutes": round((time.time() - start) / 60, 2)}
             if cosine is not None:
                 record["cosine_loss"] = round(cosine.item(), 6)
+                record["similarity_loss"] = round(similarity.item(), 7)
             bar.set_postfix(loss=record["loss"])
             history.append(record)
         if (args.eval_every and step % args.eval_every == 0) or step == total:
