@@ -452,17 +452,21 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def _load_model(name: str):
+    import torch
     from sentence_transformers import SentenceTransformer
 
+    # float32 master weights even for a checkpoint saved in fp16/bf16: the optimiser
+    # needs them, and bf16 autocast still runs the products in bf16 on the GPU.
+    kwargs = {"model_kwargs": {"dtype": torch.float32}}
     if os.path.isdir(name):
-        return SentenceTransformer(name)
+        return SentenceTransformer(name, **kwargs)
     if name == DEFAULT_MODEL or _looks_like_local_path(name):
         raise FinetuneError(
             f"model folder {name!r} does not exist (relative to {os.getcwd()}); pass --model with a model folder "
             "or a hub name"
         )
     logger.info("%s is not a local folder: loading it from the Hugging Face Hub", name)
-    return SentenceTransformer(name)
+    return SentenceTransformer(name, **kwargs)
 
 
 def _build_loss(name: str, model):
