@@ -29,19 +29,22 @@ def intra_chunk(q, k, v, beta, mask, chunk_size: int):
     W is None for a single chunk: only the states read it, and they are zero there.
     """
     to_chunks = lambda t: rearrange(t, "b h (n c) ... -> b h n c ...", c=chunk_size)  # noqa: E731
-    Q, K, V, b = map(to_chunks, (q, k, v, beta))
+    # Contiguous copies (the layer passes views of (B, L, H, d) tensors): every product
+    # below would otherwise copy its operands itself, K three times.
+    Q, K, V = (to_chunks(t).contiguous() for t in (q, k, v))
+    b = to_chunks(beta)
     valid = rearrange(mask, "b (n c) -> b n c", c=chunk_size)
     b = b * valid[:, None]
     Kb, Vb = K * b[..., None], V * b[..., None]
-    C = chunk_size
-    strictly_lower = torch.tril(Kb @ K.transpose(-1, -2), diagonal=-1)
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
     single_chunk = Q.shape[2] == 1
-    # One solve for both right-hand sides: (I + L) [U W] = [Vb Kb].
+    # One solve for both right-hand sides: (I + strictly_lower(Kb K^T)) [U W] = [Vb Kb].
+    # A unit lower-triangular solve reads only the strictly lower triangle of its matrix
+    # (and its gradient is zero elsewhere), so Kb K^T is passed as it is: no tril, no I.
     rhs = Vb if single_chunk else torch.cat([Vb, Kb], -1)
-    UW = torch.linalg.solve_triangular(eye + strictly_lower, rhs, upper=False, unitriangular=True)
+    UW = torch.linalg.solve_triangular(Kb @ K.transpose(-1, -2), rhs, upper=False, unitriangular=True)
     U, W = (UW, None) if single_chunk else UW.split(q.shape[-1], dim=-1)
-    A = torch.tril(Q @ K.transpose(-1, -2))
+    # In place: the product is a fresh tensor, and matmul's backward does not read it.
+    A = (Q @ K.transpose(-1, -2)).tril_()
     return Q, K, U, W, A, valid
 
 
