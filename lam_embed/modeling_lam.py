@@ -154,8 +154,12 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
     # padded positions are never read (the delta rule masks them).
     projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
     qkv = causal_depthwise_conv(projected[..., : 3 * D], conv_weight)
-    q, k, v = F.silu(qkv).unflatten(-1, (3, H, -1)).unbind(2)
+    # q, k and v each in a buffer of its own, all three with the same (B, L, H, d)
+    # strides: the fused kernel reads them as they are (it takes one set of strides),
+    # and the (B, L, 3D) buffers are freed before the delta rule runs.
+    q, k = F.silu(qkv[..., : 2 * D]).unflatten(-1, (2, H, -1)).unbind(2)
     q, k = F.normalize(q.float(), dim=-1, eps=1e-6), F.normalize(k.float(), dim=-1, eps=1e-6)
+    v = F.silu(qkv[..., 2 * D :]).unflatten(-1, (H, -1))
     scalars = torch.sigmoid(projected[..., 3 * D : 3 * D + 5 * H]).unflatten(-1, (5, H)).unbind(2)
     return (q, k, v, *scalars)
 

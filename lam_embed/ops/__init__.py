@@ -84,7 +84,8 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
 
     The state math runs in float32 whatever the input dtype and autocast say.
     """
-    fn = IMPLEMENTATIONS[resolve_impl(impl, q.device)]
+    impl = resolve_impl(impl, q.device)
+    fn = IMPLEMENTATIONS[impl]
     dtype = q.dtype
     length = q.shape[2]
     if length == 0:
@@ -92,7 +93,10 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
     # An input of at most one chunk is a single chunk of its own length: padding it
     # to chunk_size would change nothing but the cost.
     chunk_size = min(chunk_size, length)
+    tensors = (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)
     with torch.autocast(q.device.type, enabled=False):
-        tensors = [t.float() for t in (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)]
+        if impl != "triton":
+            tensors = [t.float() for t in tensors]
+        # else: the kernels convert on load; float32 copies would only cost memory.
         out = fn(*tensors, mask, flux, chunk_size=chunk_size, state_dropout=state_dropout, training=training)
     return out.to(dtype)

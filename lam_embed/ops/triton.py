@@ -470,8 +470,9 @@ def triton_dual_state_delta_rule(
     flux_params = _flux_parameters(flux)
     D = q.shape[-1]
     if (training and state_dropout > 0) or flux_params is None or D < 16 or D & (D - 1):
-        return chunk_dual_state_delta_rule(*args, mask, flux, chunk_size=chunk_size,
-                                           state_dropout=state_dropout, training=training)
+        # The inputs may mix dtypes (the kernels convert on load); the chunked form wants float32.
+        return chunk_dual_state_delta_rule(*(t.float() for t in args), mask, flux, chunk_size=chunk_size,
+                                           state_dropout=state_dropout, training=training).to(q.dtype)
     if q.shape[2] == 0:
         return torch.zeros_like(q)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *flux_params))
