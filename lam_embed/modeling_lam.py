@@ -134,7 +134,7 @@ class DualStateDeltaNet(nn.Module):
         o = dual_state_delta_rule(
             q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
             chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
-            impl=config.delta_impl,
+            impl=config.delta_impl, qk_l2norm=True,
         )  # (B, H, L, d) float32
         return output(o.transpose(1, 2), x, self.g_proj.weight, self.norm_weight, self.o_proj.weight,
                       config.rms_norm_eps)
@@ -142,8 +142,8 @@ class DualStateDeltaNet(nn.Module):
 
 def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
     """The inputs of the delta rule from the layer input x (B, L, D), all as (B, L, H, ...):
-    q, k, v = SiLU(conv(x W)) per head with q, k of unit norm (in float32), and the
-    sigmoids of beta, the two decays and the two output gates.
+    q, k, v = SiLU(conv(x W)) per head (the delta rule normalises q and k: qk_l2norm),
+    and the sigmoids of beta, the two decays and the two output gates.
 
     ``weight``, ``bias``: DualStateDeltaNet.input_projection(); ``conv_weight``: the
     q, k, v convolutions stacked (3D, 1, K).
@@ -157,9 +157,7 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
     # q, k and v each in a buffer of its own, all three with the same (B, L, H, d)
     # strides: the fused kernel reads them as they are (it takes one set of strides),
     # and the (B, L, 3D) buffers are freed before the delta rule runs.
-    q, k = F.silu(qkv[..., : 2 * D]).unflatten(-1, (2, H, -1)).unbind(2)
-    q, k = F.normalize(q.float(), dim=-1, eps=1e-6), F.normalize(k.float(), dim=-1, eps=1e-6)
-    v = F.silu(qkv[..., 2 * D :]).unflatten(-1, (H, -1))
+    q, k, v = (F.silu(qkv[..., i * D : (i + 1) * D]).unflatten(-1, (H, -1)) for i in range(3))
     scalars = torch.sigmoid(projected[..., 3 * D : 3 * D + 5 * H]).unflatten(-1, (5, H)).unbind(2)
     return (q, k, v, *scalars)
 
