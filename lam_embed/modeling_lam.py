@@ -21,6 +21,12 @@ except ImportError:  # pragma: no cover - older transformers
     init = nn.init
 
 
+# On CUDA with delta_impl "triton" or "compiled", the layer code before and after the
+# delta rule (delta_net_features, delta_net_output) runs under torch.compile. False
+# keeps it eager everywhere (debugging, or where torch.compile does not work).
+COMPILE_LAYER_CODE = True
+
+
 class ResonanceFlux(nn.Module):
     """Coupling strength psi of a chunk, from its mean key, mean written value and a
     bilinear key-value score; all means over the chunk's valid tokens."""
@@ -122,7 +128,7 @@ class DualStateDeltaNet(nn.Module):
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
         config = self.config
         features, output = delta_net_features, delta_net_output
-        if x.is_cuda and resolve_impl(config.delta_impl, x.device) in ("triton", "compiled"):
+        if COMPILE_LAYER_CODE and x.is_cuda and resolve_impl(config.delta_impl, x.device) in ("triton", "compiled"):
             # On a GPU the code around the op is many small elementwise kernels; compiled,
             # each of the two parts becomes a few fused kernels with fewer intermediates.
             features, output = _compiled_layer_functions()
