@@ -171,7 +171,7 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
 def delta_net_output(o, x, g_weight, norm_weight, o_weight, eps: float):
     """The layer output from the delta rule's o (B, L, H, d): per-head RMSNorm, the
     output gate sigmoid(x W_g), the output projection."""
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    o = F.rms_norm(o, o.shape[-1:], norm_weight.float(), eps)
     o = o.flatten(2).to(x.dtype) * torch.sigmoid(F.linear(x, g_weight))
     return F.linear(o, o_weight)
 
