@@ -107,6 +107,8 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
         else:
             tensors = [t.float() for t in tensors]
             if qk_l2norm:
-                tensors[:2] = l2norm(q), l2norm(k)
+                # Contiguous first: the norm of a (B, H, L, d) view of a (B, L, H, d) tensor
+                # is several times slower, and the chunked form copies q and k to this layout anyway.
+                tensors[:2] = l2norm(tensors[0].contiguous()), l2norm(tensors[1].contiguous())
             out = fn(*tensors, mask, flux, **kwargs)
     return out.to(dtype)
