@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_lam import LAMConfig
-from .ops import dual_state_delta_rule
+from .ops import dual_state_delta_rule, resolve_impl
 
 try:  # transformers >= 5: init functions that respect weights already loaded
     from transformers import initialization as init
 except ImportError:  # pragma: no cover - older transformers
     init = nn.init
+
+
+# On CUDA with delta_impl "triton" or "compiled", the layer code before and after the
+# delta rule (delta_net_features, delta_net_output) runs under torch.compile. False
+# keeps it eager everywhere (debugging, or where torch.compile does not work).
+COMPILE_LAYER_CODE = True
 
 
 class ResonanceFlux(nn.Module):
@@ -36,14 +42,33 @@ class ResonanceFlux(nn.Module):
         """K, U: (B, H, N, C, d) float32; valid: (B, N, C) bool. Returns psi (B, H, N)."""
         w = valid[:, None].to(K.dtype)  # (B, 1, N, C)
         count = w.sum(-1).clamp(min=1)
+        U = U * w[..., None]
         mean_k = (K * w[..., None]).sum(-2) / count[..., None]
-        mean_u = (U * w[..., None]).sum(-2) / count[..., None]
-        score = torch.einsum("bhnci,hij,bhncj->bhnc", K, self.bilinear.float(), U)
-        score = (score * w).sum(-1) / count / self.temperature.float()[:, None]
+        mean_u = U.sum(-2) / count[..., None]
+        # sum_t k_t^T W u_t over valid tokens = <W, K^T diag(w) U>: one batched product of
+        # d x d results, much cheaper than the token-wise bilinear form as an einsum.
+        score = (K.transpose(-1, -2) @ U * self.bilinear.float()[:, None]).sum((-2, -1))
+        score = score / count / self.temperature.float()[:, None]
         features = torch.cat([mean_k, mean_u, score[..., None]], -1)
         hidden = F.silu(F.linear(features, self.hidden.weight.float(), self.hidden.bias.float()))
         psi = torch.sigmoid(F.linear(hidden, self.out.weight.float(), self.out.bias.float()))[..., 0]
         return psi.clamp(0.01, 0.99)
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal convolution of x (B, L, C) with weight (C, 1, K):
+    y_t = sum_j weight[:, 0, j] * x_{t - K + 1 + j}, zero before the first position.
+
+    Written as K shifted multiply-adds in the (B, L, C) layout: on CPU this is several
+    times faster than nn.Conv1d, which needs (B, C, L) copies on the way in and out.
+    """
+    K, L = weight.shape[-1], x.shape[1]
+    # (K, C), contiguous: a strided row of taps would make every product below slow.
+    taps = weight[:, 0].t().contiguous()  # tap K - 1 is the current token
+    y = x * taps[K - 1]
+    for shift in range(1, min(K, L)):
+        y[:, shift:].addcmul_(x[:, :-shift], taps[K - 1 - shift])
+    return y
 
 
 class CausalDepthwiseConv(nn.Conv1d):
@@ -53,7 +78,7 @@ class CausalDepthwiseConv(nn.Conv1d):
         super().__init__(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, D)
-        return super().forward(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        return causal_depthwise_conv(x, self.weight)
 
 
 class DualStateDeltaNet(nn.Module):
@@ -77,31 +102,85 @@ class DualStateDeltaNet(nn.Module):
         self.flux = ResonanceFlux(H, config.head_dim)
         self.norm_weight = nn.Parameter(torch.ones(config.head_dim))
 
+    def input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of all input projections stacked in one matrix, in the order
+        q, k, v, beta, fast decay, slow decay, fast gate, slow gate: one matrix product
+        then computes them all. Built at each call (a copy of 1.8 MB at D = 384), so the
+        parameters stay those of the separate modules. Zero rows pad it to a multiple of
+        64 outputs: BLAS is much slower on 3D + 5H = 1212 columns than on 1216."""
+        weights = [
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.beta_proj.weight,
+            self.fast_decay_proj.weight, self.slow_decay_proj.weight,
+            self.fast_gate_proj.weight, self.slow_gate_proj.weight,
+        ]
+        rows = sum(w.shape[0] for w in weights)
+        pad = -rows % 64
+        weight = torch.cat([*weights, weights[0].new_zeros(pad, weights[0].shape[1])])
+        H = self.beta_proj.out_features
+        zeros = self.fast_decay_proj.bias.new_zeros
+        bias = torch.cat([
+            zeros(3 * self.q_proj.out_features + H), self.fast_decay_proj.bias, self.slow_decay_proj.bias,
+            zeros(2 * H + pad),
+        ])
+        return weight, bias
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
-        keep = mask[..., None].to(x.dtype)
-        # Padding is zeroed before the convolutions so it never reaches a valid token.
-        q = F.silu(self.q_conv(self.q_proj(x) * keep))
-        k = F.silu(self.k_conv(self.k_proj(x) * keep))
-        v = F.silu(self.v_conv(self.v_proj(x) * keep))
         config = self.config
-        heads = lambda t: rearrange(t, "b l (h d) -> b h l d", h=config.num_attention_heads)  # noqa: E731
-        q, k, v = heads(q), heads(k), heads(v)
-        q, k = F.normalize(q.float(), dim=-1, eps=1e-6), F.normalize(k.float(), dim=-1, eps=1e-6)
-        per_head = lambda t: rearrange(t, "b l h -> b h l")  # noqa: E731
-        beta = per_head(torch.sigmoid(self.beta_proj(x)))
-        decay_fast = per_head(torch.sigmoid(self.fast_decay_proj(x)))
-        decay_slow = per_head(torch.sigmoid(self.slow_decay_proj(x)))
-        gate_fast = per_head(torch.sigmoid(self.fast_gate_proj(x)))
-        gate_slow = per_head(torch.sigmoid(self.slow_gate_proj(x)))
+        features, output = delta_net_features, delta_net_output
+        if COMPILE_LAYER_CODE and x.is_cuda and resolve_impl(config.delta_impl, x.device) in ("triton", "compiled"):
+            # On a GPU the code around the op is many small elementwise kernels; compiled,
+            # each of the two parts becomes a few fused kernels with fewer intermediates.
+            features, output = _compiled_layer_functions()
+        weight, bias = self.input_projection()
+        conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (
+            t.transpose(1, 2) for t in features(x, mask, weight, bias, conv_weight, config.num_attention_heads)
+        )
         o = dual_state_delta_rule(
             q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
             chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
-            impl=config.delta_impl,
+            impl=config.delta_impl, qk_l2norm=True,
         )  # (B, H, L, d) float32
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * self.norm_weight.float()
-        o = rearrange(o, "b h l d -> b l (h d)").to(x.dtype) * torch.sigmoid(self.g_proj(x))
-        return self.o_proj(o)
+        return output(o.transpose(1, 2), x, self.g_proj.weight, self.norm_weight, self.o_proj.weight,
+                      config.rms_norm_eps)
+
+
+def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
+    """The inputs of the delta rule from the layer input x (B, L, D), all as (B, L, H, ...):
+    q, k, v = SiLU(conv(x W)) per head (the delta rule normalises q and k: qk_l2norm),
+    and the sigmoids of beta, the two decays and the two output gates.
+
+    ``weight``, ``bias``: DualStateDeltaNet.input_projection(); ``conv_weight``: the
+    q, k, v convolutions stacked (3D, 1, K).
+    """
+    D, H = x.shape[-1], num_heads
+    # Padding is zeroed before the projections (q, k, v have no bias), so it is zero
+    # in the convolution and never reaches a valid token. Beta, decays and gates of
+    # padded positions are never read (the delta rule masks them).
+    projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
+    qkv = causal_depthwise_conv(projected[..., : 3 * D], conv_weight)
+    # q, k and v each in a buffer of its own, all three with the same (B, L, H, d)
+    # strides: the fused kernel reads them as they are (it takes one set of strides),
+    # and the (B, L, 3D) buffers are freed before the delta rule runs.
+    q, k, v = (F.silu(qkv[..., i * D : (i + 1) * D]).unflatten(-1, (H, -1)) for i in range(3))
+    scalars = torch.sigmoid(projected[..., 3 * D : 3 * D + 5 * H]).unflatten(-1, (5, H)).unbind(2)
+    return (q, k, v, *scalars)
+
+
+def delta_net_output(o, x, g_weight, norm_weight, o_weight, eps: float):
+    """The layer output from the delta rule's o (B, L, H, d): per-head RMSNorm, the
+    output gate sigmoid(x W_g), the output projection."""
+    o = F.rms_norm(o, o.shape[-1:], norm_weight.float(), eps)
+    o = o.flatten(2).to(x.dtype) * torch.sigmoid(F.linear(x, g_weight))
+    return F.linear(o, o_weight)
+
+
+@functools.cache
+def _compiled_layer_functions():
+    # dynamic=True: one graph for every batch size and length (and every layer: the
+    # weights are arguments, not module attributes).
+    return torch.compile(delta_net_features, dynamic=True), torch.compile(delta_net_output, dynamic=True)
 
 
 class LAMEmbeddings(nn.Module):

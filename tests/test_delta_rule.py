@@ -150,3 +150,34 @@ def test_auto_picks_chunk_on_cpu():
 
     assert resolve_impl("auto", torch.device("cpu")) == "chunk"
     assert resolve_impl("naive", torch.device("cpu")) == "naive"
+
+
+def test_qk_l2norm_normalises_inside():
+    """qk_l2norm=True on raw q, k (any scale, low precision) is the op on unit q, k in float32."""
+    tensors, mask = op_inputs([200, 90])
+    tensors = [t.detach() for t in tensors]
+    flux = flux_module()
+    ref = dual_state_delta_rule(*tensors, mask, flux, impl="chunk")
+    scales = torch.rand(2, 2, 200, 1, generator=torch.Generator().manual_seed(3)) * 4 + 0.25
+    raw = [tensors[0] * scales, tensors[1] * scales.flip(2), *tensors[2:]]
+    out = dual_state_delta_rule(*raw, mask, flux, impl="chunk", qk_l2norm=True)
+    assert out.dtype == torch.float32
+    assert ((out - ref) * mask[:, None, :, None]).abs().max() <= 1e-5
+    out = dual_state_delta_rule(*[t.bfloat16() for t in raw], mask, flux, impl="chunk", qk_l2norm=True)
+    assert out.dtype == torch.float32  # the normalised q is float32, whatever came in
+    assert ((out - ref) * mask[:, None, :, None]).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17])
+def test_unit_lower_solve_without_autograd_matches_lapack(rows):
+    """Short chunks outside autograd are solved by forward substitution (chunk.py)."""
+    from lam_embed.ops.chunk import unit_lower_solve
+
+    g = torch.Generator().manual_seed(rows)
+    k = torch.nn.functional.normalize(torch.randn(3, 2, 1, rows, 32, generator=g) + 0.5, dim=-1)
+    M = (k * torch.rand(3, 2, 1, rows, 1, generator=g)) @ k.transpose(-1, -2)  # correlated keys
+    rhs = torch.randn(3, 2, 1, rows, 64, generator=g)
+    ref = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)
+    with torch.no_grad():
+        out = unit_lower_solve(M, rhs)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -173,6 +173,45 @@ def test_model_triton_matches_chunk(gpu):
         assert (grads[name] - grads_ref[name]).abs().max() <= 1e-4, name
 
 
+def raw_qk(tensors, dtype=torch.bfloat16, seed=5):
+    """The inputs with q and k scaled per row by factors in [0.5, 4) (what the layer
+    gives with qk_l2norm), q, k, v in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, *rest = tensors
+    scale = lambda t: t * (0.5 + 3.5 * torch.rand(t.shape[:-1] + (1,), generator=g)).to(t.device)  # noqa: E731
+    return [scale(q).to(dtype), scale(k).to(dtype), v.to(dtype), *rest]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [100, 129, 1000])
+def test_qk_l2norm_matches_chunk(gpu, L):
+    """qk_l2norm: the kernels normalise q and k on load; the chunk form on the normalised
+    float32 q, k must agree, forward (float32 output) and gradients (to the raw q, k)."""
+    from lam_embed.ops import dual_state_delta_rule
+    from lam_embed.ops.common import l2norm
+
+    tensors, mask = make_inputs(batch_lengths(L), heads=4, device=gpu)
+    tensors = raw_qk(tensors)
+    flux = make_flux(heads=4, device=gpu)
+    weights = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(7)).to(gpu)
+    results = {}
+    for impl in ("chunk", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = dual_state_delta_rule(*leaves, mask, flux, impl=impl, qk_l2norm=True)
+        assert out.dtype == torch.float32
+        loss = (out * weights * mask[:, None, :, None]).sum() / mask.sum()
+        grads = torch.autograd.grad(loss, leaves + list(flux.parameters()), allow_unused=True)
+        results[impl] = (out.detach(), grads)
+    (ref, grads_ref), (out, grads) = results["chunk"], results["triton"]
+    with torch.no_grad():  # the chunk form given normalised inputs: the same op
+        unit = [l2norm(tensors[0]), l2norm(tensors[1]), *[t.float() for t in tensors[2:]]]
+        assert max_error(dual_state_delta_rule(*unit, mask, flux, impl="chunk"), ref, mask)[0] <= 1e-6
+    valid, _ = max_error(out, ref, mask)
+    worst = max((g - g_ref).abs().max().item() for g, g_ref in zip(grads, grads_ref) if g is not None)
+    print(f"\nqk_l2norm L={L}: max error {valid:.2e}, gradients {worst:.2e}")
+    assert valid <= 1e-4 and worst <= 1e-4
+
+
 @pytest.mark.gpu
 def test_state_dropout_while_training_falls_back_to_chunk(gpu):
     from lam_embed.ops.triton import triton_dual_state_delta_rule
@@ -204,8 +243,9 @@ _INTERPRETER_CHECK = textwrap.dedent("""
 
     import sys
     sys.path.insert(0, {tests!r})
-    from test_triton import make_inputs, make_flux, max_error
+    from test_triton import make_inputs, make_flux, max_error, raw_qk
     from lam_embed.ops import chunk_dual_state_delta_rule
+    from lam_embed.ops.common import l2norm
     from lam_embed.ops.triton import triton_dual_state_delta_rule
 
     flux = make_flux(heads=2)
@@ -214,9 +254,15 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         with torch.no_grad():
             ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
             out = triton_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
-        _, err = max_error(out, ref, mask)
-        print(lengths, err)
-        assert err <= 1e-5, (lengths, err)
+            # qk_l2norm: raw bfloat16 q, k, v, normalised on load by the kernel.
+            raw = raw_qk(tensors)
+            unit = [l2norm(raw[0]), l2norm(raw[1]), *[t.float() for t in raw[2:]]]
+            ref_norm = chunk_dual_state_delta_rule(*unit, mask, flux, chunk_size=chunk_size)
+            out_norm = triton_dual_state_delta_rule(*raw, mask, flux, chunk_size=chunk_size, qk_l2norm=True)
+        for a, b in ((out, ref), (out_norm, ref_norm)):
+            _, err = max_error(a, b, mask)
+            print(lengths, err)
+            assert a.dtype == torch.float32 and err <= 1e-5, (lengths, err)
 """)
 
 

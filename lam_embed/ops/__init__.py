@@ -14,6 +14,7 @@ import logging
 import torch
 
 from .chunk import chunk_dual_state_delta_rule, intra_chunk, state_step
+from .common import l2norm
 from .naive import naive_dual_state_delta_rule
 
 logger = logging.getLogger(__name__)
@@ -79,20 +80,35 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux, *,
                           chunk_size: int = 128, state_dropout: float = 0.0, training: bool = False,
-                          impl: str = "auto") -> torch.Tensor:
+                          impl: str = "auto", qk_l2norm: bool = False) -> torch.Tensor:
     """Dual-state delta rule of SPEC.md; returns O (B, H, L, d) in q's dtype.
 
     The state math runs in float32 whatever the input dtype and autocast say.
+    ``qk_l2norm``: q and k are given unnormalised and the op makes each head's query
+    and key a unit vector first, in float32 (as fla's ``use_qk_l2norm_in_kernel``);
+    O is then float32, the dtype of the normalised q. The fused kernel normalises on
+    load, so float32 copies of q and k never exist in memory.
     """
-    fn = IMPLEMENTATIONS[resolve_impl(impl, q.device)]
-    dtype = q.dtype
+    impl = resolve_impl(impl, q.device)
+    fn = IMPLEMENTATIONS[impl]
+    dtype = torch.float32 if qk_l2norm else q.dtype
     length = q.shape[2]
     if length == 0:
-        return torch.zeros_like(q)
+        return torch.zeros_like(q, dtype=dtype)
     # An input of at most one chunk is a single chunk of its own length: padding it
     # to chunk_size would change nothing but the cost.
     chunk_size = min(chunk_size, length)
+    kwargs = dict(chunk_size=chunk_size, state_dropout=state_dropout, training=training)
+    tensors = (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)
     with torch.autocast(q.device.type, enabled=False):
-        tensors = [t.float() for t in (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)]
-        out = fn(*tensors, mask, flux, chunk_size=chunk_size, state_dropout=state_dropout, training=training)
+        if impl == "triton":
+            # The kernels convert on load; float32 copies would only cost memory.
+            out = fn(*tensors, mask, flux, qk_l2norm=qk_l2norm, **kwargs)
+        else:
+            tensors = [t.float() for t in tensors]
+            if qk_l2norm:
+                # Contiguous first: the norm of a (B, H, L, d) view of a (B, L, H, d) tensor
+                # is several times slower, and the chunked form copies q and k to this layout anyway.
+                tensors[:2] = l2norm(tensors[0].contiguous()), l2norm(tensors[1].contiguous())
+            out = fn(*tensors, mask, flux, **kwargs)
     return out.to(dtype)

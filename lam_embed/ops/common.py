@@ -7,6 +7,13 @@ import torch.nn.functional as F
 
 # Guards the division of a state by its Frobenius norm (SPEC.md: epsilon = 1e-8).
 EPS = 1e-8
+# Guards the division of a query or key by its norm (F.normalize's eps in the layer).
+QK_NORM_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, QK_NORM_EPS) over the last dim, in float32."""
+    return F.normalize(x.float(), dim=-1, eps=QK_NORM_EPS)
 
 
 def pad_to_chunks(chunk_size: int, *tensors: torch.Tensor, mask: torch.Tensor):

@@ -28,6 +28,10 @@ for the chunked form; see tests/test_triton.py --bench):
 3. ``chunk_output_kernel``, one program per (head, chunk, sample):
    O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU).
 
+With ``qk_l2norm`` kernel 1 normalises each row of q and k after loading them (the
+layer passes them unnormalised, in its own dtype), so that float32 copies of q and k
+never exist in memory. The inputs may mix dtypes.
+
 All arithmetic is float32 (states included) whatever the input dtype. The products of
 kernels 1 and 3 use "tf32x3" on the tensor cores for float32 inputs (three tf32 passes,
 float32 accuracy: 1e-6 from chunk.py where plain tf32 gives 4e-3) and plain tf32 for
@@ -47,10 +51,11 @@ import triton
 import triton.language as tl
 
 from .chunk import chunk_dual_state_delta_rule
-from .common import EPS
+from .common import EPS, QK_NORM_EPS, l2norm
 
-# The epsilon of the state normalisations, as a constant the kernels can read.
+# The epsilons of the state and of the q/k normalisations, as constants the kernels can read.
 STATE_EPS = tl.constexpr(EPS)
+QK_EPS = tl.constexpr(QK_NORM_EPS)
 
 
 @triton.jit
@@ -85,11 +90,12 @@ def intra_chunk_fwd_kernel(
     s_mb, s_ml,  # strides of mask
     s_ob, s_oh, s_ol,  # strides of o and qw (unit stride on d)
     C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    SINGLE: tl.constexpr, PREC: tl.constexpr,
+    SINGLE: tl.constexpr, QK_NORM: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per-chunk pass; see the module docstring. The right-hand sides of U and W are
     solved together as the columns of one tile [V | K] -> [U | W] (XW = 2d columns);
-    a single-chunk input needs U alone (XW = d).
+    a single-chunk input needs U alone (XW = d). With QK_NORM, each row of q and k is
+    divided by max(its norm, QK_EPS) after loading (the op's qk_l2norm).
 
     (Computing the P-independent parts of all blocks first, with batched 3-D dots, was
     measured slower on an H100: 0.71 ms against 0.65 ms at 32,768 tokens.)"""
@@ -124,9 +130,17 @@ def intra_chunk_fwd_kernel(
         p_row = x_off + t[:, None] * s_xl
         b_q = tl.load(q + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
         b_k = tl.load(k + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        if QK_NORM:
+            b_qn = tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)
+            b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)
+            b_q = b_q / b_qn[:, None]
+            b_k = b_k / b_kn[:, None]
         b_x = tl.load(v + p_row + o_e[None, :], mask=m_t[:, None] & m_left[None, :], other=0.0).to(tl.float32)
         if not SINGLE:
-            b_x += tl.load(k + p_row + (o_e[None, :] - D), mask=m_t[:, None] & ~m_left[None, :], other=0.0).to(tl.float32)
+            b_kr = tl.load(k + p_row + (o_e[None, :] - D), mask=m_t[:, None] & ~m_left[None, :], other=0.0).to(tl.float32)
+            if QK_NORM:
+                b_kr = b_kr / b_kn[:, None]
+            b_x += b_kr
         p_s = s_off + t * s_sl
         b_beta = tl.load(beta + p_s, mask=m_t, other=0.0).to(tl.float32)
         b_beta = tl.where(valid, b_beta, 0.0)
@@ -145,6 +159,8 @@ def intra_chunk_fwd_kernel(
         if not SINGLE:
             m_right = m_t[:, None] & ~m_left[None, :]
             b_qr = tl.load(q + p_row + (o_e[None, :] - D), mask=m_right, other=0.0).to(tl.float32)
+            if QK_NORM:
+                b_qr = b_qr / b_qn[:, None]
             tl.store(qw + p_o - D, b_qr - b_z, mask=m_right)
 
         b_p += tl.dot(tl.trans(b_k), b_y, input_precision=PREC)
@@ -350,7 +366,8 @@ CONFIG = {
 }
 
 
-def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int):
+def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int,
+                   qk_l2norm: bool = False):
     """Forward pass through the three kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d)."""
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
@@ -386,7 +403,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         beta.stride(0), beta.stride(1), beta.stride(2),
         mask_u8.stride(0), mask_u8.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, PREC=prec,
+        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec,
         num_warps=CONFIG["num_warps_single"] if single else warps[0],
     )
     if single:
@@ -417,19 +434,22 @@ class DualStateDeltaRuleFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mask, flux, chunk_size, *inputs):
+    def forward(ctx, mask, flux, chunk_size, qk_l2norm, *inputs):
         tensors, flux_params = inputs[:NUM_TENSORS], inputs[NUM_TENSORS:]
         ctx.save_for_backward(*tensors)
         ctx.mask, ctx.flux, ctx.chunk_size, ctx.flux_params = mask, flux, chunk_size, flux_params
-        return triton_forward(*tensors, mask, flux_params, chunk_size).to(tensors[0].dtype)
+        ctx.qk_l2norm = qk_l2norm
+        out = triton_forward(*tensors, mask, flux_params, chunk_size, qk_l2norm)
+        return out if qk_l2norm else out.to(tensors[0].dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         tensors = ctx.saved_tensors
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         with torch.enable_grad():
             inputs = [t.detach().float().requires_grad_(need) for t, need in zip(tensors, needs)]
-            out = chunk_dual_state_delta_rule(*inputs, ctx.mask, ctx.flux, chunk_size=ctx.chunk_size)
+            q, k = (l2norm(inputs[0]), l2norm(inputs[1])) if ctx.qk_l2norm else inputs[:2]
+            out = chunk_dual_state_delta_rule(q, k, *inputs[2:], ctx.mask, ctx.flux, chunk_size=ctx.chunk_size)
             # The flux module's parameters are the ones passed to apply (see _flux_parameters).
             wrt = inputs + list(ctx.flux_params)
             wrt_needed = [x for x, need in zip(wrt, needs) if need]
@@ -439,7 +459,7 @@ class DualStateDeltaRuleFunction(torch.autograd.Function):
         for x, need in zip(tensors + tuple(ctx.flux_params), needs):
             g = next(grads) if need else None
             result.append(g.to(x.dtype) if g is not None else None)
-        return (None, None, None, *result)
+        return (None, None, None, None, *result)
 
 
 NUM_TENSORS = 8  # q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow
@@ -459,22 +479,29 @@ def triton_dual_state_delta_rule(
     chunk_size: int = 128,
     state_dropout: float = 0.0,
     training: bool = False,
+    qk_l2norm: bool = False,
 ) -> torch.Tensor:
-    """Dual-state delta rule through the fused kernels; same contract as ``chunk_dual_state_delta_rule``.
+    """Dual-state delta rule through the fused kernels; same contract as ``chunk_dual_state_delta_rule``,
+    plus ``qk_l2norm`` (see ``lam_embed.ops.dual_state_delta_rule``).
 
-    Returns O (B, H, L, d) in q's dtype. Falls back to the chunked implementation for
-    state dropout while training, a flux other than ResonanceFlux, or a head size
-    that is not a power of two of at least 16.
+    Returns O (B, H, L, d) in q's dtype (float32 with qk_l2norm). The inputs may mix
+    dtypes. Falls back to the chunked implementation for state dropout while training,
+    a flux other than ResonanceFlux, or a head size that is not a power of two of at least 16.
     """
     args = (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)
     flux_params = _flux_parameters(flux)
     D = q.shape[-1]
+    dtype = torch.float32 if qk_l2norm else q.dtype
     if (training and state_dropout > 0) or flux_params is None or D < 16 or D & (D - 1):
+        # The chunked form wants float32 inputs, q and k normalised.
+        args = [t.float() for t in args]
+        if qk_l2norm:
+            args[:2] = l2norm(q), l2norm(k)
         return chunk_dual_state_delta_rule(*args, mask, flux, chunk_size=chunk_size,
-                                           state_dropout=state_dropout, training=training)
+                                           state_dropout=state_dropout, training=training).to(dtype)
     if q.shape[2] == 0:
-        return torch.zeros_like(q)
+        return torch.zeros_like(q, dtype=dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *flux_params))
     if needs_grad:
-        return DualStateDeltaRuleFunction.apply(mask, flux, chunk_size, *args, *flux_params)
-    return triton_forward(*args, mask, flux_params, chunk_size).to(q.dtype)
+        return DualStateDeltaRuleFunction.apply(mask, flux, chunk_size, qk_l2norm, *args, *flux_params)
+    return triton_forward(*args, mask, flux_params, chunk_size, qk_l2norm).to(dtype)
