@@ -15,7 +15,9 @@ from lam_embed.modeling_lam import (
 )
 from lam_embed.ops import dual_state_delta_rule
 
-LENGTHS = [130, 40, 3, 1]
+# Three chunks in the longest row: the state after the second chunk is read by the
+# third, so the decays have real gradients (with two chunks they would have none).
+LENGTHS = [300, 40, 3, 1]
 
 
 def make_layer(seed=0):
@@ -93,11 +95,11 @@ def test_fused_layer_matches_reference():
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert grads.keys() == grads_ref.keys() == {n for n, _ in net.named_parameters()}
     for name in grads:
-        # The decays' gradients are about 1e-7 here (a decay scales a state that is then
-        # normalised, so it acts only through the update's relative weight): rounding
-        # noise, hence the absolute term.
+        # Relative differences reach 4e-5 here (float32 sums in another order); a wrong
+        # gradient is off by its own size.
         scale = grads_ref[name].abs().max()
-        assert (grads[name] - grads_ref[name]).abs().max() <= 1e-4 * scale + 1e-6, name
+        assert scale > 0, name
+        assert (grads[name] - grads_ref[name]).abs().max() <= 3e-4 * scale, name
 
 
 def test_cpu_forward_does_not_compile():
