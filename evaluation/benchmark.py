@@ -279,8 +279,10 @@ def device_name(device: torch.device) -> str:
 
 
 def collect_environment(device: torch.device) -> dict:
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    from lam_embed.environment import git_commit
+
+    commit = git_commit()
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit and not os.environ.get("LAM_COMMIT") else None
     env = {
         "device": str(device),
         "device_name": device_name(device),

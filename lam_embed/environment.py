@@ -1,8 +1,25 @@
-"""What a result was measured with: library versions and the device's name."""
+"""What a result was measured with: library versions, the device's name, the commit."""
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+from pathlib import Path
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs: $LAM_COMMIT where the code travels without its
+    git folder (the GPU machine), else ``git rev-parse HEAD`` of this checkout."""
+    if os.environ.get("LAM_COMMIT"):
+        return os.environ["LAM_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
 
 
 def library_versions() -> dict[str, str]:

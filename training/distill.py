@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import lam_embed
 from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines
+from lam_embed.environment import git_commit
 from lam_embed.release import save_release
 
 logger = logging.getLogger("distill")
@@ -201,15 +201,6 @@ def stage2_loss(student, batch, teacher_hidden, teacher_embedding, hidden_weight
         masked_mse(s.float(), t, mask.bool()) for s, t in zip(out.hidden_states[1:], teacher_hidden[1:])
     ]).mean()
     return cosine + similarity_weight * similarity + hidden_weight * hidden, cosine, similarity
-
-
-def git_commit() -> str:
-    if os.environ.get("LAM_COMMIT"):  # set where the code runs outside a git checkout
-        return os.environ["LAM_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def save_checkpoint(path: Path, student, optimizer, scheduler, step: int, stage: int, history: list, elapsed: float):
@@ -382,7 +373,7 @@ def main(argv=None) -> dict:
     bar.close()
     summary = {"step": step, "total_steps": total, "finished": not stopped_early,
                "train_minutes": round((time.time() - start) / 60, 2), "history": history,
-               "args": vars(args), "commit": git_commit(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+               "args": vars(args), "commit": git_commit() or "unknown", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if not stopped_early:
         student.config.delta_impl = "auto"
         student.save_pretrained(out_dir / "model")
