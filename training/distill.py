@@ -5,8 +5,9 @@ Two stages, one run:
    teacher's attention block (output after residual and LayerNorm) given the
    teacher's hidden states; all layers train in parallel, everything else frozen.
 2. end to end: the student's sentence embedding follows the teacher's (cosine
-   loss), so do the cosine similarities between the sentences of a batch (MSE of
-   the two similarity matrices), and its hidden states (token MSE). Embeddings and
+   loss) and its hidden states follow the teacher's (token MSE); optionally
+   (``--similarity-weight``) so do the cosine similarities between the sentences of
+   a batch. Embeddings and
    FFNs stay frozen, so the released weights are the DeltaNets and LayerNorms only.
 
 Data: unlabelled sentences, plus passages longer than one 128-token chunk every
