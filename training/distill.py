@@ -7,8 +7,8 @@ Two stages, one run:
 2. end to end: the student's sentence embedding follows the teacher's (cosine
    loss) and its hidden states follow the teacher's (token MSE); optionally
    (``--similarity-weight``) so do the cosine similarities between the sentences of
-   a batch. Embeddings and
-   FFNs stay frozen, so the released weights are the DeltaNets and LayerNorms only.
+   a batch. Embeddings and FFNs stay frozen, so the released weights are the
+   DeltaNets and LayerNorms only.
 
 Data: unlabelled sentences, plus passages longer than one 128-token chunk every
 ``--passage-every`` steps so that the fast and slow states are trained. The last
