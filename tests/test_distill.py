@@ -54,3 +54,33 @@ def test_distill_rejects_bad_options(tmp_path):
         run(tmp_path, "--resume")
     with pytest.raises(SystemExit):
         run(tmp_path, "--stage1-steps", "0", "--stage2-steps", "0")
+
+
+def test_ema_is_saved_and_resumes_exactly(tmp_path):
+    """With --ema-decay the saved weights are the moving average (not the last weights),
+    and a run interrupted in stage 2 resumes its average exactly."""
+    torch.set_num_threads(1)
+    options = ("--stage1-steps", "0", "--stage2-steps", "4", "--ema-decay", "0.5")
+    last = run(tmp_path / "last", "--stage1-steps", "0", "--stage2-steps", "4")
+    whole = run(tmp_path / "whole", *options)
+    assert whole["finished"]
+    assert "stsb_dev_spearman_last_weights" in whole["history"][-1]
+    # Same seed and batches: the last weights of the EMA run are those of the plain run, and
+    # the plain run's figure is the EMA run's "last weights" figure.
+    assert whole["history"][-1]["stsb_dev_spearman_last_weights"] == last["stsb_dev_spearman"]
+    averaged = load_file(tmp_path / "whole" / "release" / "lam_weights.safetensors")
+    plain = load_file(tmp_path / "last" / "release" / "lam_weights.safetensors")
+    assert any(not torch.equal(averaged[n], plain[n]) for n in plain)
+
+    first = run(tmp_path / "parts", *options, "--stop-after-minutes", "0.00001")
+    assert not first["finished"] and first["step"] == 1
+    second = run(tmp_path / "parts", *options, "--resume")
+    assert second["finished"]
+    resumed = load_file(tmp_path / "parts" / "release" / "lam_weights.safetensors")
+    for name in averaged:
+        assert torch.equal(resumed[name], averaged[name]), name
+
+
+def test_ema_decay_must_be_a_fraction(tmp_path):
+    with pytest.raises(SystemExit, match="--ema-decay must be in"):
+        run(tmp_path, "--ema-decay", "1.0")
