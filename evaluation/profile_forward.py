@@ -1,0 +1,141 @@
+"""Where the time of an encoder forward goes: LAM and all-MiniLM-L6-v2 side by side under
+torch.profiler, kernels grouped by kind (matrix products, our delta-rule kernels,
+torch.compile's fused kernels, attention, other elementwise work).
+
+It also compares the wall time of a forward with the time the GPU spends in kernels:
+a forward whose kernels fill only part of its wall time is limited by the Python and
+launch work on the CPU, not by the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .benchmark import DTYPES, _random_ids, _sync, load_lam, load_minilm_bert, minilm_for_length
+
+logger = logging.getLogger(__name__)
+
+# Kernel kinds, matched in this order against the lower-cased kernel name.
+KINDS = (
+    ("delta rule (ours)", ("intra_chunk", "state_recurrence", "chunk_output")),
+    ("attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
+    ("matrix product", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("torch.compile fused", ("triton_",)),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("copy / cast / cat", ("copy", "cat", "fill", "convert")),
+)
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, keys in KINDS:
+        if any(key in lowered for key in keys):
+            return kind
+    return "other elementwise"
+
+
+def profile_call(fn, device: torch.device, iters: int) -> dict:
+    """Wall time of ``fn`` (median of ``iters`` synchronised calls) and, from one profiled
+    run of ``iters`` calls, the GPU kernel time per call by kernel and by kind."""
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        _sync(device)
+    per_kernel = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.time_range.elapsed_us() / 1000 / iters  # ms a call
+    by_kind = defaultdict(float)
+    for name, ms in per_kernel.items():
+        by_kind[kind_of(name)] += ms
+    wall_ms = sorted(times)[len(times) // 2] * 1000
+    gpu_ms = sum(per_kernel.values())
+    top = sorted(per_kernel.items(), key=lambda item: -item[1])
+    return {
+        "wall_ms": round(wall_ms, 3),
+        "gpu_kernel_ms": round(gpu_ms, 3),
+        "gpu_busy_fraction": round(gpu_ms / wall_ms, 3) if wall_ms else None,
+        "by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda item: -item[1])},
+        "top_kernels_ms": [[name[:120], round(ms, 4)] for name, ms in top[:25]],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Profile the forward of LAM and of all-MiniLM-L6-v2 (CUDA): GPU time by kernel kind, "
+        "and wall time against GPU busy time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 8192], help="sequence lengths to profile")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens per batch: batch = tokens // length")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations of both models")
+    p.add_argument("--impl", default="auto", help="LAM delta_impl")
+    p.add_argument("--iters", type=int, default=10, help="calls timed, and calls profiled, per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (they hold torch.compile's compilation)")
+    p.add_argument("--model", default=None, help="a LAM SentenceTransformer folder (default: LAM built from the teacher; same speed)")
+    p.add_argument("--teacher", default=None, help="all-MiniLM-L6-v2 folder or hub name (default: the offline copy when the hub is unreachable)")
+    p.add_argument("--output", default="runs/profile-forward.json", help="JSON file for the figures")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_forward needs a CUDA GPU (the kernel-time figures come from CUDA events)")
+    if any(length < 1 for length in args.lengths) or args.iters < 1 or args.warmup < 0:
+        raise SystemExit("--lengths and --iters must be >= 1, --warmup >= 0")
+    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    _, lam = load_lam(args)
+    lam.config.delta_impl = args.impl
+    lam.to(device=device, dtype=dtype)
+    bert = load_minilm_bert(args)
+    result = {"dtype": args.dtype, "impl": args.impl, "device": torch.cuda.get_device_name(), "lengths": {}}
+    for length in args.lengths:
+        batch = max(1, args.tokens // length)
+        minilm = minilm_for_length(bert, length).to(device=device, dtype=dtype)
+        ids = _random_ids(batch, length, lam.config.vocab_size, device, args.seed)
+        ones = torch.ones_like(ids)
+        calls = {
+            "lam": lambda: lam(input_ids=ids, attention_mask=ones),
+            "minilm": lambda: minilm(input_ids=ids, attention_mask=ones, token_type_ids=torch.zeros_like(ids)),
+        }
+        entry = result["lengths"][str(length)] = {"batch_size": batch}
+        with torch.inference_mode():
+            for name, fn in calls.items():
+                for _ in range(args.warmup):
+                    fn()
+                entry[name] = profile_call(fn, device, args.iters)
+                logger.info("L=%d %s: %s", length, name, json.dumps({k: v for k, v in entry[name].items() if k != "top_kernels_ms"}))
+        minilm.to("cpu")
+        del minilm
+        torch.cuda.empty_cache()
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    for length, entry in result["lengths"].items():
+        print(f"\nL={length} batch={entry['batch_size']}")
+        for name in ("lam", "minilm"):
+            e = entry[name]
+            print(f"  {name}: wall {e['wall_ms']:.2f} ms, GPU kernels {e['gpu_kernel_ms']:.2f} ms "
+                  f"(busy {e['gpu_busy_fraction']:.0%})")
+            for kind, ms in e["by_kind_ms"].items():
+                print(f"    {kind:<22} {ms:8.3f} ms")
+            for kernel, ms in e["top_kernels_ms"][:12]:
+                print(f"      {ms:8.3f}  {kernel}")
+    return result
