@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .benchmark import DTYPES, _random_ids, _sync, load_lam, load_minilm_bert, minilm_for_length
+from .benchmark import (
+    DTYPES,
+    _random_ids,
+    _sync,
+    load_lam,
+    load_minilm_bert,
+    minilm_for_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +120,9 @@ def main(argv=None) -> dict:
         ids = _random_ids(batch, length, lam.config.vocab_size, device, args.seed)
         ones = torch.ones_like(ids)
         calls = {
-            "lam": lambda: lam(input_ids=ids, attention_mask=ones),
-            "minilm": lambda: minilm(input_ids=ids, attention_mask=ones, token_type_ids=torch.zeros_like(ids)),
+            "lam": lambda ids=ids, ones=ones: lam(input_ids=ids, attention_mask=ones),
+            "minilm": lambda m=minilm, ids=ids, ones=ones: m(input_ids=ids, attention_mask=ones,
+                                                             token_type_ids=torch.zeros_like(ids)),
         }
         entry = result["lengths"][str(length)] = {"batch_size": batch}
         with torch.inference_mode():
@@ -123,8 +131,8 @@ def main(argv=None) -> dict:
                     fn()
                 entry[name] = profile_call(fn, device, args.iters)
                 logger.info("L=%d %s: %s", length, name, json.dumps({k: v for k, v in entry[name].items() if k != "top_kernels_ms"}))
-        minilm.to("cpu")
-        del minilm
+        minilm.to("cpu")  # the next length's copy (and only it) on the GPU
+        calls.clear()
         torch.cuda.empty_cache()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
