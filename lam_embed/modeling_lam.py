@@ -65,6 +65,10 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     K, L = weight.shape[-1], x.shape[1]
     # (K, C), contiguous: a strided row of taps would make every product below slow.
     taps = weight[:, 0].t().contiguous()  # tap K - 1 is the current token
+    if torch.compiler.is_compiling():
+        # Without in-place updates of slices, which torch.compile turns into copies and
+        # several slow kernels: as one expression, the sum becomes one fused kernel.
+        return sum(F.pad(x[:, : L - shift], (0, 0, shift, 0)) * taps[K - 1 - shift] for shift in range(min(K, L)))
     y = x * taps[K - 1]
     for shift in range(1, min(K, L)):
         y[:, shift:].addcmul_(x[:, :-shift], taps[K - 1 - shift])
@@ -134,6 +138,10 @@ class DualStateDeltaNet(nn.Module):
             features, output = _compiled_layer_functions()
         weight, bias = self.input_projection()
         conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+        if features is not delta_net_features and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            # Inference: the elementwise part as one Triton kernel (layer_triton.py), much
+            # faster than what torch.compile makes of it; it has no backward.
+            features = _triton_features() or features
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (
             t.transpose(1, 2) for t in features(x, mask, weight, bias, conv_weight, config.num_attention_heads)
         )
@@ -174,6 +182,16 @@ def delta_net_output(o, x, g_weight, norm_weight, o_weight, eps: float):
     o = F.rms_norm(o, o.shape[-1:], norm_weight.float(), eps)
     o = o.flatten(2).to(x.dtype) * torch.sigmoid(F.linear(x, g_weight))
     return F.linear(o, o_weight)
+
+
+@functools.cache
+def _triton_features():
+    """layer_triton.delta_net_features_triton, or None where triton does not import."""
+    try:
+        from .layer_triton import delta_net_features_triton
+    except ImportError:
+        return None
+    return delta_net_features_triton
 
 
 @functools.cache

@@ -141,3 +141,62 @@ def test_compiled_layer_functions_match_eager():
         pytest.skip(f"torch.compile does not work on this machine: {type(err).__name__}: {err}")
     finally:
         _compiled_layer_functions.cache_clear()
+
+
+# --------------------------------------------------------------- Triton kernel of the features
+
+_FEATURES_CHECK = """
+import torch
+from lam_embed.layer_triton import delta_net_features_triton
+from lam_embed.modeling_lam import delta_net_features
+from test_layer import make_layer, make_inputs
+
+net = make_layer()
+x, mask = make_inputs()
+x = x.to({device!r}, {dtype})
+mask = mask.to({device!r})
+net.to({device!r}, {dtype})
+weight, bias = net.input_projection()
+conv_weight = torch.cat([net.q_conv.weight, net.k_conv.weight, net.v_conv.weight])
+H = net.config.num_attention_heads
+with torch.no_grad():
+    ref = delta_net_features(x, mask, weight, bias, conv_weight, H)
+    out = delta_net_features_triton(x, mask, weight, bias, conv_weight, H)
+for i, (a, b) in enumerate(zip(out, ref)):
+    assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape)
+    # q, k, v everywhere; the scalars of padded positions are never read (the delta rule masks them).
+    diff = (a - b).float().abs() if i < 3 else (a - b)[mask].float().abs()
+    # float32: rounding only; bfloat16: the reference rounds after every tap, the kernel once.
+    bound = {bound} * b.float().abs().max()
+    assert diff.max() <= bound, (i, diff.max().item(), bound.item())
+assert out[0].stride() == out[1].stride() == out[2].stride()  # one set of strides for the delta-rule kernel
+"""
+
+
+def _run_features_check(env_extra, **fmt):
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), **env_extra)
+    done = subprocess.run([sys.executable, "-c", _FEATURES_CHECK.format(**fmt)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_features_kernel_under_the_interpreter():
+    """layer_triton's kernel equals delta_net_features on CPU, through TRITON_INTERPRET=1
+    (a subprocess: the variable is read when the kernel is defined)."""
+    pytest.importorskip("triton")
+    _run_features_check({"TRITON_INTERPRET": "1"}, device="cpu", dtype="torch.float32", bound=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [("torch.float32", 1e-5), ("torch.bfloat16", 2e-2)])
+def test_features_kernel_matches_eager_on_gpu(dtype, bound):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _run_features_check({}, device="cuda", dtype=dtype, bound=bound)
