@@ -1,5 +1,5 @@
-"""A Triton kernel for the elementwise part of ``delta_net_features`` (modeling_lam.py),
-used on CUDA when no gradient is needed.
+"""Triton kernels for the elementwise parts of ``delta_net_features`` and
+``delta_net_output`` (modeling_lam.py), used on CUDA when no gradient is needed.
 
 After the input projection, the layer needs SiLU(causal depthwise convolution) of the
 q, k, v columns and the sigmoid of the beta, decay and gate columns. torch.compile
@@ -62,7 +62,7 @@ def delta_net_features_triton(x, mask, weight, bias, conv_weight, num_heads: int
     same arguments and results (no autograd)."""
     B, L, D = x.shape
     H = num_heads
-    NCONV, NSIG = 3 * D, 5 * H
+    NCONV, NSIG = 3 * D, D + 5 * H  # q, k, v; output gate and the five per-head sigmoids
     # Column blocks must not straddle the conv/sigmoid boundary: the largest power of two
     # up to BLOCK_C that divides 3 * hidden size (128 at hidden size 384).
     block_c = math.gcd(NCONV, BLOCK_C)
@@ -81,5 +81,40 @@ def delta_net_features_triton(x, mask, weight, bias, conv_weight, num_heads: int
         NCONV=NCONV, NSIG=NSIG, K=K, BLOCK_R=BLOCK_R, BLOCK_C=block_c, num_warps=4,
     )
     q, k, v = (out[..., i * D:(i + 1) * D].unflatten(-1, (H, -1)) for i in range(3))
-    scalars = out[..., NCONV:NCONV + NSIG].unflatten(-1, (5, H)).unbind(2)
-    return (q, k, v, *scalars)
+    scalars = out[..., 4 * D:4 * D + 5 * H].unflatten(-1, (5, H)).unbind(2)
+    return (q, k, v, out[..., 3 * D:4 * D], *scalars)
+
+
+@triton.jit
+def rms_norm_gate_kernel(o, gate, weight, out, R, s_o, s_g, s_out, eps, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[r, h] = o[r, h] / sqrt(mean(o[r, h]^2) + eps) * weight * gate[r, h] for BLOCK_R
+    rows r and one head h (D values), in float32, stored in out's dtype."""
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    rows = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = i_h * D + tl.arange(0, D)
+    m = (rows < R)[:, None]
+    x = tl.load(o + rows[:, None] * s_o + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+    w = tl.load(weight + tl.arange(0, D)).to(tl.float32)
+    g = tl.load(gate + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    y = x * scale[:, None] * w[None, :] * g
+    tl.store(out + rows[:, None] * s_out + cols[None, :], y.to(out.dtype.element_ty), mask=m)
+
+
+def delta_net_output_triton(o, output_gate, norm_weight, o_weight, eps: float):
+    """``modeling_lam.delta_net_output`` with the RMSNorm and gate in one Triton kernel;
+    same arguments and result (no autograd)."""
+    B, L, H, d = o.shape
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"delta_net_output_triton needs a head size that is a power of two >= 16, got {d}")
+    o = o.reshape(B * L, H * d)  # a view for the delta rule's (B, L, H, d) layout
+    gate = output_gate.reshape(B * L, H * d)
+    if o.stride(-1) != 1 or gate.stride(-1) != 1:
+        o, gate = o.contiguous(), gate.contiguous()
+    gated = gate.new_empty(B * L, H * d)
+    block_r = 64
+    rms_norm_gate_kernel[(triton.cdiv(B * L, block_r), H)](
+        o, gate, norm_weight.contiguous(), gated, B * L, o.stride(0), gate.stride(0), gated.stride(0), eps,
+        D=d, BLOCK_R=block_r, num_warps=4,
+    )
+    return F.linear(gated.view(B, L, H * d), o_weight)

@@ -108,12 +108,12 @@ class DualStateDeltaNet(nn.Module):
 
     def input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight and bias of all input projections stacked in one matrix, in the order
-        q, k, v, beta, fast decay, slow decay, fast gate, slow gate: one matrix product
-        then computes them all. Built at each call (a copy of 1.8 MB at D = 384), so the
-        parameters stay those of the separate modules. Zero rows pad it to a multiple of
-        64 outputs: BLAS is much slower on 3D + 5H = 1212 columns than on 1216."""
+        q, k, v, output gate, beta, fast decay, slow decay, fast gate, slow gate: one
+        matrix product then computes them all. Built at each call (a copy of 2.4 MB at
+        D = 384), so the parameters stay those of the separate modules. Zero rows pad it
+        to a multiple of 64 outputs: BLAS is much slower on 4D + 5H = 1596 columns than on 1600."""
         weights = [
-            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.beta_proj.weight,
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
             self.fast_decay_proj.weight, self.slow_decay_proj.weight,
             self.fast_gate_proj.weight, self.slow_gate_proj.weight,
         ]
@@ -123,7 +123,7 @@ class DualStateDeltaNet(nn.Module):
         H = self.beta_proj.out_features
         zeros = self.fast_decay_proj.bias.new_zeros
         bias = torch.cat([
-            zeros(3 * self.q_proj.out_features + H), self.fast_decay_proj.bias, self.slow_decay_proj.bias,
+            zeros(4 * self.q_proj.out_features + H), self.fast_decay_proj.bias, self.slow_decay_proj.bias,
             zeros(2 * H + pad),
         ])
         return weight, bias
@@ -139,25 +139,24 @@ class DualStateDeltaNet(nn.Module):
         weight, bias = self.input_projection()
         conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
         if features is not delta_net_features and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            # Inference: the elementwise part as one Triton kernel (layer_triton.py), much
-            # faster than what torch.compile makes of it; it has no backward.
-            features = _triton_features() or features
-        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (
-            t.transpose(1, 2) for t in features(x, mask, weight, bias, conv_weight, config.num_attention_heads)
-        )
+            # Inference: the elementwise parts as Triton kernels (layer_triton.py), much
+            # faster than what torch.compile makes of them; they have no backward.
+            features, output = _triton_layer_functions() or (features, output)
+        q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, config.num_attention_heads)
+        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
         o = dual_state_delta_rule(
             q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
             chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
             impl=config.delta_impl, qk_l2norm=True,
         )  # (B, H, L, d) float32
-        return output(o.transpose(1, 2), x, self.g_proj.weight, self.norm_weight, self.o_proj.weight,
-                      config.rms_norm_eps)
+        return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, config.rms_norm_eps)
 
 
 def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
-    """The inputs of the delta rule from the layer input x (B, L, D), all as (B, L, H, ...):
-    q, k, v = SiLU(conv(x W)) per head (the delta rule normalises q and k: qk_l2norm),
-    and the sigmoids of beta, the two decays and the two output gates.
+    """The inputs of the delta rule from the layer input x (B, L, D): q, k, v =
+    SiLU(conv(x W)) per head, (B, L, H, d) (the delta rule normalises q and k:
+    qk_l2norm); the output gate sigmoid(x W_g), (B, L, D); the sigmoids of beta, the two
+    decays and the two state gates, (B, L, H) each.
 
     ``weight``, ``bias``: DualStateDeltaNet.input_projection(); ``conv_weight``: the
     q, k, v convolutions stacked (3D, 1, K).
@@ -172,26 +171,27 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
     # strides: the fused kernel reads them as they are (it takes one set of strides),
     # and the (B, L, 3D) buffers are freed before the delta rule runs.
     q, k, v = (F.silu(qkv[..., i * D : (i + 1) * D]).unflatten(-1, (H, -1)) for i in range(3))
-    scalars = torch.sigmoid(projected[..., 3 * D : 3 * D + 5 * H]).unflatten(-1, (5, H)).unbind(2)
-    return (q, k, v, *scalars)
+    gates = torch.sigmoid(projected[..., 3 * D : 4 * D + 5 * H])
+    scalars = gates[..., D:].unflatten(-1, (5, H)).unbind(2)
+    return (q, k, v, gates[..., :D], *scalars)
 
 
-def delta_net_output(o, x, g_weight, norm_weight, o_weight, eps: float):
-    """The layer output from the delta rule's o (B, L, H, d): per-head RMSNorm, the
-    output gate sigmoid(x W_g), the output projection."""
+def delta_net_output(o, output_gate, norm_weight, o_weight, eps: float):
+    """The layer output from the delta rule's o (B, L, H, d): per-head RMSNorm, times the
+    output gate (B, L, D) from delta_net_features, then the output projection."""
     o = F.rms_norm(o, o.shape[-1:], norm_weight.float(), eps)
-    o = o.flatten(2).to(x.dtype) * torch.sigmoid(F.linear(x, g_weight))
-    return F.linear(o, o_weight)
+    return F.linear(o.flatten(2).to(output_gate.dtype) * output_gate, o_weight)
 
 
 @functools.cache
-def _triton_features():
-    """layer_triton.delta_net_features_triton, or None where triton does not import."""
+def _triton_layer_functions():
+    """layer_triton's forms of delta_net_features and delta_net_output, or None where
+    triton does not import."""
     try:
-        from .layer_triton import delta_net_features_triton
+        from .layer_triton import delta_net_features_triton, delta_net_output_triton
     except ImportError:
         return None
-    return delta_net_features_triton
+    return delta_net_features_triton, delta_net_output_triton
 
 
 @functools.cache

@@ -132,7 +132,7 @@ def test_compiled_layer_functions_match_eager():
                 for a, b in zip(out, ref):
                     assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
                 o = torch.randn(*x.shape[:2], H, 32)
-                args = (x, net.g_proj.weight, net.norm_weight, net.o_proj.weight, 1e-6)
+                args = (out[3], net.norm_weight, net.o_proj.weight, 1e-6)
                 ref_out = delta_net_output(o, *args)
                 assert (output(o, *args) - ref_out).abs().max() <= 1e-5 * ref_out.abs().max()
     except Exception as err:  # noqa: BLE001 - no C++ compiler or an unsupported platform
@@ -147,8 +147,8 @@ def test_compiled_layer_functions_match_eager():
 
 _FEATURES_CHECK = """
 import torch
-from lam_embed.layer_triton import delta_net_features_triton
-from lam_embed.modeling_lam import delta_net_features
+from lam_embed.layer_triton import delta_net_features_triton, delta_net_output_triton
+from lam_embed.modeling_lam import delta_net_features, delta_net_output
 from test_layer import make_layer, make_inputs
 
 net = make_layer()
@@ -170,6 +170,16 @@ for i, (a, b) in enumerate(zip(out, ref)):
     bound = {bound} * b.float().abs().max()
     assert diff.max() <= bound, (i, diff.max().item(), bound.item())
 assert out[0].stride() == out[1].stride() == out[2].stride()  # one set of strides for the delta-rule kernel
+
+# The output side, from a float32 o laid out as the delta rule leaves it: (B, L, H, d) in memory.
+g = torch.Generator().manual_seed(3)
+o = torch.randn(x.shape[0], x.shape[1], H, 32, generator=g).to({device!r})
+with torch.no_grad():
+    ref = delta_net_output(o, ref[3], net.norm_weight, net.o_proj.weight, 1e-6)
+    out = delta_net_output_triton(o, out[3], net.norm_weight, net.o_proj.weight, 1e-6)
+assert out.shape == ref.shape and out.dtype == ref.dtype
+# Valid tokens only: the gates of padded positions differ (see above) and are never used.
+assert (out - ref)[mask].float().abs().max() <= {bound} * ref.float().abs().max(), (out - ref).abs().max()
 """
 
 
@@ -187,7 +197,7 @@ def _run_features_check(env_extra, **fmt):
 
 @pytest.mark.slow
 def test_features_kernel_under_the_interpreter():
-    """layer_triton's kernel equals delta_net_features on CPU, through TRITON_INTERPRET=1
+    """layer_triton's kernels equal delta_net_features and delta_net_output on CPU, through TRITON_INTERPRET=1
     (a subprocess: the variable is read when the kernel is defined)."""
     pytest.importorskip("triton")
     _run_features_check({"TRITON_INTERPRET": "1"}, device="cpu", dtype="torch.float32", bound=1e-5)
