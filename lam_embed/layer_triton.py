@@ -46,7 +46,7 @@ def conv_silu_sigmoid_kernel(
             w = tl.load(taps + cols * K + j)
             acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
         y = acc * tl.sigmoid(acc)
-        m = m_r[:, None]
+        m = m_r[:, None] & (cols < NCONV)[None, :]
     else:
         m = m_r[:, None] & (cols < NCONV + NSIG)[None, :]
         x = tl.load(p + rows64[:, None] * s_p + cols[None, :], mask=m, other=0.0)
