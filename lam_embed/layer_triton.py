@@ -1,5 +1,6 @@
 """Triton kernels for the elementwise parts of ``delta_net_features`` and
-``delta_net_output`` (modeling_lam.py), used on CUDA when no gradient is needed.
+``delta_net_output`` and for the residual LayerNorms (modeling_lam.py), used on CUDA
+when no gradient is needed.
 
 After the input projection, the layer needs SiLU(causal depthwise convolution) of the
 q, k, v columns and the sigmoid of the beta, decay and gate columns. torch.compile
@@ -118,3 +119,33 @@ def delta_net_output_triton(o, output_gate, norm_weight, o_weight, eps: float):
         D=d, BLOCK_R=block_r, num_warps=4,
     )
     return F.linear(gated.view(B, L, H * d), o_weight)
+
+
+@triton.jit
+def residual_layer_norm_kernel(x, y, weight, bias, out, R, N, eps, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = LayerNorm(x + y) over rows of N values (contiguous), in float32."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    m_c = cols < N
+    m = (rows < R)[:, None] & m_c[None, :]
+    p = rows[:, None] * N + cols[None, :]
+    a = tl.load(x + p, mask=m, other=0.0).to(tl.float32) + tl.load(y + p, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(a, 1) / N
+    diff = tl.where(m, a - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / N + eps)
+    w = tl.load(weight + cols, mask=m_c, other=0.0).to(tl.float32)
+    b = tl.load(bias + cols, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(out + p, (diff * rstd[:, None] * w[None, :] + b[None, :]).to(out.dtype.element_ty), mask=m)
+
+
+def residual_layer_norm(x, y, weight, bias, eps: float):
+    """F.layer_norm(x + y) over the last dim in one kernel (the sum is not rounded to x's
+    dtype first); no autograd."""
+    x, y = x.contiguous(), y.contiguous()
+    N = x.shape[-1]
+    out = torch.empty_like(x)
+    block_r = 16
+    residual_layer_norm_kernel[(triton.cdiv(x.numel() // N, block_r),)](
+        x, y, weight, bias, out, x.numel() // N, N, eps, BLOCK_R=block_r, BLOCK_N=triton.next_power_of_2(N), num_warps=4,
+    )
+    return out

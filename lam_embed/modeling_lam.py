@@ -21,10 +21,22 @@ except ImportError:  # pragma: no cover - older transformers
     init = nn.init
 
 
-# On CUDA with delta_impl "triton" or "compiled", the layer code before and after the
-# delta rule (delta_net_features, delta_net_output) runs under torch.compile. False
-# keeps it eager everywhere (debugging, or where torch.compile does not work).
+# On CUDA with delta_impl "triton" or "compiled", the layer code around the delta rule
+# (delta_net_features, delta_net_output, the residual LayerNorms) runs fused: as the
+# Triton kernels of layer_triton.py at inference, under torch.compile when gradients are
+# needed. False keeps it eager everywhere (debugging, or where neither works).
 COMPILE_LAYER_CODE = True
+
+
+def fused_layer_code(x: torch.Tensor, config: LAMConfig, param: torch.Tensor) -> str | None:
+    """How the layer code around the delta rule runs for the input x: "triton" (CUDA, no
+    gradient wanted for x or ``param``), "compiled" (CUDA with gradients) or None (eager:
+    on CPU, with delta_impl "chunk" or "naive", or with COMPILE_LAYER_CODE off)."""
+    if not (COMPILE_LAYER_CODE and x.is_cuda) or resolve_impl(config.delta_impl, x.device) not in ("triton", "compiled"):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or param.requires_grad) or _layer_triton() is None:
+        return "compiled"
+    return "triton"
 
 
 class ResonanceFlux(nn.Module):
@@ -131,17 +143,17 @@ class DualStateDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
         config = self.config
+        # On a GPU the code around the op is many small elementwise kernels. Fused, each
+        # part becomes one kernel: at inference a Triton kernel of layer_triton.py (much
+        # faster than what torch.compile makes of it, but without a backward), else compiled.
+        mode = fused_layer_code(x, config, self.q_proj.weight)
         features, output = delta_net_features, delta_net_output
-        if COMPILE_LAYER_CODE and x.is_cuda and resolve_impl(config.delta_impl, x.device) in ("triton", "compiled"):
-            # On a GPU the code around the op is many small elementwise kernels; compiled,
-            # each of the two parts becomes a few fused kernels with fewer intermediates.
+        if mode == "compiled":
             features, output = _compiled_layer_functions()
+        elif mode == "triton":
+            features, output = _layer_triton().delta_net_features_triton, _layer_triton().delta_net_output_triton
         weight, bias = self.input_projection()
         conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
-        if features is not delta_net_features and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            # Inference: the elementwise parts as Triton kernels (layer_triton.py), much
-            # faster than what torch.compile makes of them; they have no backward.
-            features, output = _triton_layer_functions() or (features, output)
         q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, config.num_attention_heads)
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
         o = dual_state_delta_rule(
@@ -184,14 +196,13 @@ def delta_net_output(o, output_gate, norm_weight, o_weight, eps: float):
 
 
 @functools.cache
-def _triton_layer_functions():
-    """layer_triton's forms of delta_net_features and delta_net_output, or None where
-    triton does not import."""
+def _layer_triton():
+    """The module layer_triton, or None where triton does not import."""
     try:
-        from .layer_triton import delta_net_features_triton, delta_net_output_triton
+        from . import layer_triton
     except ImportError:
         return None
-    return delta_net_features_triton, delta_net_output_triton
+    return layer_triton
 
 
 @functools.cache
@@ -236,13 +247,19 @@ class LAMLayer(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def residual_norm(self, norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """norm(x + dropout(y)); at inference on CUDA one Triton kernel (layer_triton.py)."""
+        if not self.training and fused_layer_code(x, self.delta_net.config, norm.weight) == "triton":
+            return _layer_triton().residual_layer_norm(x, y, norm.weight, norm.bias, norm.eps)
+        return norm(x + self.dropout(y))
+
     def mix(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The attention block: token mixing, residual, LayerNorm."""
-        return self.attention_norm(x + self.dropout(self.delta_net(x, mask)))
+        return self.residual_norm(self.attention_norm, x, self.delta_net(x, mask))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.mix(x, mask)
-        return self.ffn_norm(h + self.dropout(self.ffn_out(self.activation(self.ffn_in(h)))))
+        return self.residual_norm(self.ffn_norm, h, self.ffn_out(self.activation(self.ffn_in(h))))
 
 
 class LAMPreTrainedModel(PreTrainedModel):

@@ -180,6 +180,19 @@ with torch.no_grad():
 assert out.shape == ref.shape and out.dtype == ref.dtype
 # Valid tokens only: the gates of padded positions differ (see above) and are never used.
 assert (out - ref)[mask].float().abs().max() <= {bound} * ref.float().abs().max(), (out - ref).abs().max()
+
+# The residual LayerNorm.
+from lam_embed.layer_triton import residual_layer_norm
+norm = torch.nn.LayerNorm(x.shape[-1], eps=1e-12).to({device!r}, {dtype})
+with torch.no_grad():
+    norm.weight.normal_()
+    norm.bias.normal_()
+    y = torch.randn(x.shape, generator=g).to({device!r}, {dtype})
+    ref = norm(x + y)
+    out = residual_layer_norm(x, y, norm.weight, norm.bias, norm.eps)
+assert out.shape == ref.shape and out.dtype == ref.dtype
+# bfloat16: the reference rounds x + y before normalising, the kernel does not.
+assert (out - ref).float().abs().max() <= {bound} * ref.float().abs().max(), (out - ref).abs().max()
 """
 
 
@@ -197,7 +210,8 @@ def _run_features_check(env_extra, **fmt):
 
 @pytest.mark.slow
 def test_features_kernel_under_the_interpreter():
-    """layer_triton's kernels equal delta_net_features and delta_net_output on CPU, through TRITON_INTERPRET=1
+    """layer_triton's kernels equal delta_net_features, delta_net_output and the residual
+    LayerNorm on CPU, through TRITON_INTERPRET=1
     (a subprocess: the variable is read when the kernel is defined)."""
     pytest.importorskip("triton")
     _run_features_check({"TRITON_INTERPRET": "1"}, device="cpu", dtype="torch.float32", bound=1e-5)

@@ -173,6 +173,29 @@ def test_model_triton_matches_chunk(gpu):
         assert (grads[name] - grads_ref[name]).abs().max() <= 1e-4, name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_model_inference_matches_chunk(gpu, dtype, bound):
+    """At inference (no gradients) delta_impl="triton" also runs the layer code as the
+    Triton kernels of layer_triton.py; the output still equals the eager "chunk" model
+    (bfloat16: within 2e-2 of the output scale)."""
+    from lam_embed import LAMConfig, LAMModel
+
+    torch.manual_seed(0)
+    config = LAMConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                       vocab_size=100)
+    model = LAMModel(config).to(gpu, dtype).eval()
+    lengths = [300, 129, 40, 1]
+    mask = (torch.arange(300)[None] < torch.tensor(lengths)[:, None]).long().to(gpu)
+    ids = torch.randint(1, 100, mask.shape, device=gpu) * mask
+    outs = {}
+    with torch.no_grad():
+        for impl in ("chunk", "triton"):
+            model.config.delta_impl = impl
+            outs[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state.float() * mask[..., None]
+    assert (outs["triton"] - outs["chunk"]).abs().max() <= bound * outs["chunk"].abs().max()
+
+
 def raw_qk(tensors, dtype=torch.bfloat16, seed=5):
     """The inputs with q and k scaled per row by factors in [0.5, 4) (what the layer
     gives with qk_l2norm), q, k, v in ``dtype``."""
