@@ -25,14 +25,14 @@ except ImportError:  # pragma: no cover - older transformers
 # (delta_net_features, delta_net_output, the residual LayerNorms) runs fused: as the
 # Triton kernels of layer_triton.py at inference, under torch.compile when gradients are
 # needed. False keeps it eager everywhere (debugging, or where neither works).
-COMPILE_LAYER_CODE = True
+FUSE_LAYER_CODE = True
 
 
 def fused_layer_code(x: torch.Tensor, config: LAMConfig, param: torch.Tensor) -> str | None:
     """How the layer code around the delta rule runs for the input x: "triton" (CUDA, no
     gradient wanted for x or ``param``), "compiled" (CUDA with gradients) or None (eager:
-    on CPU, with delta_impl "chunk" or "naive", or with COMPILE_LAYER_CODE off)."""
-    if not (COMPILE_LAYER_CODE and x.is_cuda) or resolve_impl(config.delta_impl, x.device) not in ("triton", "compiled"):
+    on CPU, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
+    if not (FUSE_LAYER_CODE and x.is_cuda) or resolve_impl(config.delta_impl, x.device) not in ("triton", "compiled"):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or param.requires_grad) or _layer_triton() is None:
         return "compiled"
