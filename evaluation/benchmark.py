@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         "For 'encode' the first warm-up call is a full pass, the others encode at most 4 batches. Default: 2.",
     )
     parser.add_argument(
+        "--encode-rounds", type=_positive_int, default=1,
+        help="measure 'encode' in this many rounds, each timing MiniLM and then every LAM delta_impl, and "
+        "report the median over all rounds' calls: on a busy machine, interleaving keeps a slow spell "
+        "from landing on one model only. Default: 1.",
+    )
+    parser.add_argument(
         "--batch-size", type=_positive_int, default=None,
         help=f"SentenceTransformer.encode batch size, the same for both models. Default: {GPU_BATCH} on "
         f"CUDA, {CPU_BATCH} on CPU.",
@@ -745,20 +751,38 @@ def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam,
 
         return setup
 
-    section["minilm"] = _rate(
-        measure(make_setup(minilm_st), device=device, warmup=args.warmup, repeats=args.repeats, clock=clock,
-                label=f"encode MiniLM n={len(sentences)}", cleanup=lambda: _offload(minilm_st, device)),
-        "sentences_per_s", len(sentences),
-    )
-    save()
-    for impl in args.impls:
-        section["lam"][impl] = _rate(
-            measure(make_setup(lam_st, impl), device=device, warmup=args.warmup, repeats=args.repeats, clock=clock,
-                    label=f"encode LAM[{impl}] n={len(sentences)}", cleanup=lambda: _offload(lam_st, device)),
-            "sentences_per_s", len(sentences),
-        )
-        section["ratio"][impl] = _ratio(section["lam"][impl], section["minilm"], "sentences_per_s")
+    section["rounds"] = args.encode_rounds
+    rounds = {"minilm": [], **{impl: [] for impl in args.impls}}
+    for index in range(args.encode_rounds):
+        tag = f" round {index + 1}/{args.encode_rounds}" if args.encode_rounds > 1 else ""
+        rounds["minilm"].append(
+            measure(make_setup(minilm_st), device=device, warmup=args.warmup, repeats=args.repeats, clock=clock,
+                    label=f"encode MiniLM n={len(sentences)}{tag}", cleanup=lambda: _offload(minilm_st, device)))
+        section["minilm"] = _rate(_merge_rounds(rounds["minilm"]), "sentences_per_s", len(sentences))
         save()
+        for impl in args.impls:
+            rounds[impl].append(
+                measure(make_setup(lam_st, impl), device=device, warmup=args.warmup, repeats=args.repeats,
+                        clock=clock, label=f"encode LAM[{impl}] n={len(sentences)}{tag}",
+                        cleanup=lambda: _offload(lam_st, device)))
+            section["lam"][impl] = _rate(_merge_rounds(rounds[impl]), "sentences_per_s", len(sentences))
+            section["ratio"][impl] = _ratio(section["lam"][impl], section["minilm"], "sentences_per_s")
+            save()
+
+
+def _merge_rounds(records: list[dict]) -> dict:
+    """One record from the same measurement taken in several rounds: the median over
+    all timed calls; the first record that is not ok when any is not."""
+    for record in records:
+        if record["status"] != "ok":
+            return record
+    times = [t for record in records for t in record["times_s"]]
+    peaks = [r["peak_memory_mib"] for r in records if r["peak_memory_mib"] is not None]
+    return {
+        "status": "ok", "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+        "warmup_s": sum(r["warmup_s"] for r in records), "peak_memory_mib": max(peaks) if peaks else None,
+        "rounds": len(records),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -841,8 +865,10 @@ def format_tables(result: dict) -> str:
                 ratio = enc["ratio"].get(impl)
                 rows.append([f"LAM {impl}", _cell(rec, "sentences_per_s", lambda x: f"{x:.0f}"),
                              "-" if ratio is None else f"{ratio:.2f}", _mem(rec)])
+            rounds = enc.get("rounds", 1)
+            interleaved = f", {rounds} interleaved rounds" if rounds > 1 else ""
             parts.append(f"\nSentenceTransformer.encode, STS-B test ({enc['num_sentences']} sentences, batch "
-                         f"{enc['batch_size']})\n" + _table(["model", "sentences/s", "x MiniLM", "peak MiB"], rows, (0,)))
+                         f"{enc['batch_size']}{interleaved})\n" + _table(["model", "sentences/s", "x MiniLM", "peak MiB"], rows, (0,)))
     return "\n".join(parts)
 
 

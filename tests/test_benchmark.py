@@ -4,6 +4,7 @@ option checks, and the pieces that keep one failed measurement from ending a run
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -86,6 +87,25 @@ def test_op_and_encode_figures(tiny_run):
     assert enc["minilm"]["sentences_per_s"] > 0
     assert enc["lam"]["chunk"]["sentences_per_s"] > 0
     assert enc["ratio"]["chunk"] > 0
+
+
+def test_encode_rounds_pool_every_timed_call(tmp_path):
+    """--encode-rounds 2: both rounds' calls of each model enter its median, and the ratio
+    is that of the pooled figures."""
+    stsb = _write_tiny_stsb(tmp_path)
+    output = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--sections", "encode", "--repeats", "2", "--warmup", "1", "--impls", "chunk",
+            "--sentences", "4", "--batch-size", "4", "--encode-rounds", "2", "--stsb", str(stsb),
+            "--output", str(output), "--log-level", "WARNING"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert benchmark.main(argv) == 0
+    enc = json.loads(output.read_text())["encode"]
+    assert enc["rounds"] == 2
+    for record in (enc["minilm"], enc["lam"]["chunk"]):
+        assert record["rounds"] == 2 and len(record["times_s"]) == 4
+        assert record["median_s"] == pytest.approx(statistics.median(record["times_s"]))
+    assert enc["ratio"]["chunk"] == pytest.approx(enc["lam"]["chunk"]["sentences_per_s"] / enc["minilm"]["sentences_per_s"])
 
 
 def test_table_is_printed(tiny_run):
