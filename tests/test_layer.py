@@ -143,9 +143,9 @@ def test_compiled_layer_functions_match_eager():
         _compiled_layer_functions.cache_clear()
 
 
-# --------------------------------------------------------------- Triton kernel of the features
+# --------------------------------------------------------------- Triton kernels of the layer code (layer_triton.py)
 
-_FEATURES_CHECK = """
+_LAYER_KERNELS_CHECK = """
 import torch
 from lam_embed.layer_triton import delta_net_features_triton, delta_net_output_triton
 from lam_embed.modeling_lam import delta_net_features, delta_net_output
@@ -196,31 +196,31 @@ assert (out - ref).float().abs().max() <= {bound} * ref.float().abs().max(), (ou
 """
 
 
-def _run_features_check(env_extra, **fmt):
+def _run_layer_kernels_check(env_extra, **fmt):
     import os
     import subprocess
     import sys
 
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), **env_extra)
-    done = subprocess.run([sys.executable, "-c", _FEATURES_CHECK.format(**fmt)], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _LAYER_KERNELS_CHECK.format(**fmt)], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.slow
-def test_features_kernel_under_the_interpreter():
+def test_layer_kernels_under_the_interpreter():
     """layer_triton's kernels equal delta_net_features, delta_net_output and the residual
-    LayerNorm on CPU, through TRITON_INTERPRET=1
-    (a subprocess: the variable is read when the kernel is defined)."""
+    LayerNorm on CPU, through TRITON_INTERPRET=1 (in a subprocess: the variable is read
+    when the kernels are defined)."""
     pytest.importorskip("triton")
-    _run_features_check({"TRITON_INTERPRET": "1"}, device="cpu", dtype="torch.float32", bound=1e-5)
+    _run_layer_kernels_check({"TRITON_INTERPRET": "1"}, device="cpu", dtype="torch.float32", bound=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,bound", [("torch.float32", 1e-5), ("torch.bfloat16", 2e-2)])
-def test_features_kernel_matches_eager_on_gpu(dtype, bound):
+def test_layer_kernels_match_eager_on_gpu(dtype, bound):
     pytest.importorskip("triton")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    _run_features_check({}, device="cuda", dtype=dtype, bound=bound)
+    _run_layer_kernels_check({}, device="cuda", dtype=dtype, bound=bound)
