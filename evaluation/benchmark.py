@@ -33,7 +33,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -248,15 +247,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # environment
 
 
-def _git(*cmd: str) -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=20, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
 def _version(module_name: str, dist_names: tuple[str, ...] = ()) -> str | None:
     from importlib import metadata
 
@@ -270,29 +260,15 @@ def _version(module_name: str, dist_names: tuple[str, ...] = ()) -> str | None:
     return getattr(module, "__version__", "unknown")
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return _cpu_name()
-
-
 def collect_environment(device: torch.device) -> dict:
-    from lam_embed.environment import git_commit
+    from lam_embed.environment import cpu_name, device_name, git, git_commit
 
     commit = git_commit()
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit and not os.environ.get("LAM_COMMIT") else None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit and not os.environ.get("LAM_COMMIT") else None
     env = {
         "device": str(device),
         "device_name": device_name(device),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -315,6 +291,8 @@ def collect_environment(device: torch.device) -> dict:
 
 
 def default_output(device: torch.device) -> Path:
+    from lam_embed.environment import device_name
+
     name = "cpu" if device.type == "cpu" else device_name(device)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or device.type
     return Path("runs") / f"benchmark-{slug if device.type == 'cuda' else 'cpu'}.json"

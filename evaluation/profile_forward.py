@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,10 +20,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from .benchmark import (
     DTYPES,
+    Clock,
     _random_ids,
     _sync,
     load_lam,
     load_minilm_bert,
+    measure,
     minilm_for_length,
 )
 
@@ -52,13 +53,9 @@ def kind_of(name: str) -> str:
 def profile_call(fn, device: torch.device, iters: int) -> dict:
     """Wall time of ``fn`` (median of ``iters`` synchronised calls) and, from one profiled
     run of ``iters`` calls, the GPU kernel time per call by kernel and by kind."""
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    timed = measure(lambda: fn, device=device, warmup=0, repeats=iters, clock=Clock(0), label="wall time")
+    if timed["status"] != "ok":
+        raise RuntimeError(f"the forward failed: {timed['reason']}")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
@@ -70,7 +67,7 @@ def profile_call(fn, device: torch.device, iters: int) -> dict:
     by_kind = defaultdict(float)
     for name, ms in per_kernel.items():
         by_kind[kind_of(name)] += ms
-    wall_ms = sorted(times)[len(times) // 2] * 1000
+    wall_ms = timed["median_s"] * 1000
     gpu_ms = sum(per_kernel.values())
     top = sorted(per_kernel.items(), key=lambda item: -item[1])
     return {

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
 from pathlib import Path
 
 
-def git_commit() -> str | None:
-    """The commit of the code that runs: $LAM_COMMIT where the code travels without its
-    git folder (the GPU machine), else ``git rev-parse HEAD`` of this checkout."""
-    if os.environ.get("LAM_COMMIT"):
-        return os.environ["LAM_COMMIT"]
+def git(*args: str) -> str | None:
+    """Output of ``git <args>`` in this checkout, or None where git or the checkout is absent."""
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=20, check=True)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs: $LAM_COMMIT where the code travels without its
+    git folder (the GPU machine), else ``git rev-parse HEAD`` of this checkout."""
+    return os.environ.get("LAM_COMMIT") or git("rev-parse", "HEAD")
 
 
 def library_versions() -> dict[str, str]:
@@ -40,9 +43,19 @@ def library_versions() -> dict[str, str]:
     return {**versions, "datasets": datasets.__version__}
 
 
-def device_name(device: str) -> str:
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """The GPU's name for a CUDA device (a torch.device or its string), else the CPU's."""
     import torch
 
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return cpu_name()
