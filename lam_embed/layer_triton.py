@@ -17,83 +17,39 @@ LayerNorm kernels). Figures: README, "Speed".
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def conv_silu_sigmoid_kernel(
-    p, mask, taps, out,
-    R, L, s_p, s_o,
-    NCONV: tl.constexpr, NSIG: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Rows are the flattened (sample, position) pairs of p (R x >= NCONV + NSIG, row
-    stride s_p). Columns below NCONV: SiLU of the causal convolution over the rows of
-    the same sample, with rows of padding (mask 0) read as zeros; the next NSIG columns:
-    sigmoid. Arithmetic in float32, stored in out's dtype."""
-    i_r, i_c = tl.program_id(0), tl.program_id(1)
-    rows = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_r = rows < R
-    rows64 = rows.to(tl.int64)
-    if i_c * BLOCK_C < NCONV:  # NCONV is a multiple of BLOCK_C: a block is all conv or all sigmoid
-        t = rows % L  # position inside the sample
-        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for j in tl.static_range(K):
-            shift = K - 1 - j  # tap j reads the row `shift` positions back
-            ok = m_r & (t >= shift)
-            ok = ok & (tl.load(mask + rows64 - shift, mask=ok, other=0) != 0)
-            x = tl.load(p + (rows64 - shift)[:, None] * s_p + cols[None, :], mask=ok[:, None], other=0.0)
-            w = tl.load(taps + cols * K + j)
-            acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
-        y = acc * tl.sigmoid(acc)
-        m = m_r[:, None] & (cols < NCONV)[None, :]
-    else:
-        m = m_r[:, None] & (cols < NCONV + NSIG)[None, :]
-        x = tl.load(p + rows64[:, None] * s_p + cols[None, :], mask=m, other=0.0)
-        y = tl.sigmoid(x.to(tl.float32))
-    tl.store(out + rows64[:, None] * s_o + cols[None, :], y.to(out.dtype.element_ty), mask=m)
+from .ops.triton import flux_parameters, triton_forward
 
 
-BLOCK_R, BLOCK_C = 64, 128
-
-
-def delta_net_features_triton(x, mask, weight, bias, conv_weight, num_heads: int):
-    """``modeling_lam.delta_net_features`` with the elementwise part in one Triton kernel;
-    same arguments and results (no autograd)."""
-    B, L, D = x.shape
-    H = num_heads
-    NCONV, NSIG = 3 * D, D + 5 * H  # q, k, v; output gate and the five per-head sigmoids
-    # Column blocks must not straddle the conv/sigmoid boundary: the largest power of two
-    # up to BLOCK_C that divides 3 * hidden size (128 at hidden size 384).
-    block_c = math.gcd(NCONV, BLOCK_C)
-    if block_c < 16:
-        raise ValueError(f"delta_net_features_triton needs 3 * hidden size divisible by 16, got {NCONV}")
-    K = conv_weight.shape[-1]
-    # Padded rows need no zeroing here: the kernel reads them as zeros where it uses them.
-    projected = F.linear(x, weight, bias).view(B * L, -1)
-    # Rows padded to a multiple of 64 values, so that every row starts 128-byte aligned.
-    out = x.new_empty(B, L, NCONV + NSIG + (-(NCONV + NSIG) % 64))
-    mask_u8 = mask.contiguous().view(torch.uint8)
-    taps = conv_weight.reshape(NCONV, K).contiguous()
-    grid = (triton.cdiv(B * L, BLOCK_R), triton.cdiv(NCONV + NSIG, block_c))
-    conv_silu_sigmoid_kernel[grid](
-        projected, mask_u8, taps, out, B * L, L, projected.stride(0), out.stride(1),
-        NCONV=NCONV, NSIG=NSIG, K=K, BLOCK_R=BLOCK_R, BLOCK_C=block_c, num_warps=4,
-    )
-    q, k, v = (out[..., i * D:(i + 1) * D].unflatten(-1, (H, -1)) for i in range(3))
-    scalars = out[..., 4 * D:4 * D + 5 * H].unflatten(-1, (5, H)).unbind(2)
-    return (q, k, v, out[..., 3 * D:4 * D], *scalars)
+def delta_rule_from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int):
+    """The delta rule of a DualStateDeltaNet straight from its input projection
+    (``x W + b``, see ``DualStateDeltaNet.input_projection``; padded rows zero): the
+    convolution, SiLU and sigmoids of ``delta_net_features`` run inside the delta-rule
+    kernels. Returns O (B, H, L, d) float32 as ``dual_state_delta_rule(..., qk_l2norm=True)``
+    gives it for those features. No autograd; flux must be a ResonanceFlux."""
+    B, L, _ = projected.shape
+    D, H = conv_weight.shape[0] // 3, num_heads
+    flux_params = flux_parameters(flux)
+    if flux_params is None:
+        raise ValueError("delta_rule_from_projection needs a ResonanceFlux")
+    if L == 0:
+        return projected.new_zeros(B, H, 0, D // H, dtype=torch.float32)
+    q, k, v = (projected[..., i * D:(i + 1) * D].unflatten(-1, (H, -1)).transpose(1, 2) for i in range(3))
+    # beta, the two decays and the two state gates: (B, H, L) views of their logits.
+    scalars = [projected[..., 4 * D + i * H:4 * D + (i + 1) * H].transpose(1, 2) for i in range(5)]
+    taps = conv_weight.reshape(3 * D, -1).contiguous()
+    # As dual_state_delta_rule: an input of at most one chunk is one chunk of its own length.
+    return triton_forward(q, k, v, *scalars, mask, flux_params, min(chunk_size, L), qk_l2norm=True, conv_taps=taps)
 
 
 @triton.jit
 def rms_norm_gate_kernel(o, gate, weight, out, R, s_o, s_g, s_out, eps, D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[r, h] = o[r, h] / sqrt(mean(o[r, h]^2) + eps) * weight * gate[r, h] for BLOCK_R
-    rows r and one head h (D values), in float32, stored in out's dtype."""
+    """out[r, h] = o[r, h] / sqrt(mean(o[r, h]^2) + eps) * weight * sigmoid(gate[r, h]) for
+    BLOCK_R rows r and one head h (D values), in float32, stored in out's dtype."""
     i_r, i_h = tl.program_id(0), tl.program_id(1)
     rows = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = i_h * D + tl.arange(0, D)
@@ -101,19 +57,19 @@ def rms_norm_gate_kernel(o, gate, weight, out, R, s_o, s_g, s_out, eps, D: tl.co
     x = tl.load(o + rows[:, None] * s_o + cols[None, :], mask=m, other=0.0).to(tl.float32)
     scale = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
     w = tl.load(weight + tl.arange(0, D)).to(tl.float32)
-    g = tl.load(gate + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.sigmoid(tl.load(gate + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32))
     y = x * scale[:, None] * w[None, :] * g
     tl.store(out + rows[:, None] * s_out + cols[None, :], y.to(out.dtype.element_ty), mask=m)
 
 
-def delta_net_output_triton(o, output_gate, norm_weight, o_weight, eps: float):
+def delta_net_output_triton(o, gate_logits, norm_weight, o_weight, eps: float):
     """``modeling_lam.delta_net_output`` with the RMSNorm and gate in one Triton kernel;
-    same arguments and result (no autograd)."""
+    same result (no autograd), but from the gate's logits ``x W_g`` (B, L, D), not its sigmoid."""
     B, L, H, d = o.shape
     if d & (d - 1) or d < 16:
         raise ValueError(f"delta_net_output_triton needs a head size that is a power of two >= 16, got {d}")
     o = o.reshape(B * L, H * d)  # a view for the delta rule's (B, L, H, d) layout
-    gate = output_gate.reshape(B * L, H * d)
+    gate = gate_logits.reshape(B * L, H * d)
     if o.stride(-1) != 1 or gate.stride(-1) != 1:
         o, gate = o.contiguous(), gate.contiguous()
     gated = gate.new_empty(B * L, H * d)

@@ -34,7 +34,9 @@ def fused_layer_code(x: torch.Tensor, config: LAMConfig, param: torch.Tensor) ->
     on CPU, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
     if not (FUSE_LAYER_CODE and x.is_cuda) or resolve_impl(config.delta_impl, x.device) not in ("triton", "compiled"):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or param.requires_grad) or _layer_triton() is None:
+    head_dim = config.head_dim
+    if (torch.is_grad_enabled() and (x.requires_grad or param.requires_grad) or _layer_triton() is None
+            or head_dim < 16 or head_dim & (head_dim - 1)):  # the kernels' tiles: a power of two >= 16
         return "compiled"
     return "triton"
 
@@ -122,8 +124,9 @@ class DualStateDeltaNet(nn.Module):
         """Weight and bias of all input projections stacked in one matrix, in the order
         q, k, v, output gate, beta, fast decay, slow decay, fast gate, slow gate: one
         matrix product then computes them all. Built at each call (a copy of 2.4 MB at
-        D = 384), so the parameters stay those of the separate modules. Zero rows pad it
-        to a multiple of 64 outputs: BLAS is much slower on 4D + 5H = 1596 columns than on 1600."""
+        D = 384), so the parameters stay those of the separate modules; see
+        stacked_weights for the cached form. Zero rows pad it to a multiple of 64
+        outputs: BLAS is much slower on 4D + 5H = 1596 columns than on 1600."""
         weights = [
             self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
             self.fast_decay_proj.weight, self.slow_decay_proj.weight,
@@ -140,21 +143,51 @@ class DualStateDeltaNet(nn.Module):
         ])
         return weight, bias
 
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_projection() and the q, k, v convolution weights stacked (3D, 1, K).
+
+        When no gradient is recorded they are kept until a parameter changes (in place,
+        which bumps its version counter, or by replacement): building them is a handful
+        of small kernels a layer, a large share of a short input's forward on a GPU."""
+        convs = (self.q_conv.weight, self.k_conv.weight, self.v_conv.weight)
+        if torch.is_grad_enabled():
+            return (*self.input_projection(), torch.cat(convs))
+        sources = (
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
+            self.fast_decay_proj.weight, self.fast_decay_proj.bias, self.slow_decay_proj.weight,
+            self.slow_decay_proj.bias, self.fast_gate_proj.weight, self.slow_gate_proj.weight, *convs,
+        )
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources)
+        cached = self.__dict__.get("_stacked")
+        if cached is None or cached[0] != key:
+            cached = self._stacked = (key, (*self.input_projection(), torch.cat(convs)))
+        return cached[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_stacked", None)  # .to(), .half(), ...: never keep copies of the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
         config = self.config
-        # On a GPU the code around the op is many small elementwise kernels. Fused, each
-        # part becomes one kernel: at inference a Triton kernel of layer_triton.py (much
-        # faster than what torch.compile makes of it, but without a backward), else compiled.
+        H = config.num_attention_heads
+        weight, bias, conv_weight = self.stacked_weights()
+        # On a GPU the code around the op is many small elementwise kernels. At inference
+        # the delta-rule kernels read the input projection and apply the convolution and
+        # activations themselves, and one Triton kernel (layer_triton.py) does the output
+        # side; with gradients the code around the op runs under torch.compile.
         mode = fused_layer_code(x, config, self.q_proj.weight)
-        features, output = delta_net_features, delta_net_output
-        if mode == "compiled":
-            features, output = _compiled_layer_functions()
-        elif mode == "triton":
-            features, output = _layer_triton().delta_net_features_triton, _layer_triton().delta_net_output_triton
-        weight, bias = self.input_projection()
-        conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
-        q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, config.num_attention_heads)
+        if mode == "triton":
+            layer_triton = _layer_triton()
+            # Padding zeroed before the projection (q, k, v have no bias): it never
+            # reaches a valid token through the convolution.
+            projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
+            o = layer_triton.delta_rule_from_projection(projected, mask, conv_weight, self.flux, H, config.chunk_size)
+            D = x.shape[-1]
+            return layer_triton.delta_net_output_triton(
+                o.transpose(1, 2), projected[..., 3 * D:4 * D], self.norm_weight, self.o_proj.weight, config.rms_norm_eps)
+        features, output = _compiled_layer_functions() if mode == "compiled" else (delta_net_features, delta_net_output)
+        q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
         o = dual_state_delta_rule(
             q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,

@@ -102,6 +102,29 @@ def test_fused_layer_matches_reference():
         assert (grads[name] - grads_ref[name]).abs().max() <= 3e-4 * scale, name
 
 
+def test_stacked_weights_are_cached_until_a_parameter_changes():
+    """At inference the stacked projection is kept, but never outlives a change of a
+    parameter: in place, by replacement, or by a conversion of the module."""
+    net = make_layer()
+    D = net.config.hidden_size
+    with torch.no_grad():
+        first = net.stacked_weights()
+        assert net.stacked_weights()[0] is first[0]  # kept
+        net.k_proj.weight.mul_(2.0)  # in place: the version counter moves
+        weight, _, conv = net.stacked_weights()
+        assert torch.equal(weight[D:2 * D], net.k_proj.weight)
+        net.v_conv.weight = torch.nn.Parameter(torch.ones_like(net.v_conv.weight))  # replaced
+        assert torch.equal(net.stacked_weights()[2][2 * D:], net.v_conv.weight)
+        net.slow_decay_proj.bias.add_(1.0)
+        bias = net.stacked_weights()[1]
+        H = net.config.num_attention_heads
+        assert torch.equal(bias[4 * D + 2 * H:4 * D + 3 * H], net.slow_decay_proj.bias)
+        net.double()
+        assert all(t.dtype == torch.float64 for t in net.stacked_weights())
+    # With gradients it is built afresh, inside the autograd graph.
+    assert net.stacked_weights()[0].requires_grad
+
+
 def test_cpu_forward_does_not_compile():
     """The compiled form of the layer code is for CUDA only; on CPU it is never built."""
     _compiled_layer_functions.cache_clear()
@@ -147,42 +170,43 @@ def test_compiled_layer_functions_match_eager():
 
 _LAYER_KERNELS_CHECK = """
 import torch
-from lam_embed.layer_triton import delta_net_features_triton, delta_net_output_triton
+import torch.nn.functional as F
+from lam_embed.layer_triton import delta_net_output_triton, delta_rule_from_projection, residual_layer_norm
 from lam_embed.modeling_lam import delta_net_features, delta_net_output
+from lam_embed.ops import dual_state_delta_rule
 from test_layer import make_layer, make_inputs
+from test_triton import patch_interpreter
+patch_interpreter()
 
 net = make_layer()
 x, mask = make_inputs()
 x = x.to({device!r}, {dtype})
 mask = mask.to({device!r})
 net.to({device!r}, {dtype})
-weight, bias = net.input_projection()
-conv_weight = torch.cat([net.q_conv.weight, net.k_conv.weight, net.v_conv.weight])
-H = net.config.num_attention_heads
-with torch.no_grad():
-    ref = delta_net_features(x, mask, weight, bias, conv_weight, H)
-    out = delta_net_features_triton(x, mask, weight, bias, conv_weight, H)
-for i, (a, b) in enumerate(zip(out, ref)):
-    assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape)
-    # q, k, v everywhere; the scalars of padded positions are never read (the delta rule masks them).
-    diff = (a - b).float().abs() if i < 3 else (a - b)[mask].float().abs()
-    # float32: rounding only; bfloat16: the reference rounds after every tap, the kernel once.
-    bound = {bound} * b.float().abs().max()
-    assert diff.max() <= bound, (i, diff.max().item(), bound.item())
-assert out[0].stride() == out[1].stride() == out[2].stride()  # one set of strides for the delta-rule kernel
-
-# The output side, from a float32 o laid out as the delta rule leaves it: (B, L, H, d) in memory.
-g = torch.Generator().manual_seed(3)
-o = torch.randn(x.shape[0], x.shape[1], H, 32, generator=g).to({device!r})
-with torch.no_grad():
-    ref = delta_net_output(o, ref[3], net.norm_weight, net.o_proj.weight, 1e-6)
-    out = delta_net_output_triton(o, out[3], net.norm_weight, net.o_proj.weight, 1e-6)
-assert out.shape == ref.shape and out.dtype == ref.dtype
-# Valid tokens only: the gates of padded positions differ (see above) and are never used.
-assert (out - ref)[mask].float().abs().max() <= {bound} * ref.float().abs().max(), (out - ref).abs().max()
+H, D = net.config.num_attention_heads, x.shape[-1]
+# float32: rounding only; bfloat16: the reference rounds after every tap of the convolution, the kernels once.
+close = lambda a, b: (a - b).float().abs().max() <= {bound} * b.float().abs().max()
+for length in (300, 100):  # three chunks, then a single chunk: the two paths of the kernels
+    xl, ml = x[:, :length].contiguous(), mask[:, :length].contiguous()
+    with torch.no_grad():
+        weight, bias, conv_weight = net.stacked_weights()
+        q, k, v, gate, *scalars = delta_net_features(xl, ml, weight, bias, conv_weight, H)
+        heads = [t.transpose(1, 2) for t in (q, k, v, *scalars)]
+        ref = dual_state_delta_rule(*heads, ml, net.flux, impl="chunk", qk_l2norm=True)
+        projected = F.linear(xl * ml[..., None].to(xl.dtype), weight, bias)
+        out = delta_rule_from_projection(projected, ml, conv_weight, net.flux, H, 128)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        valid = ml[:, None, :, None]
+        assert close(out * valid, ref * valid), (length, ((out - ref) * valid).abs().max())
+        # The output side from the same o: RMSNorm, times sigmoid of the gate's logits.
+        o = ref.transpose(1, 2)
+        ref_out = delta_net_output(o, gate, net.norm_weight, net.o_proj.weight, 1e-6)
+        out_out = delta_net_output_triton(o, projected[..., 3 * D:4 * D], net.norm_weight, net.o_proj.weight, 1e-6)
+        assert out_out.shape == ref_out.shape and out_out.dtype == ref_out.dtype
+        assert close(out_out[ml], ref_out[ml]), (out_out - ref_out)[ml].abs().max()
 
 # The residual LayerNorm.
-from lam_embed.layer_triton import residual_layer_norm
+g = torch.Generator().manual_seed(3)
 norm = torch.nn.LayerNorm(x.shape[-1], eps=1e-12).to({device!r}, {dtype})
 with torch.no_grad():
     norm.weight.normal_()
@@ -192,7 +216,7 @@ with torch.no_grad():
     out = residual_layer_norm(x, y, norm.weight, norm.bias, norm.eps)
 assert out.shape == ref.shape and out.dtype == ref.dtype
 # bfloat16: the reference rounds x + y before normalising, the kernel does not.
-assert (out - ref).float().abs().max() <= {bound} * ref.float().abs().max(), (out - ref).abs().max()
+assert close(out, ref), (out - ref).abs().max()
 """
 
 
@@ -210,8 +234,9 @@ def _run_layer_kernels_check(env_extra, **fmt):
 
 @pytest.mark.slow
 def test_layer_kernels_under_the_interpreter():
-    """layer_triton's kernels equal delta_net_features, delta_net_output and the residual
-    LayerNorm on CPU, through TRITON_INTERPRET=1 (in a subprocess: the variable is read
+    """layer_triton equals the eager layer code: the delta rule from the input projection
+    (delta_net_features, then the chunk op), delta_net_output and the residual LayerNorm;
+    on CPU, through TRITON_INTERPRET=1 (in a subprocess: the variable is read
     when the kernels are defined)."""
     pytest.importorskip("triton")
     _run_layer_kernels_check({"TRITON_INTERPRET": "1"}, device="cpu", dtype="torch.float32", bound=1e-5)

@@ -256,21 +256,27 @@ def test_state_dropout_while_training_falls_back_to_chunk(gpu):
 
 # ---------------------------------------------------------------------------- CPU: the interpreter
 
-_INTERPRETER_CHECK = textwrap.dedent("""
+def patch_interpreter():
+    """triton 3.6's interpreter turns a run-time loop bound into int() of a 1-element
+    array, which numpy >= 2.3 refuses: index it instead."""
     import numpy as np
-    import torch
     import triton.runtime.interpreter as interp
-    # triton 3.6's interpreter turns a run-time loop bound into int() of a 1-element
-    # array, which numpy >= 2.3 refuses: index it instead.
-    _patch = interp._patch_lang_tensor
+
+    patch = interp._patch_lang_tensor
+
     def _patch_lang_tensor(tensor, scope):
-        _patch(tensor, scope)
+        patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
     interp._patch_lang_tensor = _patch_lang_tensor
 
+
+_INTERPRETER_CHECK = textwrap.dedent("""
     import sys
+    import torch
     sys.path.insert(0, {tests!r})
-    from test_triton import make_inputs, make_flux, max_error, raw_qk
+    from test_triton import make_inputs, make_flux, max_error, patch_interpreter, raw_qk
+    patch_interpreter()
     from lam_embed.ops import chunk_dual_state_delta_rule
     from lam_embed.ops.common import l2norm
     from lam_embed.ops.triton import triton_dual_state_delta_rule

@@ -80,22 +80,56 @@ def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.co
 
 
 @triton.jit
+def _load_rows(x, taps, p_row, t, m_t, cols, m_c, s_xl, CONV: tl.constexpr):
+    """Rows t (at offsets p_row) and columns cols (where m_c) of q, k or v, in float32.
+
+    CONV = 0: as stored. CONV > 0: x holds the layer's projection before its causal
+    depthwise convolution of CONV taps and the SiLU (modeling_lam.delta_net_features),
+    and both are applied here, y_t = SiLU(sum_j taps[:, j] x_(t - CONV + 1 + j)), with
+    rows before position 0 read as zeros. The earlier rows are mostly in cache (the
+    previous block read them), and q, k, v never make a round trip through memory.
+    taps: (columns, CONV) of this head's q, k or v.
+    """
+    m = m_t[:, None] & m_c[None, :]
+    p = x + p_row[:, None] + cols[None, :]
+    if CONV == 0:
+        return tl.load(p, mask=m, other=0.0).to(tl.float32)
+    p_taps = taps + cols * CONV + CONV - 1  # the current token's tap
+    acc = tl.load(p, mask=m, other=0.0).to(tl.float32) * tl.load(p_taps, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    for shift in tl.static_range(1, CONV):
+        b_x = tl.load(p - shift * s_xl, mask=m & (t >= shift)[:, None], other=0.0).to(tl.float32)
+        acc += b_x * tl.load(p_taps - shift, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _load_scalars(x, p_s, m_t, CONV: tl.constexpr):
+    """Per-token values of beta, a decay or a gate, float32; with CONV > 0 x holds their
+    logits (the projection before the sigmoid)."""
+    b_x = tl.load(x + p_s, mask=m_t, other=0.0).to(tl.float32)
+    if CONV > 0:
+        b_x = tl.sigmoid(b_x)
+    return b_x
+
+
+@triton.jit
 def intra_chunk_fwd_kernel(
     q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask,
     w_bil, tau, w_hid, b_hid, w_out, b_out,
-    o, qw, kt, stats,
+    o, qw, kt, stats, taps,
     L, N, H, CS,
     s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
     s_sb, s_sh, s_sl,  # strides of beta, decays, gates
     s_mb, s_ml,  # strides of mask
     s_ob, s_oh, s_ol,  # strides of o and qw (unit stride on d)
     C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    SINGLE: tl.constexpr, QK_NORM: tl.constexpr, PREC: tl.constexpr,
+    SINGLE: tl.constexpr, QK_NORM: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
 ):
     """Per-chunk pass; see the module docstring. The right-hand sides of U and W are
     solved together as the columns of one tile [V | K] -> [U | W] (XW = 2d columns);
     a single-chunk input needs U alone (XW = d). With QK_NORM, each row of q and k is
-    divided by max(its norm, QK_EPS) after loading (the op's qk_l2norm).
+    divided by max(its norm, QK_EPS) after loading (the op's qk_l2norm). With CONV > 0
+    the inputs are the layer's projections before their activations (see _load_rows).
 
     (Computing the P-independent parts of all blocks first, with batched 3-D dots, was
     measured slower on an H100: 0.71 ms against 0.65 ms at 32,768 tokens.)"""
@@ -105,6 +139,10 @@ def intra_chunk_fwd_kernel(
     x_off = i_b64 * s_xb + i_h * s_xh
     s_off = i_b64 * s_sb + i_h * s_sh
     o_off = i_b64 * s_ob + i_h * s_oh
+    # The convolution taps of this head's q, k and v columns (read only with CONV > 0).
+    taps_q = taps + i_h * D * CONV
+    taps_k = taps_q + H * D * CONV
+    taps_v = taps_k + H * D * CONV
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
@@ -127,22 +165,23 @@ def intra_chunk_fwd_kernel(
         t = i_n * CS + r  # positions
         m_t = (r < CS) & (t < L)
         valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
-        p_row = x_off + t[:, None] * s_xl
-        b_q = tl.load(q + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_row + o_d[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        p_row = x_off + t * s_xl
+        all_d = o_d < D
+        b_q = _load_rows(q, taps_q, p_row, t, m_t, o_d, all_d, s_xl, CONV)
+        b_k = _load_rows(k, taps_k, p_row, t, m_t, o_d, all_d, s_xl, CONV)
         if QK_NORM:
             b_qn = tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)
             b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)
             b_q = b_q / b_qn[:, None]
             b_k = b_k / b_kn[:, None]
-        b_x = tl.load(v + p_row + o_e[None, :], mask=m_t[:, None] & m_left[None, :], other=0.0).to(tl.float32)
+        b_x = _load_rows(v, taps_v, p_row, t, m_t, o_e, m_left, s_xl, CONV)
         if not SINGLE:
-            b_kr = tl.load(k + p_row + (o_e[None, :] - D), mask=m_t[:, None] & ~m_left[None, :], other=0.0).to(tl.float32)
+            b_kr = _load_rows(k, taps_k, p_row, t, m_t, o_e - D, ~m_left, s_xl, CONV)
             if QK_NORM:
                 b_kr = b_kr / b_kn[:, None]
             b_x += b_kr
         p_s = s_off + t * s_sl
-        b_beta = tl.load(beta + p_s, mask=m_t, other=0.0).to(tl.float32)
+        b_beta = _load_scalars(beta, p_s, m_t, CONV)
         b_beta = tl.where(valid, b_beta, 0.0)
         b_kb = b_k * b_beta[:, None]
 
@@ -158,7 +197,7 @@ def intra_chunk_fwd_kernel(
         tl.store(o + p_o, b_z, mask=m_t[:, None] & m_left[None, :])
         if not SINGLE:
             m_right = m_t[:, None] & ~m_left[None, :]
-            b_qr = tl.load(q + p_row + (o_e[None, :] - D), mask=m_right, other=0.0).to(tl.float32)
+            b_qr = _load_rows(q, taps_q, p_row, t, m_t, o_e - D, ~m_left, s_xl, CONV)
             if QK_NORM:
                 b_qr = b_qr / b_qn[:, None]
             tl.store(qw + p_o - D, b_qr - b_z, mask=m_right)
@@ -168,12 +207,12 @@ def intra_chunk_fwd_kernel(
         b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
         b_sum_y += tl.sum(tl.where(valid[:, None], b_y, 0.0), 0)
         n_valid += tl.sum(valid.to(tl.float32), 0)
-        sum_df += tl.sum(tl.where(valid, tl.load(decay_fast + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
-        sum_ds += tl.sum(tl.where(valid, tl.load(decay_slow + p_s, mask=m_t, other=0.0).to(tl.float32), 0.0), 0)
+        sum_df += tl.sum(tl.where(valid, _load_scalars(decay_fast, p_s, m_t, CONV), 0.0), 0)
+        sum_ds += tl.sum(tl.where(valid, _load_scalars(decay_slow, p_s, m_t, CONV), 0.0), 0)
 
     psi = _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D, XW)
     _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_df, sum_ds,
-                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, XW, SINGLE)
+                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, XW, SINGLE, CONV)
 
 
 @triton.jit
@@ -202,7 +241,8 @@ def _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_o
 @triton.jit
 def _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_df, sum_ds,
                     i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol,
-                    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, XW: tl.constexpr, SINGLE: tl.constexpr):
+                    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, XW: tl.constexpr, SINGLE: tl.constexpr,
+                    CONV: tl.constexpr):
     """A single chunk: its output. Otherwise: what the recurrence and the output kernel read."""
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
@@ -216,8 +256,8 @@ def _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_d
             t = i_n * CS + r
             m_t = (r < CS) & (t < L)
             p_s = s_off + t * s_sl
-            b_gf = tl.load(gate_fast + p_s, mask=m_t, other=0.0).to(tl.float32)
-            b_gs = tl.load(gate_slow + p_s, mask=m_t, other=0.0).to(tl.float32)
+            b_gf = _load_scalars(gate_fast, p_s, m_t, CONV)
+            b_gs = _load_scalars(gate_slow, p_s, m_t, CONV)
             p_o = o_off + t[:, None] * s_ol + o_d[None, :]
             b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
             b_o = (alpha * b_gf + (1 - alpha) * b_gs)[:, None] * b_au
@@ -304,10 +344,10 @@ def chunk_output_kernel(
     L, N, H, CS,
     s_sb, s_sh, s_sl,
     s_ob, s_oh, s_ol,
-    C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr,
+    C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
 ):
     """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU) for ROWS rows of a
-    chunk; AU is read from o and overwritten."""
+    chunk; AU is read from o and overwritten. CONV > 0: the gates are logits (_load_scalars)."""
     i_h, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_m // (C // ROWS)
     i_b64 = i_b.to(tl.int64)
@@ -326,15 +366,15 @@ def chunk_output_kernel(
     b_qw = tl.load(qw + p_o, mask=m_t[:, None], other=0.0)
     b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
     p_s = i_b64 * s_sb + i_h * s_sh + t * s_sl
-    b_gf = tl.load(gate_fast + p_s, mask=m_t, other=0.0).to(tl.float32)
-    b_gs = tl.load(gate_slow + p_s, mask=m_t, other=0.0).to(tl.float32)
+    b_gf = _load_scalars(gate_fast, p_s, m_t, CONV)
+    b_gs = _load_scalars(gate_slow, p_s, m_t, CONV)
 
     b_of = b_gf[:, None] * (tl.dot(b_qw, b_rf, input_precision=PREC) + b_au)
     b_os = b_gs[:, None] * (tl.dot(b_qw, b_rs, input_precision=PREC) + b_au)
     tl.store(o + p_o, alpha * b_of + (1 - alpha) * b_os, mask=m_t[:, None])
 
 
-def _flux_parameters(flux):
+def flux_parameters(flux):
     """The tensors of a ResonanceFlux the kernel reads, or None for any other flux."""
     from ..modeling_lam import ResonanceFlux  # imported here: modeling_lam imports this package
 
@@ -367,8 +407,13 @@ CONFIG = {
 
 
 def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int,
-                   qk_l2norm: bool = False):
-    """Forward pass through the three kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d)."""
+                   qk_l2norm: bool = False, conv_taps: torch.Tensor | None = None):
+    """Forward pass through the three kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d).
+
+    ``conv_taps`` (3 H d, K), the layer's q, k, v convolution weights, contiguous: then
+    q, k, v are the projections before the convolution and SiLU, and the five per-token
+    scalars are logits; the kernels apply those activations on load (see _load_rows).
+    """
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
     single = N == 1
@@ -382,8 +427,13 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     beta, decay_fast, decay_slow, gate_fast, gate_slow = _common_layout(
         [beta, decay_fast, decay_slow, gate_fast, gate_slow], unit_last=False)
     mask_u8 = mask.contiguous().view(torch.uint8)
-    w_bil, tau, w_hid, b_hid, w_out, b_out = (
-        p if p.dtype == torch.float32 and p.is_contiguous() else p.float().contiguous() for p in flux_params)
+    # The kernels convert on load: no float32 copies of the flux parameters (six small
+    # kernels a layer for a bfloat16 model).
+    w_bil, tau, w_hid, b_hid, w_out, b_out = (p.contiguous() for p in flux_params)
+    conv = 0 if conv_taps is None else conv_taps.shape[-1]
+    if conv and (conv_taps.shape[0] != 3 * H * D or not conv_taps.is_contiguous()):
+        raise ValueError(f"conv_taps must be a contiguous ({3 * H * D}, K) tensor, got {tuple(conv_taps.shape)}")
+    taps = q if conv_taps is None else conv_taps  # not read without conv_taps
 
     # o (and qw) are (B, L, H, d) in memory: the layer's next step merges the heads for free.
     o = q.new_empty(B, L, H, D, dtype=torch.float32).permute(0, 2, 1, 3)
@@ -397,13 +447,13 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     intra_chunk_fwd_kernel[(H, N, B)](
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
         w_bil, tau, w_hid, b_hid, w_out, b_out,
-        o, qw, kt, stats,
+        o, qw, kt, stats, taps,
         L, N, H, chunk_size,
         q.stride(0), q.stride(1), q.stride(2),
         beta.stride(0), beta.stride(1), beta.stride(2),
         mask_u8.stride(0), mask_u8.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec,
+        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec, CONV=conv,
         num_warps=CONFIG["num_warps_single"] if single else warps[0],
     )
     if single:
@@ -419,7 +469,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         L, N, H, chunk_size,
         gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, ROWS=rows, PREC=prec, num_warps=warps[2],
+        C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, num_warps=warps[2],
     )
     return o
 
@@ -450,7 +500,7 @@ class DualStateDeltaRuleFunction(torch.autograd.Function):
             inputs = [t.detach().float().requires_grad_(need) for t, need in zip(tensors, needs)]
             q, k = (l2norm(inputs[0]), l2norm(inputs[1])) if ctx.qk_l2norm else inputs[:2]
             out = chunk_dual_state_delta_rule(q, k, *inputs[2:], ctx.mask, ctx.flux, chunk_size=ctx.chunk_size)
-            # The flux module's parameters are the ones passed to apply (see _flux_parameters).
+            # The flux module's parameters are the ones passed to apply (see flux_parameters).
             wrt = inputs + list(ctx.flux_params)
             wrt_needed = [x for x, need in zip(wrt, needs) if need]
             grads = torch.autograd.grad(out, wrt_needed, grad_out.float(), allow_unused=True) if wrt_needed else ()
@@ -489,7 +539,7 @@ def triton_dual_state_delta_rule(
     a flux other than ResonanceFlux, or a head size that is not a power of two of at least 16.
     """
     args = (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)
-    flux_params = _flux_parameters(flux)
+    flux_params = flux_parameters(flux)
     D = q.shape[-1]
     dtype = torch.float32 if qk_l2norm else q.dtype
     if (training and state_dropout > 0) or flux_params is None or D < 16 or D & (D - 1):
