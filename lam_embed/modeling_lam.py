@@ -179,9 +179,8 @@ class DualStateDeltaNet(nn.Module):
         mode = fused_layer_code(x, config, self.q_proj.weight)
         if mode == "triton":
             layer_triton = _layer_triton()
-            # Padding zeroed before the projection (q, k, v have no bias): it never
-            # reaches a valid token through the convolution.
-            projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
+            # The kernels read rows of padding as zeros: no need to zero them first.
+            projected = F.linear(x, weight, bias)
             o = layer_triton.delta_rule_from_projection(projected, mask, conv_weight, self.flux, H, config.chunk_size)
             D = x.shape[-1]
             return layer_triton.delta_net_output_triton(

@@ -180,6 +180,7 @@ patch_interpreter()
 
 net = make_layer()
 x, mask = make_inputs()
+mask[1, 5:9] = False  # a hole: the convolution must read it as zeros, as delta_net_features does
 x = x.to({device!r}, {dtype})
 mask = mask.to({device!r})
 net.to({device!r}, {dtype})
@@ -193,7 +194,7 @@ for length in (300, 100):  # three chunks, then a single chunk: the two paths of
         q, k, v, gate, *scalars = delta_net_features(xl, ml, weight, bias, conv_weight, H)
         heads = [t.transpose(1, 2) for t in (q, k, v, *scalars)]
         ref = dual_state_delta_rule(*heads, ml, net.flux, impl="chunk", qk_l2norm=True)
-        projected = F.linear(xl * ml[..., None].to(xl.dtype), weight, bias)
+        projected = F.linear(xl, weight, bias)  # padding not zeroed: the kernels must ignore it
         out = delta_rule_from_projection(projected, ml, conv_weight, net.flux, H, 128)
         assert out.shape == ref.shape and out.dtype == torch.float32
         valid = ml[:, None, :, None]

@@ -371,15 +371,26 @@ def bench(sweep: bool = False, compiled: bool = False):
         tensors = [t.to(dtype) for t in tensors]
         return lambda: fn(*tensors, mask, flux, chunk_size=128)
 
+    def run_projection(B, L):
+        """The layer's inference path: the op from a bfloat16 input projection (conv and activations in the kernels)."""
+        from lam_embed.layer_triton import delta_rule_from_projection
+
+        D = HEADS * HEAD_DIM
+        g = torch.Generator().manual_seed(B)
+        projected = torch.randn(B, L, 4 * D + 5 * HEADS + 4, generator=g).to(dev, torch.bfloat16)
+        conv_weight = (0.5 * torch.randn(3 * D, 1, 4, generator=g)).to(dev, torch.bfloat16)
+        mask = cases[(B, L)][1]
+        return lambda: delta_rule_from_projection(projected, mask, conv_weight, flux, HEADS, 128)
+
     def table():
         print("\nms per call, 12 heads x 32, 32,768 tokens, fp32 inputs unless named (median of CUDA-event timings,"
               " warm-up excluded; 'b2b': 10 calls back to back, per call)")
         print(f"  {'B x L':>10s} {'triton':>9s} {'triton b2b':>11s} {'triton bf16':>12s} {'chunk':>9s} {'compiled':>9s}"
-              f" {'max err':>9s}")
+              f" {'max err':>9s} {'from projection bf16':>21s}")
         for (B, L), r in results.items():
             comp = f"{r['compiled']:9.3f}" if "compiled" in r else f"{'-':>9s}"
             print(f"  {f'{B}x{L}':>10s} {r['triton']:9.3f} {r['triton_b2b']:11.3f} {r['triton_bf16']:12.3f}"
-                  f" {r['chunk']:9.3f} {comp} {r['err']:9.1e}", flush=True)
+                  f" {r['chunk']:9.3f} {comp} {r['err']:9.1e} {r['projection']:21.3f}", flush=True)
 
     results = {}
     with torch.no_grad():
@@ -393,13 +404,15 @@ def bench(sweep: bool = False, compiled: bool = False):
                 "triton_b2b": _time(run(T.triton_dual_state_delta_rule, B, L), repeat=10, calls=10),
                 "triton_bf16": _time(run(T.triton_dual_state_delta_rule, B, L, torch.bfloat16)),
                 "chunk": _time(run(chunk_dual_state_delta_rule, B, L), repeat=5),
+                "projection": _time(run_projection(B, L)),
             }
         table()
         print("\nkernel times (ms per call, default settings):")
-        for B, L in BENCH_SHAPES:
+        for (B, L), name in [(shape, name) for shape in BENCH_SHAPES for name in ("op", "from projection")]:
             try:
-                rows = _kernel_times(run(T.triton_dual_state_delta_rule, B, L))
-                print(f"  {B}x{L}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rows.items(), key=lambda kv: -kv[1])))
+                fn = run(T.triton_dual_state_delta_rule, B, L) if name == "op" else run_projection(B, L)
+                rows = _kernel_times(fn)
+                print(f"  {B}x{L} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rows.items(), key=lambda kv: -kv[1])))
             except Exception as exc:
                 print("  profiler failed:", type(exc).__name__, str(exc)[:200])
                 break
@@ -409,27 +422,34 @@ def bench(sweep: bool = False, compiled: bool = False):
             w1, w2, w3 = default["num_warps"]
             variants = [
                 ("default", {}),
+                ("k1 1w single", {"num_warps_single": 1}),
                 ("k1 4w single", {"num_warps_single": 4}),
+                ("k1 2w", {"num_warps": (2, w2, w3)}),
                 ("k1 8w", {"num_warps": (8, w2, w3), "num_warps_single": 8}),
                 ("k1 bt32", {"block_t": 32}),
                 ("k2 tf32x3", {"state_precision": "tf32x3"}),
+                ("k2 1w", {"num_warps": (w1, 1, w3)}),
+                ("k2 2w", {"num_warps": (w1, 2, w3)}),
                 ("k2 8w", {"num_warps": (w1, 8, w3)}),
                 ("k3 128 rows", {"output_rows": 128}),
             ]
-            print("\nvariants: ms per call (max error vs chunk)")
+            print("\nvariants: ms per call (max error vs chunk); the op in fp32, then the op from a bf16 projection")
             print(f"  {'variant':14s}" + "".join(f"{f'{B}x{L}':>22s}" for B, L in BENCH_SHAPES))
             for name, change in variants:
                 T.CONFIG.clear()
                 T.CONFIG.update(default, **change)
-                cells = []
+                cells, cells_projection = [], []
                 for B, L in BENCH_SHAPES:
                     try:
                         fn = run(T.triton_dual_state_delta_rule, B, L)
                         err = (fn() - refs[(B, L)]).abs().max().item()
                         cells.append(f"{_time(fn):8.3f} ({err:.1e})")
+                        cells_projection.append(f"{_time(run_projection(B, L)):8.3f}")
                     except Exception as exc:  # a variant that does not compile or fit
                         cells.append(f"{type(exc).__name__[:20]:>20s}")
+                        cells_projection.append("-")
                 print(f"  {name:14s}" + "".join(f"{c:>22s}" for c in cells), flush=True)
+                print(f"  {'':14s}" + "".join(f"{c:>22s}" for c in cells_projection), flush=True)
             T.CONFIG.clear()
             T.CONFIG.update(default)
 

@@ -80,26 +80,40 @@ def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.co
 
 
 @triton.jit
-def _load_rows(x, taps, p_row, t, m_t, cols, m_c, s_xl, CONV: tl.constexpr):
-    """Rows t (at offsets p_row) and columns cols (where m_c) of q, k or v, in float32.
+def _load_rows(x, taps, p_row, p_mask, t, m_t, s_xl, s_ml, D: tl.constexpr, CONV: tl.constexpr):
+    """Rows t (at offsets p_row; their mask entries at p_mask) of q, k or v, float32 (BT x D).
 
     CONV = 0: as stored. CONV > 0: x holds the layer's projection before its causal
     depthwise convolution of CONV taps and the SiLU (modeling_lam.delta_net_features),
     and both are applied here, y_t = SiLU(sum_j taps[:, j] x_(t - CONV + 1 + j)), with
-    rows before position 0 read as zeros. The earlier rows are mostly in cache (the
-    previous block read them), and q, k, v never make a round trip through memory.
-    taps: (columns, CONV) of this head's q, k or v.
+    rows before position 0 and rows of padding read as zeros. The earlier rows are mostly
+    in cache (the previous block read them), and q, k, v never make a round trip through
+    memory. taps: (D, CONV), this head's q, k or v taps.
     """
-    m = m_t[:, None] & m_c[None, :]
+    cols = tl.arange(0, D)
     p = x + p_row[:, None] + cols[None, :]
     if CONV == 0:
-        return tl.load(p, mask=m, other=0.0).to(tl.float32)
+        return tl.load(p, mask=m_t[:, None], other=0.0).to(tl.float32)
     p_taps = taps + cols * CONV + CONV - 1  # the current token's tap
-    acc = tl.load(p, mask=m, other=0.0).to(tl.float32) * tl.load(p_taps, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    acc = tl.load(p, mask=m_t[:, None], other=0.0).to(tl.float32) * tl.load(p_taps).to(tl.float32)[None, :]
     for shift in tl.static_range(1, CONV):
-        b_x = tl.load(p - shift * s_xl, mask=m & (t >= shift)[:, None], other=0.0).to(tl.float32)
-        acc += b_x * tl.load(p_taps - shift, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        ok = m_t & (t >= shift)
+        ok = ok & (tl.load(p_mask - shift * s_ml, mask=ok, other=0) != 0)
+        b_x = tl.load(p - shift * s_xl, mask=ok[:, None], other=0.0).to(tl.float32)
+        acc += b_x * tl.load(p_taps - shift).to(tl.float32)[None, :]
     return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _hcat(a, b, BT: tl.constexpr, D: tl.constexpr):
+    """[a | b]: two BT x D tiles side by side."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BT, 2 * D))
+
+
+@triton.jit
+def _halves(x, BT: tl.constexpr, D: tl.constexpr):
+    """The left and right BT x D halves of a BT x 2D tile."""
+    return tl.split(tl.permute(tl.reshape(x, (BT, 2, D)), (0, 2, 1)))
 
 
 @triton.jit
@@ -146,8 +160,6 @@ def intra_chunk_fwd_kernel(
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
-    o_e = tl.arange(0, XW)
-    m_left = o_e < D  # columns of V, U, A U; the others are those of K, W, A W
     m_lower = o_t[:, None] > o_t[None, :]
     m_causal = o_t[:, None] >= o_t[None, :]
 
@@ -164,22 +176,19 @@ def intra_chunk_fwd_kernel(
         r = i * BT + o_t  # rows inside the (padded) chunk
         t = i_n * CS + r  # positions
         m_t = (r < CS) & (t < L)
-        valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
+        p_mask = mask + i_b64 * s_mb + t * s_ml
+        valid = tl.load(p_mask, mask=m_t, other=0) != 0
         p_row = x_off + t * s_xl
-        all_d = o_d < D
-        b_q = _load_rows(q, taps_q, p_row, t, m_t, o_d, all_d, s_xl, CONV)
-        b_k = _load_rows(k, taps_k, p_row, t, m_t, o_d, all_d, s_xl, CONV)
+        b_q = _load_rows(q, taps_q, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+        b_k = _load_rows(k, taps_k, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+        b_v = _load_rows(v, taps_v, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
         if QK_NORM:
-            b_qn = tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)
-            b_kn = tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)
-            b_q = b_q / b_qn[:, None]
-            b_k = b_k / b_kn[:, None]
-        b_x = _load_rows(v, taps_v, p_row, t, m_t, o_e, m_left, s_xl, CONV)
-        if not SINGLE:
-            b_kr = _load_rows(k, taps_k, p_row, t, m_t, o_e - D, ~m_left, s_xl, CONV)
-            if QK_NORM:
-                b_kr = b_kr / b_kn[:, None]
-            b_x += b_kr
+            b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)[:, None]
+            b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)[:, None]
+        if SINGLE:
+            b_x = b_v
+        else:
+            b_x = _hcat(b_v, b_k, BT, D)
         p_s = s_off + t * s_sl
         b_beta = _load_scalars(beta, p_s, m_t, CONV)
         b_beta = tl.where(valid, b_beta, 0.0)
@@ -193,14 +202,13 @@ def intra_chunk_fwd_kernel(
         # [A U | A W] rows: the earlier blocks through b_p, this block causally.
         b_qk = tl.where(m_causal, tl.dot(b_q, tl.trans(b_k), input_precision=PREC), 0.0)
         b_z = tl.dot(b_q, b_p, input_precision=PREC) + tl.dot(b_qk, b_y, input_precision=PREC)
-        p_o = o_off + t[:, None] * s_ol + o_e[None, :]
-        tl.store(o + p_o, b_z, mask=m_t[:, None] & m_left[None, :])
-        if not SINGLE:
-            m_right = m_t[:, None] & ~m_left[None, :]
-            b_qr = _load_rows(q, taps_q, p_row, t, m_t, o_e - D, ~m_left, s_xl, CONV)
-            if QK_NORM:
-                b_qr = b_qr / b_qn[:, None]
-            tl.store(qw + p_o - D, b_qr - b_z, mask=m_right)
+        p_o = o_off + t[:, None] * s_ol + o_d[None, :]
+        if SINGLE:
+            tl.store(o + p_o, b_z, mask=m_t[:, None])
+        else:
+            b_au, b_aw = _halves(b_z, BT, D)
+            tl.store(o + p_o, b_au, mask=m_t[:, None])
+            tl.store(qw + p_o, b_q - b_aw, mask=m_t[:, None])
 
         b_p += tl.dot(tl.trans(b_k), b_y, input_precision=PREC)
 
