@@ -13,8 +13,7 @@ for the chunked form; see tests/test_triton.py --bench):
    where T_ii = (I + strictly_lower(Kb_i K_i^T))^-1 is the exact inverse of a BT x BT
    diagonal block (block doubling, as flash-linear-attention's solve_tril merges its
    blocks). This is forward substitution at block granularity, so the C x C matrices
-   of chunk.py never exist; U and W are solved together as the columns of [V | K].
-   In the same pass it forms the rows
+   of chunk.py never exist. In the same pass it forms the rows
    A U = Q P_U + tril(Q_i K_i^T) U_i and Q - A W, and at the end of the chunk holds
    K^T U = P_U and K^T W = P_W. psi (the ResonanceFlux MLP) and the mean decays are
    computed in the kernel from the mean key, the mean written value and
@@ -30,7 +29,10 @@ for the chunked form; see tests/test_triton.py --bench):
 
 With ``qk_l2norm`` kernel 1 normalises each row of q and k after loading them (the
 layer passes them unnormalised, in its own dtype), so that float32 copies of q and k
-never exist in memory. The inputs may mix dtypes.
+never exist in memory. The inputs may mix dtypes. The layer's inference path goes
+further (``conv_taps``, layer_triton.delta_rule_from_projection): the kernels read
+the input projection itself and apply the causal convolution, SiLU and sigmoids on
+load, so that the activations never exist in memory either.
 
 All arithmetic is float32 (states included) whatever the input dtype. The products of
 kernels 1 and 3 use "tf32x3" on the tensor cores for float32 inputs (three tf32 passes,
@@ -105,18 +107,6 @@ def _load_rows(x, taps, p_row, p_mask, t, m_t, s_xl, s_ml, D: tl.constexpr, CONV
 
 
 @triton.jit
-def _hcat(a, b, BT: tl.constexpr, D: tl.constexpr):
-    """[a | b]: two BT x D tiles side by side."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BT, 2 * D))
-
-
-@triton.jit
-def _halves(x, BT: tl.constexpr, D: tl.constexpr):
-    """The left and right BT x D halves of a BT x 2D tile."""
-    return tl.split(tl.permute(tl.reshape(x, (BT, 2, D)), (0, 2, 1)))
-
-
-@triton.jit
 def _load_scalars(x, p_s, m_t, CONV: tl.constexpr):
     """Per-token values of beta, a decay or a gate, float32; with CONV > 0 x holds their
     logits (the projection before the sigmoid)."""
@@ -139,15 +129,15 @@ def intra_chunk_fwd_kernel(
     C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     SINGLE: tl.constexpr, QK_NORM: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
 ):
-    """Per-chunk pass; see the module docstring. The right-hand sides of U and W are
-    solved together as the columns of one tile [V | K] -> [U | W] (XW = 2d columns);
-    a single-chunk input needs U alone (XW = d). With QK_NORM, each row of q and k is
+    """Per-chunk pass; see the module docstring. A single-chunk input needs U alone,
+    not W. (U and W as the columns of one tile [V | K] joined in registers gave wrong
+    results with 16-row blocks in triton 3.6; loading the two halves of such a tile
+    apart would apply the convolution to k twice.) With QK_NORM, each row of q and k is
     divided by max(its norm, QK_EPS) after loading (the op's qk_l2norm). With CONV > 0
     the inputs are the layer's projections before their activations (see _load_rows).
 
     (Computing the P-independent parts of all blocks first, with batched 3-D dots, was
     measured slower on an H100: 0.71 ms against 0.65 ms at 32,768 tokens.)"""
-    XW: tl.constexpr = D if SINGLE else 2 * D
     i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
     x_off = i_b64 * s_xb + i_h * s_xh
@@ -163,11 +153,12 @@ def intra_chunk_fwd_kernel(
     m_lower = o_t[:, None] > o_t[None, :]
     m_causal = o_t[:, None] >= o_t[None, :]
 
-    # [K^T U | K^T W] over the blocks done so far.
-    b_p = tl.zeros([D, XW], dtype=tl.float32)
-    # Sums over the chunk's valid tokens: keys, [U | W], count, decays.
+    # K^T U and K^T W over the blocks done so far (a single chunk needs no W).
+    b_pu = tl.zeros([D, D], dtype=tl.float32)
+    b_pw = tl.zeros([D, D], dtype=tl.float32)
+    # Sums over the chunk's valid tokens: keys, U, count, decays.
     b_sum_k = tl.zeros([D], dtype=tl.float32)
-    b_sum_y = tl.zeros([XW], dtype=tl.float32)
+    b_sum_u = tl.zeros([D], dtype=tl.float32)
     n_valid = 0.0
     sum_df = 0.0
     sum_ds = 0.0
@@ -185,60 +176,50 @@ def intra_chunk_fwd_kernel(
         if QK_NORM:
             b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)[:, None]
             b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)[:, None]
-        if SINGLE:
-            b_x = b_v
-        else:
-            b_x = _hcat(b_v, b_k, BT, D)
         p_s = s_off + t * s_sl
-        b_beta = _load_scalars(beta, p_s, m_t, CONV)
-        b_beta = tl.where(valid, b_beta, 0.0)
+        b_beta = tl.where(valid, _load_scalars(beta, p_s, m_t, CONV), 0.0)
         b_kb = b_k * b_beta[:, None]
 
-        # [U | W] rows of this block: T_ii ([Vb | Kb] - Kb [K^T U | K^T W] of the earlier blocks).
+        # U rows of this block, T_ii (Vb_i - Kb_i P_U), and the A U rows: the earlier
+        # blocks through P_U, this block causally.
         b_a = tl.where(m_lower, tl.dot(b_kb, tl.trans(b_k), input_precision=PREC), 0.0)
         b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
-        b_y = tl.dot(b_t, b_x * b_beta[:, None] - tl.dot(b_kb, b_p, input_precision=PREC), input_precision=PREC)
-
-        # [A U | A W] rows: the earlier blocks through b_p, this block causally.
+        b_u = tl.dot(b_t, b_v * b_beta[:, None] - tl.dot(b_kb, b_pu, input_precision=PREC), input_precision=PREC)
         b_qk = tl.where(m_causal, tl.dot(b_q, tl.trans(b_k), input_precision=PREC), 0.0)
-        b_z = tl.dot(b_q, b_p, input_precision=PREC) + tl.dot(b_qk, b_y, input_precision=PREC)
+        b_au = tl.dot(b_q, b_pu, input_precision=PREC) + tl.dot(b_qk, b_u, input_precision=PREC)
         p_o = o_off + t[:, None] * s_ol + o_d[None, :]
-        if SINGLE:
-            tl.store(o + p_o, b_z, mask=m_t[:, None])
-        else:
-            b_au, b_aw = _halves(b_z, BT, D)
-            tl.store(o + p_o, b_au, mask=m_t[:, None])
+        tl.store(o + p_o, b_au, mask=m_t[:, None])
+        if not SINGLE:
+            # Likewise W = T_ii (Kb_i - Kb_i P_W), and the rows Q - A W.
+            b_w = tl.dot(b_t, b_kb - tl.dot(b_kb, b_pw, input_precision=PREC), input_precision=PREC)
+            b_aw = tl.dot(b_q, b_pw, input_precision=PREC) + tl.dot(b_qk, b_w, input_precision=PREC)
             tl.store(qw + p_o, b_q - b_aw, mask=m_t[:, None])
-
-        b_p += tl.dot(tl.trans(b_k), b_y, input_precision=PREC)
+            b_pw += tl.dot(tl.trans(b_k), b_w, input_precision=PREC)
+        b_pu += tl.dot(tl.trans(b_k), b_u, input_precision=PREC)
 
         b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
-        b_sum_y += tl.sum(tl.where(valid[:, None], b_y, 0.0), 0)
+        b_sum_u += tl.sum(tl.where(valid[:, None], b_u, 0.0), 0)
         n_valid += tl.sum(valid.to(tl.float32), 0)
         sum_df += tl.sum(tl.where(valid, _load_scalars(decay_fast, p_s, m_t, CONV), 0.0), 0)
         sum_ds += tl.sum(tl.where(valid, _load_scalars(decay_slow, p_s, m_t, CONV), 0.0), 0)
 
-    psi = _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D, XW)
-    _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_df, sum_ds,
-                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, XW, SINGLE, CONV)
+    psi = _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D)
+    _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_pu, b_pw, psi, n_valid, sum_df, sum_ds,
+                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, SINGLE, CONV)
 
 
 @triton.jit
-def _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out,
-              D: tl.constexpr, XW: tl.constexpr):
+def _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D: tl.constexpr):
     """psi = ResonanceFlux([mean K ; mean U ; mean_t k_t W_bil u_t / tau]). Rows of U are
     zero where beta = 0, so sum_t k_t W_bil u_t over valid tokens is <W_bil, K^T U>."""
     o_d = tl.arange(0, D)
-    o_e = tl.arange(0, XW)
-    m_left = o_e < D
     count = tl.maximum(n_valid, 1.0)
-    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
-    score = tl.sum(tl.sum(b_wb * b_p, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
+    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_d[None, :]).to(tl.float32)
+    score = tl.sum(tl.sum(b_wb * b_pu, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
     o_j = tl.arange(0, D // 2)
     p_wh = w_hid + o_j[:, None] * (2 * D + 1)
     b_z = tl.sum(tl.load(p_wh + o_d[None, :]).to(tl.float32) * (b_sum_k / count)[None, :], 1)
-    b_wu = tl.load(p_wh + D + o_e[None, :], mask=m_left[None, :], other=0.0).to(tl.float32)
-    b_z += tl.sum(b_wu * (b_sum_y / count)[None, :], 1)
+    b_z += tl.sum(tl.load(p_wh + D + o_d[None, :]).to(tl.float32) * (b_sum_u / count)[None, :], 1)
     b_z += tl.load(w_hid + o_j * (2 * D + 1) + 2 * D).to(tl.float32) * score
     b_z += tl.load(b_hid + o_j).to(tl.float32)
     b_hidden = b_z * tl.sigmoid(b_z)
@@ -247,10 +228,9 @@ def _flux_psi(b_p, b_sum_k, b_sum_y, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_o
 
 
 @triton.jit
-def _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_df, sum_ds,
+def _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_pu, b_pw, psi, n_valid, sum_df, sum_ds,
                     i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol,
-                    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, XW: tl.constexpr, SINGLE: tl.constexpr,
-                    CONV: tl.constexpr):
+                    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr, CONV: tl.constexpr):
     """A single chunk: its output. Otherwise: what the recurrence and the output kernel read."""
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
@@ -273,8 +253,9 @@ def _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_p, psi, n_valid, sum_d
     else:
         count = tl.maximum(n_valid, 1.0)
         i_c = (i_b64 * H + i_h) * N + i_n  # index of this (sample, head, chunk)
-        o_e = tl.arange(0, XW)
-        tl.store(kt + i_c * D * XW + o_d[:, None] * XW + o_e[None, :], b_p)
+        p_kt = kt + i_c * D * 2 * D + o_d[:, None] * (2 * D) + o_d[None, :]  # [K^T U | K^T W]
+        tl.store(p_kt, b_pu)
+        tl.store(p_kt + D, b_pw)
         tl.store(stats + i_c * 4 + 0, psi)
         tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
         tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
