@@ -79,6 +79,25 @@ def profile_call(fn, device: torch.device, iters: int) -> dict:
     }
 
 
+def host_floor(lam, minilm, device: torch.device, iters: int) -> dict:
+    """Wall milliseconds of a forward of one 16-token input, whose GPU work is negligible:
+    the Python and launch work on the CPU that a forward costs whatever its size. Where
+    it comes near a large input's kernel time, the GPU waits for the CPU."""
+    ids = _random_ids(1, 16, lam.config.vocab_size, device, 0)
+    ones = torch.ones_like(ids)
+    calls = {
+        "lam": lambda: lam(input_ids=ids, attention_mask=ones),
+        "minilm": lambda: minilm(input_ids=ids, attention_mask=ones, token_type_ids=torch.zeros_like(ids)),
+    }
+    floor = {}
+    with torch.inference_mode():
+        for name, fn in calls.items():
+            timed = measure(lambda fn=fn: fn, device=device, warmup=3, repeats=max(iters, 20), clock=Clock(0),
+                            label=f"host floor {name}")
+            floor[name] = round(timed["median_s"] * 1000, 3) if timed["status"] == "ok" else None
+    return floor
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Profile the forward of LAM and of all-MiniLM-L6-v2 (CUDA): GPU time by kernel kind, "
@@ -111,6 +130,9 @@ def main(argv=None) -> dict:
     lam.to(device=device, dtype=dtype)
     bert = load_minilm_bert(args)
     result = {"dtype": args.dtype, "impl": args.impl, "device": torch.cuda.get_device_name(), "lengths": {}}
+    result["host_floor_ms"] = host_floor(lam, minilm_for_length(bert, 16).to(device=device, dtype=dtype), device,
+                                         args.iters)
+    logger.info("host floor (wall of a forward of one 16-token input), ms: %s", result["host_floor_ms"])
     for length in args.lengths:
         batch = max(1, args.tokens // length)
         minilm = minilm_for_length(bert, length).to(device=device, dtype=dtype)
@@ -133,6 +155,8 @@ def main(argv=None) -> dict:
         torch.cuda.empty_cache()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
+    print(f"Host floor (wall of a forward of one 16-token input): LAM {result['host_floor_ms']['lam']} ms, "
+          f"MiniLM {result['host_floor_ms']['minilm']} ms")
     for length, entry in result["lengths"].items():
         print(f"\nL={length} batch={entry['batch_size']}")
         for name in ("lam", "minilm"):
