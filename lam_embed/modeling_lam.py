@@ -352,8 +352,14 @@ class LAMModel(LAMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
-        """Raise ValueError naming the argument that does not fit the model."""
+    def check_inputs(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
+        """Raise ValueError naming the argument that does not fit the model.
+
+        Shapes and dtypes are checked here. The values are checked here on CPU; on a GPU
+        a read of them would stall the forward pass until the GPU caught up, so the
+        values' summary is returned instead (one tensor, copied to the host without
+        waiting, and the event that marks the copy done) for ``check_values`` once the
+        forward pass is queued."""
         if input_ids is None:
             raise ValueError("LAMModel needs input_ids")
         if input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -362,9 +368,7 @@ class LAMModel(LAMPreTrainedModel):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
         if not input_ids.numel():
-            return
-        # Every value check in one device-to-host copy: on a GPU each separate read of a
-        # value would stall the forward pass.
+            return None
         zero = input_ids.new_zeros((), dtype=torch.long)
         mask = attention_mask.long() if attention_mask is not None else None
         types = token_type_ids.long() if token_type_ids is not None else None
@@ -373,8 +377,21 @@ class LAMModel(LAMPreTrainedModel):
             mask.min() if mask is not None else zero, mask.max() if mask is not None else zero,
             (mask[:, 1:] > mask[:, :-1]).any().long() if mask is not None else zero,
             types.min() if types is not None else zero, types.max() if types is not None else zero,
-        ]).tolist()
-        low, high, mask_low, mask_high, left_padded, type_low, type_high = stats
+        ])
+        if not stats.is_cuda:
+            self.check_values(stats)
+            return None
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def check_values(self, stats: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        """The value checks of check_inputs, from its summary of the values."""
+        if done is not None:
+            done.synchronize()  # the copy was queued before the forward pass: long done
+        low, high, mask_low, mask_high, left_padded, type_low, type_high = stats.tolist()
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
@@ -397,11 +414,16 @@ class LAMModel(LAMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
-        self.check_inputs(input_ids, attention_mask, token_type_ids)
+        pending = self.check_inputs(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        if pending is not None:
+            # Values not checked yet: ids outside the tables must not reach the embedding
+            # lookup (an out-of-range read would end the CUDA context, not raise).
+            input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
+            token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
         mask = attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids)
         hidden_states = [x] if output_hidden_states else None
@@ -409,6 +431,8 @@ class LAMModel(LAMPreTrainedModel):
             x = layer(x, mask)
             if output_hidden_states:
                 hidden_states.append(x)
+        if pending is not None:
+            self.check_values(*pending)  # bad input: the error, never the result
         if return_dict is False:
             return (x,) if hidden_states is None else (x, tuple(hidden_states))
         return BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)

@@ -118,6 +118,29 @@ def test_bad_inputs_name_the_argument(lam, kwargs, message):
         lam(**kwargs)
 
 
+@pytest.mark.gpu
+def test_bad_inputs_on_gpu_raise_and_cuda_stays_usable():
+    """On CUDA the values are checked after the forward pass is queued (no stall at its
+    start): bad values still raise the same error, and an id outside the vocabulary
+    never reaches the embedding lookup (which would end the CUDA context)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    config = LAMConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    model = LAMModel(config).cuda().eval()
+    ids = torch.tensor([[5, 6, 7]], device="cuda")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model(input_ids=torch.tensor([[5, 100, 7]], device="cuda"))
+        with pytest.raises(ValueError, match="right-padded"):
+            model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1]], device="cuda"))
+        with pytest.raises(ValueError, match="token_type_ids"):
+            model(input_ids=ids, token_type_ids=torch.tensor([[0, 5, 0]], device="cuda"))
+        out = model(input_ids=ids).last_hidden_state.cpu()
+        ref = model.cpu()(input_ids=ids.cpu()).last_hidden_state
+    assert (out - ref).abs().max() <= 1e-4  # after the errors, a good input gives the right result
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

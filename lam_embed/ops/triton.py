@@ -82,7 +82,17 @@ def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.co
 
 
 @triton.jit
-def _load_rows(x, taps, p_row, p_mask, t, m_t, s_xl, s_ml, D: tl.constexpr, CONV: tl.constexpr):
+def _load_taps(taps, D: tl.constexpr, CONV: tl.constexpr):
+    """The (KP, D) convolution taps of this head's q, k or v, tap j in row j (KP >= CONV,
+    a power of two; extra rows zero), loaded once per program."""
+    KP: tl.constexpr = triton.next_power_of_2(CONV)
+    o_j = tl.arange(0, KP)
+    p = taps + tl.arange(0, D)[None, :] * CONV + o_j[:, None]
+    return tl.load(p, mask=(o_j < CONV)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_rows(x, b_taps, p_row, p_mask, t, m_t, s_xl, s_ml, D: tl.constexpr, CONV: tl.constexpr):
     """Rows t (at offsets p_row; their mask entries at p_mask) of q, k or v, float32 (BT x D).
 
     CONV = 0: as stored. CONV > 0: x holds the layer's projection before its causal
@@ -90,19 +100,19 @@ def _load_rows(x, taps, p_row, p_mask, t, m_t, s_xl, s_ml, D: tl.constexpr, CONV
     and both are applied here, y_t = SiLU(sum_j taps[:, j] x_(t - CONV + 1 + j)), with
     rows before position 0 and rows of padding read as zeros. The earlier rows are mostly
     in cache (the previous block read them), and q, k, v never make a round trip through
-    memory. taps: (D, CONV), this head's q, k or v taps.
+    memory. b_taps: _load_taps() of this head's q, k or v.
     """
-    cols = tl.arange(0, D)
-    p = x + p_row[:, None] + cols[None, :]
+    p = x + p_row[:, None] + tl.arange(0, D)[None, :]
     if CONV == 0:
         return tl.load(p, mask=m_t[:, None], other=0.0).to(tl.float32)
-    p_taps = taps + cols * CONV + CONV - 1  # the current token's tap
-    acc = tl.load(p, mask=m_t[:, None], other=0.0).to(tl.float32) * tl.load(p_taps).to(tl.float32)[None, :]
-    for shift in tl.static_range(1, CONV):
+    o_j = tl.arange(0, b_taps.shape[0])[:, None]
+    acc = tl.zeros(p.shape, dtype=tl.float32)
+    for shift in tl.static_range(CONV):
         ok = m_t & (t >= shift)
-        ok = ok & (tl.load(p_mask - shift * s_ml, mask=ok, other=0) != 0)
+        if shift > 0:
+            ok = ok & (tl.load(p_mask - shift * s_ml, mask=ok, other=0) != 0)
         b_x = tl.load(p - shift * s_xl, mask=ok[:, None], other=0.0).to(tl.float32)
-        acc += b_x * tl.load(p_taps - shift).to(tl.float32)[None, :]
+        acc += b_x * tl.sum(tl.where(o_j == CONV - 1 - shift, b_taps, 0.0), 0)[None, :]
     return acc * tl.sigmoid(acc)
 
 
@@ -143,10 +153,15 @@ def intra_chunk_fwd_kernel(
     x_off = i_b64 * s_xb + i_h * s_xh
     s_off = i_b64 * s_sb + i_h * s_sh
     o_off = i_b64 * s_ob + i_h * s_oh
-    # The convolution taps of this head's q, k and v columns (read only with CONV > 0).
-    taps_q = taps + i_h * D * CONV
-    taps_k = taps_q + H * D * CONV
-    taps_v = taps_k + H * D * CONV
+    # The convolution taps of this head's q, k and v columns (with CONV > 0).
+    if CONV > 0:
+        taps_q = _load_taps(taps + i_h * D * CONV, D, CONV)
+        taps_k = _load_taps(taps + (H + i_h) * D * CONV, D, CONV)
+        taps_v = _load_taps(taps + (2 * H + i_h) * D * CONV, D, CONV)
+    else:  # not read
+        taps_q = 0
+        taps_k = 0
+        taps_v = 0
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
