@@ -28,13 +28,13 @@ except ImportError:  # pragma: no cover - older transformers
 FUSE_LAYER_CODE = True
 
 
-def fused_layer_code(x: torch.Tensor, config: LAMConfig, param: torch.Tensor) -> str | None:
-    """How the layer code around the delta rule runs for the input x: "triton" (CUDA, no
-    gradient wanted for x or ``param``), "compiled" (CUDA with gradients) or None (eager:
-    on CPU, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
-    if not (FUSE_LAYER_CODE and x.is_cuda) or resolve_impl(config.delta_impl, x.device) not in ("triton", "compiled"):
+def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tensor) -> str | None:
+    """How the layer code around the delta rule of ``net`` runs for the input x: "triton"
+    (CUDA, no gradient wanted for x or ``param``), "compiled" (CUDA with gradients) or
+    None (eager: on CPU, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
+    if not (FUSE_LAYER_CODE and x.is_cuda) or resolve_impl(net.config.delta_impl, x.device) not in ("triton", "compiled"):
         return None
-    head_dim = config.head_dim
+    head_dim = net.head_dim
     if (torch.is_grad_enabled() and (x.requires_grad or param.requires_grad) or _layer_triton() is None
             or head_dim < 16 or head_dim & (head_dim - 1)):  # the kernels' tiles: a power of two >= 16
         return "compiled"
@@ -106,8 +106,11 @@ class DualStateDeltaNet(nn.Module):
         super().__init__()
         D, H = config.hidden_size, config.num_attention_heads
         # The config object is shared with the model, so a change of config.delta_impl
-        # after construction takes effect here.
+        # or config.chunk_size after construction takes effect here. What the weights'
+        # shapes fix is kept as attributes: a read of a transformers config attribute costs
+        # microseconds, a visible share of a short input's forward on a GPU.
         self.config = config
+        self.num_heads, self.head_dim, self.eps = H, config.head_dim, config.rms_norm_eps
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(D, D, bias=False) for _ in range(3))
         self.g_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
@@ -169,14 +172,13 @@ class DualStateDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
-        config = self.config
-        H = config.num_attention_heads
+        config, H = self.config, self.num_heads
         weight, bias, conv_weight = self.stacked_weights()
         # On a GPU the code around the op is many small elementwise kernels. At inference
         # the delta-rule kernels read the input projection and apply the convolution and
         # activations themselves, and one Triton kernel (layer_triton.py) does the output
         # side; with gradients the code around the op runs under torch.compile.
-        mode = fused_layer_code(x, config, self.q_proj.weight)
+        mode = fused_layer_code(x, self, self.q_proj.weight)
         if mode == "triton":
             layer_triton = _layer_triton()
             # The kernels read rows of padding as zeros: no need to zero them first.
@@ -184,7 +186,7 @@ class DualStateDeltaNet(nn.Module):
             o = layer_triton.delta_rule_from_projection(projected, mask, conv_weight, self.flux, H, config.chunk_size)
             D = x.shape[-1]
             return layer_triton.delta_net_output_triton(
-                o.transpose(1, 2), projected[..., 3 * D:4 * D], self.norm_weight, self.o_proj.weight, config.rms_norm_eps)
+                o.transpose(1, 2), projected[..., 3 * D:4 * D], self.norm_weight, self.o_proj.weight, self.eps)
         features, output = _compiled_layer_functions() if mode == "compiled" else (delta_net_features, delta_net_output)
         q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
@@ -193,7 +195,7 @@ class DualStateDeltaNet(nn.Module):
             chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
             impl=config.delta_impl, qk_l2norm=True,
         )  # (B, H, L, d) float32
-        return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, config.rms_norm_eps)
+        return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
 
 
 def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
@@ -281,7 +283,7 @@ class LAMLayer(nn.Module):
 
     def residual_norm(self, norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """norm(x + dropout(y)); at inference on CUDA one Triton kernel (layer_triton.py)."""
-        if not self.training and fused_layer_code(x, self.delta_net.config, norm.weight) == "triton":
+        if not self.training and fused_layer_code(x, self.delta_net, norm.weight) == "triton":
             return _layer_triton().residual_layer_norm(x, y, norm.weight, norm.bias, norm.eps)
         return norm(x + self.dropout(y))
 

@@ -104,16 +104,18 @@ def _load_rows(x, b_taps, p_row, p_mask, t, m_t, s_xl, s_ml, D: tl.constexpr, CO
     """
     p = x + p_row[:, None] + tl.arange(0, D)[None, :]
     if CONV == 0:
-        return tl.load(p, mask=m_t[:, None], other=0.0).to(tl.float32)
-    o_j = tl.arange(0, b_taps.shape[0])[:, None]
-    acc = tl.zeros(p.shape, dtype=tl.float32)
-    for shift in tl.static_range(CONV):
-        ok = m_t & (t >= shift)
-        if shift > 0:
-            ok = ok & (tl.load(p_mask - shift * s_ml, mask=ok, other=0) != 0)
-        b_x = tl.load(p - shift * s_xl, mask=ok[:, None], other=0.0).to(tl.float32)
-        acc += b_x * tl.sum(tl.where(o_j == CONV - 1 - shift, b_taps, 0.0), 0)[None, :]
-    return acc * tl.sigmoid(acc)
+        b_y = tl.load(p, mask=m_t[:, None], other=0.0).to(tl.float32)
+    else:  # (not an early return: the compiler would still build the code after it)
+        o_j = tl.arange(0, b_taps.shape[0])[:, None]
+        acc = tl.zeros(p.shape, dtype=tl.float32)
+        for shift in tl.static_range(CONV):
+            ok = m_t & (t >= shift)
+            if shift > 0:
+                ok = ok & (tl.load(p_mask - shift * s_ml, mask=ok, other=0) != 0)
+            b_x = tl.load(p - shift * s_xl, mask=ok[:, None], other=0.0).to(tl.float32)
+            acc += b_x * tl.sum(tl.where(o_j == CONV - 1 - shift, b_taps, 0.0), 0)[None, :]
+        b_y = acc * tl.sigmoid(acc)
+    return b_y
 
 
 @triton.jit
