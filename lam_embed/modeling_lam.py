@@ -22,20 +22,25 @@ except ImportError:  # pragma: no cover - older transformers
 
 
 # On CUDA with delta_impl "triton" or "compiled", the layer code around the delta rule
-# (delta_net_features, delta_net_output, the residual LayerNorms) runs fused: as the
-# Triton kernels of layer_triton.py at inference, under torch.compile when gradients are
-# needed. False keeps it eager everywhere (debugging, or where neither works).
+# (delta_net_features, delta_net_output, the residual LayerNorms) runs fused: with
+# "triton" at inference, inside the delta-rule kernels (which read the input projection)
+# and as the Triton kernels of layer_triton.py; with "compiled", or when gradients are
+# needed, under torch.compile. False keeps it eager everywhere (debugging, or where
+# neither works).
 FUSE_LAYER_CODE = True
 
 
 def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tensor) -> str | None:
     """How the layer code around the delta rule of ``net`` runs for the input x: "triton"
-    (CUDA, no gradient wanted for x or ``param``), "compiled" (CUDA with gradients) or
-    None (eager: on CPU, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
-    if not (FUSE_LAYER_CODE and x.is_cuda) or resolve_impl(net.config.delta_impl, x.device) not in ("triton", "compiled"):
+    (CUDA, delta_impl "triton", no gradient wanted for x or ``param``), "compiled" (CUDA
+    with delta_impl "compiled", or "triton" with gradients) or None (eager: on CPU, with
+    delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
+    impl = resolve_impl(net.config.delta_impl, x.device)
+    if not (FUSE_LAYER_CODE and x.is_cuda) or impl not in ("triton", "compiled"):
         return None
     head_dim = net.head_dim
-    if (torch.is_grad_enabled() and (x.requires_grad or param.requires_grad) or _layer_triton() is None
+    if (impl == "compiled" or torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
+            or _layer_triton() is None
             or head_dim < 16 or head_dim & (head_dim - 1)):  # the kernels' tiles: a power of two >= 16
         return "compiled"
     return "triton"

@@ -12,6 +12,7 @@ from lam_embed.modeling_lam import (
     causal_depthwise_conv,
     delta_net_features,
     delta_net_output,
+    fused_layer_code,
 )
 from lam_embed.ops import dual_state_delta_rule
 
@@ -250,3 +251,21 @@ def test_layer_kernels_match_eager_on_gpu(dtype, bound):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _run_layer_kernels_check({}, device="cuda", dtype=dtype, bound=bound)
+
+
+@pytest.mark.gpu
+def test_fused_layer_code_follows_delta_impl():
+    """The fused inference path is delta_impl "triton" only: "compiled" keeps torch.compile's
+    code (it is what that choice measures), and gradients always take the compiled path."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    net = make_layer().cuda()
+    x = torch.randn(1, 4, 64, device="cuda")
+    with torch.no_grad():
+        for impl, want in (("triton", "triton"), ("auto", "triton"), ("compiled", "compiled"), ("chunk", None)):
+            net.config.delta_impl = impl
+            assert fused_layer_code(x, net, net.q_proj.weight) == want, impl
+    net.config.delta_impl = "triton"
+    assert fused_layer_code(x, net, net.q_proj.weight) == "compiled"  # q_proj.weight wants a gradient
+    assert fused_layer_code(x.cpu(), net, net.q_proj.weight) is None
