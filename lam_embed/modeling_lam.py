@@ -35,8 +35,10 @@ def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tenso
     (CUDA, delta_impl "triton", no gradient wanted for x or ``param``), "compiled" (CUDA
     with delta_impl "compiled", or "triton" with gradients) or None (eager: on CPU, with
     delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
+    if not (FUSE_LAYER_CODE and x.is_cuda):
+        return None
     impl = resolve_impl(net.config.delta_impl, x.device)
-    if not (FUSE_LAYER_CODE and x.is_cuda) or impl not in ("triton", "compiled"):
+    if impl not in ("triton", "compiled"):
         return None
     head_dim = net.head_dim
     if (impl == "compiled" or torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
