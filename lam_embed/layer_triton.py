@@ -1,18 +1,16 @@
-"""Triton kernels for the elementwise parts of ``delta_net_features`` and
-``delta_net_output`` and for the residual LayerNorms (modeling_lam.py), used on CUDA
-when no gradient is needed.
+"""The layer code around the delta rule (modeling_lam.py) for CUDA inference with
+delta_impl "triton": no autograd.
 
 After the input projection, the layer needs SiLU(causal depthwise convolution) of the
 q, k, v columns and the sigmoid of the output-gate, beta, decay and state-gate columns.
-torch.compile makes this two to four kernels, slow ones (2.0 ms of a 7.8 ms forward of
-256 x 128 tokens on an H100, for all six layers); this kernel takes 1.0 ms. It reads each
-projected value once (the three earlier rows of the convolution come from cache) and
-writes every activation into one buffer, of which q, k, v, the output gate and the five
-per-head scalars are views, q, k and v with the one set of strides the delta-rule
-kernel takes. The output side (per-head RMSNorm of the delta rule's float32 output,
-times the gate) is one kernel likewise (0.24 ms for six layers), and so is each residual
-sum with its LayerNorm (0.31 ms for twelve, against 0.99 ms for PyTorch's add and
-LayerNorm kernels). Figures: README, "Speed".
+torch.compile makes this two to four slow kernels (2.0 ms of a 7.8 ms forward of 256 x
+128 tokens on an H100, for all six layers); a Triton kernel of its own took 1.0 ms.
+``delta_rule_from_projection`` does without it: the delta-rule kernels read the
+projection and apply the convolution and activations as they load it, so the activations
+never go through memory. The output side (per-head RMSNorm of the delta rule's float32
+output, times the sigmoid of the gate's logits) is one kernel (0.23 ms for six layers),
+and so is each residual sum with its LayerNorm (0.31 ms for twelve, against 0.98 ms for
+PyTorch's add and LayerNorm kernels). Figures: README, "Speed".
 """
 
 from __future__ import annotations
