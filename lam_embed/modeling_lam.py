@@ -42,6 +42,7 @@ def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tenso
         return None
     head_dim = net.head_dim
     if (impl == "compiled" or torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
+            or net.training and net.config.state_dropout > 0  # the fused path has no state dropout
             or _layer_triton() is None
             or head_dim < 16 or head_dim & (head_dim - 1)):  # the kernels' tiles: a power of two >= 16
         return "compiled"

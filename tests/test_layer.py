@@ -268,4 +268,8 @@ def test_fused_layer_code_follows_delta_impl():
             assert fused_layer_code(x, net, net.q_proj.weight) == want, impl
     net.config.delta_impl = "triton"
     assert fused_layer_code(x, net, net.q_proj.weight) == "compiled"  # q_proj.weight wants a gradient
+    net.config.state_dropout = 0.1
+    with torch.no_grad():
+        assert fused_layer_code(x, net.train(), net.q_proj.weight) == "compiled"  # state dropout while training
+        assert fused_layer_code(x, net.eval(), net.q_proj.weight) == "triton"
     assert fused_layer_code(x.cpu(), net, net.q_proj.weight) is None
