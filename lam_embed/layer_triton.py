@@ -27,8 +27,9 @@ def delta_rule_from_projection(projected, mask, conv_weight, flux, num_heads: in
     """The delta rule of a DualStateDeltaNet straight from its input projection
     (``x W + b``, see ``DualStateDeltaNet.input_projection``): the convolution, SiLU
     and sigmoids of ``delta_net_features`` run inside the delta-rule kernels, which read
-    rows of padding as zeros, as delta_net_features makes them. Returns O (B, H, L, d) float32 as ``dual_state_delta_rule(..., qk_l2norm=True)``
-    gives it for those features. No autograd; flux must be a ResonanceFlux."""
+    rows of padding as zeros, as delta_net_features makes them. Returns O (B, H, L, d)
+    float32, as ``dual_state_delta_rule(..., qk_l2norm=True)`` gives it for those
+    features. No autograd; flux must be a ResonanceFlux."""
     B, L, _ = projected.shape
     D, H = conv_weight.shape[0] // 3, num_heads
     flux_params = flux_parameters(flux)
