@@ -135,9 +135,8 @@ class DualStateDeltaNet(nn.Module):
         """Weight and bias of all input projections stacked in one matrix, in the order
         q, k, v, output gate, beta, fast decay, slow decay, fast gate, slow gate: one
         matrix product then computes them all. Built at each call (a copy of 2.4 MB at
-        D = 384), so the parameters stay those of the separate modules; see
-        stacked_weights for the cached form. Zero rows pad it to a multiple of 64
-        outputs: BLAS is much slower on 4D + 5H = 1596 columns than on 1600."""
+        D = 384), so the parameters stay those of the separate modules. Zero rows pad it
+        to a multiple of 64 outputs: BLAS is much slower on 4D + 5H = 1596 columns than on 1600."""
         weights = [
             self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
             self.fast_decay_proj.weight, self.slow_decay_proj.weight,
@@ -157,26 +156,10 @@ class DualStateDeltaNet(nn.Module):
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_projection() and the q, k, v convolution weights stacked (3D, 1, K).
 
-        When no gradient is recorded they are kept until a parameter changes (in place,
-        which bumps its version counter, or by replacement): building them is a handful
-        of small kernels a layer, a large share of a short input's forward on a GPU."""
-        convs = (self.q_conv.weight, self.k_conv.weight, self.v_conv.weight)
-        if torch.is_grad_enabled():
-            return (*self.input_projection(), torch.cat(convs))
-        sources = (
-            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
-            self.fast_decay_proj.weight, self.fast_decay_proj.bias, self.slow_decay_proj.weight,
-            self.slow_decay_proj.bias, self.fast_gate_proj.weight, self.slow_gate_proj.weight, *convs,
-        )
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources)
-        cached = self.__dict__.get("_stacked")
-        if cached is None or cached[0] != key:
-            cached = self._stacked = (key, (*self.input_projection(), torch.cat(convs)))
-        return cached[1]
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_stacked", None)  # .to(), .half(), ...: never keep copies of the old tensors
-        return super()._apply(fn, *args, **kwargs)
+        Built at every call, never kept: a parameter's version counter cannot tell whether
+        it changed (fused optimizers update parameters in place without moving it), and
+        a stale copy would be a silently wrong model."""
+        return (*self.input_projection(), torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight]))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
