@@ -103,21 +103,43 @@ def test_fused_layer_matches_reference():
         assert (grads[name] - grads_ref[name]).abs().max() <= 3e-4 * scale, name
 
 
-def test_stacked_weights_follow_in_place_updates_of_a_fused_optimizer():
-    """torch's fused AdamW updates parameters in place without moving their version
-    counters: at inference the layer must still use the updated weights."""
-    net = make_layer().eval()
-    x, mask = make_inputs()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_stacked_weights_follow_every_parameter_change(device):
+    """On CUDA the stacked weights are kept between inference calls; they must never
+    outlive a change of a parameter: a fused AdamW step (which does not move version
+    counters), an in-place update, a replaced parameter, a conversion."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    net = make_layer().to(device).eval()
+    x, mask = (t.to(device) for t in make_inputs())
+    D = net.config.hidden_size
+
+    def check():
+        with torch.no_grad():
+            weight, bias, conv = net.stacked_weights()
+        assert torch.equal(weight[:D], net.q_proj.weight) and torch.equal(weight[D:2 * D], net.k_proj.weight)
+        assert torch.equal(conv[2 * D:], net.v_conv.weight)
+        H = net.config.num_attention_heads
+        assert torch.equal(bias[4 * D + 2 * H:4 * D + 3 * H], net.slow_decay_proj.bias)
+
+    check()
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
     with torch.no_grad():
         before = net(x, mask)
     net(x, mask).sum().backward()
     optimizer.step()
+    check()
     with torch.no_grad():
-        after = net(x, mask)
-        weight, _, conv = net.stacked_weights()
-    assert torch.equal(weight[:64], net.q_proj.weight) and torch.equal(conv[:64], net.q_conv.weight)
-    assert (after - before).abs().max() > 1e-3
+        assert (net(x, mask) - before).abs().max() > 1e-3
+        net.k_proj.weight.mul_(2.0)
+        check()
+        net.slow_decay_proj.bias.add_(1.0)
+        check()
+        net.v_conv.weight = torch.nn.Parameter(torch.ones_like(net.v_conv.weight))
+        check()
+        net.double()
+        assert all(t.dtype == torch.float64 for t in net.stacked_weights())
+        check()
 
 
 def test_cpu_forward_does_not_compile():
