@@ -166,18 +166,3 @@ def test_qk_l2norm_normalises_inside():
     out = dual_state_delta_rule(*[t.bfloat16() for t in raw], mask, flux, impl="chunk", qk_l2norm=True)
     assert out.dtype == torch.float32  # the normalised q is float32, whatever came in
     assert ((out - ref) * mask[:, None, :, None]).abs().max() <= 2e-2 * ref.abs().max()
-
-
-@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17])
-def test_unit_lower_solve_without_autograd_matches_lapack(rows):
-    """Short chunks outside autograd are solved by forward substitution (chunk.py)."""
-    from lam_embed.ops.chunk import unit_lower_solve
-
-    g = torch.Generator().manual_seed(rows)
-    k = torch.nn.functional.normalize(torch.randn(3, 2, 1, rows, 32, generator=g) + 0.5, dim=-1)
-    M = (k * torch.rand(3, 2, 1, rows, 1, generator=g)) @ k.transpose(-1, -2)  # correlated keys
-    rhs = torch.randn(3, 2, 1, rows, 64, generator=g)
-    ref = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)
-    with torch.no_grad():
-        out = unit_lower_solve(M, rhs)
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()

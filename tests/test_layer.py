@@ -105,7 +105,7 @@ def test_fused_layer_matches_reference():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_stacked_weights_follow_every_parameter_change(device):
-    """On CUDA the stacked weights are kept between inference calls; they must never
+    """The stacked weights are kept between inference calls; they must never
     outlive a change of a parameter: a fused AdamW step (which does not move version
     counters), an in-place update, a replaced parameter, a conversion."""
     if device == "cuda" and not torch.cuda.is_available():

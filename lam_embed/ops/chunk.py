@@ -22,28 +22,6 @@ from einops import rearrange
 from .common import EPS, coupling_and_normalise, pad_to_chunks
 
 
-# Up to this many rows, a solve outside autograd runs as forward substitution (see below).
-SUBSTITUTION_MAX_ROWS = 16
-
-
-def unit_lower_solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """X with (I + strictly_lower(M)) X = rhs, for M (..., C, C) and rhs (..., C, e).
-
-    A unit lower-triangular solve reads only the strictly lower triangle of its matrix
-    (and its gradient is zero elsewhere), so M is passed as it is: no tril, no I.
-    Short inputs (sentences) make many tiny systems; LAPACK solves them one matrix at a
-    time, and C - 1 column updates over the whole batch cost less there (3x at C = 8 on
-    CPU). They update X in place, so they run only where no gradient is recorded.
-    """
-    C = M.shape[-1]
-    if C > SUBSTITUTION_MAX_ROWS or (torch.is_grad_enabled() and (M.requires_grad or rhs.requires_grad)):
-        return torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)
-    X = rhs.clone()
-    for j in range(C - 1):
-        X[..., j + 1 :, :] -= M[..., j + 1 :, j : j + 1] * X[..., j : j + 1, :]
-    return X
-
-
 def intra_chunk(q, k, v, beta, mask, chunk_size: int):
     """Per-chunk quantities, for all chunks in parallel.
 
@@ -62,7 +40,9 @@ def intra_chunk(q, k, v, beta, mask, chunk_size: int):
     single_chunk = Q.shape[2] == 1
     # One solve for both right-hand sides: (I + strictly_lower(Kb K^T)) [U W] = [Vb Kb].
     rhs = Vb if single_chunk else torch.cat([Vb, Kb], -1)
-    UW = unit_lower_solve(Kb @ K.transpose(-1, -2), rhs)
+    # A unit lower-triangular solve reads only the strictly lower triangle of its matrix
+    # (and its gradient is zero elsewhere), so the product is passed as it is: no tril, no I.
+    UW = torch.linalg.solve_triangular(Kb @ K.transpose(-1, -2), rhs, upper=False, unitriangular=True)
     # In place: the product is a fresh tensor, and matmul's backward does not read it.
     A = (Q @ K.transpose(-1, -2)).tril_()
     return Q, K, UW, A, valid
