@@ -44,7 +44,10 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-IMPLS = ("chunk", "compiled", "triton")
+# LAM variants: a delta_impl, or "triton-eager", delta_impl "triton" with config.cuda_graphs
+# off (each kernel launched from Python), to show what the CUDA graphs save.
+IMPLS = ("chunk", "compiled", "triton", "triton-eager")
+OP_IMPLS = ("chunk", "compiled", "triton")  # the op alone has no graphs
 SECTIONS = ("forward", "op", "encode")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUM_HEADS, HEAD_DIM = 12, 32  # the layer shapes of LAM (hidden 384 = 12 heads x 32)
@@ -134,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--impls", nargs="+", type=_impl, default=None, metavar="IMPL",
-        help=f"LAM delta_impl values to measure, from {', '.join(IMPLS)} ('triton' is recorded as "
-        "unavailable when its kernel is absent; it needs CUDA). Default: chunk compiled triton on CUDA, "
-        "chunk compiled on CPU.",
+        help=f"LAM variants to measure, from {', '.join(IMPLS)}: a delta_impl, or 'triton-eager', delta_impl "
+        "'triton' without CUDA graphs (each kernel launched from Python; 'triton' replays a graph per "
+        "shape, see lam_embed/cuda_graphs.py). The triton variants are recorded as unavailable when the "
+        "kernel is absent; they need CUDA. The op section measures the delta_impls only. Default: all four "
+        "on CUDA, chunk compiled on CPU.",
     )
     parser.add_argument(
         "--lengths", nargs="+", type=_positive_int, default=None, metavar="L",
@@ -408,8 +413,15 @@ def measure(
 
 def _check_impl(impl: str, device: torch.device) -> None:
     """Raise NotImplementedError (recorded as "unavailable") for an impl that cannot run on ``device``."""
-    if impl == "triton" and device.type != "cuda":
+    if impl.startswith("triton") and device.type != "cuda":
         raise NotImplementedError("delta_impl='triton' runs on CUDA only")
+
+
+def _configure_lam(lam, impl: str, device: torch.device) -> None:
+    """Set the LAM model's delta_impl and CUDA-graph switch for the variant ``impl`` (IMPLS)."""
+    _check_impl(impl, device)
+    lam.config.delta_impl = impl.removesuffix("-eager")
+    lam.config.cuda_graphs = not impl.endswith("-eager")
 
 
 def _rate(record: dict, key: str, work: float) -> dict:
@@ -565,8 +577,7 @@ def run_forward(args, device: torch.device, clock: Clock, lam, bert, save: Calla
         save()
         for impl in args.impls:
             def setup_lam(length=length, batch=batch, impl=impl):
-                _check_impl(impl, device)
-                lam.config.delta_impl = impl
+                _configure_lam(lam, impl, device)
                 _place(lam, args, device)
                 ids = _random_ids(batch, length, lam.config.vocab_size, device, args.seed)
                 mask = torch.ones_like(ids)
@@ -639,7 +650,7 @@ def run_op(args, device: torch.device, clock: Clock, save: Callable[[], None], r
         row = {"length": length, "batch_size": batch, "heads": NUM_HEADS, "head_dim": HEAD_DIM, "dtype": args.dtype,
                "lam": {}, "fla_chunk_delta_rule": {}, "sdpa": {}}
         rows.append(row)
-        for impl in args.impls:
+        for impl in (i for i in args.impls if i in OP_IMPLS):
             def setup_lam(length=length, batch=batch, impl=impl):
                 _check_impl(impl, device)
                 q, k, v, beta, d_fast, d_slow, g_fast, g_slow = _op_inputs(batch, length, dtype, device, args.seed)
@@ -708,8 +719,7 @@ def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam,
     def make_setup(st, impl=None):
         def setup():
             if impl is not None:
-                _check_impl(impl, device)
-                lam.config.delta_impl = impl
+                _configure_lam(lam, impl, device)
             _place(st, args, device)
 
             def call(texts=sentences):

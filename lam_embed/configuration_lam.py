@@ -27,6 +27,9 @@ class LAMConfig(PretrainedConfig):
             loop, the reference), "chunk" (chunked form), "compiled" (chunk form
             under torch.compile), "triton" (fused kernel, CUDA only) or "auto"
             (the fastest available for the input's device).
+        cuda_graphs: at inference on CUDA through the Triton kernels, replay each input
+            shape's forward as a CUDA graph (lam_embed/cuda_graphs.py) instead of
+            launching its kernels one by one from Python.
     """
 
     model_type = "lam"
@@ -52,6 +55,7 @@ class LAMConfig(PretrainedConfig):
         state_dropout: float = 0.0,
         rms_norm_eps: float = 1e-6,
         delta_impl: str = "auto",
+        cuda_graphs: bool = True,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -73,6 +77,7 @@ class LAMConfig(PretrainedConfig):
         self.state_dropout = state_dropout
         self.rms_norm_eps = rms_norm_eps
         self.delta_impl = delta_impl
+        self.cuda_graphs = cuda_graphs
         self.validate_lam()
 
     @property
@@ -105,5 +110,7 @@ class LAMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"LAMConfig.{name} must lie in [0, 1), got {value!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"LAMConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.delta_impl not in DELTA_IMPLS:
             raise ValueError(f"LAMConfig.delta_impl must be one of {DELTA_IMPLS}, got {self.delta_impl!r}")

@@ -14,6 +14,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_lam import LAMConfig
+from .cuda_graphs import ForwardGraphs
 from .ops import dual_state_delta_rule, resolve_impl
 
 try:  # transformers >= 5: init functions that respect weights already loaded
@@ -382,6 +383,46 @@ class LAMModel(LAMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
+    def _encode(self, input_ids, token_type_ids, mask, hidden_states: list | None = None) -> torch.Tensor:
+        """Embeddings and layers: the last hidden state. The layer inputs and the output
+        are appended to ``hidden_states`` when it is given."""
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            x = layer(x, mask)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
+
+    def _encode_clamped(self, input_ids, token_type_ids, mask, hidden_states: list | None = None) -> torch.Tensor:
+        """_encode for ids whose values are checked only once the forward pass is queued
+        (on CUDA, see check_inputs): ids outside the tables must not reach the embedding
+        lookup, where an out-of-range read would end the CUDA context instead of raising."""
+        input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
+        token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
+        return self._encode(input_ids, token_type_ids, mask, hidden_states)
+
+    def uses_cuda_graphs(self, input_ids: torch.Tensor) -> bool:
+        """Whether a forward of ``input_ids`` replays CUDA graphs (lam_embed/cuda_graphs.py):
+        with ``config.cuda_graphs``, at inference on CUDA through the Triton layer code, not
+        inside another capture."""
+        net = self.layers[0].delta_net
+        return (self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
+                and not torch.is_grad_enabled() and fused_layer_code(input_ids, net, net.q_proj.weight) == "triton"
+                and not torch.cuda.is_current_stream_capturing())
+
+    @property
+    def _graphs(self) -> ForwardGraphs:
+        graphs = self.__dict__.get("_cuda_graphs")
+        if graphs is None:
+            graphs = self.__dict__["_cuda_graphs"] = ForwardGraphs()
+        return graphs
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_cuda_graphs", None)  # .to(), .half(), ...: the graphs read the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def check_inputs(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
         """Raise ValueError naming the argument that does not fit the model.
 
@@ -449,18 +490,15 @@ class LAMModel(LAMPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if pending is not None:
-            # Values not checked yet: ids outside the tables must not reach the embedding
-            # lookup (an out-of-range read would end the CUDA context, not raise).
-            input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
-            token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
         mask = attention_mask.bool()
-        x = self.embeddings(input_ids, token_type_ids)
-        hidden_states = [x] if output_hidden_states else None
-        for layer in self.layers:
-            x = layer(x, mask)
+        x = hidden_states = None
+        if not output_hidden_states and self.uses_cuda_graphs(input_ids):
+            x = self._graphs(self, self._encode_clamped, input_ids, token_type_ids, mask, _optimizer_steps)
+        if x is None:
             if output_hidden_states:
-                hidden_states.append(x)
+                hidden_states = []
+            encode = self._encode_clamped if pending is not None else self._encode
+            x = encode(input_ids, token_type_ids, mask, hidden_states)
         if pending is not None:
             self.check_values(*pending)  # bad input: the error, never the result
         if return_dict is False:

@@ -1,0 +1,151 @@
+"""CUDA graphs of the LAM forward (lam_embed/cuda_graphs.py): the same output as the
+eager forward, through shape buckets, weight changes and bad inputs."""
+
+import pytest
+import torch
+
+from lam_embed import LAMConfig, LAMModel
+from lam_embed.cuda_graphs import LENGTH_STEP, bucket_length
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, LENGTH_STEP, LENGTH_STEP + 1)] == [LENGTH_STEP, LENGTH_STEP, 2 * LENGTH_STEP]
+
+
+def test_config_rejects_a_cuda_graphs_value_that_is_not_a_bool():
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        LAMConfig(cuda_graphs="yes")
+
+
+def test_no_graphs_on_cpu():
+    model = LAMModel(LAMConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=50)).eval()
+    with torch.no_grad():
+        assert not model.uses_cuda_graphs(torch.ones(2, 5, dtype=torch.long))
+
+
+@pytest.fixture()
+def gpu_model():
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    config = LAMConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                       vocab_size=100, delta_impl="triton")
+    model = LAMModel(config).cuda().eval()
+    for layer in model.layers:  # non-trivial flux and convolutions, as after training
+        torch.nn.init.normal_(layer.delta_net.flux.bilinear, std=0.3)
+        torch.nn.init.normal_(layer.delta_net.q_conv.weight, std=0.5)
+    return model
+
+
+def inputs(lengths, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(1, 100, mask.shape, generator=g) * mask
+    return ids.cuda(), mask.cuda()
+
+
+def eager(model, ids, mask):
+    model.config.cuda_graphs = False
+    try:
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        model.config.cuda_graphs = True
+
+
+def graphed(model, ids, mask):
+    """The forward when its shape has been seen before: a replay of a captured graph."""
+    model(input_ids=ids, attention_mask=mask)  # a first sighting runs eagerly (or replays)
+    return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def close(a, b, mask, bound=1e-5):
+    return ((a - b) * mask[..., None]).abs().max().item() <= bound * b.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_graph_replay_equals_eager_forward(gpu_model):
+    ids, mask = inputs([37, 20, 1], 37)
+    with torch.inference_mode():
+        ref = eager(gpu_model, ids, mask)
+        out = graphed(gpu_model, ids, mask)
+        assert len(gpu_model._graphs.graphs) == 1  # the second call was a replay
+        assert close(out, ref, mask)
+        # Each call returns its own tensor: a later replay leaves it as it was.
+        kept = out.clone()
+        other_ids, other_mask = inputs([37, 30, 5], 37, seed=1)
+        other = gpu_model(input_ids=other_ids, attention_mask=other_mask).last_hidden_state
+        assert torch.equal(out, kept)
+        assert close(other, eager(gpu_model, other_ids, other_mask), other_mask)
+
+
+@pytest.mark.gpu
+def test_one_graph_serves_every_length_of_its_bucket(gpu_model):
+    """A shorter input after a longer one of the same bucket: the padding the longer one
+    left in the graph's buffers must not reach the shorter one's tokens."""
+    long_len = 2 * LENGTH_STEP
+    short_len = LENGTH_STEP + 3
+    assert bucket_length(long_len) == bucket_length(short_len)
+    with torch.inference_mode():
+        ids, mask = inputs([long_len, long_len - 4], long_len)
+        graphed(gpu_model, ids, mask)
+        ids, mask = inputs([short_len, 7], short_len, seed=2)
+        out = gpu_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert len(gpu_model._graphs.graphs) == 1 and out.shape[1] == short_len
+        assert close(out, eager(gpu_model, ids, mask), mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_graphs_follow_weight_changes(gpu_model, dtype):
+    """An optimizer step, an in-place update and a conversion each change what the
+    graphs read: the next call must see the new weights."""
+    model = gpu_model.to(dtype)
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    ids, mask = inputs([40, 33], 40)
+    with torch.no_grad():
+        before = graphed(model, ids, mask)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model(input_ids=ids, attention_mask=mask).last_hidden_state.float().square().mean().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = graphed(model, ids, mask)
+        assert (after - before).abs().max() > 1e-2
+        assert close(after.float(), eager(model, ids, mask).float(), mask, bound)
+        model.layers[1].delta_net.k_proj.weight.mul_(2.0)
+        model.layers[0].ffn_out.bias.add_(1.0)
+        assert close(graphed(model, ids, mask).float(), eager(model, ids, mask).float(), mask, bound)
+        model.half()
+        out = graphed(model, ids, mask)
+        assert out.dtype == torch.float16
+        assert close(out.float(), eager(model, ids, mask).float(), mask, 2e-2)
+
+
+@pytest.mark.gpu
+def test_bad_inputs_raise_through_a_graph(gpu_model):
+    ids, mask = inputs([20, 15], 20)
+    with torch.no_grad():
+        good = graphed(gpu_model, ids, mask)
+        bad = ids.clone()
+        bad[1, 3] = 100
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            gpu_model(input_ids=bad, attention_mask=mask)
+        with pytest.raises(ValueError, match="right-padded"):
+            gpu_model(input_ids=ids, attention_mask=mask.flip(1))
+        assert torch.equal(gpu_model(input_ids=ids, attention_mask=mask).last_hidden_state, good)
+
+
+@pytest.mark.gpu
+def test_hidden_states_and_training_run_eagerly(gpu_model):
+    ids, mask = inputs([25], 25)
+    with torch.no_grad():
+        for _ in range(2):
+            out = gpu_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
+        assert not gpu_model._graphs.graphs
+    loss = gpu_model(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean()
+    loss.backward()  # gradients wanted: the eager path
+    assert not gpu_model._graphs.graphs
