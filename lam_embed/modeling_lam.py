@@ -43,6 +43,19 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 register_optimizer_step_post_hook(_count_optimizer_step)
 
+# Parameters registered in this process, for the CUDA graphs (cuda_graphs.py): a graph
+# reads parameters where they were when it was captured, and replacing one by another
+# moves no version counter.
+_parameter_registrations = 0
+
+
+def _count_parameter_registration(module, name, param) -> None:
+    global _parameter_registrations
+    _parameter_registrations += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_parameter_registration)
+
 
 def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tensor) -> str | None:
     """How the layer code around the delta rule of ``net`` runs for the input x: "triton"
@@ -403,12 +416,18 @@ class LAMModel(LAMPreTrainedModel):
         token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
         return self._encode(input_ids, token_type_ids, mask, hidden_states)
 
+    def _graph_forward(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a CUDA graph captures: the last hidden state and the value summary of the inputs."""
+        summary = self.value_summary(input_ids, attention_mask, token_type_ids)
+        return self._encode_clamped(input_ids, token_type_ids, attention_mask.bool()), summary
+
     def uses_cuda_graphs(self, input_ids: torch.Tensor) -> bool:
         """Whether a forward of ``input_ids`` replays CUDA graphs (lam_embed/cuda_graphs.py):
-        with ``config.cuda_graphs``, at inference on CUDA through the Triton layer code, not
-        inside another capture."""
+        with ``config.cuda_graphs``, at inference on CUDA through the Triton layer code, for
+        inputs of at most one chunk, not inside another capture."""
         net = self.layers[0].delta_net
         return (self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
+                and input_ids.shape[1] <= self.config.chunk_size
                 and not torch.is_grad_enabled() and fused_layer_code(input_ids, net, net.q_proj.weight) == "triton"
                 and not torch.cuda.is_current_stream_capturing())
 
@@ -423,14 +442,8 @@ class LAMModel(LAMPreTrainedModel):
         self.__dict__.pop("_cuda_graphs", None)  # .to(), .half(), ...: the graphs read the old tensors
         return super()._apply(fn, *args, **kwargs)
 
-    def check_inputs(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
-        """Raise ValueError naming the argument that does not fit the model.
-
-        Shapes and dtypes are checked here. The values are checked here on CPU; on a GPU
-        a read of them would stall the forward pass until the GPU caught up, so the
-        values' summary is returned instead (one tensor, copied to the host without
-        waiting, and the event that marks the copy done) for ``check_values`` once the
-        forward pass is queued."""
+    def check_shapes(self, input_ids, attention_mask, token_type_ids) -> None:
+        """Raise ValueError naming the argument whose shape or dtype does not fit the model."""
         if input_ids is None:
             raise ValueError("LAMModel needs input_ids")
         if input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -438,20 +451,35 @@ class LAMModel(LAMPreTrainedModel):
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+
+    @staticmethod
+    def value_summary(input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """What check_values reads, as one tensor: the smallest and largest id, mask value
+        and token type, and whether any mask is left-padded."""
+        mask = attention_mask.long()
+        types = token_type_ids.long()
+        return torch.stack([
+            input_ids.min().long(), input_ids.max().long(), mask.min(), mask.max(),
+            (mask[:, 1:] > mask[:, :-1]).any().long(), types.min(), types.max(),
+        ])
+
+    def check_inputs(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
+        """Raise ValueError naming the argument that does not fit the model.
+
+        The values are checked here on CPU; on a GPU a read of them would stall the
+        forward pass until the GPU caught up, so their summary is returned instead (see
+        summary_to_host) for ``check_values`` once the forward pass is queued."""
         if not input_ids.numel():
             return None
-        zero = input_ids.new_zeros((), dtype=torch.long)
-        mask = attention_mask.long() if attention_mask is not None else None
-        types = token_type_ids.long() if token_type_ids is not None else None
-        stats = torch.stack([
-            input_ids.min().long(), input_ids.max().long(),
-            mask.min() if mask is not None else zero, mask.max() if mask is not None else zero,
-            (mask[:, 1:] > mask[:, :-1]).any().long() if mask is not None else zero,
-            types.min() if types is not None else zero, types.max() if types is not None else zero,
-        ])
+        stats = self.value_summary(input_ids, attention_mask, token_type_ids)
         if not stats.is_cuda:
             self.check_values(stats)
             return None
+        return self.summary_to_host(stats)
+
+    @staticmethod
+    def summary_to_host(stats: torch.Tensor) -> tuple:
+        """The summary copied to the host without waiting, and the event that marks the copy done."""
         host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
         host.copy_(stats, non_blocking=True)
         done = torch.cuda.Event()
@@ -485,20 +513,25 @@ class LAMModel(LAMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
-        pending = self.check_inputs(input_ids, attention_mask, token_type_ids)
+        self.check_shapes(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = attention_mask.bool()
-        x = hidden_states = None
+        graphed = None
         if not output_hidden_states and self.uses_cuda_graphs(input_ids):
-            x = self._graphs(self, self._encode_clamped, input_ids, token_type_ids, mask, _optimizer_steps)
-        if x is None:
+            graphed = self._graphs(self, self._graph_forward, input_ids, attention_mask, token_type_ids,
+                                   changes=(_optimizer_steps, _parameter_registrations))
+        hidden_states = None
+        if graphed is not None:
+            x, stats = graphed
+            pending = self.summary_to_host(stats)
+        else:
+            pending = self.check_inputs(input_ids, attention_mask, token_type_ids)
             if output_hidden_states:
                 hidden_states = []
             encode = self._encode_clamped if pending is not None else self._encode
-            x = encode(input_ids, token_type_ids, mask, hidden_states)
+            x = encode(input_ids, token_type_ids, attention_mask.bool(), hidden_states)
         if pending is not None:
             self.check_values(*pending)  # bad input: the error, never the result
         if return_dict is False:

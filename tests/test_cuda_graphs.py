@@ -99,8 +99,8 @@ def test_one_graph_serves_every_length_of_its_bucket(gpu_model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_graphs_follow_weight_changes(gpu_model, dtype):
-    """An optimizer step, an in-place update and a conversion each change what the
-    graphs read: the next call must see the new weights."""
+    """An optimizer step, an in-place update, a replaced parameter and a conversion each
+    change what the graphs read: the next call must see the new weights."""
     model = gpu_model.to(dtype)
     bound = 1e-5 if dtype == torch.float32 else 2e-2
     ids, mask = inputs([40, 33], 40)
@@ -117,6 +117,9 @@ def test_graphs_follow_weight_changes(gpu_model, dtype):
         assert close(after.float(), eager(model, ids, mask).float(), mask, bound)
         model.layers[1].delta_net.k_proj.weight.mul_(2.0)
         model.layers[0].ffn_out.bias.add_(1.0)
+        assert close(graphed(model, ids, mask).float(), eager(model, ids, mask).float(), mask, bound)
+        net = model.layers[0].delta_net
+        net.v_proj.weight = torch.nn.Parameter(torch.randn_like(net.v_proj.weight) * 0.1)  # a new tensor
         assert close(graphed(model, ids, mask).float(), eager(model, ids, mask).float(), mask, bound)
         model.half()
         out = graphed(model, ids, mask)
@@ -139,12 +142,15 @@ def test_bad_inputs_raise_through_a_graph(gpu_model):
 
 
 @pytest.mark.gpu
-def test_hidden_states_and_training_run_eagerly(gpu_model):
+def test_hidden_states_long_inputs_and_training_run_eagerly(gpu_model):
     ids, mask = inputs([25], 25)
     with torch.no_grad():
         for _ in range(2):
             out = gpu_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
+        long_ids, long_mask = inputs([gpu_model.config.chunk_size + 1], gpu_model.config.chunk_size + 1)
+        for _ in range(2):
+            gpu_model(input_ids=long_ids, attention_mask=long_mask)
         assert not gpu_model._graphs.graphs
     loss = gpu_model(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean()
     loss.backward()  # gradients wanted: the eager path
