@@ -36,9 +36,10 @@ LENGTH_STEP = 16
 MAX_GRAPHS = 32
 
 
-def bucket_length(length: int) -> int:
-    """The padded length whose graph serves inputs of ``length`` positions."""
-    return -(-length // LENGTH_STEP) * LENGTH_STEP
+def bucket_length(length: int, chunk_size: int) -> int:
+    """The padded length whose graph serves inputs of ``length`` <= ``chunk_size`` positions:
+    a multiple of LENGTH_STEP, or ``chunk_size`` (padding past it would add a chunk)."""
+    return min(-(-length // LENGTH_STEP) * LENGTH_STEP, chunk_size)
 
 
 class GraphedForward:
@@ -97,14 +98,14 @@ class ForwardGraphs:
         self.fingerprint = fingerprint
         return changed
 
-    def __call__(self, model, forward, input_ids, attention_mask, token_type_ids, changes: tuple):
+    def __call__(self, model, forward, input_ids, attention_mask, token_type_ids, changes: tuple, chunk_size: int):
         """``forward(ids, mask, types)`` -> (last hidden state, value summary) through a graph
         for this shape; None when the shape is seen for the first time (the caller then
         runs it eagerly)."""
         if self._parameters_changed(model, changes):
             self.clear()
         batch, length = input_ids.shape
-        key = (batch, bucket_length(length), input_ids.device, torch.is_inference_mode_enabled(),
+        key = (batch, bucket_length(length, chunk_size), input_ids.device, torch.is_inference_mode_enabled(),
                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         graphed = self.graphs.get(key)
         if graphed is None:

@@ -521,7 +521,8 @@ class LAMModel(LAMPreTrainedModel):
         graphed = None
         if not output_hidden_states and self.uses_cuda_graphs(input_ids):
             graphed = self._graphs(self, self._graph_forward, input_ids, attention_mask, token_type_ids,
-                                   changes=(_optimizer_steps, _parameter_registrations))
+                                   changes=(_optimizer_steps, _parameter_registrations),
+                                   chunk_size=self.config.chunk_size)
         hidden_states = None
         if graphed is not None:
             x, stats = graphed

@@ -9,7 +9,9 @@ from lam_embed.cuda_graphs import LENGTH_STEP, bucket_length
 
 
 def test_bucket_length():
-    assert [bucket_length(n) for n in (1, LENGTH_STEP, LENGTH_STEP + 1)] == [LENGTH_STEP, LENGTH_STEP, 2 * LENGTH_STEP]
+    assert [bucket_length(n, 128) for n in (1, LENGTH_STEP, LENGTH_STEP + 1)] == [LENGTH_STEP, LENGTH_STEP, 2 * LENGTH_STEP]
+    # Never past the chunk: padding there would add a second chunk.
+    assert bucket_length(99, 100) == 100 and bucket_length(100, 100) == 100
 
 
 def test_config_rejects_a_cuda_graphs_value_that_is_not_a_bool():
@@ -86,7 +88,7 @@ def test_one_graph_serves_every_length_of_its_bucket(gpu_model):
     left in the graph's buffers must not reach the shorter one's tokens."""
     long_len = 2 * LENGTH_STEP
     short_len = LENGTH_STEP + 3
-    assert bucket_length(long_len) == bucket_length(short_len)
+    assert bucket_length(long_len, 128) == bucket_length(short_len, 128)
     with torch.inference_mode():
         ids, mask = inputs([long_len, long_len - 4], long_len)
         graphed(gpu_model, ids, mask)
