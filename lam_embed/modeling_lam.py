@@ -442,6 +442,11 @@ class LAMModel(LAMPreTrainedModel):
         self.__dict__.pop("_cuda_graphs", None)  # .to(), .half(), ...: the graphs read the old tensors
         return super()._apply(fn, *args, **kwargs)
 
+    def train(self, mode: bool = True):
+        if mode:  # training moves the weights: the graphs' memory is better freed now
+            self.__dict__.pop("_cuda_graphs", None)
+        return super().train(mode)
+
     def check_shapes(self, input_ids, attention_mask, token_type_ids) -> None:
         """Raise ValueError naming the argument whose shape or dtype does not fit the model."""
         if input_ids is None:

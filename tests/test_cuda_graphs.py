@@ -157,3 +157,8 @@ def test_hidden_states_long_inputs_and_training_run_eagerly(gpu_model):
     loss = gpu_model(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean()
     loss.backward()  # gradients wanted: the eager path
     assert not gpu_model._graphs.graphs
+    with torch.no_grad():
+        graphed(gpu_model, ids, mask)
+    assert len(gpu_model._graphs.graphs) == 1
+    gpu_model.train()  # back to training: the graphs and their memory go
+    assert not gpu_model._graphs.graphs
