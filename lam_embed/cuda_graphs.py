@@ -1,8 +1,8 @@
 """CUDA graphs of the LAM forward pass, for inference on CUDA.
 
-A LAM forward launches about 100 kernels, and on a GPU the Python and launch work on
-the CPU takes longer than the kernels themselves up to a few thousand tokens a batch
-(README, "Speed"). A CUDA graph replays the captured launches in one call. Each
+A LAM forward launches about 100 kernels, and the Python and launch work on the CPU
+takes about as long as the kernels of a batch of short sentences, longer on a machine
+with a slow host (README, "Speed"). A CUDA graph replays the captured launches in one call. Each
 graph serves one input shape, so lengths are rounded up to a multiple of
 ``LENGTH_STEP``: LAM's output at a valid token does not depend on padding after it
 (the layer is causal, and every mean is over valid tokens), so an input padded to its
@@ -11,8 +11,8 @@ bucket gives the same values at its own positions.
 Graphs serve inputs of at most one chunk (``config.chunk_size`` positions), the
 sentence lengths where launch work dominates. On longer inputs the GPU work of a
 forward outlasts its launches, and replays measured slower than eager forwards on an
-H200 (7.25 against 6.55 ms at 64 x 512 tokens): a replay starts only once the host
-has done its own work, where eager kernels start at once.
+H200 (7.25 against 6.55 ms at 64 x 512 tokens, commit ea6d5da): a replay starts only
+once the host has done its own work, where eager kernels start at once.
 
 A shape is captured the second time it is seen (a capture costs about two forwards);
 a shape seen once costs nothing. The graph also computes the summary of the input
