@@ -54,7 +54,9 @@ class GraphedForward:
         # outside the graph's memory pool.
         forward(self.ids, self.mask, self.types)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: CUDA calls of other threads (a DataLoader pinning memory while a
+        # trainer evaluates, say) are not part of the capture and must not fail it.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out, self.summary = forward(self.ids, self.mask, self.types)
 
     def __call__(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
