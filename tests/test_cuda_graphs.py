@@ -26,6 +26,85 @@ def test_no_graphs_on_cpu():
         assert not model.uses_cuda_graphs(torch.ones(2, 5, dtype=torch.long))
 
 
+class FakeGraph:
+    """Stands in for GraphedForward on CPU: counts captures and replays."""
+
+    captures = 0
+
+    def __init__(self, forward, batch, length, device, pool):
+        FakeGraph.captures += 1
+        self.length, self.replays = length, 0
+
+    def __call__(self, input_ids, attention_mask, token_type_ids):
+        self.replays += 1
+        return input_ids.float(), None
+
+
+@pytest.fixture()
+def fake_graphs(monkeypatch):
+    """ForwardGraphs with its bookkeeping as on CUDA, but graphs that run nothing."""
+    from lam_embed import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "GraphedForward", FakeGraph)
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
+    FakeGraph.captures = 0
+    model = torch.nn.Linear(3, 3)
+    graphs = cuda_graphs.ForwardGraphs()
+
+    def call(batch, length, changes=(0, 0)):
+        ids = torch.zeros(batch, length, dtype=torch.long)
+        return graphs(model, None, ids, ids, ids, changes=changes, chunk_size=128)
+
+    return graphs, model, call
+
+
+def test_a_shape_is_captured_on_its_second_call(fake_graphs):
+    graphs, _, call = fake_graphs
+    assert call(4, 20) is None  # first sighting: the caller runs it eagerly
+    assert call(4, 20) is not None and FakeGraph.captures == 1
+    assert call(4, 30) is not None and FakeGraph.captures == 1  # the same bucket
+    assert call(4, 33) is None and call(5, 20) is None  # another bucket, another batch size
+    assert next(iter(graphs.graphs.values())).replays == 2
+
+
+def test_graphs_go_when_a_parameter_changes(fake_graphs):
+    graphs, model, call = fake_graphs
+    call(2, 8), call(2, 8)
+    assert len(graphs.graphs) == 1
+    with torch.no_grad():
+        model.weight.mul_(2.0)  # in place: its version counter moves
+    assert call(2, 8) is None and not graphs.graphs
+    call(2, 8)
+    assert call(2, 8, changes=(1, 0)) is None  # an optimizer step, or a parameter registered
+    call(2, 8, changes=(1, 0))
+    model.weight = torch.nn.Parameter(torch.ones(3, 3))  # what the counters report; the list is read again
+    assert call(2, 8, changes=(1, 1)) is None
+    assert call(2, 8, changes=(1, 1)) is not None
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the new parameter is the one watched now
+    assert call(2, 8, changes=(1, 1)) is None
+
+
+def test_at_most_max_graphs_are_kept_the_oldest_go_first(fake_graphs):
+    from lam_embed.cuda_graphs import MAX_GRAPHS
+
+    graphs, _, call = fake_graphs
+    for batch in range(1, MAX_GRAPHS + 2):
+        call(batch, 8), call(batch, 8)
+    assert len(graphs.graphs) == MAX_GRAPHS
+    assert min(key[0] for key in graphs.graphs) == 2  # batch 1 was the oldest
+
+
+def test_inference_mode_and_autocast_have_graphs_of_their_own(fake_graphs):
+    graphs, _, call = fake_graphs
+    call(2, 8), call(2, 8)
+    with torch.inference_mode():
+        assert call(2, 8) is None
+    with torch.autocast("cpu"):  # the cuda autocast state is part of the key, the cpu one not
+        assert call(2, 8) is not None
+    assert FakeGraph.captures == 1
+
+
 @pytest.fixture()
 def gpu_model():
     pytest.importorskip("triton")
