@@ -410,7 +410,7 @@ class LAMModel(LAMPreTrainedModel):
 
     def _encode_clamped(self, input_ids, token_type_ids, mask, hidden_states: list | None = None) -> torch.Tensor:
         """_encode for ids whose values are checked only once the forward pass is queued
-        (on CUDA, see check_inputs): ids outside the tables must not reach the embedding
+        (on CUDA, see check_input_values): ids outside the tables must not reach the embedding
         lookup, where an out-of-range read would end the CUDA context instead of raising."""
         input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
         token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
@@ -468,8 +468,8 @@ class LAMModel(LAMPreTrainedModel):
             (mask[:, 1:] > mask[:, :-1]).any().long(), types.min(), types.max(),
         ])
 
-    def check_inputs(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
-        """Raise ValueError naming the argument that does not fit the model.
+    def check_input_values(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
+        """Raise ValueError naming the argument whose values do not fit the model.
 
         The values are checked here on CPU; on a GPU a read of them would stall the
         forward pass until the GPU caught up, so their summary is returned instead (see
@@ -492,7 +492,7 @@ class LAMModel(LAMPreTrainedModel):
         return host, done
 
     def check_values(self, stats: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
-        """The value checks of check_inputs, from its summary of the values."""
+        """The checks of check_input_values, from its summary of the values."""
         if done is not None:
             done.synchronize()  # the copy was queued before the forward pass: long done
         low, high, mask_low, mask_high, left_padded, type_low, type_high = stats.tolist()
@@ -533,7 +533,7 @@ class LAMModel(LAMPreTrainedModel):
             x, stats = graphed
             pending = self.summary_to_host(stats)
         else:
-            pending = self.check_inputs(input_ids, attention_mask, token_type_ids)
+            pending = self.check_input_values(input_ids, attention_mask, token_type_ids)
             if output_hidden_states:
                 hidden_states = []
             encode = self._encode_clamped if pending is not None else self._encode
