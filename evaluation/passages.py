@@ -42,6 +42,8 @@ def main(argv=None) -> dict:
     data = default_data_dir()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="sentence-transformers folder of the model to compare with the teacher")
+    p.add_argument("--teacher", default=None,
+                   help="teacher folder or hub name (default: all-MiniLM-L6-v2, the offline copy when the hub is unreachable)")
     p.add_argument("--passages", default=str(data / "corpus/passages.txt.gz") if data else None, help="passages file (.txt or .txt.gz)")
     p.add_argument("--holdout", type=int, default=1000, help="how many passages from the end of the file to use")
     p.add_argument("--max-seq-length", type=int, default=512, help="token limit of both models (the teacher's table ends at 512)")
@@ -53,11 +55,11 @@ def main(argv=None) -> dict:
         p.error("--passages is required: no data folder found (set LAM_DATA_DIR)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model = SentenceTransformer(args.model, device=args.device)
-    teacher = SentenceTransformer(resolve_teacher_path(), device=args.device)
+    teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=args.device)
     model.max_seq_length = teacher.max_seq_length = args.max_seq_length
     passages = held_out_passages(args.passages, args.holdout)
     tokens = [min(len(ids), args.max_seq_length) for ids in teacher.tokenizer(passages)["input_ids"]]
-    result = {"model": args.model, "max_seq_length": args.max_seq_length, "min_tokens": min(tokens),
+    result = {"model": args.model, "teacher": resolve_teacher_path(args.teacher), "max_seq_length": args.max_seq_length, "min_tokens": min(tokens),
               "max_tokens": max(tokens), "mean_tokens": round(float(np.mean(tokens)), 1),
               **teacher_agreement(model, teacher, passages, args.batch_size)}
     print(json.dumps(result, indent=2))

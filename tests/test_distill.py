@@ -89,3 +89,38 @@ def test_ema_is_saved_and_resumes_exactly(tmp_path):
 def test_ema_decay_must_be_a_fraction(tmp_path):
     with pytest.raises(SystemExit, match="--ema-decay must be in"):
         run(tmp_path, "--ema-decay", "1.0")
+
+
+def test_stsb_train_sentences_are_mixed_into_sentence_batches():
+    """--stsb-train-fraction: that share of every sentence batch comes from the extra pool,
+    passage batches are untouched, and the stream is the same for the same seed."""
+    sentences = [f"s{i}" for i in range(100)]
+    passages = [f"p{i}" for i in range(10)]
+    extra = [f"x{i}" for i in range(12)]
+
+    def make(fraction):
+        return distill.Batches(sentences, passages, None, 8, 2, 3, 16, 32, 7, extra, fraction)
+
+    mixed, again, plain = make(0.25), make(0.25), make(0.0)
+    seen = set()
+    for step in range(30):
+        texts, max_length = mixed.texts(step)
+        assert (texts, max_length) == again.texts(step)
+        if step % 3 == 2:  # passage batch
+            assert max_length == 32 and texts == plain.texts(step)[0] and all(t[0] == "p" for t in texts)
+            continue
+        assert max_length == 16 and len(texts) == 8
+        assert [t[0] for t in texts] == ["s"] * 6 + ["x"] * 2
+        seen.update(t for t in texts if t[0] == "x")
+    assert seen == set(extra)  # 20 sentence batches x 2 = 40 draws cycle through all 12
+
+
+def test_stsb_train_fraction_must_be_a_fraction(tmp_path):
+    with pytest.raises(SystemExit, match="--stsb-train-fraction must be in"):
+        run(tmp_path, "--stsb-train-fraction", "1.5")
+
+
+def test_stsb_train_sentences_reach_the_manifest(tmp_path):
+    run(tmp_path, "--stage1-steps", "0", "--stage2-steps", "1", "--stsb-train-fraction", "0.5")
+    data = json.loads((tmp_path / "release" / "manifest.json").read_text())["data"]
+    assert data["stsb_train_fraction"] == 0.5 and data["stsb_train_sentences"] > 10_000

@@ -88,7 +88,11 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 @dataclass
 class Batches:
-    """A deterministic stream of tokenised batches: step n always gives the same batch."""
+    """A deterministic stream of tokenised batches: step n always gives the same batch.
+
+    A sentence batch takes ``round(batch_size * extra_fraction)`` of its sentences from
+    ``extra`` (the STS-B train sentences, with --stsb-train-fraction) and the rest from
+    ``sentences``; each pool is shuffled once per pass over it."""
 
     sentences: list[str]
     passages: list[str]
@@ -99,31 +103,41 @@ class Batches:
     max_length: int
     passage_max_length: int
     seed: int
+    extra: list[str] = field(default_factory=list)
+    extra_fraction: float = 0.0
     _orders: dict = field(default_factory=dict)
 
-    def _order(self, n_items: int, epoch: int) -> list[int]:
+    def _order(self, kind: int, n_items: int, epoch: int) -> list[int]:
         # Shuffling 700k indices takes a while: keep the current permutation of each kind.
-        key = (n_items, epoch)
+        key = (kind, epoch)
         if key not in self._orders:
             order = list(range(n_items))
-            random.Random(self.seed * 1000 + epoch).shuffle(order)
-            self._orders = {k: v for k, v in self._orders.items() if k[0] != n_items}
+            random.Random(self.seed * 1000 + epoch + 7919 * kind).shuffle(order)
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != kind}
             self._orders[key] = order
         return self._orders[key]
 
+    def _take(self, kind: int, items: list[str], size: int, index: int) -> list[str]:
+        """The index-th batch of ``size`` items of one pool."""
+        per_epoch = max(len(items) // size, 1)
+        epoch, position = divmod(index, per_epoch)
+        order = self._order(kind, len(items), epoch)
+        return [items[i] for i in order[position * size:(position + 1) * size]]
+
     def texts(self, step: int) -> tuple[list[str], int]:
         use_passages = self.passages and self.passage_every > 0 and step % self.passage_every == self.passage_every - 1
-        items, size = (self.passages, self.passage_batch_size) if use_passages else (self.sentences, self.batch_size)
         # Which batch of this kind this is, counted over the whole run.
         if self.passages and self.passage_every > 0:
             index = step // self.passage_every if use_passages else step - (step + 1) // self.passage_every
         else:
             index = step
-        per_epoch = max(len(items) // size, 1)
-        epoch, position = divmod(index, per_epoch)
-        order = self._order(len(items), epoch + (7919 if use_passages else 0))
-        chosen = [items[i] for i in order[position * size:(position + 1) * size]]
-        return chosen, self.passage_max_length if use_passages else self.max_length
+        if use_passages:
+            return self._take(1, self.passages, self.passage_batch_size, index), self.passage_max_length
+        n_extra = round(self.batch_size * self.extra_fraction) if self.extra else 0
+        chosen = self._take(0, self.sentences, self.batch_size - n_extra, index)
+        if n_extra:
+            chosen += self._take(2, self.extra, n_extra, index)
+        return chosen, self.max_length
 
     def __call__(self, step: int, device: torch.device) -> dict:
         texts, max_length = self.texts(step)
@@ -239,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file of passages longer than one chunk; empty string for none")
     p.add_argument("--stsb", default=str(data / "stsb") if data else None, help="folder of the STS-B csv files, for the dev figure in the log")
     p.add_argument("--max-sentences", type=int, default=0, help="use the first N sentences of the file (0: all)")
+    p.add_argument("--stsb-train-fraction", type=float, default=0.0,
+                   help="fraction of each sentence batch drawn from the sentences of STS-B train (sts-train.csv in --stsb; "
+                   "text only, the scores are never read), so that the student sees the benchmark's genres (news "
+                   "headlines, captions, forums); 0: none")
     p.add_argument("--max-dev-pairs", type=int, default=0, help="use at most this many STS-B dev pairs for the logged figure (0: all 1,500)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout inside the student while distilling (the saved config keeps the teacher's)")
     p.add_argument("--max-passages", type=int, default=0, help="use the first N passages of the file (0: all but the held-out ones)")
@@ -282,6 +300,8 @@ def main(argv=None) -> dict:
     for name, value in (("--sentences", args.sentences), ("--stsb", args.stsb)):
         if not value:
             raise SystemExit(f"{name} is required: no data folder found (set LAM_DATA_DIR or pass the path)")
+    if not 0 <= args.stsb_train_fraction < 1:
+        raise SystemExit(f"--stsb-train-fraction must be in [0, 1), got {args.stsb_train_fraction}")
     if not 0 <= args.ema_decay < 1:
         raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.stage1_steps < 0 or args.stage2_steps < 0 or args.stage1_steps + args.stage2_steps == 0:
@@ -317,9 +337,14 @@ def main(argv=None) -> dict:
     dev = read_stsb_pairs(Path(args.stsb) / "sts-dev.csv")
     if args.max_dev_pairs:
         dev = tuple(column[: args.max_dev_pairs] for column in dev)
-    logger.info("data: %d sentences, %d passages, %d dev pairs", len(sentences), len(passages), len(dev[0]))
+    extra = []
+    if args.stsb_train_fraction:
+        first, second, _ = read_stsb_pairs(Path(args.stsb) / "sts-train.csv")
+        extra = sorted(set(first) | set(second))  # sorted: the same list in every process
+    logger.info("data: %d sentences, %d passages, %d STS-B train sentences, %d dev pairs",
+                len(sentences), len(passages), len(extra), len(dev[0]))
     batches = Batches(sentences, passages, tokenizer, args.batch_size, args.passage_batch_size, args.passage_every,
-                      args.max_length, args.passage_max_length, args.seed)
+                      args.max_length, args.passage_max_length, args.seed, extra, args.stsb_train_fraction)
 
     total = args.stage1_steps + args.stage2_steps
     step, stage, history, elapsed = 0, 1 if args.stage1_steps else 2, [], 0.0
@@ -417,7 +442,8 @@ def main(argv=None) -> dict:
         manifest = {k: summary[k] for k in ("commit", "device", "train_minutes", "stsb_dev_spearman", "args")}
         manifest["command"] = "python scripts/distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
         manifest["data"] = {"sentences": len(sentences), "passages": len(passages),
-                            "sentences_file": args.sentences, "passages_file": args.passages}
+                            "sentences_file": args.sentences, "passages_file": args.passages,
+                            "stsb_train_sentences": len(extra), "stsb_train_fraction": args.stsb_train_fraction}
         save_release(student.cpu(), out_dir / "release", manifest, teacher=teacher_path)
         st = lam_embed.build_sentence_transformer(student, tokenizer)
         st.save(str(out_dir / "sentence-transformer"))

@@ -403,6 +403,7 @@ def _common_layout(tensors, unit_last: bool):
 # H100 at 32,768 tokens a call; more warps, BT = 32 or a register cap were slower.
 CONFIG = {
     "block_t": 16,  # rows of the diagonal blocks solved at once (16 is the smallest tl.dot size)
+    "block_t_single": 16,  # the same for a single-chunk input
     # kernels 1 and 3; plain "tf32" on float32 inputs gives errors near 4e-3
     "precision": {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"},
     "state_precision": "ieee",  # kernel 2: as fast as "tf32x3" there, and exact float32
@@ -410,6 +411,7 @@ CONFIG = {
     # a bf16 projection, and faster at every length of the sweep.
     "num_warps": (2, 4, 4),
     "num_warps_single": 2,  # kernel 1 for a single-chunk input (half the time of 4 warps at 256 x 128)
+    "num_stages_single": 3,  # its software-pipelining depth (Triton's default)
     "output_rows": 64,  # rows of a chunk per program of kernel 3
 }
 
@@ -425,7 +427,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
     single = N == 1
-    BT = CONFIG["block_t"]
+    BT = CONFIG["block_t_single" if single else "block_t"]
     # The kernel's chunk: chunk_size rows padded to a power of two (rows past chunk_size
     # are padding); a single short chunk is cut to the input length.
     C = max(BT, triton.next_power_of_2(min(chunk_size, L)))
@@ -463,6 +465,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         o.stride(0), o.stride(1), o.stride(2),
         C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec, CONV=conv,
         num_warps=CONFIG["num_warps_single"] if single else warps[0],
+        num_stages=CONFIG["num_stages_single"] if single else 3,
     )
     if single:
         return o
