@@ -427,6 +427,8 @@ def bench(sweep: bool = False, compiled: bool = False):
                 ("k1 2w", {"num_warps": (2, w2, w3)}),
                 ("k1 8w", {"num_warps": (8, w2, w3), "num_warps_single": 8}),
                 ("k1 bt32", {"block_t": 32}),
+                ("k1 bt32 single", {"block_t_single": 32}),
+                ("k1 1w 1st sgl", {"num_warps_single": 1, "num_stages_single": 1}),
                 ("k2 tf32x3", {"state_precision": "tf32x3"}),
                 ("k2 1w", {"num_warps": (w1, 1, w3)}),
                 ("k2 2w", {"num_warps": (w1, 2, w3)}),
