@@ -55,12 +55,13 @@ def main(argv=None) -> dict:
         p.error("--passages is required: no data folder found (set LAM_DATA_DIR)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model = SentenceTransformer(args.model, device=args.device)
-    teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=args.device)
+    teacher_path = resolve_teacher_path(args.teacher)
+    teacher = SentenceTransformer(teacher_path, device=args.device)
     model.max_seq_length = teacher.max_seq_length = args.max_seq_length
     passages = held_out_passages(args.passages, args.holdout)
     tokens = [min(len(ids), args.max_seq_length) for ids in teacher.tokenizer(passages)["input_ids"]]
-    result = {"model": args.model, "teacher": resolve_teacher_path(args.teacher), "max_seq_length": args.max_seq_length, "min_tokens": min(tokens),
-              "max_tokens": max(tokens), "mean_tokens": round(float(np.mean(tokens)), 1),
+    result = {"model": args.model, "teacher": teacher_path, "max_seq_length": args.max_seq_length,
+              "min_tokens": min(tokens), "max_tokens": max(tokens), "mean_tokens": round(float(np.mean(tokens)), 1),
               **teacher_agreement(model, teacher, passages, args.batch_size)}
     print(json.dumps(result, indent=2))
     if args.output:

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file (.txt or .txt.gz) of training sentences, one per line")
     p.add_argument("--passages", default=str(data / "corpus/passages.txt.gz") if data else None,
                    help="text file of passages longer than one chunk; empty string for none")
-    p.add_argument("--stsb", default=str(data / "stsb") if data else None, help="folder of the STS-B csv files, for the dev figure in the log")
+    p.add_argument("--stsb", default=str(data / "stsb") if data else None, help="folder of the STS-B csv files: the dev figure in the log, and the sentences of --stsb-train-fraction")
     p.add_argument("--max-sentences", type=int, default=0, help="use the first N sentences of the file (0: all)")
     p.add_argument("--stsb-train-fraction", type=float, default=0.25,
                    help="fraction of each sentence batch drawn from the sentences of STS-B train (sts-train.csv in --stsb; "
