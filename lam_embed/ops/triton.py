@@ -465,7 +465,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         o.stride(0), o.stride(1), o.stride(2),
         C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec, CONV=conv,
         num_warps=CONFIG["num_warps_single"] if single else warps[0],
-        num_stages=CONFIG["num_stages_single"] if single else 3,
+        **({"num_stages": CONFIG["num_stages_single"]} if single else {}),  # else Triton's default
     )
     if single:
         return o
