@@ -124,3 +124,34 @@ def test_stsb_train_sentences_reach_the_manifest(tmp_path):
     run(tmp_path, "--stage1-steps", "0", "--stage2-steps", "1", "--stsb-train-fraction", "0.5")
     data = json.loads((tmp_path / "release" / "manifest.json").read_text())["data"]
     assert data["stsb_train_fraction"] == 0.5 and data["stsb_train_sentences"] > 10_000
+
+
+def test_passage_crop_takes_runs_of_consecutive_words():
+    """--passage-crop: each passage of a passage batch becomes a run of consecutive words of
+    the passage it replaces, at least that fraction long; sentence batches are untouched,
+    the same step gives the same crops, and the crops vary across passes over the data."""
+    sentences = [f"s{i}" for i in range(100)]
+    passages = [" ".join(f"p{i}w{j}" for j in range(40)) for i in range(6)]
+
+    def make(crop):
+        return distill.Batches(sentences, passages, None, 8, 2, 3, 16, 32, 7, [], 0.0, crop)
+
+    cropped, again, whole = make(0.3), make(0.3), make(0.0)
+    lengths = set()
+    for step in range(60):
+        texts, max_length = cropped.texts(step)
+        assert (texts, max_length) == again.texts(step)
+        full = whole.texts(step)[0]
+        if step % 3 != 2:
+            assert texts == full
+            continue
+        for part, passage in zip(texts, full, strict=True):
+            words = part.split()
+            assert len(words) >= 12 and f" {part} " in f" {passage} "
+            lengths.add(len(words))
+    assert len(lengths) > 5
+
+
+def test_passage_crop_must_be_a_fraction(tmp_path):
+    with pytest.raises(SystemExit, match="--passage-crop must be in"):
+        run(tmp_path, "--passage-crop", "-0.1")

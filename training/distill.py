@@ -107,6 +107,7 @@ class Batches:
     seed: int
     extra: list[str] = field(default_factory=list)
     extra_fraction: float = 0.0
+    passage_crop: float = 0.0
     _orders: dict = field(default_factory=dict)
 
     def _order(self, kind: int, n_items: int, epoch: int) -> list[int]:
@@ -126,6 +127,14 @@ class Batches:
         order = self._order(kind, len(items), epoch)
         return [items[i] for i in order[position * size:(position + 1) * size]]
 
+    def _crop(self, text: str, rng: random.Random) -> str:
+        """A random run of consecutive words of ``text``, at least ``passage_crop`` of them:
+        each pass over the passages then shows other windows and lengths, not the same texts again."""
+        words = text.split()
+        keep = rng.randint(math.ceil(len(words) * self.passage_crop), len(words))
+        start = rng.randint(0, len(words) - keep)
+        return " ".join(words[start:start + keep])
+
     def texts(self, step: int) -> tuple[list[str], int]:
         use_passages = self.passages and self.passage_every > 0 and step % self.passage_every == self.passage_every - 1
         # Which batch of this kind this is, counted over the whole run.
@@ -134,7 +143,11 @@ class Batches:
         else:
             index = step
         if use_passages:
-            return self._take(1, self.passages, self.passage_batch_size, index), self.passage_max_length
+            chosen = self._take(1, self.passages, self.passage_batch_size, index)
+            if self.passage_crop:
+                rng = random.Random(self.seed * 1_000_003 + step)
+                chosen = [self._crop(text, rng) for text in chosen]
+            return chosen, self.passage_max_length
         n_extra = round(self.batch_size * self.extra_fraction) if self.extra else 0
         chosen = self._take(0, self.sentences, self.batch_size - n_extra, index)
         if n_extra:
@@ -271,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passage-every", type=int, default=2,
                    help="every N-th step is a passage batch (0: never); with --stsb-train-fraction 0.25, 2 gave a mean "
                    "cosine to the teacher on held-out passages of 0.947 and STS-B dev 0.8666 (3: 0.9455, 0.8671)")
+    p.add_argument("--passage-crop", type=float, default=0.0,
+                   help="cut each passage of a batch to a random run of consecutive words, at least this fraction of "
+                   "them (0: whole passages): new windows and lengths on every pass over the passages")
     p.add_argument("--max-length", type=int, default=128, help="token limit of a sentence")
     p.add_argument("--passage-max-length", type=int, default=512, help="token limit of a passage (teacher and student)")
     p.add_argument("--lr-stage1", type=float, default=2e-3, help="peak learning rate of stage 1")
@@ -306,6 +322,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{name} is required: no data folder found (set LAM_DATA_DIR or pass the path)")
     if not 0 <= args.stsb_train_fraction < 1:
         raise SystemExit(f"--stsb-train-fraction must be in [0, 1), got {args.stsb_train_fraction}")
+    if not 0 <= args.passage_crop <= 1:
+        raise SystemExit(f"--passage-crop must be in [0, 1], got {args.passage_crop}")
     if not 0 <= args.ema_decay < 1:
         raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.stage1_steps < 0 or args.stage2_steps < 0 or args.stage1_steps + args.stage2_steps == 0:
@@ -348,7 +366,8 @@ def main(argv=None) -> dict:
     logger.info("data: %d sentences, %d passages, %d STS-B train sentences, %d dev pairs",
                 len(sentences), len(passages), len(extra), len(dev[0]))
     batches = Batches(sentences, passages, tokenizer, args.batch_size, args.passage_batch_size, args.passage_every,
-                      args.max_length, args.passage_max_length, args.seed, extra, args.stsb_train_fraction)
+                      args.max_length, args.passage_max_length, args.seed, extra, args.stsb_train_fraction,
+                      args.passage_crop)
 
     total = args.stage1_steps + args.stage2_steps
     step, stage, history, elapsed = 0, 1 if args.stage1_steps else 2, [], 0.0
@@ -447,7 +466,8 @@ def main(argv=None) -> dict:
         manifest["command"] = "python scripts/distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
         manifest["data"] = {"sentences": len(sentences), "passages": len(passages),
                             "sentences_file": args.sentences, "passages_file": args.passages,
-                            "stsb_train_sentences": len(extra), "stsb_train_fraction": args.stsb_train_fraction}
+                            "stsb_train_sentences": len(extra), "stsb_train_fraction": args.stsb_train_fraction,
+                            "passage_crop": args.passage_crop}
         save_release(student.cpu(), out_dir / "release", manifest, teacher=teacher_path)
         st = lam_embed.build_sentence_transformer(student, tokenizer)
         st.save(str(out_dir / "sentence-transformer"))
