@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "text only, the scores are never read), so that the student sees the benchmark's genres (news "
                    "headlines, captions, forums); 0: none. 0.25 gave STS-B dev 0.8671, test 0.8202 (0: 0.8653, 0.8171)")
     p.add_argument("--max-dev-pairs", type=int, default=0, help="use at most this many STS-B dev pairs for the logged figure (0: all 1,500)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout inside the student while distilling (the saved config keeps the teacher's)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout inside the student while distilling (the saved config keeps the teacher's); 0.1 with "
+                   "--passage-crop 0.5 gave held-out passages 0.938 and STS-B dev 0.8629 (0: 0.944, 0.8654)")
     p.add_argument("--max-passages", type=int, default=0, help="use the first N passages of the file (0: all but the held-out ones)")
     p.add_argument("--passage-holdout", type=int, default=1000, help="the last N passages of the file are never used for training")
     p.add_argument("--output-dir", default="runs/distill", help="checkpoints, log and the final model go here")
@@ -286,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cosine to the teacher on held-out passages of 0.947 and STS-B dev 0.8666 (3: 0.9455, 0.8671)")
     p.add_argument("--passage-crop", type=float, default=0.0,
                    help="cut each passage of a batch to a random run of consecutive words, at least this fraction of "
-                   "them (0: whole passages): new windows and lengths on every pass over the passages")
+                   "them (0: whole passages): new windows and lengths on every pass over the passages. 0.5 gave a mean "
+                   "cosine on held-out passages of 0.944 and STS-B dev 0.8654 (0: 0.947, 0.8666)")
     p.add_argument("--max-length", type=int, default=128, help="token limit of a sentence")
     p.add_argument("--passage-max-length", type=int, default=512, help="token limit of a passage (teacher and student)")
     p.add_argument("--lr-stage1", type=float, default=2e-3, help="peak learning rate of stage 1")
