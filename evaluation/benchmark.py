@@ -45,8 +45,11 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # LAM variants: a delta_impl, or "triton-eager", delta_impl "triton" with config.cuda_graphs
-# off (each kernel launched from Python), to show what the CUDA graphs save.
-IMPLS = ("chunk", "compiled", "triton", "triton-eager")
+# off (each kernel launched from Python), to show what the CUDA graphs save. "auto" is what
+# a user gets: on CPU the numba kernel for inputs of one chunk (lam_embed/layer_numba.py),
+# else the chunk form; on CUDA the same as "triton".
+IMPLS = ("auto", "chunk", "compiled", "triton", "triton-eager")
+CPU_IMPLS = ("auto", "chunk")
 OP_IMPLS = ("chunk", "compiled", "triton")  # the op alone has no graphs
 SECTIONS = ("forward", "op", "encode")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -140,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"LAM variants to measure, from {', '.join(IMPLS)}: a delta_impl, or 'triton-eager', delta_impl "
         "'triton' without CUDA graphs (each kernel launched from Python; 'triton' replays a graph per "
         "shape, see lam_embed/cuda_graphs.py). The triton variants are recorded as unavailable when the "
-        "kernel is absent; they need CUDA. The op section measures the delta_impls only. Default: all four "
-        "on CUDA, chunk compiled on CPU.",
+        "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel for inputs "
+        "of one chunk (else chunk), on CUDA triton. The op section measures the delta_impls only. Default: "
+        f"{' '.join(i for i in IMPLS if i != 'auto')} on CUDA, {' '.join(CPU_IMPLS)} on CPU.",
     )
     parser.add_argument(
         "--lengths", nargs="+", type=_positive_int, default=None, metavar="L",
@@ -237,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     gpu = device.type == "cuda"
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    args.impls = list(dict.fromkeys(args.impls or (IMPLS if gpu else ("chunk", "compiled"))))
+    args.impls = list(dict.fromkeys(args.impls or (tuple(i for i in IMPLS if i != "auto") if gpu else CPU_IMPLS)))
     args.lengths = list(dict.fromkeys(args.lengths or (GPU_LENGTHS if gpu else CPU_LENGTHS)))
     args.tokens_per_batch = args.tokens if gpu else args.cpu_tokens
     args.repeats = args.repeats or (GPU_REPEATS if gpu else CPU_REPEATS)

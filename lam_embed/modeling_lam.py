@@ -27,8 +27,9 @@ except ImportError:  # pragma: no cover - older transformers
 # (delta_net_features, delta_net_output, the residual LayerNorms) runs fused: with
 # "triton" at inference, inside the delta-rule kernels (which read the input projection)
 # and as the Triton kernels of layer_triton.py; with "compiled", or when gradients are
-# needed, under torch.compile. False keeps it eager everywhere (debugging, or where
-# neither works).
+# needed, under torch.compile. On CPU at inference, an input of one chunk runs the delta
+# rule and the output norm and gate as one numba kernel (layer_numba.py). False keeps
+# it eager everywhere (debugging, or where neither works).
 FUSE_LAYER_CODE = True
 
 # Optimizer steps taken in this process, for DualStateDeltaNet.stacked_weights: fused
@@ -60,15 +61,23 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_count_param
 def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tensor) -> str | None:
     """How the layer code around the delta rule of ``net`` runs for the input x: "triton"
     (CUDA, delta_impl "triton", no gradient wanted for x or ``param``), "compiled" (CUDA
-    with delta_impl "compiled", or "triton" with gradients) or None (eager: on CPU, with
-    delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
-    if not (FUSE_LAYER_CODE and x.is_cuda):
+    with delta_impl "compiled", or "triton" with gradients), "numba" (CPU, delta_impl
+    "auto", float32, an input of one chunk, no gradient wanted, numba installed) or None
+    (eager: elsewhere, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
+    if not FUSE_LAYER_CODE:
+        return None
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
+    if not x.is_cuda:
+        if (x.device.type == "cpu" and net.config.delta_impl == "auto" and x.dtype == torch.float32
+                and x.shape[1] <= net.config.chunk_size and not wants_grad
+                and not torch.is_autocast_enabled("cpu") and _layer_numba() is not None):
+            return "numba"
         return None
     impl = resolve_impl(net.config.delta_impl, x.device)
     if impl not in ("triton", "compiled"):
         return None
     head_dim = net.head_dim
-    if (impl == "compiled" or torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
+    if (impl == "compiled" or wants_grad
             or net.training and net.config.state_dropout > 0  # the fused path has no state dropout
             or _layer_triton() is None
             or head_dim < 16 or head_dim & (head_dim - 1)):  # the kernels' tiles: a power of two >= 16
@@ -229,6 +238,12 @@ class DualStateDeltaNet(nn.Module):
             D = x.shape[-1]
             return layer_triton.delta_net_output_triton(
                 o.transpose(1, 2), projected[..., 3 * D:4 * D], self.norm_weight, self.o_proj.weight, self.eps)
+        if mode == "numba":
+            q, k, v, output_gate, beta, _, _, gate_fast, gate_slow = delta_net_features(
+                x, mask, weight, bias, conv_weight, H)
+            o = _layer_numba().single_chunk_layer(
+                q, k, v, output_gate, beta, gate_fast, gate_slow, mask, self.flux, self.norm_weight, self.eps)
+            return F.linear(o, self.o_proj.weight)
         features, output = _compiled_layer_functions() if mode == "compiled" else (delta_net_features, delta_net_output)
         q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
@@ -279,6 +294,16 @@ def _layer_triton():
     except ImportError:
         return None
     return layer_triton
+
+
+@functools.cache
+def _layer_numba():
+    """The module layer_numba, or None where numba does not import."""
+    try:
+        from . import layer_numba
+    except ImportError:
+        return None
+    return layer_numba
 
 
 @functools.cache

@@ -289,3 +289,58 @@ def test_fused_layer_code_follows_delta_impl():
         assert fused_layer_code(x, net.train(), net.q_proj.weight) == "compiled"  # state dropout while training
         assert fused_layer_code(x, net.eval(), net.q_proj.weight) == "triton"
     assert fused_layer_code(x.cpu(), net, net.q_proj.weight) is None
+
+
+def test_numba_layer_matches_reference():
+    """CPU inference on inputs of one chunk runs the numba kernel (layer_numba.py); its
+    outputs on valid tokens equal the plain form's, with padding inside and at the end."""
+    pytest.importorskip("numba")
+    for hidden, heads in ((64, 2), (48, 3)):  # head sizes 32 and 16
+        net = make_layer()
+        if hidden != 64:
+            torch.manual_seed(0)
+            net = DualStateDeltaNet(LAMConfig(hidden_size=hidden, num_attention_heads=heads))
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.copy_(torch.randn_like(p) * 0.3)
+        net.config.delta_impl = "auto"
+        g = torch.Generator().manual_seed(3)
+        lengths = [net.config.chunk_size, 40, 3, 1]
+        x = torch.randn(len(lengths), max(lengths), hidden, generator=g)
+        mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+        mask[0, 5:9] = False  # a hole: its tokens are not read, the ones after it are
+        with torch.no_grad():
+            assert fused_layer_code(x, net, net.q_proj.weight) == "numba"
+            out = net(x, mask) * mask[..., None]
+            ref = reference_forward(net, x, mask) * mask[..., None]
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (hidden, heads)
+
+
+def test_numba_layer_only_where_it_applies():
+    """The numba kernel runs for CPU float32 inference of one chunk with delta_impl "auto";
+    anything else (longer inputs, gradients, autocast, another delta_impl or dtype) keeps
+    the eager code, which the outputs show: the same either way."""
+    pytest.importorskip("numba")
+    net = make_layer()
+    net.config.delta_impl = "auto"
+    x, mask = make_inputs()
+    short = x[:, :40]
+    weight = net.q_proj.weight
+    with torch.no_grad():
+        assert fused_layer_code(short, net, weight) == "numba"
+        assert fused_layer_code(x, net, weight) is None  # 300 tokens: three chunks
+        assert fused_layer_code(short.double(), net, weight) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused_layer_code(short, net, weight) is None
+        for impl in ("chunk", "naive", "compiled"):
+            net.config.delta_impl = impl
+            assert fused_layer_code(short, net, weight) is None, impl
+        net.config.delta_impl = "auto"
+    assert fused_layer_code(short, net, weight) is None  # weight wants a gradient
+    with torch.no_grad():
+        fused = net(short, mask[:, :40])
+    net.config.delta_impl = "chunk"
+    with torch.no_grad():
+        eager = net(short, mask[:, :40])
+    valid = mask[:, :40, None]
+    assert ((fused - eager) * valid).abs().max() <= 1e-5 * (eager * valid).abs().max()
