@@ -363,5 +363,29 @@ def test_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--model", "--train", "--stsb", "--loss", "--score-range", "--output-dir", "--epochs", "--batch-size",
                    "--lr", "--warmup-ratio", "--seed", "--max-steps", "--eval-steps", "--bf16", "--resume",
-                   "--max-train-samples", "--max-seq-length"):  # fmt: skip
+                   "--max-train-samples", "--max-seq-length", "--freeze-token-mixer"):  # fmt: skip
         assert option in text
+
+
+def test_freeze_token_mixer_trains_everything_else(model_path, stsb_small, train_tsv, tmp_path):
+    """--freeze-token-mixer: after training, the token mixer (LAM's DeltaNet, BERT's
+    self-attention and its output projection) is unchanged and the FFNs have moved."""
+    from sentence_transformers import SentenceTransformer
+
+    before = {n: p.detach().clone() for n, p in SentenceTransformer(model_path, device="cpu").named_parameters()}
+    argv = _common(model_path, stsb_small, tmp_path / "out") + [
+        "--train", str(train_tsv), "--score-range", "0", "5", "--max-steps", "2", "--batch-size", str(N_TRAIN),
+        "--lr", "1e-3", "--freeze-token-mixer",
+    ]  # fmt: skip
+    model, _ = _run(argv)
+    after = dict(model.named_parameters())
+    mixer = [n for n in before if any(part in f".{n}" for part in finetune.TOKEN_MIXER_NAMES)]
+    ffn = [n for n in before if ("ffn_in" in n or "intermediate.dense" in n) and n.endswith("weight")]
+    assert mixer and ffn
+    assert all(torch.equal(before[n], after[n].detach().cpu()) for n in mixer)
+    assert all(not torch.equal(before[n], after[n].detach().cpu()) for n in ffn)
+
+
+def test_freeze_token_mixer_needs_a_token_mixer():
+    with pytest.raises(FinetuneError, match="no token-mixer parameters"):
+        finetune.freeze_token_mixer(torch.nn.Sequential(torch.nn.Linear(3, 3)))

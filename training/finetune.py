@@ -71,6 +71,8 @@ DEV_EVALUATOR_NAME = "sts-dev"
 BEST_METRIC = f"eval_{DEV_EVALUATOR_NAME}_spearman_cosine"
 EVAL_BATCH_SIZE = 64
 RESULTS_FILE = "stsb_results.json"
+# Parameter names of the token mixer: LAM's DeltaNet, BERT's self-attention and its output projection.
+TOKEN_MIXER_NAMES = (".delta_net.", ".attention.self.", ".attention.output.dense.")
 
 _EXPECTED_COLUMNS = (
     "expected 'sentence1' (or 'anchor') and 'sentence2' (or 'positive'), "
@@ -412,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use only the first N training rows (after checking the whole file). Default: all.",
     )
     parser.add_argument(
+        "--freeze-token-mixer",
+        action="store_true",
+        help="train everything but the token mixer (LAM's DeltaNet; a BERT model's self-attention and its "
+        "output projection): the same parameters train in LAM and in the transformer it replaces. Default: off.",
+    )
+    parser.add_argument(
         "--max-seq-length",
         type=int,
         default=None,
@@ -467,6 +475,24 @@ def _load_model(name: str):
         )
     logger.info("%s is not a local folder: loading it from the Hugging Face Hub", name)
     return SentenceTransformer(name, **kwargs)
+
+
+def freeze_token_mixer(model) -> int:
+    """Stop gradients to the token mixer's parameters (TOKEN_MIXER_NAMES); return how many
+    values were frozen. A model without a recognised token mixer is an error."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(part in f".{name}" for part in TOKEN_MIXER_NAMES):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if not frozen:
+        raise FinetuneError(
+            "--freeze-token-mixer: no token-mixer parameters in this model (looked for names containing "
+            f"{', '.join(repr(n.strip('.')) for n in TOKEN_MIXER_NAMES)})"
+        )
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("froze the token mixer: %d of %d parameters train", total - frozen, total)
+    return frozen
 
 
 def _build_loss(name: str, model):
@@ -601,6 +627,8 @@ def run(args: argparse.Namespace):
     model = _load_model(args.model)
     if args.max_seq_length is not None:
         model.max_seq_length = args.max_seq_length
+    if args.freeze_token_mixer:
+        freeze_token_mixer(model)
     loss = _build_loss(loss_name, model)
     dev_evaluator = _dev_evaluator(dev)
     # The untrained model's dev score tells whether fine-tuning helped.
