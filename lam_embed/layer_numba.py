@@ -1,24 +1,26 @@
-"""The DeltaNet layer of an input of one chunk, fused for CPU inference (numba).
+"""The delta rule of an input of one chunk, fused with the output norm and gate, for
+CPU inference (numba).
 
 An input of at most ``chunk_size`` tokens is one chunk with zero states (SPEC.md,
 notes): the layer is then a single-chunk delta rule mixed by the gates. In eager
-PyTorch that is some twenty small operations per layer (convolution, activations,
-norms, a batched triangular solve, the flux, the output norm and gate), each a pass
-over memory; short sentences on a CPU spend a quarter of an encode there. Here one
-compiled loop per (sample, head) does all of it on rows that stay in cache: from the
-input projection to the gated, normalised output that ``o_proj`` reads.
+PyTorch that part is some fifteen small operations per layer (q/k norms, contiguous
+copies, a batched triangular solve, the causal scores, the flux, the gate mix, the
+output RMSNorm and gate), each a pass over memory. Here one compiled loop per (sample,
+head) does all of it on rows that stay in cache. The convolution and activations before
+it stay in PyTorch (``delta_net_features``): its vectorised exp is several times faster
+than numba's scalar one, which made a kernel that also did them slower than eager code.
 
-The math is that of ``delta_net_features``, ``chunk_dual_state_delta_rule`` (one
-chunk) and ``delta_net_output`` in ``modeling_lam.py``, which the tests compare it with:
-- q, k, v = SiLU(causal depthwise conv of the projection), q and k normalised;
+The math is that of ``chunk_dual_state_delta_rule`` (one chunk) and ``delta_net_output``
+in ``modeling_lam.py``, which the tests compare it with:
+- q and k normalised per head;
 - U = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) V, by forward substitution:
   u_i = beta_i (v_i - sum_{j<i} (k_i . k_j) u_j);
 - psi from the flux MLP, alpha = 0.5 + 0.3 psi;
 - o_i = (alpha g_fast,i + (1 - alpha) g_slow,i) sum_{j<=i} (q_i . k_j) u_j;
-- output RMSNorm(o) * norm_weight * sigmoid(output gate).
+- output RMSNorm(o) * norm_weight * output gate.
 
-numba compiles the kernel on first use (a few seconds) and caches the machine code
-on disk (``cache=True``), so later processes load it at once.
+numba compiles the kernel on first use (about 7 s) and caches the machine code on disk
+(``cache=True``), so later processes load it at once.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ import torch
 
 from .ops.common import QK_NORM_EPS
 
+# fastmath with NaNs and infinities kept ("nnan", "ninf" off): reassociation lets the
+# dot products vectorise, and a NaN in the input still shows in the output.
+_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
-@numba.njit(fastmath=True, cache=True, inline="always")
+
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _normalise(row, eps):
     total = np.float32(0.0)
     for c in range(row.shape[0]):
@@ -43,7 +49,7 @@ def _normalise(row, eps):
         row[c] *= scale
 
 
-@numba.njit(fastmath=True, cache=True, inline="always")
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _dot(a, b):
     total = np.float32(0.0)
     for c in range(a.shape[0]):
@@ -51,7 +57,7 @@ def _dot(a, b):
     return total
 
 
-@numba.njit(fastmath=True, cache=True, inline="always")
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _sigmoid(x):
     return np.float32(1.0) / (np.float32(1.0) + math.exp(-x))
 
@@ -60,10 +66,6 @@ def _sigmoid(x):
 # aborts the process when two threads launch parallel kernels at once: callers that
 # encode from several threads take turns.
 _launch_lock = threading.Lock()
-
-# fastmath with NaNs and infinities kept ("nnan", "ninf" off): reassociation lets the
-# dot products vectorise, and a NaN in the input still shows in the output.
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
