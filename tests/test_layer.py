@@ -1,6 +1,8 @@
 """The DualStateDeltaNet layer's code around the delta rule: fused projections, the
 shifted-sum convolution and the compiled form of both, against a plain reference."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,3 +346,27 @@ def test_numba_layer_only_where_it_applies():
         eager = net(short, mask[:, :40])
     valid = mask[:, :40, None]
     assert ((fused - eager) * valid).abs().max() <= 1e-5 * (eager * valid).abs().max()
+
+
+def test_numba_layer_keeps_torch_thread_count():
+    """Starting numba's OpenMP pool sets the OpenMP thread count that torch reads too; the
+    layer puts torch's back, so a process's numerics do not change after its first CPU
+    encode. Run in a fresh process: the pool starts only once per process."""
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from tests.test_layer import make_layer\n"
+        "net = make_layer()\n"
+        "net.config.delta_impl = 'auto'\n"
+        "with torch.no_grad():\n"
+        "    net(torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool))\n"
+        "import numba\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "NUMBA_NUM_THREADS": "2"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.stdout.split() == ["1", "1"]
