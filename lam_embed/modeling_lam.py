@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -16,6 +17,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from .configuration_lam import LAMConfig
 from .cuda_graphs import ForwardGraphs
 from .ops import dual_state_delta_rule, resolve_impl
+
+logger = logging.getLogger(__name__)
 
 try:  # transformers >= 5: init functions that respect weights already loaded
     from transformers import initialization as init
@@ -298,10 +301,15 @@ def _layer_triton():
 
 @functools.cache
 def _layer_numba():
-    """The module layer_numba, or None where numba does not import."""
+    """The module layer_numba, or None where numba does not import or cannot compile
+    (the eager code then runs: slower on CPU, same results)."""
     try:
         from . import layer_numba
     except ImportError:
+        return None
+    except Exception as err:  # e.g. numba finds no writable folder for its cache
+        logger.warning("the CPU kernel of lam_embed/layer_numba.py is unavailable (%s: %s); using the eager code",
+                       type(err).__name__, err)
         return None
     return layer_numba
 
