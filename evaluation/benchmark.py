@@ -49,7 +49,7 @@ SCHEMA_VERSION = 1
 # a user gets: on CPU the numba kernel for inputs of one chunk (lam_embed/layer_numba.py),
 # else the chunk form; on CUDA the same as "triton".
 IMPLS = ("auto", "chunk", "compiled", "triton", "triton-eager")
-CPU_IMPLS = ("auto", "chunk")
+GPU_IMPLS, CPU_IMPLS = IMPLS[1:], ("auto", "chunk")  # the defaults
 OP_IMPLS = ("chunk", "compiled", "triton")  # the op alone has no graphs
 SECTIONS = ("forward", "op", "encode")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shape, see lam_embed/cuda_graphs.py). The triton variants are recorded as unavailable when the "
         "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel for inputs "
         "of one chunk (else chunk), on CUDA triton. The op section measures the delta_impls only. Default: "
-        f"{' '.join(i for i in IMPLS if i != 'auto')} on CUDA, {' '.join(CPU_IMPLS)} on CPU.",
+        f"{' '.join(GPU_IMPLS)} on CUDA, {' '.join(CPU_IMPLS)} on CPU.",
     )
     parser.add_argument(
         "--lengths", nargs="+", type=_positive_int, default=None, metavar="L",
@@ -241,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     gpu = device.type == "cuda"
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    args.impls = list(dict.fromkeys(args.impls or (tuple(i for i in IMPLS if i != "auto") if gpu else CPU_IMPLS)))
+    args.impls = list(dict.fromkeys(args.impls or (GPU_IMPLS if gpu else CPU_IMPLS)))
     args.lengths = list(dict.fromkeys(args.lengths or (GPU_LENGTHS if gpu else CPU_LENGTHS)))
     args.tokens_per_batch = args.tokens if gpu else args.cpu_tokens
     args.repeats = args.repeats or (GPU_REPEATS if gpu else CPU_REPEATS)

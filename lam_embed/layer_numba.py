@@ -25,6 +25,7 @@ numba compiles the kernel on first use (about 7 s) and caches the machine code o
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -154,16 +155,15 @@ def _single_chunk_layer(q, k, v, beta, gate_fast, gate_slow, output_gate, valid,
                 out[b, i, h * d + c] = o[c] * scale * norm_weight[c] * output_gate[b, i, h * d + c]
 
 
-def _use_torch_thread_count() -> None:
-    """Run numba's kernels on as many threads as torch's. Starting numba's OpenMP pool
-    sets the OpenMP thread count, which torch's CPU kernels read too: without the
-    reset, a process told torch.set_num_threads(1) would change its numerics (the
-    order of parallel sums) after its first call here."""
+@functools.cache
+def _start_thread_pool() -> None:
+    """Start numba's thread pool, once. Starting it sets the OpenMP thread count, which
+    torch's CPU kernels read too: without putting torch's back, a process told
+    torch.set_num_threads(1) would change its numerics (the order of parallel sums)
+    after its first call here."""
     threads = torch.get_num_threads()
-    numba.get_num_threads()  # starts numba's pool on the first call
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    numba.get_num_threads()  # starts the pool
+    torch.set_num_threads(threads)
 
 
 def single_chunk_layer(q, k, v, output_gate, beta, gate_fast, gate_slow, mask, flux, norm_weight,
@@ -176,7 +176,9 @@ def single_chunk_layer(q, k, v, output_gate, beta, gate_fast, gate_slow, mask, f
     layer's ResonanceFlux. Inference only: no gradient flows through it."""
     B, L, H, d = q.shape
     out = torch.empty(B, L, H * d)
-    _use_torch_thread_count()
+    _start_thread_pool()
+    # numba keeps its own thread pool: use as many threads as torch is told to.
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     as_array = lambda t: t.detach().float().numpy()  # noqa: E731
     with _launch_lock:
         _single_chunk_layer(

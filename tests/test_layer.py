@@ -23,9 +23,9 @@ from lam_embed.ops import dual_state_delta_rule
 LENGTHS = [300, 40, 3, 1]
 
 
-def make_layer(seed=0):
+def make_layer(seed=0, hidden_size=64, num_heads=2):
     torch.manual_seed(seed)
-    config = LAMConfig(hidden_size=64, num_attention_heads=2, delta_impl="chunk")
+    config = LAMConfig(hidden_size=hidden_size, num_attention_heads=num_heads, delta_impl="chunk")
     net = DualStateDeltaNet(config)
     with torch.no_grad():  # every parameter non-trivial, as after training
         for p in net.parameters():
@@ -298,13 +298,7 @@ def test_numba_layer_matches_reference():
     outputs on valid tokens equal the plain form's, with padding inside and at the end."""
     pytest.importorskip("numba")
     for hidden, heads in ((64, 2), (48, 3)):  # head sizes 32 and 16
-        net = make_layer()
-        if hidden != 64:
-            torch.manual_seed(0)
-            net = DualStateDeltaNet(LAMConfig(hidden_size=hidden, num_attention_heads=heads))
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.copy_(torch.randn_like(p) * 0.3)
+        net = make_layer(hidden_size=hidden, num_heads=heads)
         net.config.delta_impl = "auto"
         g = torch.Generator().manual_seed(3)
         lengths = [net.config.chunk_size, 40, 3, 1]
