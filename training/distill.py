@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passage-holdout", type=int, default=1000, help="the last N passages of the file are never used for training")
     p.add_argument("--output-dir", default="runs/distill", help="checkpoints, log and the final model go here")
     p.add_argument("--stage1-steps", type=int, default=400, help="steps of attention transfer")
-    p.add_argument("--stage2-steps", type=int, default=3000, help="steps of end-to-end distillation")
+    p.add_argument("--stage2-steps", type=int, default=3000,
+                   help="steps of end-to-end distillation; 6000 gave a mean cosine on held-out passages of 0.953 "
+                   "and STS-B test 0.8197 (3000: 0.947, 0.8206)")
     p.add_argument("--batch-size", type=int, default=256, help="sentences per batch")
     p.add_argument("--passage-batch-size", type=int, default=32, help="passages per passage batch")
     p.add_argument("--passage-every", type=int, default=2,
@@ -295,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-stage1", type=float, default=2e-3, help="peak learning rate of stage 1")
     p.add_argument("--lr-stage2", type=float, default=5e-4, help="peak learning rate of the DeltaNets in stage 2")
     p.add_argument("--norm-lr-scale", type=float, default=0.1, help="learning rate of the LayerNorms and FFNs as a fraction of --lr-stage2")
-    p.add_argument("--train-ffn-layers", type=int, default=0, help="stage 2 also trains the FFNs of this many top layers (released weights grow by 2.3 MB a layer)")
+    p.add_argument("--train-ffn-layers", type=int, default=0, help="stage 2 also trains the FFNs of this many top layers (released weights grow by 2.3 MB a "
+                   "layer); 2 with --stage2-steps 6000 gave held-out passages 0.955, STS-B test 0.8198")
     p.add_argument("--similarity-weight", type=float, default=0.0,
                    help="weight of the in-batch similarity-matrix MSE in stage 2 (its raw value is about 50 times smaller than the cosine loss); 0 turns it off: weight 30 gave STS-B dev 0.8645, 0 gave 0.8653")
     p.add_argument("--hidden-weight", type=float, default=0.1, help="weight of the hidden-state MSE beside the cosine loss in stage 2")
