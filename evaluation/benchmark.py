@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 # LAM variants: a delta_impl, or "triton-eager", delta_impl "triton" with config.cuda_graphs
 # off (each kernel launched from Python), to show what the CUDA graphs save. "auto" is what
-# a user gets: on CPU the numba kernel for inputs of one chunk (lam_embed/layer_numba.py),
-# else the chunk form; on CUDA the same as "triton".
+# a user gets: on CPU the numba kernel (lam_embed/layer_numba.py), on CUDA the same as
+# "triton".
 IMPLS = ("auto", "chunk", "compiled", "triton", "triton-eager")
 GPU_IMPLS, CPU_IMPLS = IMPLS[1:], ("auto", "chunk")  # the defaults
 OP_IMPLS = ("chunk", "compiled", "triton")  # the op alone has no graphs
@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"LAM variants to measure, from {', '.join(IMPLS)}: a delta_impl, or 'triton-eager', delta_impl "
         "'triton' without CUDA graphs (each kernel launched from Python; 'triton' replays a graph per "
         "shape, see lam_embed/cuda_graphs.py). The triton variants are recorded as unavailable when the "
-        "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel for inputs "
-        "of one chunk (else chunk), on CUDA triton. The op section measures the delta_impls only. Default: "
+        "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel, on CUDA "
+        "triton. The op section measures the delta_impls only. Default: "
         f"{' '.join(GPU_IMPLS)} on CUDA, {' '.join(CPU_IMPLS)} on CPU.",
     )
     parser.add_argument(

@@ -1,25 +1,29 @@
-"""The delta rule of an input of one chunk, fused with the output norm and gate, for
-CPU inference (numba).
+"""The dual-state delta rule of a layer fused with its output norm and gate, for CPU
+inference (numba).
 
-An input of at most ``chunk_size`` tokens is one chunk with zero states (SPEC.md,
-notes): the layer is then a single-chunk delta rule mixed by the gates. In eager
-PyTorch that part is some fifteen small operations per layer (q/k norms, contiguous
-copies, a batched triangular solve, the causal scores, the flux, the gate mix, the
-output RMSNorm and gate), each a pass over memory. Here one compiled loop per (sample,
-head) does all of it on rows that stay in cache. The convolution and activations before
-it stay in PyTorch (``delta_net_features``): its vectorised exp is several times faster
-than numba's scalar one, which made a kernel that also did them slower than eager code.
+In eager PyTorch the layer's delta rule is some fifteen small operations per chunk (q/k
+norms, contiguous copies, a batched triangular solve, the causal scores, the flux, the
+state steps, the gate mix, the output RMSNorm and gate), each a pass over memory. Here
+one compiled loop per (sample, head) does all of it, chunk after chunk, on rows that
+stay in cache. The convolution and activations before it stay in PyTorch
+(``delta_net_features``): its vectorised exp is several times faster than numba's scalar
+one, which made a kernel that also did them slower than eager code.
 
-The math is that of ``chunk_dual_state_delta_rule`` (one chunk) and ``delta_net_output``
-in ``modeling_lam.py``, which the tests compare it with:
+The math is that of ``chunk_dual_state_delta_rule`` and ``delta_net_output`` in
+``modeling_lam.py``, which the tests compare it with. Per chunk, over its rows i, j:
 - q and k normalised per head;
-- U = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) V, by forward substitution:
-  u_i = beta_i (v_i - sum_{j<i} (k_i . k_j) u_j);
-- psi from the flux MLP, alpha = 0.5 + 0.3 psi;
-- o_i = (alpha g_fast,i + (1 - alpha) g_slow,i) sum_{j<=i} (q_i . k_j) u_j;
+- U = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) V and W likewise with K for V,
+  by forward substitution: u_i = beta_i (v_i - sum_{j<i} (k_i . k_j) u_j);
+- psi from the flux MLP, alpha = 0.5 + 0.3 psi, the chunk's mean decays;
+- R_fast, R_slow: the states decayed and normalised (zero in the first chunk, which
+  therefore needs no W);
+- o_i = alpha g_fast,i (qw_i R_fast + au_i) + (1 - alpha) g_slow,i (qw_i R_slow + au_i),
+  au_i = sum_{j<=i} (q_i . k_j) u_j, qw_i = q_i - sum_{j<=i} (q_i . k_j) w_j;
+- the states updated with K^T U - K^T W R, coupled and normalised (a chunk without valid
+  tokens leaves them as they were);
 - output RMSNorm(o) * norm_weight * output gate.
 
-numba compiles the kernel on first use (about 7 s) and caches the machine code on disk
+numba compiles the kernel on first use (about 20 s) and caches the machine code on disk
 (``cache=True``), so later processes load it at once.
 """
 
@@ -33,7 +37,7 @@ import numba
 import numpy as np
 import torch
 
-from .ops.common import QK_NORM_EPS
+from .ops.common import EPS, QK_NORM_EPS
 
 # fastmath with NaNs and infinities kept ("nnan", "ninf" off): reassociation lets the
 # dot products vectorise, and a NaN in the input still shows in the output.
@@ -69,10 +73,54 @@ def _sigmoid(x):
 _launch_lock = threading.Lock()
 
 
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _forward_substitution(rows, width, kh, betah, c0, c1):
+    """rows[c0:c1, :width] <- (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) rows[c0:c1, :width],
+    in place: u_i = beta_i (v_i - sum_{j<i} (k_i . k_j) u_j), for U and W side by side."""
+    for i in range(c0, c1):
+        row_i, k_i = rows[i], kh[i]
+        if betah[i] == 0.0:
+            row_i[:] = 0.0
+            continue
+        for j in range(c0, i):
+            s = _dot(k_i, kh[j])
+            row_j = rows[j]
+            for c in range(width):
+                row_i[c] -= s * row_j[c]
+        for c in range(width):
+            row_i[c] *= betah[i]
+
+
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _flux(mean_k, mean_u, score, w_hidden, b_hidden, w_out, b_out):
+    """psi (ResonanceFlux.forward) from the chunk's mean key, mean u and score."""
+    d = mean_k.shape[0]
+    y = b_out[0]
+    for j in range(w_hidden.shape[0]):
+        z = b_hidden[j] + w_hidden[j, 2 * d] * score
+        for c in range(d):
+            z += w_hidden[j, c] * mean_k[c] + w_hidden[j, d + c] * mean_u[c]
+        y += w_out[j] * z * _sigmoid(z)
+    return min(max(_sigmoid(y), np.float32(0.01)), np.float32(0.99))
+
+
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _normalise_state(state, eps):
+    """state / (||state||_F + eps), in place."""
+    total = np.float32(0.0)
+    for r in range(state.shape[0]):
+        total += _dot(state[r], state[r])
+    scale = np.float32(1.0) / (math.sqrt(total) + eps)
+    for r in range(state.shape[0]):
+        for c in range(state.shape[1]):
+            state[r, c] *= scale
+
+
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _single_chunk_layer(q, k, v, beta, gate_fast, gate_slow, output_gate, valid, bilinear, temperature,
-                        w_hidden, b_hidden, w_out, b_out, norm_weight, rms_eps, qk_eps, out):
-    """q, k, v (B, L, H, d) before the q/k norms; beta, gate_fast, gate_slow (B, L, H) and
+def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, output_gate, valid, chunk_size,
+                      bilinear, temperature, w_hidden, b_hidden, w_out, b_out, norm_weight, rms_eps, qk_eps,
+                      state_eps, out):
+    """q, k, v (B, L, H, d) before the q/k norms; beta, the decays, the gates (B, L, H) and
     output_gate (B, L, H * d) after their sigmoids; valid (B, L) bool; the flux parameters;
     out (B, L, H * d) is written."""
     B, L, H, d = q.shape
@@ -81,78 +129,127 @@ def _single_chunk_layer(q, k, v, beta, gate_fast, gate_slow, output_gate, valid,
         # This head's rows, contiguous: every product below reads them many times.
         qh = np.empty((L, d), np.float32)
         kh = np.empty((L, d), np.float32)
-        u = np.empty((L, d), np.float32)
+        uw = np.empty((L, 2 * d), np.float32)  # [v | k], overwritten by [U | W]
         betah = np.empty(L, np.float32)
         for t in range(L):
             qh[t] = q[b, t, h]
             kh[t] = k[b, t, h]
             _normalise(qh[t], qk_eps)
             _normalise(kh[t], qk_eps)
-            u[t] = v[b, t, h]  # v, overwritten by u below
+            uw[t, :d] = v[b, t, h]
+            uw[t, d:] = kh[t]
             betah[t] = beta[b, t, h] if valid[b, t] else np.float32(0.0)
-
-        # Forward substitution; row i of v becomes row i of u in place.
-        for i in range(L):
-            u_i, k_i = u[i], kh[i]
-            if betah[i] == 0.0:
-                u_i[:] = 0.0
-                continue
-            for j in range(i):
-                s = _dot(k_i, kh[j])
-                u_j = u[j]
-                for c in range(d):
-                    u_i[c] -= s * u_j[c]
-            for c in range(d):
-                u_i[c] *= betah[i]
-
-        # Flux: means over the valid tokens, and sum_t k_t^T W u_t.
-        features = np.zeros(2 * d + 1, np.float32)
-        w_u = np.empty(d, np.float32)
-        count = np.float32(0.0)
-        score = np.float32(0.0)
-        for t in range(L):
-            if not valid[b, t]:
-                continue
-            count += 1.0
-            for c in range(d):
-                features[c] += kh[t, c]
-                features[d + c] += u[t, c]
-            w_u[:] = 0.0
-            for r in range(d):
-                for c in range(d):
-                    w_u[r] += bilinear[h, r, c] * u[t, c]
-            for r in range(d):
-                score += kh[t, r] * w_u[r]
-        count = max(count, np.float32(1.0))
-        for c in range(2 * d):
-            features[c] /= count
-        features[2 * d] = score / count / temperature[h]
-        y = b_out[0]
-        for j in range(w_hidden.shape[0]):
-            z = b_hidden[j]
-            for c in range(2 * d + 1):
-                z += w_hidden[j, c] * features[c]
-            y += w_out[j] * z * _sigmoid(z)
-        psi = min(max(_sigmoid(y), np.float32(0.01)), np.float32(0.99))
-        alpha = np.float32(0.5) + np.float32(0.3) * psi
-
+        state_fast = np.zeros((d, d), np.float32)
+        state_slow = np.zeros((d, d), np.float32)
+        read_fast = np.zeros((d, d), np.float32)  # R: the states as this chunk reads them
+        read_slow = np.zeros((d, d), np.float32)
+        ktuw = np.empty((d, 2 * d), np.float32)  # [K^T U | K^T W]
+        mean_k = np.empty(d, np.float32)
+        mean_u = np.empty(d, np.float32)
+        acc = np.empty(2 * d, np.float32)
         o = np.empty(d, np.float32)
-        for i in range(L):
-            o[:] = 0.0
-            q_i = qh[i]
-            for j in range(i + 1):
-                s = _dot(q_i, kh[j])
-                u_j = u[j]
+        for c0 in range(0, L, chunk_size):
+            c1 = min(c0 + chunk_size, L)
+            # The states are zero in the first chunk: it needs U only, not W.
+            width = d if c0 == 0 else 2 * d
+            _forward_substitution(uw, width, kh, betah, c0, c1)
+
+            # K^T [U | W] (rows of U and W are zero on padding), the means over valid tokens.
+            ktuw[:] = 0.0
+            mean_k[:] = 0.0
+            count = np.float32(0.0)
+            mean_fast = np.float32(0.0)
+            mean_slow = np.float32(0.0)
+            for t in range(c0, c1):
+                k_t, uw_t = kh[t], uw[t]
+                for r in range(d):
+                    k_tr = k_t[r]
+                    for c in range(width):
+                        ktuw[r, c] += k_tr * uw_t[c]
+                if valid[b, t]:
+                    count += 1.0
+                    mean_fast += decay_fast[b, t, h]
+                    mean_slow += decay_slow[b, t, h]
+                    for c in range(d):
+                        mean_k[c] += k_t[c]
+            count = max(count, np.float32(1.0))
+            mean_u[:] = 0.0
+            for t in range(c0, c1):
                 for c in range(d):
-                    o[c] += s * u_j[c]
-            gate = alpha * gate_fast[b, i, h] + (np.float32(1.0) - alpha) * gate_slow[b, i, h]
-            square = np.float32(0.0)
+                    mean_u[c] += uw[t, c]
+            # sum_t k_t^T W_bil u_t over valid tokens = <W_bil, K^T U>
+            score = np.float32(0.0)
+            for r in range(d):
+                for c in range(d):
+                    score += bilinear[h, r, c] * ktuw[r, c]
             for c in range(d):
-                o[c] *= gate
-                square += o[c] * o[c]
-            scale = np.float32(1.0) / math.sqrt(square / d + rms_eps)
-            for c in range(d):
-                out[b, i, h * d + c] = o[c] * scale * norm_weight[c] * output_gate[b, i, h * d + c]
+                mean_k[c] /= count
+                mean_u[c] /= count
+            psi = _flux(mean_k, mean_u, score / count / temperature[h], w_hidden, b_hidden, w_out, b_out)
+            alpha = np.float32(0.5) + np.float32(0.3) * psi
+            mean_fast = mean_fast / count * (np.float32(1.0) - np.float32(0.10) * psi)
+            mean_slow = mean_slow / count * (np.float32(1.0) - np.float32(0.05) * psi)
+            if c0 > 0:
+                for r in range(d):
+                    for c in range(d):
+                        read_fast[r, c] = state_fast[r, c] * mean_fast
+                        read_slow[r, c] = state_slow[r, c] * mean_slow
+                _normalise_state(read_fast, state_eps)
+                _normalise_state(read_slow, state_eps)
+
+            for i in range(c0, c1):
+                # acc = sum_{j<=i} (q_i . k_j) [u_j | w_j] = [(A U)_i | (A W)_i]
+                acc[:width] = 0.0
+                q_i = qh[i]
+                for j in range(c0, i + 1):
+                    s = _dot(q_i, kh[j])
+                    uw_j = uw[j]
+                    for c in range(width):
+                        acc[c] += s * uw_j[c]
+                g_fast = alpha * gate_fast[b, i, h]
+                g_slow = (np.float32(1.0) - alpha) * gate_slow[b, i, h]
+                for c in range(d):
+                    o[c] = (g_fast + g_slow) * acc[c]
+                if c0 > 0:  # + (q_i - (A W)_i) (g_fast R_fast + g_slow R_slow)
+                    for r in range(d):
+                        qw_r = q_i[r] - acc[d + r]
+                        a_fast, a_slow = g_fast * qw_r, g_slow * qw_r
+                        for c in range(d):
+                            o[c] += a_fast * read_fast[r, c] + a_slow * read_slow[r, c]
+                square = np.float32(0.0)
+                for c in range(d):
+                    square += o[c] * o[c]
+                scale = np.float32(1.0) / math.sqrt(square / d + rms_eps)
+                for c in range(d):
+                    out[b, i, h * d + c] = o[c] * scale * norm_weight[c] * output_gate[b, i, h * d + c]
+
+            has_valid = False
+            for t in range(c0, c1):
+                has_valid = has_valid or valid[b, t]
+            if c1 == L or not has_valid:
+                continue  # the states are not read again, or this chunk leaves them as they were
+            # S <- S decayed + K^T U - (K^T W) R for both states (R and K^T W R are zero in
+            # the first chunk), then the coupling and the norms.
+            for r in range(d):
+                for c in range(d):
+                    state_fast[r, c] = state_fast[r, c] * mean_fast + ktuw[r, c]
+                    state_slow[r, c] = state_slow[r, c] * mean_slow + ktuw[r, c]
+            if c0 > 0:
+                for r in range(d):
+                    for m in range(d):
+                        ktw = ktuw[r, d + m]
+                        for c in range(d):
+                            state_fast[r, c] -= ktw * read_fast[m, c]
+                            state_slow[r, c] -= ktw * read_slow[m, c]
+            strength = np.float32(0.05) + np.float32(0.1) * psi
+            for r in range(d):
+                for c in range(d):
+                    state_fast[r, c] += strength * psi * state_slow[r, c]
+            for r in range(d):
+                for c in range(d):
+                    state_slow[r, c] += strength * (np.float32(1.0) - psi) * state_fast[r, c]
+            _normalise_state(state_fast, state_eps)
+            _normalise_state(state_slow, state_eps)
 
 
 @functools.cache
@@ -166,14 +263,14 @@ def _start_thread_pool() -> None:
     torch.set_num_threads(threads)
 
 
-def single_chunk_layer(q, k, v, output_gate, beta, gate_fast, gate_slow, mask, flux, norm_weight,
-                       eps: float) -> torch.Tensor:
-    """RMSNorm(o) * norm_weight * output_gate, (B, L, H * d) float32, for an input of one
-    chunk: what ``delta_net_output`` gives before the output projection. Arguments as
+def delta_rule_layer(q, k, v, output_gate, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux,
+                     norm_weight, eps: float, chunk_size: int) -> torch.Tensor:
+    """RMSNorm(o) * norm_weight * output_gate, (B, L, H * d) float32: what
+    ``delta_net_output`` gives before the output projection. Arguments as
     ``delta_net_features`` returns them (float32): q, k, v (B, L, H, d), q and k not yet
-    normalised; output_gate (B, L, H * d); beta, gate_fast, gate_slow (B, L, H). The decays
-    are not read: with zero states they change nothing. ``mask`` (B, L) bool; ``flux`` the
-    layer's ResonanceFlux. Inference only: no gradient flows through it."""
+    normalised; output_gate (B, L, H * d); beta, the decays and the gates (B, L, H).
+    ``mask`` (B, L) bool; ``flux`` the layer's ResonanceFlux. Inference only: no gradient
+    flows through it."""
     B, L, H, d = q.shape
     out = torch.empty(B, L, H * d)
     _start_thread_pool()
@@ -181,10 +278,11 @@ def single_chunk_layer(q, k, v, output_gate, beta, gate_fast, gate_slow, mask, f
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     as_array = lambda t: t.detach().float().numpy()  # noqa: E731
     with _launch_lock:
-        _single_chunk_layer(
-            *(as_array(t) for t in (q, k, v, beta, gate_fast, gate_slow, output_gate)), mask.numpy(),
+        _delta_rule_layer(
+            *(as_array(t) for t in (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, output_gate)),
+            mask.numpy(), chunk_size,
             as_array(flux.bilinear), as_array(flux.temperature), as_array(flux.hidden.weight), as_array(flux.hidden.bias),
             as_array(flux.out.weight[0]), as_array(flux.out.bias), as_array(norm_weight),
-            np.float32(eps), np.float32(QK_NORM_EPS), out.numpy(),
+            np.float32(eps), np.float32(QK_NORM_EPS), np.float32(EPS), out.numpy(),
         )
     return out

@@ -30,8 +30,8 @@ except ImportError:  # pragma: no cover - older transformers
 # (delta_net_features, delta_net_output, the residual LayerNorms) runs fused: with
 # "triton" at inference, inside the delta-rule kernels (which read the input projection)
 # and as the Triton kernels of layer_triton.py; with "compiled", or when gradients are
-# needed, under torch.compile. On CPU at inference, an input of one chunk runs the delta
-# rule and the output norm and gate as one numba kernel (layer_numba.py). False keeps
+# needed, under torch.compile. On CPU at inference, the delta rule and the output norm and
+# gate run as one numba kernel (layer_numba.py). False keeps
 # it eager everywhere (debugging, or where neither works).
 FUSE_LAYER_CODE = True
 
@@ -65,15 +65,14 @@ def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tenso
     """How the layer code around the delta rule of ``net`` runs for the input x: "triton"
     (CUDA, delta_impl "triton", no gradient wanted for x or ``param``), "compiled" (CUDA
     with delta_impl "compiled", or "triton" with gradients), "numba" (CPU, delta_impl
-    "auto", float32, an input of one chunk, no gradient wanted, numba installed) or None
+    "auto", float32, no gradient wanted, numba installed) or None
     (eager: elsewhere, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
     if not FUSE_LAYER_CODE:
         return None
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
     if not x.is_cuda:
         if (x.device.type == "cpu" and net.config.delta_impl == "auto" and x.dtype == torch.float32
-                and x.shape[1] <= net.config.chunk_size and not wants_grad
-                and not torch.is_autocast_enabled("cpu") and _layer_numba() is not None):
+                and not wants_grad and not torch.is_autocast_enabled("cpu") and _layer_numba() is not None):
             return "numba"
         return None
     impl = resolve_impl(net.config.delta_impl, x.device)
@@ -242,10 +241,9 @@ class DualStateDeltaNet(nn.Module):
             return layer_triton.delta_net_output_triton(
                 o.transpose(1, 2), projected[..., 3 * D:4 * D], self.norm_weight, self.o_proj.weight, self.eps)
         if mode == "numba":
-            q, k, v, output_gate, beta, _, _, gate_fast, gate_slow = delta_net_features(
-                x, mask, weight, bias, conv_weight, H)
-            o = _layer_numba().single_chunk_layer(
-                q, k, v, output_gate, beta, gate_fast, gate_slow, mask, self.flux, self.norm_weight, self.eps)
+            features = delta_net_features(x, mask, weight, bias, conv_weight, H)
+            o = _layer_numba().delta_rule_layer(
+                *features, mask, self.flux, self.norm_weight, self.eps, config.chunk_size)
             return F.linear(o, self.o_proj.weight)
         features, output = _compiled_layer_functions() if mode == "compiled" else (delta_net_features, delta_net_output)
         q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)

@@ -294,17 +294,22 @@ def test_fused_layer_code_follows_delta_impl():
 
 
 def test_numba_layer_matches_reference():
-    """CPU inference on inputs of one chunk runs the numba kernel (layer_numba.py); its
-    outputs on valid tokens equal the plain form's, with padding inside and at the end."""
+    """CPU inference runs the numba kernel (layer_numba.py); its outputs on valid tokens
+    equal the plain form's: one chunk and several, padding inside a chunk and at the end,
+    a chunk without valid tokens in the middle (the states pass it unchanged) and at the
+    start (they stay zero)."""
     pytest.importorskip("numba")
     for hidden, heads in ((64, 2), (48, 3)):  # head sizes 32 and 16
         net = make_layer(hidden_size=hidden, num_heads=heads)
         net.config.delta_impl = "auto"
+        C = net.config.chunk_size
         g = torch.Generator().manual_seed(3)
-        lengths = [net.config.chunk_size, 40, 3, 1]
+        lengths = [3 * C - 40, 3 * C - 40, C + 1, C, 40, 1]
         x = torch.randn(len(lengths), max(lengths), hidden, generator=g)
         mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
         mask[0, 5:9] = False  # a hole: its tokens are not read, the ones after it are
+        mask[1, C : 2 * C] = False  # the second chunk empty
+        mask[2, :C] = False  # the first chunk empty
         with torch.no_grad():
             assert fused_layer_code(x, net, net.q_proj.weight) == "numba"
             out = net(x, mask) * mask[..., None]
@@ -313,9 +318,9 @@ def test_numba_layer_matches_reference():
 
 
 def test_numba_layer_only_where_it_applies():
-    """The numba kernel runs for CPU float32 inference of one chunk with delta_impl "auto";
-    anything else (longer inputs, gradients, autocast, another delta_impl or dtype) keeps
-    the eager code, which the outputs show: the same either way."""
+    """The numba kernel runs for CPU float32 inference with delta_impl "auto"; anything
+    else (gradients, autocast, another delta_impl or dtype) keeps the eager code, which
+    the outputs show: the same either way."""
     pytest.importorskip("numba")
     net = make_layer()
     net.config.delta_impl = "auto"
@@ -324,7 +329,7 @@ def test_numba_layer_only_where_it_applies():
     weight = net.q_proj.weight
     with torch.no_grad():
         assert fused_layer_code(short, net, weight) == "numba"
-        assert fused_layer_code(x, net, weight) is None  # 300 tokens: three chunks
+        assert fused_layer_code(x, net, weight) == "numba"  # 300 tokens: three chunks
         assert fused_layer_code(short.double(), net, weight) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert fused_layer_code(short, net, weight) is None
