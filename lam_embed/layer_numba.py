@@ -116,6 +116,34 @@ def _normalise_state(state, eps):
             state[r, c] *= scale
 
 
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _state_step(state_fast, state_slow, read_fast, read_slow, ktuw, decay_fast, decay_slow, psi, first_chunk, eps):
+    """Both states over one chunk, in place (``state_step`` and ``coupling_and_normalise``
+    in ops/): S <- S decay + K^T U - (K^T W) R, the coupling, the norms. ``ktuw`` is
+    [K^T U | K^T W]; R (and so K^T W R) is zero in the first chunk."""
+    d = state_fast.shape[0]
+    for r in range(d):
+        for c in range(d):
+            state_fast[r, c] = state_fast[r, c] * decay_fast + ktuw[r, c]
+            state_slow[r, c] = state_slow[r, c] * decay_slow + ktuw[r, c]
+    if not first_chunk:
+        for r in range(d):
+            for m in range(d):
+                ktw = ktuw[r, d + m]
+                for c in range(d):
+                    state_fast[r, c] -= ktw * read_fast[m, c]
+                    state_slow[r, c] -= ktw * read_slow[m, c]
+    strength = np.float32(0.05) + np.float32(0.1) * psi
+    for r in range(d):
+        for c in range(d):
+            state_fast[r, c] += strength * psi * state_slow[r, c]
+    for r in range(d):
+        for c in range(d):
+            state_slow[r, c] += strength * (np.float32(1.0) - psi) * state_fast[r, c]
+    _normalise_state(state_fast, eps)
+    _normalise_state(state_slow, eps)
+
+
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, output_gate, valid, chunk_size,
                       bilinear, temperature, w_hidden, b_hidden, w_out, b_out, norm_weight, rms_eps, qk_eps,
@@ -228,28 +256,8 @@ def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slo
                 has_valid = has_valid or valid[b, t]
             if c1 == L or not has_valid:
                 continue  # the states are not read again, or this chunk leaves them as they were
-            # S <- S decayed + K^T U - (K^T W) R for both states (R and K^T W R are zero in
-            # the first chunk), then the coupling and the norms.
-            for r in range(d):
-                for c in range(d):
-                    state_fast[r, c] = state_fast[r, c] * mean_fast + ktuw[r, c]
-                    state_slow[r, c] = state_slow[r, c] * mean_slow + ktuw[r, c]
-            if c0 > 0:
-                for r in range(d):
-                    for m in range(d):
-                        ktw = ktuw[r, d + m]
-                        for c in range(d):
-                            state_fast[r, c] -= ktw * read_fast[m, c]
-                            state_slow[r, c] -= ktw * read_slow[m, c]
-            strength = np.float32(0.05) + np.float32(0.1) * psi
-            for r in range(d):
-                for c in range(d):
-                    state_fast[r, c] += strength * psi * state_slow[r, c]
-            for r in range(d):
-                for c in range(d):
-                    state_slow[r, c] += strength * (np.float32(1.0) - psi) * state_fast[r, c]
-            _normalise_state(state_fast, state_eps)
-            _normalise_state(state_slow, state_eps)
+            _state_step(state_fast, state_slow, read_fast, read_slow, ktuw, mean_fast, mean_slow, psi, c0 == 0,
+                        state_eps)
 
 
 @functools.cache
