@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - older transformers
 # "triton" at inference, inside the delta-rule kernels (which read the input projection)
 # and as the Triton kernels of layer_triton.py; with "compiled", or when gradients are
 # needed, under torch.compile. On CPU at inference, the delta rule and the output norm and
-# gate run as one numba kernel (layer_numba.py). False keeps
-# it eager everywhere (debugging, or where neither works).
+# gate run as one numba kernel (layer_numba.py). False keeps it eager everywhere
+# (debugging, or where neither works).
 FUSE_LAYER_CODE = True
 
 # Optimizer steps taken in this process, for DualStateDeltaNet.stacked_weights: fused
