@@ -185,6 +185,7 @@ def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slo
             # K^T [U | W] (rows of U and W are zero on padding), the means over valid tokens.
             ktuw[:] = 0.0
             mean_k[:] = 0.0
+            mean_u[:] = 0.0
             count = np.float32(0.0)
             mean_fast = np.float32(0.0)
             mean_slow = np.float32(0.0)
@@ -200,11 +201,9 @@ def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slo
                     mean_slow += decay_slow[b, t, h]
                     for c in range(d):
                         mean_k[c] += k_t[c]
+                        mean_u[c] += uw_t[c]
+            has_valid = count > 0.0
             count = max(count, np.float32(1.0))
-            mean_u[:] = 0.0
-            for t in range(c0, c1):
-                for c in range(d):
-                    mean_u[c] += uw[t, c]
             # sum_t k_t^T W_bil u_t over valid tokens = <W_bil, K^T U>
             score = np.float32(0.0)
             for r in range(d):
@@ -251,9 +250,6 @@ def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slo
                 for c in range(d):
                     out[b, i, h * d + c] = o[c] * scale * norm_weight[c] * output_gate[b, i, h * d + c]
 
-            has_valid = False
-            for t in range(c0, c1):
-                has_valid = has_valid or valid[b, t]
             if c1 == L or not has_valid:
                 continue  # the states are not read again, or this chunk leaves them as they were
             _state_step(state_fast, state_slow, read_fast, read_slow, ktuw, mean_fast, mean_slow, psi, c0 == 0,
