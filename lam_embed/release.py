@@ -3,7 +3,8 @@
 A distilled LAM shares its embeddings and FFNs with the teacher bit for bit, so a
 release stores the other tensors (the DeltaNets and LayerNorms, about 9 MB in
 fp16) and a manifest; ``assemble`` rebuilds the complete sentence-transformers
-folder from the teacher and these tensors.
+folder from the teacher and these tensors; ``average_releases`` averages the weights
+of several runs into one release.
 """
 
 from __future__ import annotations
@@ -94,6 +95,45 @@ def load_release(folder: str | os.PathLike, teacher: str | os.PathLike | None = 
         )
     model.load_state_dict(tensors)
     return model.eval()
+
+
+def average_releases(folders: list[str | os.PathLike], output: str | os.PathLike, weights: list[float] | None = None,
+                     manifest: dict | None = None, teacher: str | os.PathLike | None = None) -> Path:
+    """Write the weighted average of the LAMs of several release folders as a new release.
+
+    Runs distilled from the same teacher and the same attention-transfer start stay
+    close enough in weight space that their average is a model of its own (a "model
+    soup"): it keeps what each run fits best, such as one run's STS-B figure and another's
+    agreement with the teacher on long passages.
+    """
+    if len(folders) < 2:
+        raise ValueError(f"folders: expected at least two release folders to average, got {len(folders)}")
+    weights = [1.0 / len(folders)] * len(folders) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(folders):
+        raise ValueError(f"weights: expected one weight per folder ({len(folders)}), got {len(weights)}")
+    if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"weights: expected non-negative numbers that sum to 1, got {weights}")
+    models = [load_release(folder, teacher) for folder in folders]
+    ignored = {"delta_impl", "teacher", "_name_or_path", "transformers_version"}  # not architecture
+    reference = {k: v for k, v in models[0].config.to_dict().items() if k not in ignored}
+    for folder, model in zip(folders[1:], models[1:]):
+        config = {k: v for k, v in model.config.to_dict().items() if k not in ignored}
+        differing = sorted(k for k in reference.keys() | config.keys() if reference.get(k) != config.get(k))
+        if differing:
+            raise ValueError(f"release {folder} has another architecture than {folders[0]}: {differing[:5]} differ")
+    states = [model.state_dict() for model in models]
+    averaged = {}
+    for name, first in states[0].items():
+        # Tensors that every run left alone (the teacher's) are kept bit for bit, so that
+        # save_release still recognises them as the teacher's and does not ship them.
+        if all(torch.equal(first, state[name]) for state in states[1:]):
+            averaged[name] = first
+        else:
+            averaged[name] = sum(w * state[name].float() for w, state in zip(weights, states))
+    models[0].load_state_dict(averaged)
+    manifest = dict(manifest or {})
+    manifest.setdefault("averaged", [{"folder": str(f), "weight": w} for f, w in zip(folders, weights)])
+    return save_release(models[0], output, manifest, teacher=teacher)
 
 
 def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str | os.PathLike | None = None,

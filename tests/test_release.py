@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lam_embed.data import resolve_stsb_source
-from lam_embed.release import MANIFEST_FILE, WEIGHTS_FILE, assemble, load_release
+from lam_embed.release import MANIFEST_FILE, WEIGHTS_FILE, assemble, average_releases, load_release, save_release
 
 RELEASE = Path(__file__).resolve().parent.parent / "weights" / "lam-minilm-l6"
 
@@ -41,3 +43,92 @@ def test_released_lam_on_stsb_test(tmp_path):
     # project's target is 0.82, so a change to the model code or the weights that costs
     # more than 0.0006 fails.
     assert figures["test"]["spearman"] >= 0.82
+
+
+def _perturbed_release(folder, seed, also=(), scale=0.01):
+    """The shipped model with its DeltaNet tensors (and those whose names start with one
+    of ``also``) moved by seeded noise, saved as a release."""
+    model = load_release(RELEASE)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if ".delta_net." in name or name.startswith(tuple(also)):
+                tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
+    return save_release(model, folder, {"command": f"perturbed {seed}", "train_minutes": 1.5, "device": "cpu"})
+
+
+def _release_tensors(folder):
+    tensors = {}
+    for shard in sorted(Path(folder).glob("lam_weights*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_average_of_two_releases_is_the_weighted_mean_of_their_tensors(tmp_path):
+    # Only b trains the last FFN, as when a run with --train-ffn-layers meets one without.
+    a, b = _perturbed_release(tmp_path / "a", 0), _perturbed_release(tmp_path / "b", 1, also=["layers.5.ffn_in."])
+    average_releases([a, b], tmp_path / "avg", weights=[0.3, 0.7])
+    ta, tb, tavg = _release_tensors(a), _release_tensors(b), _release_tensors(tmp_path / "avg")
+    teacher_ffn = dict(load_release(RELEASE).named_parameters())
+    # The union of what the runs ship: the teacher's embeddings and other FFNs stay out ...
+    assert set(tavg) == set(tb) == set(ta) | {"layers.5.ffn_in.weight", "layers.5.ffn_in.bias"}
+    for name, value in tavg.items():
+        first = ta[name].float() if name in ta else teacher_ffn[name].detach()
+        expected = (0.3 * first + 0.7 * tb[name].float()).half()
+        assert torch.equal(value, expected), name
+    assert not torch.equal(tavg["layers.0.delta_net.q_proj.weight"], ta["layers.0.delta_net.q_proj.weight"])
+    # ... and it loads as a model of its own.
+    assert load_release(tmp_path / "avg").config.num_hidden_layers == 6
+
+
+def test_average_with_all_weight_on_one_release_gives_that_release(tmp_path):
+    a, b = _perturbed_release(tmp_path / "a", 0), _perturbed_release(tmp_path / "b", 1)
+    average_releases([a, b], tmp_path / "avg", weights=[0.0, 1.0], manifest={"command": "x"})
+    tb, tavg = _release_tensors(b), _release_tensors(tmp_path / "avg")
+    assert set(tavg) == set(tb) and all(torch.equal(tavg[k], tb[k]) for k in tb)
+    manifest = json.loads((tmp_path / "avg" / MANIFEST_FILE).read_text())
+    assert manifest["command"] == "x" and [r["weight"] for r in manifest["averaged"]] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "folders, weights, message",
+    [
+        (["a"], None, "folders: expected at least two"),
+        (["a", "b"], [1.0], "weights: expected one weight per folder"),
+        (["a", "b"], [0.5, 0.6], "weights: expected non-negative numbers that sum to 1"),
+        (["a", "b"], [1.5, -0.5], "weights: expected non-negative numbers that sum to 1"),
+    ],
+)
+def test_average_rejects_bad_arguments(tmp_path, folders, weights, message):
+    with pytest.raises(ValueError, match=message):
+        average_releases([tmp_path / f for f in folders], tmp_path / "avg", weights=weights)
+
+
+def test_average_rejects_releases_of_another_architecture(tmp_path):
+    a = _perturbed_release(tmp_path / "a", 0)
+    config = json.loads((a / "config.json").read_text())
+    config["chunk_size"] = 64  # same tensors, another model
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(config))
+    for shard in a.glob("lam_weights*.safetensors"):
+        (other / shard.name).write_bytes(shard.read_bytes())
+    with pytest.raises(ValueError, match="another architecture than .*chunk_size"):
+        average_releases([a, other], tmp_path / "avg")
+
+
+def test_average_releases_cli_writes_the_runs_manifests(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("average_releases", RELEASE.parents[1] / "scripts" / "average_releases.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    main = script.main
+    a, b = _perturbed_release(tmp_path / "a", 0), _perturbed_release(tmp_path / "b", 1)
+    main([str(a), str(b), "--output", str(tmp_path / "avg")])
+    manifest = json.loads((tmp_path / "avg" / MANIFEST_FILE).read_text())
+    assert manifest["command"].startswith("python scripts/average_releases.py")
+    assert [run["command"] for run in manifest["runs"]] == ["perturbed 0", "perturbed 1"]
+    assert manifest["train_minutes"] == 3.0
+    with pytest.raises(SystemExit):
+        main([str(a), "--output", str(tmp_path / "avg2")])
