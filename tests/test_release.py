@@ -39,9 +39,9 @@ def test_released_lam_on_stsb_test(tmp_path):
     assemble(RELEASE, tmp_path / "lam")
     model = SentenceTransformer(str(tmp_path / "lam"), device="cpu")
     figures = evaluate_stsb(model, splits=("test",), batch_size=64)
-    # The released weights measured 0.8206 here (manifest.json), the teacher 0.8203; the
+    # The released weights measured 0.8204 here (manifest.json), the teacher 0.8203; the
     # project's target is 0.82, so a change to the model code or the weights that costs
-    # more than 0.0006 fails.
+    # more than 0.0004 fails.
     assert figures["test"]["spearman"] >= 0.82
 
 
