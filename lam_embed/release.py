@@ -1,8 +1,8 @@
 """Compact released weights: only what differs from the teacher.
 
-A distilled LAM shares its embeddings and FFNs with the teacher bit for bit, so a
-release stores the other tensors (the DeltaNets and LayerNorms, about 9 MB in
-fp16) and a manifest; ``assemble`` rebuilds the complete sentence-transformers
+A distilled LAM shares its embeddings and most FFNs with the teacher bit for bit, so
+a release stores the other tensors (the DeltaNets, LayerNorms and any FFN a run
+trained: 9-14 MB in fp16) and a manifest; ``assemble`` rebuilds the complete sentence-transformers
 folder from the teacher and these tensors; ``average_releases`` averages the weights
 of several runs into one release.
 """

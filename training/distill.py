@@ -7,8 +7,8 @@ Two stages, one run:
 2. end to end: the student's sentence embedding follows the teacher's (cosine
    loss) and its hidden states follow the teacher's (token MSE); optionally
    (``--similarity-weight``) so do the cosine similarities between the sentences of
-   a batch. Embeddings and FFNs stay frozen (unless ``--train-ffn-layers``), so
-   the release folder holds the DeltaNets and LayerNorms only.
+   a batch. Embeddings and FFNs stay frozen (but for the top ``--train-ffn-layers``
+   FFNs), so the release folder holds the DeltaNets, LayerNorms and those FFNs.
 
 With ``--ema-decay`` an exponential moving average of the weights is kept through
 stage 2; the log shows the STS-B dev figure of both, and the average is what is saved.
