@@ -99,7 +99,8 @@ def load_release(folder: str | os.PathLike, teacher: str | os.PathLike | None = 
 
 def average_releases(folders: list[str | os.PathLike], output: str | os.PathLike, weights: list[float] | None = None,
                      manifest: dict | None = None, teacher: str | os.PathLike | None = None) -> Path:
-    """Write the weighted average of the LAMs of several release folders as a new release.
+    """Write the weighted average of the LAMs of several release folders as a new release,
+    its manifest ``manifest`` with the runs' own manifests, devices and summed training time.
 
     Runs distilled from the same teacher and the same attention-transfer start stay
     close enough in weight space that their average is a model of its own (a "model
@@ -131,8 +132,19 @@ def average_releases(folders: list[str | os.PathLike], output: str | os.PathLike
         else:
             averaged[name] = sum(w * state[name].float() for w, state in zip(weights, states))
     models[0].load_state_dict(averaged)
-    manifest = dict(manifest or {})
-    manifest.setdefault("averaged", [{"folder": str(f), "weight": w} for f, w in zip(folders, weights)])
+    runs = []
+    for folder in folders:
+        path = Path(folder) / MANIFEST_FILE
+        runs.append(json.loads(path.read_text()) if path.is_file() else {})
+    manifest = {
+        **(manifest or {}),
+        "device": ", ".join(sorted({run.get("device", "unknown") for run in runs})),
+        # The runs are independent, so they can share one GPU; their sum bounds the time
+        # taken one after the other.
+        "train_minutes": round(sum(run.get("train_minutes", 0.0) for run in runs), 2),
+        "averaged": [{"folder": str(f), "weight": w} for f, w in zip(folders, weights)],
+        "runs": runs,
+    }
     return save_release(models[0], output, manifest, teacher=teacher)
 
 

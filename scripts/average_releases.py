@@ -9,13 +9,11 @@ commands.
 """
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 from lam_embed.environment import git_commit
-from lam_embed.release import MANIFEST_FILE, average_releases
+from lam_embed.release import average_releases
 
 
 def main(argv=None):
@@ -27,18 +25,9 @@ def main(argv=None):
     p.add_argument("--teacher", default=None, help="teacher folder or hub name (default: all-MiniLM-L6-v2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    sources = []
-    for folder in args.releases:
-        path = Path(folder) / MANIFEST_FILE
-        sources.append(json.loads(path.read_text()) if path.is_file() else {})
     manifest = {
         "command": "python scripts/average_releases.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": git_commit() or "unknown",
-        "device": ", ".join(sorted({s.get("device", "unknown") for s in sources})),
-        # The runs are independent, so they can share one GPU; their sum bounds the time
-        # taken one after the other.
-        "train_minutes": round(sum(s.get("train_minutes", 0.0) for s in sources), 2),
-        "runs": sources,
     }
     try:
         average_releases(args.releases, args.output, weights=args.weights, manifest=manifest, teacher=args.teacher)
