@@ -23,6 +23,21 @@ import triton.language as tl
 from .ops.triton import flux_parameters, triton_forward
 
 
+def _from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int, output_norm=None):
+    B, L, _ = projected.shape
+    D, H = conv_weight.shape[0] // 3, num_heads
+    flux_params = flux_parameters(flux)
+    if flux_params is None:
+        raise ValueError("delta_rule_from_projection needs a ResonanceFlux")
+    q, k, v = (projected[..., i * D:(i + 1) * D].unflatten(-1, (H, -1)).transpose(1, 2) for i in range(3))
+    # beta, the two decays and the two state gates: (B, H, L) views of their logits.
+    scalars = [projected[..., 4 * D + i * H:4 * D + (i + 1) * H].transpose(1, 2) for i in range(5)]
+    taps = conv_weight.reshape(3 * D, -1).contiguous()
+    # As dual_state_delta_rule: an input of at most one chunk is one chunk of its own length.
+    return triton_forward(q, k, v, *scalars, mask, flux_params, min(chunk_size, L), qk_l2norm=True, conv_taps=taps,
+                          output_norm=output_norm)
+
+
 def delta_rule_from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int):
     """The delta rule of a DualStateDeltaNet straight from its input projection
     (``x W + b``, see ``DualStateDeltaNet.input_projection``): the convolution, SiLU
@@ -31,18 +46,31 @@ def delta_rule_from_projection(projected, mask, conv_weight, flux, num_heads: in
     float32, as ``dual_state_delta_rule(..., qk_l2norm=True)`` gives it for those
     features. No autograd; flux must be a ResonanceFlux."""
     B, L, _ = projected.shape
-    D, H = conv_weight.shape[0] // 3, num_heads
-    flux_params = flux_parameters(flux)
-    if flux_params is None:
-        raise ValueError("delta_rule_from_projection needs a ResonanceFlux")
     if L == 0:
-        return projected.new_zeros(B, H, 0, D // H, dtype=torch.float32)
-    q, k, v = (projected[..., i * D:(i + 1) * D].unflatten(-1, (H, -1)).transpose(1, 2) for i in range(3))
-    # beta, the two decays and the two state gates: (B, H, L) views of their logits.
-    scalars = [projected[..., 4 * D + i * H:4 * D + (i + 1) * H].transpose(1, 2) for i in range(5)]
-    taps = conv_weight.reshape(3 * D, -1).contiguous()
-    # As dual_state_delta_rule: an input of at most one chunk is one chunk of its own length.
-    return triton_forward(q, k, v, *scalars, mask, flux_params, min(chunk_size, L), qk_l2norm=True, conv_taps=taps)
+        D = conv_weight.shape[0] // 3
+        return projected.new_zeros(B, num_heads, 0, D // num_heads, dtype=torch.float32)
+    return _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size)
+
+
+def delta_net_from_projection(projected, mask, conv_weight, flux, norm_weight, o_weight, eps: float,
+                              num_heads: int, chunk_size: int):
+    """The whole token mixer from its input projection: ``delta_net_output`` of
+    ``delta_rule_from_projection``, with the per-head RMSNorm and the output gate applied
+    by the delta-rule kernels as they write O (no float32 O in memory). (B, L, D) in the
+    projection's dtype; no autograd."""
+    from .ops.triton import CONFIG
+
+    B, L, _ = projected.shape
+    D = conv_weight.shape[0] // 3
+    gate_logits = projected[..., 3 * D:4 * D]
+    if L == 0:
+        return projected.new_zeros(B, 0, o_weight.shape[0])
+    if CONFIG["intra"] != "split":
+        o = _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size)
+        return delta_net_output_triton(o.transpose(1, 2), gate_logits, norm_weight, o_weight, eps)
+    gated = _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size,
+                             output_norm=(gate_logits, norm_weight, eps))
+    return F.linear(gated, o_weight)
 
 
 @triton.jit

@@ -236,10 +236,9 @@ class DualStateDeltaNet(nn.Module):
             layer_triton = _layer_triton()
             # The kernels read rows of padding as zeros: no need to zero them first.
             projected = F.linear(x, weight, bias)
-            o = layer_triton.delta_rule_from_projection(projected, mask, conv_weight, self.flux, H, config.chunk_size)
-            D = x.shape[-1]
-            return layer_triton.delta_net_output_triton(
-                o.transpose(1, 2), projected[..., 3 * D:4 * D], self.norm_weight, self.o_proj.weight, self.eps)
+            return layer_triton.delta_net_from_projection(
+                projected, mask, conv_weight, self.flux, self.norm_weight, self.o_proj.weight, self.eps, H,
+                config.chunk_size)
         if mode == "numba":
             features = delta_net_features(x, mask, weight, bias, conv_weight, H)
             o = _layer_numba().delta_rule_layer(

@@ -190,7 +190,8 @@ def test_compiled_layer_functions_match_eager():
 _LAYER_KERNELS_CHECK = """
 import torch
 import torch.nn.functional as F
-from lam_embed.layer_triton import delta_net_output_triton, delta_rule_from_projection, residual_layer_norm
+from lam_embed.layer_triton import (delta_net_from_projection, delta_net_output_triton, delta_rule_from_projection,
+                                    residual_layer_norm)
 from lam_embed.modeling_lam import delta_net_features, delta_net_output
 from lam_embed.ops import dual_state_delta_rule
 from test_layer import make_layer, make_inputs
@@ -224,6 +225,11 @@ for length in (300, 100):  # three chunks, then a single chunk: the two paths of
         out_out = delta_net_output_triton(o, projected[..., 3 * D:4 * D], net.norm_weight, net.o_proj.weight, 1e-6)
         assert out_out.shape == ref_out.shape and out_out.dtype == ref_out.dtype
         assert close(out_out[ml], ref_out[ml]), (out_out - ref_out)[ml].abs().max()
+        # Both at once: the kernels apply the RMSNorm and the gate as they write O.
+        whole = delta_net_from_projection(projected, ml, conv_weight, net.flux, net.norm_weight, net.o_proj.weight,
+                                          1e-6, H, 128)
+        assert whole.shape == ref_out.shape and whole.dtype == ref_out.dtype
+        assert close(whole[ml], ref_out[ml]), (length, (whole - ref_out)[ml].abs().max())
 
 # The residual LayerNorm.
 g = torch.Generator().manual_seed(3)

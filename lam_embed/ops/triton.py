@@ -61,6 +61,17 @@ QK_EPS = tl.constexpr(QK_NORM_EPS)
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """a @ b in float32: PREC "bf16" rounds both operands to bfloat16 first (the tensor
+    cores' fastest input), any other value is tl.dot's input_precision."""
+    if PREC == "bf16":
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        c = tl.dot(a, b, input_precision=PREC)
+    return c
+
+
+@triton.jit
 def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
     """(I + b_a)^-1 for a strictly lower triangular BT x BT block b_a.
 
@@ -77,7 +88,7 @@ def unit_lower_inverse(b_a, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.co
         s = 1 << lvl
         m_e = (o_i[:, None] // (2 * s) == o_i[None, :] // (2 * s)) & (o_i[:, None] // s != o_i[None, :] // s)
         b_e = tl.where(m_e, b_a, 0.0)
-        b_x = b_x - tl.dot(tl.dot(b_x, b_e, input_precision=PREC), b_x, input_precision=PREC)
+        b_x = b_x - _mm(_mm(b_x, b_e, PREC), b_x, PREC)
     return b_x
 
 
@@ -199,20 +210,20 @@ def intra_chunk_fwd_kernel(
 
         # U rows of this block, T_ii (Vb_i - Kb_i P_U), and the A U rows: the earlier
         # blocks through P_U, this block causally.
-        b_a = tl.where(m_lower, tl.dot(b_kb, tl.trans(b_k), input_precision=PREC), 0.0)
+        b_a = tl.where(m_lower, _mm(b_kb, tl.trans(b_k), PREC), 0.0)
         b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
-        b_u = tl.dot(b_t, b_v * b_beta[:, None] - tl.dot(b_kb, b_pu, input_precision=PREC), input_precision=PREC)
-        b_qk = tl.where(m_causal, tl.dot(b_q, tl.trans(b_k), input_precision=PREC), 0.0)
-        b_au = tl.dot(b_q, b_pu, input_precision=PREC) + tl.dot(b_qk, b_u, input_precision=PREC)
+        b_u = _mm(b_t, b_v * b_beta[:, None] - _mm(b_kb, b_pu, PREC), PREC)
+        b_qk = tl.where(m_causal, _mm(b_q, tl.trans(b_k), PREC), 0.0)
+        b_au = _mm(b_q, b_pu, PREC) + _mm(b_qk, b_u, PREC)
         p_o = o_off + t[:, None] * s_ol + o_d[None, :]
         tl.store(o + p_o, b_au, mask=m_t[:, None])
         if not SINGLE:
             # Likewise W = T_ii (Kb_i - Kb_i P_W), and the rows Q - A W.
-            b_w = tl.dot(b_t, b_kb - tl.dot(b_kb, b_pw, input_precision=PREC), input_precision=PREC)
-            b_aw = tl.dot(b_q, b_pw, input_precision=PREC) + tl.dot(b_qk, b_w, input_precision=PREC)
+            b_w = _mm(b_t, b_kb - _mm(b_kb, b_pw, PREC), PREC)
+            b_aw = _mm(b_q, b_pw, PREC) + _mm(b_qk, b_w, PREC)
             tl.store(qw + p_o, b_q - b_aw, mask=m_t[:, None])
-            b_pw += tl.dot(tl.trans(b_k), b_w, input_precision=PREC)
-        b_pu += tl.dot(tl.trans(b_k), b_u, input_precision=PREC)
+            b_pw += _mm(tl.trans(b_k), b_w, PREC)
+        b_pu += _mm(tl.trans(b_k), b_u, PREC)
 
         b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
         b_sum_u += tl.sum(tl.where(valid[:, None], b_u, 0.0), 0)
@@ -223,6 +234,184 @@ def intra_chunk_fwd_kernel(
     psi = _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D)
     _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_pu, b_pw, psi, n_valid, sum_df, sum_ds,
                     i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, SINGLE, CONV)
+
+
+@triton.jit
+def block_prepare_kernel(
+    q, k, v, beta, mask, qt, qv, maps, vecs, taps,
+    L, N, H, CS,
+    s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
+    s_sb, s_sh, s_sl,  # strides of beta
+    s_mb, s_ml,  # strides of mask
+    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    QK_NORM: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
+):
+    """The part of the chunk computation that needs no earlier block: one program per
+    block of BT rows (per head, block, sample), all of them in parallel.
+
+    With T = (I + strictly_lower(Kb K^T))^-1 of the block (exact, unit_lower_inverse),
+    TV = T Vb, TK = T Kb and A = lower_incl(Q K^T) of the block, it stores the rows
+    QT = Q - A TK and QV = A TV, the d x d products K^T TK and K^T TV, and the column
+    sums of TV, TK and of the valid rows of K. chunk_scan_kernel then runs the blocks of
+    a chunk in order with two small products a block (see there)."""
+    i_h, i_blk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NBC: tl.constexpr = C // BT
+    i_b64 = i_b.to(tl.int64)
+    i_n = i_blk // NBC
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    r = (i_blk % NBC) * BT + o_t  # rows inside the (padded) chunk
+    t = i_n * CS + r
+    m_t = (r < CS) & (t < L)
+    if CONV > 0:
+        taps_q = _load_taps(taps + i_h * D * CONV, D, CONV)
+        taps_k = _load_taps(taps + (H + i_h) * D * CONV, D, CONV)
+        taps_v = _load_taps(taps + (2 * H + i_h) * D * CONV, D, CONV)
+    else:  # not read
+        taps_q = 0
+        taps_k = 0
+        taps_v = 0
+    p_mask = mask + i_b64 * s_mb + t * s_ml
+    valid = tl.load(p_mask, mask=m_t, other=0) != 0
+    p_row = i_b64 * s_xb + i_h * s_xh + t * s_xl
+    b_q = _load_rows(q, taps_q, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+    b_k = _load_rows(k, taps_k, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+    b_v = _load_rows(v, taps_v, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+    if QK_NORM:
+        b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)[:, None]
+        b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)[:, None]
+    b_beta = tl.where(valid, _load_scalars(beta, i_b64 * s_sb + i_h * s_sh + t * s_sl, m_t, CONV), 0.0)
+    b_kb = b_k * b_beta[:, None]
+
+    b_a = tl.where(o_t[:, None] > o_t[None, :], _mm(b_kb, tl.trans(b_k), PREC), 0.0)
+    b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
+    b_tv = _mm(b_t, b_v * b_beta[:, None], PREC)
+    b_tk = _mm(b_t, b_kb, PREC)
+    b_qk = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_q, tl.trans(b_k), PREC), 0.0)
+    b_qt = b_q - _mm(b_qk, b_tk, PREC)
+    b_qv = _mm(b_qk, b_tv, PREC)
+    b_ktk = _mm(tl.trans(b_k), b_tk, PREC)
+    b_ktv = _mm(tl.trans(b_k), b_tv, PREC)
+
+    i_bh = i_b64 * H + i_h
+    p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
+    tl.store(qt + p_rows, b_qt.to(qt.dtype.element_ty))
+    tl.store(qv + p_rows, b_qv.to(qv.dtype.element_ty))
+    i_g = i_bh * N * NBC + i_blk  # index of this (sample, head, block)
+    p_map = maps + i_g * 2 * D * D + o_d[:, None] * D + o_d[None, :]
+    tl.store(p_map, b_ktk.to(maps.dtype.element_ty))
+    tl.store(p_map + D * D, b_ktv.to(maps.dtype.element_ty))
+    p_vec = vecs + i_g * 3 * D + o_d
+    tl.store(p_vec, tl.sum(b_tv, 0))
+    tl.store(p_vec + D, tl.sum(b_tk, 0))
+    tl.store(p_vec + 2 * D, tl.sum(tl.where(valid[:, None], b_k, 0.0), 0))
+
+
+@triton.jit
+def _store_output(out, b_o, p_out, m_t, gate_out, p_gate, norm_w, eps, D: tl.constexpr, NORM: tl.constexpr):
+    """Rows b_o of O into out; with NORM the layer's output side first: each row's
+    RMSNorm over the head (weight norm_w) times the sigmoid of the output gate's logits."""
+    if NORM:
+        scale = 1.0 / tl.sqrt(tl.sum(b_o * b_o, 1) / D + eps)
+        b_w = tl.load(norm_w + tl.arange(0, D)).to(tl.float32)
+        b_g = tl.sigmoid(tl.load(gate_out + p_gate, mask=m_t[:, None], other=0.0).to(tl.float32))
+        b_o = b_o * scale[:, None] * b_w[None, :] * b_g
+    tl.store(out + p_out, b_o.to(out.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def chunk_scan_kernel(
+    qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask,
+    w_bil, tau, w_hid, b_hid, w_out, b_out,
+    o, kt, stats, gate_out, norm_w,
+    L, N, H, CS, eps,
+    s_sb, s_sh, s_sl,  # strides of decays and gates
+    s_mb, s_ml,  # strides of mask
+    s_ob, s_oh, s_ol,  # strides of o (unit stride on d); of the gate's logits with NORM
+    s_gb, s_gl,
+    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+    SINGLE: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr, NORM: tl.constexpr,
+):
+    """The blocks of one chunk in order (per head, chunk, sample), from block_prepare_kernel's
+    results. With P_U = K^T U and P_W = K^T W over the earlier blocks of the chunk, block
+    i's rows of U = T (Vb - Kb P_U) and W = T (Kb - Kb P_W) give
+
+        A U = QT P_U + QV,   Q - A W = QT - QT P_W,
+        P_U += K^T TV - (K^T TK) P_U,   P_W += K^T TK - (K^T TK) P_W,
+
+    and the column sums of U are those of TV minus (column sums of TK) P_U. The rows
+    A U and Q - A W overwrite QV and QT. At the end as intra_chunk_fwd_kernel: psi, and
+    for a single chunk its output, else what the recurrence reads."""
+    i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NBC: tl.constexpr = C // BT
+    i_b64 = i_b.to(tl.int64)
+    i_bh = i_b64 * H + i_h
+    s_off = i_b64 * s_sb + i_h * s_sh
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    p_dd = o_d[:, None] * D + o_d[None, :]
+    b_pu = tl.zeros([D, D], dtype=tl.float32)
+    b_pw = tl.zeros([D, D], dtype=tl.float32)
+    b_sum_k = tl.zeros([D], dtype=tl.float32)
+    b_sum_u = tl.zeros([D], dtype=tl.float32)
+    n_valid = 0.0
+    sum_df = 0.0
+    sum_ds = 0.0
+    for j in range(NBC):
+        r = j * BT + o_t
+        t = i_n * CS + r
+        m_t = (r < CS) & (t < L)
+        valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
+        p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
+        i_g = (i_bh * N + i_n) * NBC + j
+        b_qt = tl.load(qt + p_rows).to(tl.float32)
+        b_qv = tl.load(qv + p_rows).to(tl.float32)
+        b_ktk = tl.load(maps + i_g * 2 * D * D + p_dd).to(tl.float32)
+        b_ktv = tl.load(maps + i_g * 2 * D * D + D * D + p_dd).to(tl.float32)
+        b_ctv = tl.load(vecs + i_g * 3 * D + o_d)
+        b_ctk = tl.load(vecs + i_g * 3 * D + D + o_d)
+        b_sum_k += tl.load(vecs + i_g * 3 * D + 2 * D + o_d)
+
+        tl.store(qv + p_rows, (_mm(b_qt, b_pu, PREC) + b_qv).to(qv.dtype.element_ty))
+        if not SINGLE:
+            tl.store(qt + p_rows, (b_qt - _mm(b_qt, b_pw, PREC)).to(qt.dtype.element_ty))
+            b_pw = b_pw + b_ktk - _mm(b_ktk, b_pw, PREC)
+        b_sum_u += b_ctv - tl.sum(b_ctk[:, None] * b_pu, 0)
+        b_pu = b_pu + b_ktv - _mm(b_ktk, b_pu, PREC)
+
+        n_valid += tl.sum(valid.to(tl.float32), 0)
+        p_s = s_off + t * s_sl
+        sum_df += tl.sum(tl.where(valid, _load_scalars(decay_fast, p_s, m_t, CONV), 0.0), 0)
+        sum_ds += tl.sum(tl.where(valid, _load_scalars(decay_slow, p_s, m_t, CONV), 0.0), 0)
+
+    psi = _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D)
+    if SINGLE:
+        # Zero states: O = (alpha g_f + (1 - alpha) g_s) A U. The A U rows were written
+        # by other threads of this program: the barrier makes them visible.
+        alpha = 0.5 + 0.3 * psi
+        tl.debug_barrier()
+        for j in range(NBC):
+            r = j * BT + o_t
+            t = i_n * CS + r
+            m_t = (r < CS) & (t < L)
+            p_s = s_off + t * s_sl
+            b_gf = _load_scalars(gate_fast, p_s, m_t, CONV)
+            b_gs = _load_scalars(gate_slow, p_s, m_t, CONV)
+            b_au = tl.load(qv + (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]).to(tl.float32)
+            b_o = (alpha * b_gf + (1 - alpha) * b_gs)[:, None] * b_au
+            p_o = i_b64 * s_ob + i_h * s_oh + t[:, None] * s_ol + o_d[None, :]
+            p_g = i_b64 * s_gb + t[:, None] * s_gl + i_h * D + o_d[None, :]
+            _store_output(o, b_o, p_o, m_t, gate_out, p_g, norm_w, eps, D, NORM)
+    else:
+        count = tl.maximum(n_valid, 1.0)
+        i_c = i_bh * N + i_n
+        p_kt = kt + i_c * D * 2 * D + o_d[:, None] * (2 * D) + o_d[None, :]  # [K^T U | K^T W]
+        tl.store(p_kt, b_pu)
+        tl.store(p_kt + D, b_pw)
+        tl.store(stats + i_c * 4 + 0, psi)
+        tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
+        tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
+        tl.store(stats + i_c * 4 + 3, (n_valid > 0).to(tl.float32))
 
 
 @triton.jit
@@ -325,8 +514,8 @@ def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC:
         tl.store(r_fast + i_c * D * D + p_dd, b_sf * scale_f)
         tl.store(r_slow + i_c * D * D + p_dd, b_ss * scale_s)
 
-        b_nf = b_sf * df + (b_ktu - tl.dot(b_ktw, b_sf, input_precision=PREC) * scale_f)
-        b_ns = b_ss * ds + (b_ktu - tl.dot(b_ktw, b_ss, input_precision=PREC) * scale_s)
+        b_nf = b_sf * df + (b_ktu - _mm(b_ktw, b_sf, PREC) * scale_f)
+        b_ns = b_ss * ds + (b_ktu - _mm(b_ktw, b_ss, PREC) * scale_s)
         c = 0.05 + 0.1 * psi
         b_nf = b_nf + c * psi * b_ns
         b_ns = b_ns + c * (1 - psi) * b_nf
@@ -346,14 +535,17 @@ def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC:
 
 @triton.jit
 def chunk_output_kernel(
-    o, qw, r_fast, r_slow, stats, gate_fast, gate_slow,
-    L, N, H, CS,
+    qw, au, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate_out, norm_w,
+    L, N, H, CS, RC, eps,
+    s_ab, s_ah, s_al,  # strides of qw and au; a chunk starts every RC of their rows
     s_sb, s_sh, s_sl,
     s_ob, s_oh, s_ol,
+    s_gb, s_gl,
     C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU) for ROWS rows of a
-    chunk; AU is read from o and overwritten. CONV > 0: the gates are logits (_load_scalars)."""
+    chunk, into o (see _store_output for NORM). CONV > 0: the gates are logits (_load_scalars)."""
     i_h, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_m // (C // ROWS)
     i_b64 = i_b.to(tl.int64)
@@ -368,16 +560,18 @@ def chunk_output_kernel(
     b_rs = tl.load(r_slow + p_dd)
     alpha = 0.5 + 0.3 * tl.load(stats + i_c * 4)
 
-    p_o = i_b64 * s_ob + i_h * s_oh + t[:, None] * s_ol + o_d[None, :]
-    b_qw = tl.load(qw + p_o, mask=m_t[:, None], other=0.0)
-    b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
+    p_a = i_b64 * s_ab + i_h * s_ah + (i_n * RC + o_r)[:, None] * s_al + o_d[None, :]
+    b_qw = tl.load(qw + p_a, mask=m_t[:, None], other=0.0).to(tl.float32)
+    b_au = tl.load(au + p_a, mask=m_t[:, None], other=0.0).to(tl.float32)
     p_s = i_b64 * s_sb + i_h * s_sh + t * s_sl
     b_gf = _load_scalars(gate_fast, p_s, m_t, CONV)
     b_gs = _load_scalars(gate_slow, p_s, m_t, CONV)
 
-    b_of = b_gf[:, None] * (tl.dot(b_qw, b_rf, input_precision=PREC) + b_au)
-    b_os = b_gs[:, None] * (tl.dot(b_qw, b_rs, input_precision=PREC) + b_au)
-    tl.store(o + p_o, alpha * b_of + (1 - alpha) * b_os, mask=m_t[:, None])
+    b_of = b_gf[:, None] * (_mm(b_qw, b_rf, PREC) + b_au)
+    b_os = b_gs[:, None] * (_mm(b_qw, b_rs, PREC) + b_au)
+    p_o = i_b64 * s_ob + i_h * s_oh + t[:, None] * s_ol + o_d[None, :]
+    p_g = i_b64 * s_gb + t[:, None] * s_gl + i_h * D + o_d[None, :]
+    _store_output(o, alpha * b_of + (1 - alpha) * b_os, p_o, m_t, gate_out, p_g, norm_w, eps, D, NORM)
 
 
 def flux_parameters(flux):
@@ -413,21 +607,29 @@ CONFIG = {
     "num_warps_single": 2,  # kernel 1 for a single-chunk input (half the time of 4 warps at 256 x 128)
     "num_stages_single": 3,  # its software-pipelining depth (Triton's default)
     "output_rows": 64,  # rows of a chunk per program of kernel 3
+    "intra": "split",
+    "stage_dtype": {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16},
+    "split_warps": (2, 2),
+    "prepare_precision": None,
 }
 
 
 def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int,
-                   qk_l2norm: bool = False, conv_taps: torch.Tensor | None = None):
-    """Forward pass through the three kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d).
+                   qk_l2norm: bool = False, conv_taps: torch.Tensor | None = None, output_norm=None):
+    """Forward pass through the kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d).
 
     ``conv_taps`` (3 H d, K), the layer's q, k, v convolution weights, contiguous: then
     q, k, v are the projections before the convolution and SiLU, and the five per-token
     scalars are logits; the kernels apply those activations on load (see _load_rows).
+    ``output_norm`` (gate_logits (B, L, H d) with unit stride on the last dim, norm_weight
+    (d,), eps): the kernels then return the layer's output side instead of O,
+    RMSNorm(O) * norm_weight * sigmoid(gate_logits) per head, (B, L, H d) in gate_logits' dtype.
     """
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
     single = N == 1
-    BT = CONFIG["block_t_single" if single else "block_t"]
+    split = CONFIG["intra"] == "split"
+    BT = CONFIG["block_t_single" if single and not split else "block_t"]
     # The kernel's chunk: chunk_size rows padded to a power of two (rows past chunk_size
     # are padding); a single short chunk is cut to the input length.
     C = max(BT, triton.next_power_of_2(min(chunk_size, L)))
@@ -445,44 +647,88 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         raise ValueError(f"conv_taps must be a contiguous ({3 * H * D}, K) tensor, got {tuple(conv_taps.shape)}")
     taps = q if conv_taps is None else conv_taps  # not read without conv_taps
 
-    # o (and qw) are (B, L, H, d) in memory: the layer's next step merges the heads for free.
-    o = q.new_empty(B, L, H, D, dtype=torch.float32).permute(0, 2, 1, 3)
-    if single:
-        qw = kt = stats = o  # not touched by the kernel
+    norm = output_norm is not None
+    if norm:
+        gate, norm_w, eps = output_norm
+        if gate.shape != (B, L, H * D) or gate.stride(-1) != 1:
+            raise ValueError(f"output_norm's gate logits must be ({B}, {L}, {H * D}) with unit last stride, "
+                             f"got {tuple(gate.shape)} with strides {gate.stride()}")
+        if not split:
+            raise ValueError("output_norm needs CONFIG['intra'] == 'split'")
+        out = gate.new_empty(B, L, H * D)
+        o = out.view(B, L, H, D).permute(0, 2, 1, 3)
     else:
-        qw = torch.empty_like(o)
+        # o (and qw) are (B, L, H, d) in memory: the layer's next step merges the heads for free.
+        o = q.new_empty(B, L, H, D, dtype=torch.float32).permute(0, 2, 1, 3)
+        gate, norm_w, eps = o, o, 0.0  # not read
+    if single:
+        kt = stats = o  # not touched by the kernels
+    else:
         kt = q.new_empty(B, H, N, D, 2 * D, dtype=torch.float32)  # [K^T U | K^T W] of each chunk
         stats = q.new_empty(B, H, N, 4, dtype=torch.float32)  # psi, effective decays, any valid token
+    flux_args = (w_bil, tau, w_hid, b_hid, w_out, b_out)
 
-    intra_chunk_fwd_kernel[(H, N, B)](
-        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
-        w_bil, tau, w_hid, b_hid, w_out, b_out,
-        o, qw, kt, stats, taps,
-        L, N, H, chunk_size,
-        q.stride(0), q.stride(1), q.stride(2),
-        beta.stride(0), beta.stride(1), beta.stride(2),
-        mask_u8.stride(0), mask_u8.stride(1),
-        o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec, CONV=conv,
-        num_warps=CONFIG["num_warps_single"] if single else warps[0],
-        **({"num_stages": CONFIG["num_stages_single"]} if single else {}),  # else Triton's default
-    )
-    if single:
-        return o
-
-    r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
-    r_slow = torch.empty_like(r_fast)
-    state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=CONFIG["state_precision"],
-                                      num_warps=warps[1])
-    rows = min(CONFIG["output_rows"], C)
-    chunk_output_kernel[(H, N * (C // rows), B)](
-        o, qw, r_fast, r_slow, stats, gate_fast, gate_slow,
-        L, N, H, chunk_size,
-        gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, num_warps=warps[2],
-    )
-    return o
+    if split:
+        NBC = C // BT
+        stage = CONFIG["stage_dtype"].get(q.dtype, torch.float32)
+        qt = q.new_empty(B, H, N * C, D, dtype=stage)  # QT, then Q - A W
+        qv = torch.empty_like(qt)  # QV, then A U
+        maps = q.new_empty(B, H, N * NBC, 2, D, D, dtype=stage)  # K^T TK, K^T TV of each block
+        vecs = q.new_empty(B, H, N * NBC, 3, D, dtype=torch.float32)  # column sums of TV, TK, valid K
+        block_prepare_kernel[(H, N * NBC, B)](
+            q, k, v, beta, mask_u8, qt, qv, maps, vecs, taps,
+            L, N, H, chunk_size,
+            q.stride(0), q.stride(1), q.stride(2),
+            beta.stride(0), beta.stride(1), beta.stride(2),
+            mask_u8.stride(0), mask_u8.stride(1),
+            C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, QK_NORM=qk_l2norm,
+            PREC=(CONFIG["prepare_precision"] or CONFIG["precision"]).get(q.dtype, "ieee"), CONV=conv,
+            num_warps=CONFIG["split_warps"][0],
+        )
+        chunk_scan_kernel[(H, N, B)](
+            qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
+            *flux_args, o, kt, stats, gate, norm_w,
+            L, N, H, chunk_size, eps,
+            beta.stride(0), beta.stride(1), beta.stride(2),
+            mask_u8.stride(0), mask_u8.stride(1),
+            o.stride(0), o.stride(1), o.stride(2),
+            gate.stride(0), gate.stride(1),
+            C=C, D=D, BT=BT, SINGLE=single, PREC=prec, CONV=conv, NORM=norm,
+            num_warps=CONFIG["split_warps"][1],
+        )
+        qw, au, row_step = qt, qv, C
+    else:
+        qw = o if single else torch.empty_like(o)
+        intra_chunk_fwd_kernel[(H, N, B)](
+            q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
+            *flux_args,
+            o, qw, kt, stats, taps,
+            L, N, H, chunk_size,
+            q.stride(0), q.stride(1), q.stride(2),
+            beta.stride(0), beta.stride(1), beta.stride(2),
+            mask_u8.stride(0), mask_u8.stride(1),
+            o.stride(0), o.stride(1), o.stride(2),
+            C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec, CONV=conv,
+            num_warps=CONFIG["num_warps_single"] if single else warps[0],
+            **({"num_stages": CONFIG["num_stages_single"]} if single else {}),  # else Triton's default
+        )
+        au, row_step = o, chunk_size
+    if not single:
+        r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
+        r_slow = torch.empty_like(r_fast)
+        state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=CONFIG["state_precision"],
+                                          num_warps=warps[1])
+        rows = min(CONFIG["output_rows"], C)
+        chunk_output_kernel[(H, N * (C // rows), B)](
+            qw, au, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate, norm_w,
+            L, N, H, chunk_size, row_step, eps,
+            qw.stride(0), qw.stride(1), qw.stride(2),
+            gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            gate.stride(0), gate.stride(1),
+            C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[2],
+        )
+    return out if norm else o
 
 
 class DualStateDeltaRuleFunction(torch.autograd.Function):
