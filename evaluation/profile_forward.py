@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Kernel kinds, matched in this order against the lower-cased kernel name.
 KINDS = (
-    ("delta rule (ours)", ("intra_chunk", "state_recurrence", "chunk_output")),
+    ("delta rule (ours)", ("block_prepare", "chunk_scan", "state_recurrence", "chunk_output")),
     ("attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
     ("matrix product", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
     ("torch.compile fused", ("triton_",)),

@@ -7,10 +7,12 @@ torch.compile makes this two to four slow kernels (2.0 ms of a 7.8 ms forward of
 128 tokens on an H100, for all six layers); a Triton kernel of its own took 1.0 ms.
 ``delta_rule_from_projection`` does without it: the delta-rule kernels read the
 projection and apply the convolution and activations as they load it, so the activations
-never go through memory. The output side (per-head RMSNorm of the delta rule's float32
-output, times the sigmoid of the gate's logits) is one kernel (0.23 ms for six layers),
-and so is each residual sum with its LayerNorm (0.31 ms for twelve, against 0.98 ms for
-PyTorch's add and LayerNorm kernels). Figures: README, "Speed".
+never go through memory. ``delta_net_from_projection`` goes on to the output side:
+the kernel that writes the delta rule's output applies the per-head RMSNorm and the
+sigmoid of the gate's logits first (a kernel of its own took 0.23 ms for six layers on
+an H100, and a float32 output went to memory and back). Each residual sum with its
+LayerNorm is one kernel too (0.31 ms for twelve, against 0.98 ms for PyTorch's add and
+LayerNorm kernels). Figures: README, "Speed".
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .ops.triton import flux_parameters, triton_forward
 
 
 def _from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int, output_norm=None):
+    """triton_forward on the q, k, v and scalar columns of the projection (see below)."""
     B, L, _ = projected.shape
     D, H = conv_weight.shape[0] // 3, num_heads
     flux_params = flux_parameters(flux)
@@ -58,54 +61,13 @@ def delta_net_from_projection(projected, mask, conv_weight, flux, norm_weight, o
     ``delta_rule_from_projection``, with the per-head RMSNorm and the output gate applied
     by the delta-rule kernels as they write O (no float32 O in memory). (B, L, D) in the
     projection's dtype; no autograd."""
-    from .ops.triton import CONFIG
-
     B, L, _ = projected.shape
     D = conv_weight.shape[0] // 3
-    gate_logits = projected[..., 3 * D:4 * D]
     if L == 0:
         return projected.new_zeros(B, 0, o_weight.shape[0])
-    if CONFIG["intra"] != "split":
-        o = _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size)
-        return delta_net_output_triton(o.transpose(1, 2), gate_logits, norm_weight, o_weight, eps)
     gated = _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size,
-                             output_norm=(gate_logits, norm_weight, eps))
+                             output_norm=(projected[..., 3 * D:4 * D], norm_weight, eps))
     return F.linear(gated, o_weight)
-
-
-@triton.jit
-def rms_norm_gate_kernel(o, gate, weight, out, R, s_o, s_g, s_out, eps, D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[r, h] = o[r, h] / sqrt(mean(o[r, h]^2) + eps) * weight * sigmoid(gate[r, h]) for
-    BLOCK_R rows r and one head h (D values), in float32, stored in out's dtype."""
-    i_r, i_h = tl.program_id(0), tl.program_id(1)
-    rows = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = i_h * D + tl.arange(0, D)
-    m = (rows < R)[:, None]
-    x = tl.load(o + rows[:, None] * s_o + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    scale = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
-    w = tl.load(weight + tl.arange(0, D)).to(tl.float32)
-    g = tl.sigmoid(tl.load(gate + rows[:, None] * s_g + cols[None, :], mask=m, other=0.0).to(tl.float32))
-    y = x * scale[:, None] * w[None, :] * g
-    tl.store(out + rows[:, None] * s_out + cols[None, :], y.to(out.dtype.element_ty), mask=m)
-
-
-def delta_net_output_triton(o, gate_logits, norm_weight, o_weight, eps: float):
-    """``modeling_lam.delta_net_output`` with the RMSNorm and gate in one Triton kernel;
-    same result (no autograd), but from the gate's logits ``x W_g`` (B, L, D), not its sigmoid."""
-    B, L, H, d = o.shape
-    if d & (d - 1) or d < 16:
-        raise ValueError(f"delta_net_output_triton needs a head size that is a power of two >= 16, got {d}")
-    o = o.reshape(B * L, H * d)  # a view for the delta rule's (B, L, H, d) layout
-    gate = gate_logits.reshape(B * L, H * d)
-    if o.stride(-1) != 1 or gate.stride(-1) != 1:
-        o, gate = o.contiguous(), gate.contiguous()
-    gated = gate.new_empty(B * L, H * d)
-    block_r = 64
-    rms_norm_gate_kernel[(triton.cdiv(B * L, block_r), H)](
-        o, gate, norm_weight.contiguous(), gated, B * L, o.stride(0), gate.stride(0), gated.stride(0), eps,
-        D=d, BLOCK_R=block_r, num_warps=4,
-    )
-    return F.linear(gated.view(B, L, H * d), o_weight)
 
 
 @triton.jit

@@ -1,43 +1,55 @@
 """Fused Triton implementation of the dual-state delta rule (SPEC.md section 2).
 
-Same contract as ``chunk_dual_state_delta_rule`` (chunk.py), computed by three kernels
-(about 0.6 to 1.2 ms for 32,768 tokens of 12 heads x 32 on an H100, against 3.5 to 156 ms
-for the chunked form; see tests/test_triton.py --bench):
+Same contract as ``chunk_dual_state_delta_rule`` (chunk.py), computed by four kernels.
+For 32,768 tokens of 12 heads x 32 on an H200, the layer's token mixer from its bfloat16
+input projection to its output projection takes 0.27 ms (256 x 128 tokens) to 0.64 ms
+(1 x 32,768) of kernel time (evaluation/results/kernel-variants-h200.json). A chunk's unit lower-triangular system
+is solved by forward substitution over blocks of BT rows, so the C x C matrices of
+chunk.py never exist: with P_U = sum_{j<i} K_j^T U_j and P_W = sum_{j<i} K_j^T W_j over
+the earlier blocks of the chunk,
 
-1. ``intra_chunk_fwd_kernel``, one program per (head, chunk, sample). It solves the
-   chunk's unit lower-triangular system block by block (BT rows at a time): with
-   P_U = sum_{j<i} K_j^T U_j and P_W = sum_{j<i} K_j^T W_j over the previous blocks,
+    U_i = T_i (Vb_i - Kb_i P_U),   W_i = T_i (Kb_i - Kb_i P_W),
 
-       U_i = T_ii (Vb_i - Kb_i P_U),   W_i = T_ii (Kb_i - Kb_i P_W),
+where T_i = (I + strictly_lower(Kb_i K_i^T))^-1 is the exact inverse of block i's
+diagonal block (block doubling, as flash-linear-attention's solve_tril merges its blocks).
 
-   where T_ii = (I + strictly_lower(Kb_i K_i^T))^-1 is the exact inverse of a BT x BT
-   diagonal block (block doubling, as flash-linear-attention's solve_tril merges its
-   blocks). This is forward substitution at block granularity, so the C x C matrices
-   of chunk.py never exist. In the same pass it forms the rows
-   A U = Q P_U + tril(Q_i K_i^T) U_i and Q - A W, and at the end of the chunk holds
-   K^T U = P_U and K^T W = P_W. psi (the ResonanceFlux MLP) and the mean decays are
-   computed in the kernel from the mean key, the mean written value and
-   sum_t k_t^T W_bil u_t = <W_bil, K^T U> (rows of U are zero where beta = 0, so
-   this equals the sum over valid tokens). For a single-chunk input the states are
-   zero and this kernel writes the final output.
-2. ``state_recurrence_kernel``, one program per (sample, head), sequential over the
+1. ``block_prepare_kernel``, one program per (head, block, sample), all in parallel:
+   everything of a block that does not need P_U or P_W, in particular T_i (most of the
+   work). It hands on QT = Q - A_i T_i Kb, QV = A_i T_i Vb (A_i = lower_incl(Q_i K_i^T)),
+   the d x d products K_i^T T_i Kb, K_i^T T_i Vb and a few column sums.
+2. ``chunk_scan_kernel``, one program per (head, chunk, sample): the blocks of the chunk
+   in order, two or four small products a block (see its docstring), giving the rows
+   A U and Q - A W and, at the end of the chunk, K^T U = P_U and K^T W = P_W. psi (the
+   ResonanceFlux MLP) and the mean decays are computed here from the mean key, the mean
+   written value and sum_t k_t^T W_bil u_t = <W_bil, K^T U> (rows of U are zero where
+   beta = 0, so this equals the sum over valid tokens). For a single-chunk input the
+   states are zero and this kernel writes the final output.
+3. ``state_recurrence_kernel``, one program per (sample, head), sequential over the
    chunks: the d x d recurrence of the two states (decay, normalise, update with
    K^T U - K^T W R, coupling, normalise; chunks without valid tokens are skipped).
    It writes the normalised states R_fast, R_slow each chunk reads.
-3. ``chunk_output_kernel``, one program per (head, chunk, sample):
+4. ``chunk_output_kernel``, one program per (head, rows of a chunk, sample):
    O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU).
+
+(A single kernel that ran the blocks of a chunk one after the other, inverses included,
+took 0.41 to 0.88 ms for the same work: its chain of small dependent products left the
+GPU waiting; split, the inverses run in parallel.)
 
 With ``qk_l2norm`` kernel 1 normalises each row of q and k after loading them (the
 layer passes them unnormalised, in its own dtype), so that float32 copies of q and k
 never exist in memory. The inputs may mix dtypes. The layer's inference path goes
 further (``conv_taps``, layer_triton.delta_rule_from_projection): the kernels read
 the input projection itself and apply the causal convolution, SiLU and sigmoids on
-load, so that the activations never exist in memory either.
+load, so that the activations never exist in memory either; and with ``output_norm``
+(layer_triton.delta_net_from_projection) the kernel that writes O applies the layer's
+per-head RMSNorm and output gate first.
 
-All arithmetic is float32 (states included) whatever the input dtype. The products of
-kernels 1 and 3 use "tf32x3" on the tensor cores for float32 inputs (three tf32 passes,
-float32 accuracy: 1e-6 from chunk.py where plain tf32 gives 4e-3) and plain tf32 for
-bf16/fp16 inputs, well inside their own rounding; kernel 2 multiplies in exact float32.
+Arithmetic is float32 (states included) whatever the input dtype; products run on the
+tensor cores with the operand precision of CONFIG: for float32 inputs "tf32x3" (three
+tf32 passes, float32 accuracy: 1e-6 from chunk.py, where plain tf32 gives 4e-3); for
+bfloat16/float16 inputs bfloat16 operands in kernel 1 and tf32 in kernels 2 and 4, with
+the blocks' results handed on in the input's dtype (errors near 1% of the output scale,
+the size of a bfloat16 model's own rounding). Kernel 3 multiplies in exact float32.
 
 Backward: ``DualStateDeltaRuleFunction`` recomputes the forward with
 ``chunk_dual_state_delta_rule`` under autograd and backpropagates through it, so the
@@ -137,103 +149,6 @@ def _load_scalars(x, p_s, m_t, CONV: tl.constexpr):
     if CONV > 0:
         b_x = tl.sigmoid(b_x)
     return b_x
-
-
-@triton.jit
-def intra_chunk_fwd_kernel(
-    q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask,
-    w_bil, tau, w_hid, b_hid, w_out, b_out,
-    o, qw, kt, stats, taps,
-    L, N, H, CS,
-    s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
-    s_sb, s_sh, s_sl,  # strides of beta, decays, gates
-    s_mb, s_ml,  # strides of mask
-    s_ob, s_oh, s_ol,  # strides of o and qw (unit stride on d)
-    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    SINGLE: tl.constexpr, QK_NORM: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
-):
-    """Per-chunk pass; see the module docstring. A single-chunk input needs U alone,
-    not W. (U and W as the columns of one tile [V | K] joined in registers gave wrong
-    results with 16-row blocks in triton 3.6; loading the two halves of such a tile
-    apart would apply the convolution to k twice.) With QK_NORM, each row of q and k is
-    divided by max(its norm, QK_EPS) after loading (the op's qk_l2norm). With CONV > 0
-    the inputs are the layer's projections before their activations (see _load_rows).
-
-    (Computing the P-independent parts of all blocks first, with batched 3-D dots, was
-    measured slower on an H100: 0.71 ms against 0.65 ms at 32,768 tokens.)"""
-    i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b64 = i_b.to(tl.int64)
-    x_off = i_b64 * s_xb + i_h * s_xh
-    s_off = i_b64 * s_sb + i_h * s_sh
-    o_off = i_b64 * s_ob + i_h * s_oh
-    # The convolution taps of this head's q, k and v columns (with CONV > 0).
-    if CONV > 0:
-        taps_q = _load_taps(taps + i_h * D * CONV, D, CONV)
-        taps_k = _load_taps(taps + (H + i_h) * D * CONV, D, CONV)
-        taps_v = _load_taps(taps + (2 * H + i_h) * D * CONV, D, CONV)
-    else:  # not read
-        taps_q = 0
-        taps_k = 0
-        taps_v = 0
-
-    o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, D)
-    m_lower = o_t[:, None] > o_t[None, :]
-    m_causal = o_t[:, None] >= o_t[None, :]
-
-    # K^T U and K^T W over the blocks done so far (a single chunk needs no W).
-    b_pu = tl.zeros([D, D], dtype=tl.float32)
-    b_pw = tl.zeros([D, D], dtype=tl.float32)
-    # Sums over the chunk's valid tokens: keys, U, count, decays.
-    b_sum_k = tl.zeros([D], dtype=tl.float32)
-    b_sum_u = tl.zeros([D], dtype=tl.float32)
-    n_valid = 0.0
-    sum_df = 0.0
-    sum_ds = 0.0
-
-    for i in range(C // BT):
-        r = i * BT + o_t  # rows inside the (padded) chunk
-        t = i_n * CS + r  # positions
-        m_t = (r < CS) & (t < L)
-        p_mask = mask + i_b64 * s_mb + t * s_ml
-        valid = tl.load(p_mask, mask=m_t, other=0) != 0
-        p_row = x_off + t * s_xl
-        b_q = _load_rows(q, taps_q, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
-        b_k = _load_rows(k, taps_k, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
-        b_v = _load_rows(v, taps_v, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
-        if QK_NORM:
-            b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)[:, None]
-            b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)[:, None]
-        p_s = s_off + t * s_sl
-        b_beta = tl.where(valid, _load_scalars(beta, p_s, m_t, CONV), 0.0)
-        b_kb = b_k * b_beta[:, None]
-
-        # U rows of this block, T_ii (Vb_i - Kb_i P_U), and the A U rows: the earlier
-        # blocks through P_U, this block causally.
-        b_a = tl.where(m_lower, _mm(b_kb, tl.trans(b_k), PREC), 0.0)
-        b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
-        b_u = _mm(b_t, b_v * b_beta[:, None] - _mm(b_kb, b_pu, PREC), PREC)
-        b_qk = tl.where(m_causal, _mm(b_q, tl.trans(b_k), PREC), 0.0)
-        b_au = _mm(b_q, b_pu, PREC) + _mm(b_qk, b_u, PREC)
-        p_o = o_off + t[:, None] * s_ol + o_d[None, :]
-        tl.store(o + p_o, b_au, mask=m_t[:, None])
-        if not SINGLE:
-            # Likewise W = T_ii (Kb_i - Kb_i P_W), and the rows Q - A W.
-            b_w = _mm(b_t, b_kb - _mm(b_kb, b_pw, PREC), PREC)
-            b_aw = _mm(b_q, b_pw, PREC) + _mm(b_qk, b_w, PREC)
-            tl.store(qw + p_o, b_q - b_aw, mask=m_t[:, None])
-            b_pw += _mm(tl.trans(b_k), b_w, PREC)
-        b_pu += _mm(tl.trans(b_k), b_u, PREC)
-
-        b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
-        b_sum_u += tl.sum(tl.where(valid[:, None], b_u, 0.0), 0)
-        n_valid += tl.sum(valid.to(tl.float32), 0)
-        sum_df += tl.sum(tl.where(valid, _load_scalars(decay_fast, p_s, m_t, CONV), 0.0), 0)
-        sum_ds += tl.sum(tl.where(valid, _load_scalars(decay_slow, p_s, m_t, CONV), 0.0), 0)
-
-    psi = _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D)
-    _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_pu, b_pw, psi, n_valid, sum_df, sum_ds,
-                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol, C, D, BT, SINGLE, CONV)
 
 
 @triton.jit
@@ -340,8 +255,8 @@ def chunk_scan_kernel(
         P_U += K^T TV - (K^T TK) P_U,   P_W += K^T TK - (K^T TK) P_W,
 
     and the column sums of U are those of TV minus (column sums of TK) P_U. The rows
-    A U and Q - A W overwrite QV and QT. At the end as intra_chunk_fwd_kernel: psi, and
-    for a single chunk its output, else what the recurrence reads."""
+    A U and Q - A W overwrite QV and QT. At the end: psi, and for a single chunk its
+    output, else what the recurrence reads."""
     i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NBC: tl.constexpr = C // BT
     i_b64 = i_b.to(tl.int64)
@@ -434,41 +349,6 @@ def _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_
 
 
 @triton.jit
-def _chunk_epilogue(o, kt, stats, gate_fast, gate_slow, b_pu, b_pw, psi, n_valid, sum_df, sum_ds,
-                    i_b64, i_h, i_n, H, N, L, CS, s_off, s_sl, o_off, s_ol,
-                    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr, CONV: tl.constexpr):
-    """A single chunk: its output. Otherwise: what the recurrence and the output kernel read."""
-    o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, D)
-    if SINGLE:
-        # Zero states: O = (alpha g_f + (1 - alpha) g_s) A U. The A U rows were written
-        # to o by other threads of this program: the barrier makes them visible.
-        alpha = 0.5 + 0.3 * psi
-        tl.debug_barrier()
-        for i in range(C // BT):
-            r = i * BT + o_t
-            t = i_n * CS + r
-            m_t = (r < CS) & (t < L)
-            p_s = s_off + t * s_sl
-            b_gf = _load_scalars(gate_fast, p_s, m_t, CONV)
-            b_gs = _load_scalars(gate_slow, p_s, m_t, CONV)
-            p_o = o_off + t[:, None] * s_ol + o_d[None, :]
-            b_au = tl.load(o + p_o, mask=m_t[:, None], other=0.0)
-            b_o = (alpha * b_gf + (1 - alpha) * b_gs)[:, None] * b_au
-            tl.store(o + p_o, b_o, mask=m_t[:, None])
-    else:
-        count = tl.maximum(n_valid, 1.0)
-        i_c = (i_b64 * H + i_h) * N + i_n  # index of this (sample, head, chunk)
-        p_kt = kt + i_c * D * 2 * D + o_d[:, None] * (2 * D) + o_d[None, :]  # [K^T U | K^T W]
-        tl.store(p_kt, b_pu)
-        tl.store(p_kt + D, b_pw)
-        tl.store(stats + i_c * 4 + 0, psi)
-        tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
-        tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
-        tl.store(stats + i_c * 4 + 3, (n_valid > 0).to(tl.float32))
-
-
-@triton.jit
 def _add_pair(a0, a1, b0, b1):
     return a0 + b0, a1 + b1
 
@@ -536,8 +416,7 @@ def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC:
 @triton.jit
 def chunk_output_kernel(
     qw, au, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate_out, norm_w,
-    L, N, H, CS, RC, eps,
-    s_ab, s_ah, s_al,  # strides of qw and au; a chunk starts every RC of their rows
+    L, N, H, CS, eps,
     s_sb, s_sh, s_sl,
     s_ob, s_oh, s_ol,
     s_gb, s_gl,
@@ -545,7 +424,8 @@ def chunk_output_kernel(
     NORM: tl.constexpr,
 ):
     """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU) for ROWS rows of a
-    chunk, into o (see _store_output for NORM). CONV > 0: the gates are logits (_load_scalars)."""
+    chunk, QW and AU as chunk_scan_kernel left them, into o (see _store_output for NORM).
+    CONV > 0: the gates are logits (_load_scalars)."""
     i_h, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_m // (C // ROWS)
     i_b64 = i_b.to(tl.int64)
@@ -560,9 +440,9 @@ def chunk_output_kernel(
     b_rs = tl.load(r_slow + p_dd)
     alpha = 0.5 + 0.3 * tl.load(stats + i_c * 4)
 
-    p_a = i_b64 * s_ab + i_h * s_ah + (i_n * RC + o_r)[:, None] * s_al + o_d[None, :]
-    b_qw = tl.load(qw + p_a, mask=m_t[:, None], other=0.0).to(tl.float32)
-    b_au = tl.load(au + p_a, mask=m_t[:, None], other=0.0).to(tl.float32)
+    p_a = (i_c * C + o_r)[:, None] * D + o_d[None, :]  # rows of chunk_scan_kernel's (B, H, N C, d) buffers
+    b_qw = tl.load(qw + p_a).to(tl.float32)
+    b_au = tl.load(au + p_a).to(tl.float32)
     p_s = i_b64 * s_sb + i_h * s_sh + t * s_sl
     b_gf = _load_scalars(gate_fast, p_s, m_t, CONV)
     b_gs = _load_scalars(gate_slow, p_s, m_t, CONV)
@@ -593,24 +473,25 @@ def _common_layout(tensors, unit_last: bool):
 
 
 # Launch settings, module-level so that a benchmark can compare variants
-# (tests/test_triton.py --bench --sweep). The values are the fastest measured on an
-# H100 at 32,768 tokens a call; more warps, BT = 32 or a register cap were slower.
+# (tests/test_triton.py --bench --sweep). The values are the fastest measured on an H200
+# (evaluation/results/kernel-variants-h200.json, kernel time of a layer's token mixer).
 CONFIG = {
-    "block_t": 16,  # rows of the diagonal blocks solved at once (16 is the smallest tl.dot size)
-    "block_t_single": 16,  # the same for a single-chunk input
-    # kernels 1 and 3; plain "tf32" on float32 inputs gives errors near 4e-3
+    "block_t": 16,  # rows of a block (16 is the smallest tl.dot size; 32 and 64 were slower)
+    # Products of block_prepare_kernel: for bfloat16/float16 inputs on bfloat16 operands
+    # (0.14 against 0.18 ms at 64 x 512 tokens, errors still ~1% of the output scale,
+    # under the 2% of the tests); "tf32x3" for float32 inputs (float32 accuracy, 1e-6
+    # from chunk.py where plain tf32 gives 4e-3).
+    "prepare_precision": {torch.float32: "tf32x3", torch.bfloat16: "bf16", torch.float16: "bf16"},
+    # Products of chunk_scan_kernel and chunk_output_kernel.
     "precision": {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"},
-    "state_precision": "ieee",  # kernel 2: as fast as "tf32x3" there, and exact float32
-    # kernels 1, 2, 3. Kernel 1 with 2 warps: 0.71 against 1.09 ms with 4 at 64 x 512 tokens from
-    # a bf16 projection, and faster at every length of the sweep.
-    "num_warps": (2, 4, 4),
-    "num_warps_single": 2,  # kernel 1 for a single-chunk input (half the time of 4 warps at 256 x 128)
-    "num_stages_single": 3,  # its software-pipelining depth (Triton's default)
-    "output_rows": 64,  # rows of a chunk per program of kernel 3
-    "intra": "split",
+    "state_precision": "ieee",  # state_recurrence_kernel: as fast as "tf32x3" there, and exact float32
+    # What block_prepare_kernel hands to chunk_scan_kernel (QT, QV and the d x d products):
+    # the input's dtype for 16-bit inputs (half the traffic), float32 for float32 inputs.
     "stage_dtype": {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16},
-    "split_warps": (2, 2),
-    "prepare_precision": None,
+    # block_prepare, chunk_scan, state_recurrence, chunk_output. One warp per block and per
+    # chunk: 0.35 against 0.55 ms with two at 64 x 512 tokens (no exchange between warps).
+    "num_warps": (1, 1, 4, 4),
+    "output_rows": 64,  # rows of a chunk per program of chunk_output_kernel
 }
 
 
@@ -628,11 +509,11 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
     single = N == 1
-    split = CONFIG["intra"] == "split"
-    BT = CONFIG["block_t_single" if single and not split else "block_t"]
-    # The kernel's chunk: chunk_size rows padded to a power of two (rows past chunk_size
+    BT = CONFIG["block_t"]
+    # The kernels' chunk: chunk_size rows padded to a power of two (rows past chunk_size
     # are padding); a single short chunk is cut to the input length.
     C = max(BT, triton.next_power_of_2(min(chunk_size, L)))
+    NBC = C // BT
     prec = CONFIG["precision"].get(q.dtype, "ieee")
     warps = CONFIG["num_warps"]
     q, k, v = _common_layout([q, k, v], unit_last=True)
@@ -641,7 +522,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     mask_u8 = mask.contiguous().view(torch.uint8)
     # The kernels convert on load: no float32 copies of the flux parameters (six small
     # kernels a layer for a bfloat16 model).
-    w_bil, tau, w_hid, b_hid, w_out, b_out = (p.contiguous() for p in flux_params)
+    flux_args = [p.contiguous() for p in flux_params]
     conv = 0 if conv_taps is None else conv_taps.shape[-1]
     if conv and (conv_taps.shape[0] != 3 * H * D or not conv_taps.is_contiguous()):
         raise ValueError(f"conv_taps must be a contiguous ({3 * H * D}, K) tensor, got {tuple(conv_taps.shape)}")
@@ -653,12 +534,10 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         if gate.shape != (B, L, H * D) or gate.stride(-1) != 1:
             raise ValueError(f"output_norm's gate logits must be ({B}, {L}, {H * D}) with unit last stride, "
                              f"got {tuple(gate.shape)} with strides {gate.stride()}")
-        if not split:
-            raise ValueError("output_norm needs CONFIG['intra'] == 'split'")
         out = gate.new_empty(B, L, H * D)
         o = out.view(B, L, H, D).permute(0, 2, 1, 3)
     else:
-        # o (and qw) are (B, L, H, d) in memory: the layer's next step merges the heads for free.
+        # (B, L, H, d) in memory: the layer's next step merges the heads for free.
         o = q.new_empty(B, L, H, D, dtype=torch.float32).permute(0, 2, 1, 3)
         gate, norm_w, eps = o, o, 0.0  # not read
     if single:
@@ -666,67 +545,44 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     else:
         kt = q.new_empty(B, H, N, D, 2 * D, dtype=torch.float32)  # [K^T U | K^T W] of each chunk
         stats = q.new_empty(B, H, N, 4, dtype=torch.float32)  # psi, effective decays, any valid token
-    flux_args = (w_bil, tau, w_hid, b_hid, w_out, b_out)
+    stage = CONFIG["stage_dtype"].get(q.dtype, torch.float32)
+    qt = q.new_empty(B, H, N * C, D, dtype=stage)  # QT, then Q - A W
+    qv = torch.empty_like(qt)  # QV, then A U
+    maps = q.new_empty(B, H, N * NBC, 2, D, D, dtype=stage)  # K^T TK, K^T TV of each block
+    vecs = q.new_empty(B, H, N * NBC, 3, D, dtype=torch.float32)  # column sums of TV, TK, valid rows of K
 
-    if split:
-        NBC = C // BT
-        stage = CONFIG["stage_dtype"].get(q.dtype, torch.float32)
-        qt = q.new_empty(B, H, N * C, D, dtype=stage)  # QT, then Q - A W
-        qv = torch.empty_like(qt)  # QV, then A U
-        maps = q.new_empty(B, H, N * NBC, 2, D, D, dtype=stage)  # K^T TK, K^T TV of each block
-        vecs = q.new_empty(B, H, N * NBC, 3, D, dtype=torch.float32)  # column sums of TV, TK, valid K
-        block_prepare_kernel[(H, N * NBC, B)](
-            q, k, v, beta, mask_u8, qt, qv, maps, vecs, taps,
-            L, N, H, chunk_size,
-            q.stride(0), q.stride(1), q.stride(2),
-            beta.stride(0), beta.stride(1), beta.stride(2),
-            mask_u8.stride(0), mask_u8.stride(1),
-            C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, QK_NORM=qk_l2norm,
-            PREC=(CONFIG["prepare_precision"] or CONFIG["precision"]).get(q.dtype, "ieee"), CONV=conv,
-            num_warps=CONFIG["split_warps"][0],
-        )
-        chunk_scan_kernel[(H, N, B)](
-            qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
-            *flux_args, o, kt, stats, gate, norm_w,
-            L, N, H, chunk_size, eps,
-            beta.stride(0), beta.stride(1), beta.stride(2),
-            mask_u8.stride(0), mask_u8.stride(1),
-            o.stride(0), o.stride(1), o.stride(2),
-            gate.stride(0), gate.stride(1),
-            C=C, D=D, BT=BT, SINGLE=single, PREC=prec, CONV=conv, NORM=norm,
-            num_warps=CONFIG["split_warps"][1],
-        )
-        qw, au, row_step = qt, qv, C
-    else:
-        qw = o if single else torch.empty_like(o)
-        intra_chunk_fwd_kernel[(H, N, B)](
-            q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
-            *flux_args,
-            o, qw, kt, stats, taps,
-            L, N, H, chunk_size,
-            q.stride(0), q.stride(1), q.stride(2),
-            beta.stride(0), beta.stride(1), beta.stride(2),
-            mask_u8.stride(0), mask_u8.stride(1),
-            o.stride(0), o.stride(1), o.stride(2),
-            C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SINGLE=single, QK_NORM=qk_l2norm, PREC=prec, CONV=conv,
-            num_warps=CONFIG["num_warps_single"] if single else warps[0],
-            **({"num_stages": CONFIG["num_stages_single"]} if single else {}),  # else Triton's default
-        )
-        au, row_step = o, chunk_size
+    block_prepare_kernel[(H, N * NBC, B)](
+        q, k, v, beta, mask_u8, qt, qv, maps, vecs, taps,
+        L, N, H, chunk_size,
+        q.stride(0), q.stride(1), q.stride(2),
+        beta.stride(0), beta.stride(1), beta.stride(2),
+        mask_u8.stride(0), mask_u8.stride(1),
+        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, QK_NORM=qk_l2norm,
+        PREC=CONFIG["prepare_precision"].get(q.dtype, "ieee"), CONV=conv, num_warps=warps[0],
+    )
+    chunk_scan_kernel[(H, N, B)](
+        qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
+        *flux_args, o, kt, stats, gate, norm_w,
+        L, N, H, chunk_size, eps,
+        beta.stride(0), beta.stride(1), beta.stride(2),
+        mask_u8.stride(0), mask_u8.stride(1),
+        o.stride(0), o.stride(1), o.stride(2),
+        gate.stride(0), gate.stride(1),
+        C=C, D=D, BT=BT, SINGLE=single, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[1],
+    )
     if not single:
         r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
         r_slow = torch.empty_like(r_fast)
         state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=CONFIG["state_precision"],
-                                          num_warps=warps[1])
+                                          num_warps=warps[2])
         rows = min(CONFIG["output_rows"], C)
         chunk_output_kernel[(H, N * (C // rows), B)](
-            qw, au, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate, norm_w,
-            L, N, H, chunk_size, row_step, eps,
-            qw.stride(0), qw.stride(1), qw.stride(2),
+            qt, qv, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate, norm_w,
+            L, N, H, chunk_size, eps,
             gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
             gate.stride(0), gate.stride(1),
-            C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[2],
+            C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[3],
         )
     return out if norm else o
 
