@@ -288,7 +288,9 @@ _INTERPRETER_CHECK = textwrap.dedent("""
     T.CONFIG["prepare_precision"] = dict.fromkeys(T.CONFIG["prepare_precision"], "ieee")
     T.CONFIG["stage_dtype"] = dict.fromkeys(T.CONFIG["stage_dtype"], torch.float32)
     flux = make_flux(heads=2)
-    for lengths, chunk_size in (([100, 37], 100), ([300, 129, 10], 128)):
+    # The second case with the blocks' d x d products made one head at a time (as for a large input).
+    for lengths, chunk_size, stage_bytes in (([100, 37], 100, 1 << 26), ([300, 129, 10], 128, 1)):
+        T.CONFIG["stage_bytes"] = stage_bytes
         tensors, mask = make_inputs(lengths, heads=2)
         with torch.no_grad():
             ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)

@@ -154,7 +154,7 @@ def _load_scalars(x, p_s, m_t, CONV: tl.constexpr):
 @triton.jit
 def block_prepare_kernel(
     q, k, v, beta, mask, qt, qv, maps, vecs, taps,
-    L, N, H, CS,
+    L, N, H, CS, h0, HG,  # this launch's heads are h0 + program_id(0); maps and vecs hold HG heads
     s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
     s_sb, s_sh, s_sl,  # strides of beta
     s_mb, s_ml,  # strides of mask
@@ -169,7 +169,8 @@ def block_prepare_kernel(
     QT = Q - A TK and QV = A TV, the d x d products K^T TK and K^T TV, and the column
     sums of TV, TK and of the valid rows of K. chunk_scan_kernel then runs the blocks of
     a chunk in order with two small products a block (see there)."""
-    i_h, i_blk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hg, i_blk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = h0 + i_hg
     NBC: tl.constexpr = C // BT
     i_b64 = i_b.to(tl.int64)
     i_n = i_blk // NBC
@@ -212,7 +213,7 @@ def block_prepare_kernel(
     p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
     tl.store(qt + p_rows, b_qt.to(qt.dtype.element_ty))
     tl.store(qv + p_rows, b_qv.to(qv.dtype.element_ty))
-    i_g = i_bh * N * NBC + i_blk  # index of this (sample, head, block)
+    i_g = (i_b64 * HG + i_hg) * N * NBC + i_blk  # index of this (sample, head, block) in maps, vecs
     p_map = maps + i_g * 2 * D * D + o_d[:, None] * D + o_d[None, :]
     tl.store(p_map, b_ktk.to(maps.dtype.element_ty))
     tl.store(p_map + D * D, b_ktv.to(maps.dtype.element_ty))
@@ -239,7 +240,7 @@ def chunk_scan_kernel(
     qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask,
     w_bil, tau, w_hid, b_hid, w_out, b_out,
     o, kt, stats, gate_out, norm_w,
-    L, N, H, CS, eps,
+    L, N, H, CS, h0, HG, eps,  # heads as in block_prepare_kernel
     s_sb, s_sh, s_sl,  # strides of decays and gates
     s_mb, s_ml,  # strides of mask
     s_ob, s_oh, s_ol,  # strides of o (unit stride on d); of the gate's logits with NORM
@@ -257,7 +258,8 @@ def chunk_scan_kernel(
     and the column sums of U are those of TV minus (column sums of TK) P_U. The rows
     A U and Q - A W overwrite QV and QT. At the end: psi, and for a single chunk its
     output, else what the recurrence reads."""
-    i_h, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hg, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = h0 + i_hg
     NBC: tl.constexpr = C // BT
     i_b64 = i_b.to(tl.int64)
     i_bh = i_b64 * H + i_h
@@ -278,7 +280,7 @@ def chunk_scan_kernel(
         m_t = (r < CS) & (t < L)
         valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
         p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
-        i_g = (i_bh * N + i_n) * NBC + j
+        i_g = ((i_b64 * HG + i_hg) * N + i_n) * NBC + j
         b_qt = tl.load(qt + p_rows).to(tl.float32)
         b_qv = tl.load(qv + p_rows).to(tl.float32)
         b_ktk = tl.load(maps + i_g * 2 * D * D + p_dd).to(tl.float32)
@@ -492,6 +494,7 @@ CONFIG = {
     # chunk: 0.35 against 0.55 ms with two at 64 x 512 tokens (no exchange between warps).
     "num_warps": (1, 1, 4, 4),
     "output_rows": 64,  # rows of a chunk per program of chunk_output_kernel
+    "stage_bytes": 64 << 20,  # most memory for the blocks' d x d products at once (see triton_forward)
 }
 
 
@@ -548,28 +551,35 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     stage = CONFIG["stage_dtype"].get(q.dtype, torch.float32)
     qt = q.new_empty(B, H, N * C, D, dtype=stage)  # QT, then Q - A W
     qv = torch.empty_like(qt)  # QV, then A U
-    maps = q.new_empty(B, H, N * NBC, 2, D, D, dtype=stage)  # K^T TK, K^T TV of each block
-    vecs = q.new_empty(B, H, N * NBC, 3, D, dtype=torch.float32)  # column sums of TV, TK, valid rows of K
-
-    block_prepare_kernel[(H, N * NBC, B)](
-        q, k, v, beta, mask_u8, qt, qv, maps, vecs, taps,
-        L, N, H, chunk_size,
-        q.stride(0), q.stride(1), q.stride(2),
-        beta.stride(0), beta.stride(1), beta.stride(2),
-        mask_u8.stride(0), mask_u8.stride(1),
-        C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, QK_NORM=qk_l2norm,
-        PREC=CONFIG["prepare_precision"].get(q.dtype, "ieee"), CONV=conv, num_warps=warps[0],
-    )
-    chunk_scan_kernel[(H, N, B)](
-        qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
-        *flux_args, o, kt, stats, gate, norm_w,
-        L, N, H, chunk_size, eps,
-        beta.stride(0), beta.stride(1), beta.stride(2),
-        mask_u8.stride(0), mask_u8.stride(1),
-        o.stride(0), o.stride(1), o.stride(2),
-        gate.stride(0), gate.stride(1),
-        C=C, D=D, BT=BT, SINGLE=single, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[1],
-    )
+    # The blocks' d x d products take twice the memory of QT and QV: for a large input
+    # they are made and used a group of heads at a time, in buffers of at most
+    # CONFIG["stage_bytes"] (the peak memory of a layer then stays under MiniLM's).
+    map_bytes = B * N * NBC * 2 * D * D * qt.element_size()
+    HG = triton.cdiv(H, max(1, min(H, triton.cdiv(H * map_bytes, CONFIG["stage_bytes"]))))
+    maps = q.new_empty(B, HG, N * NBC, 2, D, D, dtype=stage)  # K^T TK, K^T TV of each block
+    vecs = q.new_empty(B, HG, N * NBC, 3, D, dtype=torch.float32)  # column sums of TV, TK, valid rows of K
+    for h0 in range(0, H, HG):
+        heads = min(HG, H - h0)
+        block_prepare_kernel[(heads, N * NBC, B)](
+            q, k, v, beta, mask_u8, qt, qv, maps, vecs, taps,
+            L, N, H, chunk_size, h0, HG,
+            q.stride(0), q.stride(1), q.stride(2),
+            beta.stride(0), beta.stride(1), beta.stride(2),
+            mask_u8.stride(0), mask_u8.stride(1),
+            C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, QK_NORM=qk_l2norm,
+            PREC=CONFIG["prepare_precision"].get(q.dtype, "ieee"), CONV=conv, num_warps=warps[0],
+        )
+        chunk_scan_kernel[(heads, N, B)](
+            qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
+            *flux_args, o, kt, stats, gate, norm_w,
+            L, N, H, chunk_size, h0, HG, eps,
+            beta.stride(0), beta.stride(1), beta.stride(2),
+            mask_u8.stride(0), mask_u8.stride(1),
+            o.stride(0), o.stride(1), o.stride(2),
+            gate.stride(0), gate.stride(1),
+            C=C, D=D, BT=BT, SINGLE=single, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[1],
+        )
+    del maps, vecs  # free before the recurrence's buffers are made
     if not single:
         r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
         r_slow = torch.empty_like(r_fast)
