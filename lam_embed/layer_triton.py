@@ -31,7 +31,7 @@ def _from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_s
     D, H = conv_weight.shape[0] // 3, num_heads
     flux_params = flux_parameters(flux)
     if flux_params is None:
-        raise ValueError("delta_rule_from_projection needs a ResonanceFlux")
+        raise ValueError(f"the Triton layer code needs a ResonanceFlux as flux, got {type(flux).__name__}")
     q, k, v = (projected[..., i * D:(i + 1) * D].unflatten(-1, (H, -1)).transpose(1, 2) for i in range(3))
     # beta, the two decays and the two state gates: (B, H, L) views of their logits.
     scalars = [projected[..., 4 * D + i * H:4 * D + (i + 1) * H].transpose(1, 2) for i in range(5)]

@@ -3,10 +3,11 @@
 Same contract as ``chunk_dual_state_delta_rule`` (chunk.py), computed by four kernels.
 For 32,768 tokens of 12 heads x 32 on an H200, the layer's token mixer from its bfloat16
 input projection to its output projection takes 0.27 ms (256 x 128 tokens) to 0.64 ms
-(1 x 32,768) of kernel time (evaluation/results/kernel-variants-h200.json). A chunk's unit lower-triangular system
-is solved by forward substitution over blocks of BT rows, so the C x C matrices of
-chunk.py never exist: with P_U = sum_{j<i} K_j^T U_j and P_W = sum_{j<i} K_j^T W_j over
-the earlier blocks of the chunk,
+(1 x 32,768) of kernel time (evaluation/results/kernel-variants-h200.json).
+
+A chunk's unit lower-triangular system is solved by forward substitution over blocks of
+BT rows, so the C x C matrices of chunk.py never exist: with P_U = sum_{j<i} K_j^T U_j
+and P_W = sum_{j<i} K_j^T W_j over the earlier blocks of the chunk,
 
     U_i = T_i (Vb_i - Kb_i P_U),   W_i = T_i (Kb_i - Kb_i P_W),
 
@@ -168,7 +169,7 @@ def block_prepare_kernel(
     TV = T Vb, TK = T Kb and A = lower_incl(Q K^T) of the block, it stores the rows
     QT = Q - A TK and QV = A TV, the d x d products K^T TK and K^T TV, and the column
     sums of TV, TK and of the valid rows of K. chunk_scan_kernel then runs the blocks of
-    a chunk in order with two small products a block (see there)."""
+    a chunk in order with two small products a block, four with the W side (see there)."""
     i_hg, i_blk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = h0 + i_hg
     NBC: tl.constexpr = C // BT
@@ -491,7 +492,8 @@ CONFIG = {
     # the input's dtype for 16-bit inputs (half the traffic), float32 for float32 inputs.
     "stage_dtype": {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16},
     # block_prepare, chunk_scan, state_recurrence, chunk_output. One warp per block and per
-    # chunk: 0.35 against 0.55 ms with two at 64 x 512 tokens (no exchange between warps).
+    # chunk: 0.39 against 0.55 ms with two at 64 x 512 tokens with tf32 products (no
+    # exchange between warps).
     "num_warps": (1, 1, 4, 4),
     "output_rows": 64,  # rows of a chunk per program of chunk_output_kernel
     "stage_bytes": 64 << 20,  # most memory for the blocks' d x d products at once (see triton_forward)
