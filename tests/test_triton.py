@@ -288,9 +288,11 @@ _INTERPRETER_CHECK = textwrap.dedent("""
     T.CONFIG["prepare_precision"] = dict.fromkeys(T.CONFIG["prepare_precision"], "ieee")
     T.CONFIG["stage_dtype"] = dict.fromkeys(T.CONFIG["stage_dtype"], torch.float32)
     flux = make_flux(heads=2)
-    # The second case with the blocks' d x d products made one head at a time (as for a large input).
-    for lengths, chunk_size, stage_bytes in (([100, 37], 100, 1 << 26), ([300, 129, 10], 128, 1)):
-        T.CONFIG["stage_bytes"] = stage_bytes
+    # The second case with the blocks' d x d products made one head at a time (as for a
+    # large input), the third with blocks of two 16-row parts (CONFIG["sub_blocks"]).
+    cases = (([100, 37], 100, 1 << 26, 1), ([300, 129, 10], 128, 1, 1), ([300, 129, 10], 128, 1 << 26, 2))
+    for lengths, chunk_size, stage_bytes, sub_blocks in cases:
+        T.CONFIG["stage_bytes"], T.CONFIG["sub_blocks"] = stage_bytes, sub_blocks
         tensors, mask = make_inputs(lengths, heads=2)
         with torch.no_grad():
             ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
@@ -436,6 +438,8 @@ def bench(sweep: bool = False, compiled: bool = False):
                 ("prepare tf32", {"prepare_precision": bf16_tf32}),
                 ("stage fp32", {"stage_dtype": dict.fromkeys(default["stage_dtype"], torch.float32)}),
                 ("bt32", {"block_t": 32}),
+                ("2 parts a block", {"sub_blocks": 2}),
+                ("4 parts a block", {"sub_blocks": 4}),
                 ("recur. tf32x3", {"state_precision": "tf32x3"}),
                 ("recur. 2w", {"num_warps": (w1, w2, 2, w4)}),
                 ("recur. 8w", {"num_warps": (w1, w2, 8, w4)}),

@@ -159,27 +159,31 @@ def block_prepare_kernel(
     s_xb, s_xh, s_xl,  # strides of q, k, v (unit stride on d)
     s_sb, s_sh, s_sl,  # strides of beta
     s_mb, s_ml,  # strides of mask
-    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    C: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, SUB: tl.constexpr,
     QK_NORM: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
 ):
     """The part of the chunk computation that needs no earlier block: one program per
-    block of BT rows (per head, block, sample), all of them in parallel.
+    block of SUB x BT rows (per head, block, sample), all of them in parallel.
 
-    With T = (I + strictly_lower(Kb K^T))^-1 of the block (exact, unit_lower_inverse),
-    TV = T Vb, TK = T Kb and A = lower_incl(Q K^T) of the block, it stores the rows
-    QT = Q - A TK and QV = A TV, the d x d products K^T TK and K^T TV, and the column
-    sums of TV, TK and of the valid rows of K. chunk_scan_kernel then runs the blocks of
-    a chunk in order with two small products a block, four with the W side (see there)."""
+    For each BT rows, with T = (I + strictly_lower(Kb K^T))^-1 (exact, unit_lower_inverse),
+    TV = T Vb, TK = T Kb and A = lower_incl(Q K^T) of those rows, it forms the rows
+    QT = Q - A TK and QV = A TV, the d x d products K^T TK and K^T TV, and the column sums
+    of TV, TK and of the valid rows of K. With SUB > 1 it folds the earlier BT-row parts
+    of its block into the later ones (below), so that chunk_scan_kernel sees one block of
+    SUB x BT rows: half the d x d products to store and half the steps in order for SUB = 2.
+
+    Folding: the BT-row parts update P (P_U or P_W) as P <- (I - K^T TK) P + K^T TV (P_W:
+    + K^T TK), so with the parts before it composed into (I - Ka) P + Va, a part's rows
+    become QT (I - Ka) and QV + QT Va relative to P at the block's start, its column sums
+    of TV and TK become those minus (column sums of TK) Va and Ka, and the composition
+    takes Ka <- Ka + K^T TK - K^T TK Ka, Va <- Va + K^T TV - K^T TK Va."""
     i_hg, i_blk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = h0 + i_hg
-    NBC: tl.constexpr = C // BT
+    NBC: tl.constexpr = C // (SUB * BT)
     i_b64 = i_b.to(tl.int64)
     i_n = i_blk // NBC
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
-    r = (i_blk % NBC) * BT + o_t  # rows inside the (padded) chunk
-    t = i_n * CS + r
-    m_t = (r < CS) & (t < L)
     if CONV > 0:
         taps_q = _load_taps(taps + i_h * D * CONV, D, CONV)
         taps_k = _load_taps(taps + (H + i_h) * D * CONV, D, CONV)
@@ -188,40 +192,64 @@ def block_prepare_kernel(
         taps_q = 0
         taps_k = 0
         taps_v = 0
-    p_mask = mask + i_b64 * s_mb + t * s_ml
-    valid = tl.load(p_mask, mask=m_t, other=0) != 0
-    p_row = i_b64 * s_xb + i_h * s_xh + t * s_xl
-    b_q = _load_rows(q, taps_q, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
-    b_k = _load_rows(k, taps_k, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
-    b_v = _load_rows(v, taps_v, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
-    if QK_NORM:
-        b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)[:, None]
-        b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)[:, None]
-    b_beta = tl.where(valid, _load_scalars(beta, i_b64 * s_sb + i_h * s_sh + t * s_sl, m_t, CONV), 0.0)
-    b_kb = b_k * b_beta[:, None]
-
-    b_a = tl.where(o_t[:, None] > o_t[None, :], _mm(b_kb, tl.trans(b_k), PREC), 0.0)
-    b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
-    b_tv = _mm(b_t, b_v * b_beta[:, None], PREC)
-    b_tk = _mm(b_t, b_kb, PREC)
-    b_qk = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_q, tl.trans(b_k), PREC), 0.0)
-    b_qt = b_q - _mm(b_qk, b_tk, PREC)
-    b_qv = _mm(b_qk, b_tv, PREC)
-    b_ktk = _mm(tl.trans(b_k), b_tk, PREC)
-    b_ktv = _mm(tl.trans(b_k), b_tv, PREC)
-
     i_bh = i_b64 * H + i_h
-    p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
-    tl.store(qt + p_rows, b_qt.to(qt.dtype.element_ty))
-    tl.store(qv + p_rows, b_qv.to(qv.dtype.element_ty))
+    b_ka = tl.zeros([D, D], dtype=tl.float32)  # the parts so far, composed (see above)
+    b_va = tl.zeros([D, D], dtype=tl.float32)
+    b_sum_tv = tl.zeros([D], dtype=tl.float32)
+    b_sum_tk = tl.zeros([D], dtype=tl.float32)
+    b_sum_k = tl.zeros([D], dtype=tl.float32)
+    for s in tl.static_range(SUB):
+        r = ((i_blk % NBC) * SUB + s) * BT + o_t  # rows inside the (padded) chunk
+        t = i_n * CS + r
+        m_t = (r < CS) & (t < L)
+        p_mask = mask + i_b64 * s_mb + t * s_ml
+        valid = tl.load(p_mask, mask=m_t, other=0) != 0
+        p_row = i_b64 * s_xb + i_h * s_xh + t * s_xl
+        b_q = _load_rows(q, taps_q, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+        b_k = _load_rows(k, taps_k, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+        b_v = _load_rows(v, taps_v, p_row, p_mask, t, m_t, s_xl, s_ml, D, CONV)
+        if QK_NORM:
+            b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, 1)), QK_EPS)[:, None]
+            b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, 1)), QK_EPS)[:, None]
+        b_beta = tl.where(valid, _load_scalars(beta, i_b64 * s_sb + i_h * s_sh + t * s_sl, m_t, CONV), 0.0)
+        b_kb = b_k * b_beta[:, None]
+
+        b_a = tl.where(o_t[:, None] > o_t[None, :], _mm(b_kb, tl.trans(b_k), PREC), 0.0)
+        b_t = unit_lower_inverse(b_a, BT, LOG2_BT, PREC)
+        b_tv = _mm(b_t, b_v * b_beta[:, None], PREC)
+        b_tk = _mm(b_t, b_kb, PREC)
+        b_qk = tl.where(o_t[:, None] >= o_t[None, :], _mm(b_q, tl.trans(b_k), PREC), 0.0)
+        b_qt = b_q - _mm(b_qk, b_tk, PREC)
+        b_qv = _mm(b_qk, b_tv, PREC)
+        b_ktk = _mm(tl.trans(b_k), b_tk, PREC)
+        b_ktv = _mm(tl.trans(b_k), b_tv, PREC)
+        b_ctv = tl.sum(b_tv, 0)
+        b_ctk = tl.sum(b_tk, 0)
+        if s > 0:  # fold the earlier parts in
+            b_qv = b_qv + _mm(b_qt, b_va, PREC)
+            b_qt = b_qt - _mm(b_qt, b_ka, PREC)
+            b_ctv = b_ctv - tl.sum(b_ctk[:, None] * b_va, 0)
+            b_ctk = b_ctk - tl.sum(b_ctk[:, None] * b_ka, 0)
+            b_va = b_va + b_ktv - _mm(b_ktk, b_va, PREC)
+            b_ka = b_ka + b_ktk - _mm(b_ktk, b_ka, PREC)
+        else:
+            b_va = b_ktv
+            b_ka = b_ktk
+        b_sum_tv += b_ctv
+        b_sum_tk += b_ctk
+        b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
+        p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
+        tl.store(qt + p_rows, b_qt.to(qt.dtype.element_ty))
+        tl.store(qv + p_rows, b_qv.to(qv.dtype.element_ty))
+
     i_g = (i_b64 * HG + i_hg) * N * NBC + i_blk  # index of this (sample, head, block) in maps, vecs
     p_map = maps + i_g * 2 * D * D + o_d[:, None] * D + o_d[None, :]
-    tl.store(p_map, b_ktk.to(maps.dtype.element_ty))
-    tl.store(p_map + D * D, b_ktv.to(maps.dtype.element_ty))
+    tl.store(p_map, b_ka.to(maps.dtype.element_ty))
+    tl.store(p_map + D * D, b_va.to(maps.dtype.element_ty))
     p_vec = vecs + i_g * 3 * D + o_d
-    tl.store(p_vec, tl.sum(b_tv, 0))
-    tl.store(p_vec + D, tl.sum(b_tk, 0))
-    tl.store(p_vec + 2 * D, tl.sum(tl.where(valid[:, None], b_k, 0.0), 0))
+    tl.store(p_vec, b_sum_tv)
+    tl.store(p_vec + D, b_sum_tk)
+    tl.store(p_vec + 2 * D, b_sum_k)
 
 
 @triton.jit
@@ -479,7 +507,10 @@ def _common_layout(tensors, unit_last: bool):
 # (tests/test_triton.py --bench --sweep). The values are the fastest measured on an H200
 # (evaluation/results/kernel-variants-h200.json, kernel time of a layer's token mixer).
 CONFIG = {
-    "block_t": 16,  # rows of a block (16 is the smallest tl.dot size; 32 and 64 were slower)
+    "block_t": 16,  # rows of a triangular inverse (16 is the smallest tl.dot size; 32 and 64 were slower)
+    # BT-row parts a block_prepare_kernel program folds into one block for chunk_scan_kernel
+    # (not yet measured beyond 1: 2 halves the memory of the d x d products and the steps in order).
+    "sub_blocks": 1,
     # Products of block_prepare_kernel: for bfloat16/float16 inputs on bfloat16 operands
     # (0.14 against 0.18 ms at 64 x 512 tokens, errors still ~1% of the output scale,
     # under the 2% of the tests); "tf32x3" for float32 inputs (float32 accuracy, 1e-6
@@ -514,11 +545,12 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
     single = N == 1
-    BT = CONFIG["block_t"]
+    BT, SUB = CONFIG["block_t"], CONFIG["sub_blocks"]
+    BS = BT * SUB  # rows of a block of chunk_scan_kernel
     # The kernels' chunk: chunk_size rows padded to a power of two (rows past chunk_size
     # are padding); a single short chunk is cut to the input length.
-    C = max(BT, triton.next_power_of_2(min(chunk_size, L)))
-    NBC = C // BT
+    C = max(BS, triton.next_power_of_2(min(chunk_size, L)))
+    NBC = C // BS
     prec = CONFIG["precision"].get(q.dtype, "ieee")
     warps = CONFIG["num_warps"]
     q, k, v = _common_layout([q, k, v], unit_last=True)
@@ -568,7 +600,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
             q.stride(0), q.stride(1), q.stride(2),
             beta.stride(0), beta.stride(1), beta.stride(2),
             mask_u8.stride(0), mask_u8.stride(1),
-            C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, QK_NORM=qk_l2norm,
+            C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SUB=SUB, QK_NORM=qk_l2norm,
             PREC=CONFIG["prepare_precision"].get(q.dtype, "ieee"), CONV=conv, num_warps=warps[0],
         )
         chunk_scan_kernel[(heads, N, B)](
@@ -579,7 +611,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
             mask_u8.stride(0), mask_u8.stride(1),
             o.stride(0), o.stride(1), o.stride(2),
             gate.stride(0), gate.stride(1),
-            C=C, D=D, BT=BT, SINGLE=single, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[1],
+            C=C, D=D, BT=BS, SINGLE=single, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[1],
         )
     del maps, vecs  # free before the recurrence's buffers are made
     if not single:
