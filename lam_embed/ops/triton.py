@@ -192,7 +192,7 @@ def block_prepare_kernel(
         taps_q = 0
         taps_k = 0
         taps_v = 0
-    i_bh = i_b64 * H + i_h
+    i_c = (i_b64 * H + i_h) * N + i_n  # this (sample, head, chunk): its rows start at i_c * C in qt, qv
     b_ka = tl.zeros([D, D], dtype=tl.float32)  # the parts so far, composed (see above)
     b_va = tl.zeros([D, D], dtype=tl.float32)
     b_sum_tv = tl.zeros([D], dtype=tl.float32)
@@ -238,7 +238,7 @@ def block_prepare_kernel(
         b_sum_tv += b_ctv
         b_sum_tk += b_ctk
         b_sum_k += tl.sum(tl.where(valid[:, None], b_k, 0.0), 0)
-        p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
+        p_rows = (i_c * C + r)[:, None] * D + o_d[None, :]
         tl.store(qt + p_rows, b_qt.to(qt.dtype.element_ty))
         tl.store(qv + p_rows, b_qv.to(qv.dtype.element_ty))
 
@@ -291,7 +291,7 @@ def chunk_scan_kernel(
     i_h = h0 + i_hg
     NBC: tl.constexpr = C // BT
     i_b64 = i_b.to(tl.int64)
-    i_bh = i_b64 * H + i_h
+    i_c = (i_b64 * H + i_h) * N + i_n  # this (sample, head, chunk): its rows start at i_c * C in qt, qv
     s_off = i_b64 * s_sb + i_h * s_sh
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
@@ -308,7 +308,7 @@ def chunk_scan_kernel(
         t = i_n * CS + r
         m_t = (r < CS) & (t < L)
         valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
-        p_rows = (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]
+        p_rows = (i_c * C + r)[:, None] * D + o_d[None, :]
         i_g = ((i_b64 * HG + i_hg) * N + i_n) * NBC + j
         b_qt = tl.load(qt + p_rows).to(tl.float32)
         b_qv = tl.load(qv + p_rows).to(tl.float32)
@@ -343,14 +343,13 @@ def chunk_scan_kernel(
             p_s = s_off + t * s_sl
             b_gf = _load_scalars(gate_fast, p_s, m_t, CONV)
             b_gs = _load_scalars(gate_slow, p_s, m_t, CONV)
-            b_au = tl.load(qv + (i_bh * N * C + i_n * C + r)[:, None] * D + o_d[None, :]).to(tl.float32)
+            b_au = tl.load(qv + (i_c * C + r)[:, None] * D + o_d[None, :]).to(tl.float32)
             b_o = (alpha * b_gf + (1 - alpha) * b_gs)[:, None] * b_au
             p_o = i_b64 * s_ob + i_h * s_oh + t[:, None] * s_ol + o_d[None, :]
             p_g = i_b64 * s_gb + t[:, None] * s_gl + i_h * D + o_d[None, :]
             _store_output(o, b_o, p_o, m_t, gate_out, p_g, norm_w, eps, D, NORM)
     else:
         count = tl.maximum(n_valid, 1.0)
-        i_c = i_bh * N + i_n
         p_kt = kt + i_c * D * 2 * D + o_d[:, None] * (2 * D) + o_d[None, :]  # [K^T U | K^T W]
         tl.store(p_kt, b_pu)
         tl.store(p_kt + D, b_pw)
