@@ -1,26 +1,22 @@
 """CUDA graphs of the LAM forward pass, for inference on CUDA.
 
 A LAM forward launches about 100 kernels, and the Python and launch work on the CPU
-takes about as long as the kernels of a batch of short sentences, longer on a machine
-with a slow host (README, "Speed"). A CUDA graph replays the captured launches in one call. Each
-graph serves one input shape, so lengths are rounded up to a multiple of
-``LENGTH_STEP``: LAM's output at a valid token does not depend on padding after it
-(the layer is causal, and every mean is over valid tokens), so an input padded to its
-bucket gives the same values at its own positions.
-
-Graphs serve inputs of at most one chunk (``config.chunk_size`` positions), the
-sentence lengths where launch work dominates. On longer inputs the GPU work of a
-forward outlasts its launches, and replays measured slower than eager forwards on an
-H200 (7.25 against 6.55 ms at 64 x 512 tokens, commit ea6d5da): a replay starts only
-once the host has done its own work, where eager kernels start at once.
+takes longer than the kernels of many input shapes: on an H200 the GPU was busy for
+only 55% of an eager forward of 64 x 512 tokens and 44% of one of 4 x 8,192 tokens
+(README, "Speed"). A CUDA graph replays the captured launches in one call. Each graph
+serves one input shape, so lengths are rounded up (``bucket_length``): LAM's output at
+a valid token does not depend on padding after it (the layer is causal, every mean is
+over valid tokens, and a chunk without valid tokens leaves the states as they were),
+so an input padded to its bucket gives the same values at its own positions.
 
 A shape is captured the second time it is seen (a capture costs about two forwards);
 a shape seen once costs nothing. The graph also computes the summary of the input
 values that ``LAMModel.check_values`` reads, so a bad input raises as in the eager
 forward. Graphs are dropped when any parameter changes (an optimizer step, an
 in-place update, a replaced or moved tensor), and the oldest when more than
-``MAX_GRAPHS`` are kept. All graphs of a model share one memory pool: they replay one
-at a time on one stream, and each output is copied out before the next replay.
+``MAX_GRAPHS`` are kept or their static buffers hold more than ``MAX_GRAPH_TOKENS``
+tokens. All graphs of a model share one memory pool: they replay one at a time on one
+stream, and each output is copied out before the next replay.
 """
 
 from __future__ import annotations
@@ -34,12 +30,24 @@ logger = logging.getLogger(__name__)
 
 LENGTH_STEP = 16
 MAX_GRAPHS = 32
+# Each kept graph holds its input and output buffers (an output of 32,768 tokens is 25 MB
+# in bfloat16): past this many tokens in all, the oldest graphs go.
+MAX_GRAPH_TOKENS = 1 << 18
+MAX_SEEN = 4096  # shapes remembered as seen once; past it, the memory starts again
 
 
 def bucket_length(length: int, chunk_size: int) -> int:
-    """The padded length whose graph serves inputs of ``length`` <= ``chunk_size`` positions:
-    a multiple of LENGTH_STEP, or ``chunk_size`` (padding past it would add a chunk)."""
-    return min(-(-length // LENGTH_STEP) * LENGTH_STEP, chunk_size)
+    """The padded length whose graph serves inputs of ``length`` positions.
+
+    Up to ``chunk_size``: a multiple of LENGTH_STEP, never past ``chunk_size`` (an input of
+    at most one chunk is one chunk of its own length; padding past it would add a chunk).
+    Longer: a multiple of LENGTH_STEP or of 1/16 of the power of two at or above the
+    length, whichever is larger, so a bucket pads by at most about 12% and an octave of
+    lengths has at most 16 buckets (many inputs of similar lengths share a graph)."""
+    if length <= chunk_size:
+        return min(-(-length // LENGTH_STEP) * LENGTH_STEP, chunk_size)
+    step = max(LENGTH_STEP, (1 << (length - 1).bit_length()) // 16)
+    return -(-length // step) * step
 
 
 class GraphedForward:
@@ -86,6 +94,10 @@ class ForwardGraphs:
         self.seen.clear()
         self.pool = None
 
+    def tokens(self) -> int:
+        """Tokens in the buffers of the kept graphs (batch x padded length, summed)."""
+        return sum(key[0] * key[1] for key in self.graphs)
+
     def _parameters_changed(self, model: torch.nn.Module, changes: tuple) -> bool:
         """Whether a parameter moved or changed since the last call. ``changes`` counts the
         events that a version counter does not show: optimizer steps (fused optimizers
@@ -112,6 +124,8 @@ class ForwardGraphs:
         graphed = self.graphs.get(key)
         if graphed is None:
             if key not in self.seen:
+                if len(self.seen) >= MAX_SEEN:
+                    self.seen.clear()
                 self.seen.add(key)
                 return None
             if self.pool is None:
@@ -119,7 +133,7 @@ class ForwardGraphs:
             logger.debug("capturing a CUDA graph of the LAM forward for batch %d, length %d", batch, key[1])
             graphed = GraphedForward(forward, batch, key[1], input_ids.device, self.pool)
             self.graphs[key] = graphed
-            if len(self.graphs) > MAX_GRAPHS:
+            while len(self.graphs) > 1 and (len(self.graphs) > MAX_GRAPHS or self.tokens() > MAX_GRAPH_TOKENS):
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
         return graphed(input_ids, attention_mask, token_type_ids)

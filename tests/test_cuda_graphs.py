@@ -12,6 +12,12 @@ def test_bucket_length():
     assert [bucket_length(n, 128) for n in (1, LENGTH_STEP, LENGTH_STEP + 1)] == [LENGTH_STEP, LENGTH_STEP, 2 * LENGTH_STEP]
     # Never past the chunk: padding there would add a second chunk.
     assert bucket_length(99, 100) == 100 and bucket_length(100, 100) == 100
+    # Past the chunk: steps of 1/16 of the power of two at or above the length.
+    assert [bucket_length(n, 128) for n in (129, 256, 257, 1000, 8192, 8193)] == [144, 256, 288, 1024, 8192, 9216]
+    for n in range(129, 20000):
+        b = bucket_length(n, 128)
+        assert n <= b <= 1.125 * n + LENGTH_STEP and b % LENGTH_STEP == 0
+        assert bucket_length(b, 128) == b  # a bucket is its own bucket: every length in it shares one graph
 
 
 def test_config_rejects_a_cuda_graphs_value_that_is_not_a_bool():
@@ -93,6 +99,18 @@ def test_at_most_max_graphs_are_kept_the_oldest_go_first(fake_graphs):
         call(batch, 8), call(batch, 8)
     assert len(graphs.graphs) == MAX_GRAPHS
     assert min(key[0] for key in graphs.graphs) == 2  # batch 1 was the oldest
+
+
+def test_kept_graphs_hold_at_most_max_graph_tokens(fake_graphs, monkeypatch):
+    from lam_embed import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPH_TOKENS", 1000)
+    graphs, _, call = fake_graphs
+    for batch in (2, 3, 4):
+        call(batch, 200), call(batch, 200)  # 400, 600 and 800 tokens (bucket 208: 416, 624, 832)
+    assert [key[0] for key in graphs.graphs] == [4]
+    call(1, 2000), call(1, 2000)  # a graph above the limit on its own is still kept
+    assert [key[:2] for key in graphs.graphs] == [(1, 2048)]
 
 
 def test_inference_mode_and_autocast_have_graphs_of_their_own(fake_graphs):
@@ -178,6 +196,18 @@ def test_one_graph_serves_every_length_of_its_bucket(gpu_model):
 
 
 @pytest.mark.gpu
+def test_graph_of_a_multi_chunk_input_equals_eager_forward(gpu_model):
+    """Inputs longer than a chunk replay graphs too (their bucket pads the last chunk)."""
+    length = 300  # bucket 320: three chunks, the last one partly padding
+    assert bucket_length(length, 128) == 320
+    with torch.inference_mode():
+        ids, mask = inputs([length, 129, 40], length, seed=3)
+        out = graphed(gpu_model, ids, mask)
+        assert len(gpu_model._graphs.graphs) == 1 and out.shape[1] == length
+        assert close(out, eager(gpu_model, ids, mask), mask)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_graphs_follow_weight_changes(gpu_model, dtype):
     """An optimizer step, an in-place update, a replaced parameter and a conversion each
@@ -223,15 +253,12 @@ def test_bad_inputs_raise_through_a_graph(gpu_model):
 
 
 @pytest.mark.gpu
-def test_hidden_states_long_inputs_and_training_run_eagerly(gpu_model):
+def test_hidden_states_and_training_run_eagerly(gpu_model):
     ids, mask = inputs([25], 25)
     with torch.no_grad():
         for _ in range(2):
             out = gpu_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
-        long_ids, long_mask = inputs([gpu_model.config.chunk_size + 1], gpu_model.config.chunk_size + 1)
-        for _ in range(2):
-            gpu_model(input_ids=long_ids, attention_mask=long_mask)
         assert not gpu_model._graphs.graphs
     loss = gpu_model(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean()
     loss.backward()  # gradients wanted: the eager path

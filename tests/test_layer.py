@@ -294,6 +294,34 @@ def test_fused_layer_code_follows_delta_impl():
     assert fused_layer_code(x.cpu(), net, net.q_proj.weight) is None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_feed_forward_on_gpu_matches_float32_erf_gelu(dtype, monkeypatch):
+    """The FFN at 16-bit CUDA inference is one cuBLASLt product with a GELU epilogue (tanh
+    form, see modeling_lam.GELU_EPILOGUE): within bfloat16 rounding of the float32 product
+    with erf GELU. float32 inputs keep the erf GELU and agree to float32 rounding."""
+    from lam_embed import modeling_lam
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    config = LAMConfig(hidden_size=128, num_attention_heads=4, intermediate_size=512, delta_impl="triton")
+    layer = modeling_lam.LAMLayer(config).cuda().eval()
+    h = torch.randn(3, 70, 128, device="cuda")
+    with torch.no_grad():
+        ref = layer.ffn_out(F.gelu(layer.ffn_in(h)))  # float32, erf GELU
+        layer.to(dtype)
+        calls = []
+        real = torch._addmm_activation
+        monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out = layer.feed_forward(h.to(dtype))
+    assert bool(calls) == (dtype != torch.float32)  # the epilogue path is taken for 16-bit inputs only
+    assert out.shape == ref.shape and out.dtype == dtype
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out.float() - ref).abs().max() <= bound * ref.abs().max(), (out.float() - ref).abs().max()
+
+
 def test_numba_layer_matches_reference():
     """CPU inference runs the numba kernel (layer_numba.py); its outputs on valid tokens
     equal the plain form's: one chunk and several, padding inside a chunk and at the end,
