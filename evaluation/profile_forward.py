@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from lam_embed import modeling_lam
+
 from .benchmark import (
     DTYPES,
     Clock,
@@ -108,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32768, help="tokens per batch: batch = tokens // length")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations of both models")
     p.add_argument("--impl", default="auto", help="LAM delta_impl")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="LAM's config.cuda_graphs: replay a CUDA graph per input shape (off: launch each kernel from Python)")
+    p.add_argument("--gelu-epilogue", choices=("on", "off"), default="on",
+                   help="lam_embed.modeling_lam.GELU_EPILOGUE: the FFN's bias and GELU in the matrix product's "
+                   "epilogue for 16-bit inputs (off: a separate GELU kernel, erf form)")
     p.add_argument("--iters", type=int, default=10, help="calls timed, and calls profiled, per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (they hold torch.compile's compilation)")
     p.add_argument("--model", default=None, help="a LAM SentenceTransformer folder (default: LAM built from the teacher; same speed)")
@@ -127,9 +134,12 @@ def main(argv=None) -> dict:
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     _, lam = load_lam(args)
     lam.config.delta_impl = args.impl
+    lam.config.cuda_graphs = args.cuda_graphs == "on"
+    modeling_lam.GELU_EPILOGUE = args.gelu_epilogue == "on"
     lam.to(device=device, dtype=dtype)
     bert = load_minilm_bert(args)
-    result = {"dtype": args.dtype, "impl": args.impl, "device": torch.cuda.get_device_name(), "lengths": {}}
+    result = {"dtype": args.dtype, "impl": args.impl, "cuda_graphs": args.cuda_graphs,
+              "gelu_epilogue": args.gelu_epilogue, "device": torch.cuda.get_device_name(), "lengths": {}}
     result["host_floor_ms"] = host_floor(lam, minilm_for_length(bert, 16).to(device=device, dtype=dtype), device,
                                          args.iters)
     logger.info("host floor (wall of a forward of one 16-token input), ms: %s", result["host_floor_ms"])
