@@ -4,7 +4,9 @@ torch.compile's fused kernels, attention, other elementwise work).
 
 It also compares the wall time of a forward with the time the GPU spends in kernels:
 a forward whose kernels fill only part of its wall time is limited by the Python and
-launch work on the CPU, not by the GPU.
+launch work on the CPU, not by the GPU. The longest stretches with no kernel running,
+named by the kernels around them, show where (for a CUDA graph replay: which launches
+leave the GPU waiting).
 """
 
 from __future__ import annotations
@@ -52,6 +54,27 @@ def kind_of(name: str) -> str:
     return "other elementwise"
 
 
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 10) -> tuple[float, list]:
+    """GPU idle time between kernels: ``kernels`` holds (start, end, name) of every kernel
+    (any order, overlapping allowed). Returns the idle time in all (the time no kernel ran
+    between the first start and the last end) and the ``top`` longest idle stretches as
+    (length, kernel before, kernel after), longest first. Inside a CUDA graph replay the
+    stretches show which launches leave the GPU waiting."""
+    gaps, total = [], 0.0
+    ordered = sorted(kernels)
+    if not ordered:
+        return 0.0, []
+    busy_until, last = ordered[0][1], ordered[0][2]
+    for start, end, name in ordered[1:]:
+        if start > busy_until:
+            total += start - busy_until
+            gaps.append((start - busy_until, last, name))
+        if end >= busy_until:
+            busy_until, last = end, name
+    gaps.sort(key=lambda gap: -gap[0])
+    return total, gaps[:top]
+
+
 def profile_call(fn, device: torch.device, iters: int) -> dict:
     """Wall time of ``fn`` (median of ``iters`` synchronised calls) and, from one profiled
     run of ``iters`` calls, the GPU kernel time per call by kernel and by kind."""
@@ -63,9 +86,14 @@ def profile_call(fn, device: torch.device, iters: int) -> dict:
             fn()
         _sync(device)
     per_kernel = defaultdict(float)
+    spans = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[event.name] += event.time_range.elapsed_us() / 1000 / iters  # ms a call
+            spans.append((event.time_range.start, event.time_range.end, event.name[:60]))
+    # Over all iters calls: the stretches between calls (host work, synchronisation) are
+    # among them, the longest usually.
+    idle_us, longest = idle_gaps(spans)
     by_kind = defaultdict(float)
     for name, ms in per_kernel.items():
         by_kind[kind_of(name)] += ms
@@ -78,6 +106,10 @@ def profile_call(fn, device: torch.device, iters: int) -> dict:
         "gpu_busy_fraction": round(gpu_ms / wall_ms, 3) if wall_ms else None,
         "by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda item: -item[1])},
         "top_kernels_ms": [[name[:120], round(ms, 4)] for name, ms in top[:25]],
+        # Idle time from the first kernel of the profiled calls to the last, per call (the
+        # stretches between calls included).
+        "gpu_idle_ms": round(idle_us / 1000 / iters, 3),
+        "longest_idle_us": [[round(gap, 1), before, after] for gap, before, after in longest],
     }
 
 
@@ -172,9 +204,12 @@ def main(argv=None) -> dict:
         for name in ("lam", "minilm"):
             e = entry[name]
             print(f"  {name}: wall {e['wall_ms']:.2f} ms, GPU kernels {e['gpu_kernel_ms']:.2f} ms "
-                  f"(busy {e['gpu_busy_fraction']:.0%})")
+                  f"(busy {e['gpu_busy_fraction']:.0%}), GPU idle between kernels {e['gpu_idle_ms']:.2f} ms a call")
             for kind, ms in e["by_kind_ms"].items():
                 print(f"    {kind:<22} {ms:8.3f} ms")
             for kernel, ms in e["top_kernels_ms"][:12]:
                 print(f"      {ms:8.3f}  {kernel}")
+            print("    longest idle stretches (us, kernel before -> after):")
+            for gap, before, after in e["longest_idle_us"][:5]:
+                print(f"      {gap:8.1f}  {before[:50]} -> {after[:50]}")
     return result

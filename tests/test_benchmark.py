@@ -193,3 +193,15 @@ def test_minilm_position_table_is_tiled():
     assert torch.equal(table[:4], original) and torch.equal(table[4:8], original) and torch.equal(table[8:], original[:2])
     ids = torch.randint(0, 50, (2, 10))
     assert tiled(input_ids=ids).last_hidden_state.shape == (2, 10, 8)
+
+
+def test_idle_gaps_between_kernels():
+    from evaluation.profile_forward import idle_gaps
+
+    # b overlaps a, d runs inside c: the idle stretches are a/b -> c and c -> e only.
+    kernels = [(10.0, 20.0, "c"), (0.0, 5.0, "a"), (4.0, 7.0, "b"), (12.0, 15.0, "d"), (30.0, 31.0, "e")]
+    total, gaps = idle_gaps(kernels)
+    assert total == 13.0
+    assert gaps == [(10.0, "c", "e"), (3.0, "b", "c")]
+    assert idle_gaps(kernels, top=1)[1] == [(10.0, "c", "e")]
+    assert idle_gaps([]) == (0.0, [])
