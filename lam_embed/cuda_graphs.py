@@ -15,7 +15,7 @@ values that ``LAMModel.check_values`` reads, so a bad input raises as in the eag
 forward. Graphs are dropped when any parameter changes (an optimizer step, an
 in-place update, a replaced or moved tensor), and the oldest when more than
 ``MAX_GRAPHS`` are kept or their static buffers hold more than ``MAX_GRAPH_TOKENS``
-tokens. All graphs of a model share one memory pool: they replay one at a time on one
+tokens; a shape of more tokens than that runs eagerly. All graphs of a model share one memory pool: they replay one at a time on one
 stream, and each output is copied out before the next replay.
 """
 
@@ -31,7 +31,10 @@ logger = logging.getLogger(__name__)
 LENGTH_STEP = 16
 MAX_GRAPHS = 32
 # Each kept graph holds its input and output buffers (an output of 32,768 tokens is 25 MB
-# in bfloat16): past this many tokens in all, the oldest graphs go.
+# in bfloat16): past this many tokens in all, the oldest graphs go. A larger shape runs
+# eagerly: its kernels outlast the launch work by far (35 to 50 ms of GPU work against
+# a few ms of host work on an H200), and a capture, which follows an eager run, would
+# hold a second copy of its working memory in the graphs' pool.
 MAX_GRAPH_TOKENS = 1 << 18
 MAX_SEEN = 4096  # shapes remembered as seen once; past it, the memory starts again
 
@@ -114,12 +117,15 @@ class ForwardGraphs:
 
     def __call__(self, model, forward, input_ids, attention_mask, token_type_ids, changes: tuple, chunk_size: int):
         """``forward(ids, mask, types)`` -> (last hidden state, value summary) through a graph
-        for this shape; None when the shape is seen for the first time (the caller then
-        runs it eagerly)."""
+        for this shape; None when the shape is seen for the first time or holds more than
+        MAX_GRAPH_TOKENS tokens (the caller then runs it eagerly)."""
         if self._parameters_changed(model, changes):
             self.clear()
         batch, length = input_ids.shape
-        key = (batch, bucket_length(length, chunk_size), input_ids.device, torch.is_inference_mode_enabled(),
+        bucket = bucket_length(length, chunk_size)
+        if batch * bucket > MAX_GRAPH_TOKENS:
+            return None
+        key = (batch, bucket, input_ids.device, torch.is_inference_mode_enabled(),
                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         graphed = self.graphs.get(key)
         if graphed is None:
@@ -133,7 +139,7 @@ class ForwardGraphs:
             logger.debug("capturing a CUDA graph of the LAM forward for batch %d, length %d", batch, key[1])
             graphed = GraphedForward(forward, batch, key[1], input_ids.device, self.pool)
             self.graphs[key] = graphed
-            while len(self.graphs) > 1 and (len(self.graphs) > MAX_GRAPHS or self.tokens() > MAX_GRAPH_TOKENS):
+            while len(self.graphs) > MAX_GRAPHS or self.tokens() > MAX_GRAPH_TOKENS:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
         return graphed(input_ids, attention_mask, token_type_ids)
