@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=_non_negative_int, default=2,
         help="untimed calls before each measurement (the first one of 'compiled' compiles; the second one "
-        "of 'triton' and 'auto' on CUDA captures the CUDA graph of the shape, so fewer than 2 times the "
-        "capture). For 'encode' the first warm-up call is a full pass, the others encode at most 4 batches. "
+        "of 'triton' and 'auto' on CUDA captures the shape's CUDA graph: with fewer than 2, a timed call "
+        "would). For 'encode' the first warm-up call is a full pass, the others encode at most 4 batches. "
         "Default: 2.",
     )
     parser.add_argument(

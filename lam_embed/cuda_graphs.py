@@ -3,7 +3,7 @@
 A LAM forward launches about 100 kernels, and the Python and launch work on the CPU
 takes longer than the kernels of many input shapes: on an H200 the GPU was busy for
 only 55% of an eager forward of 64 x 512 tokens and 44% of one of 4 x 8,192 tokens
-(README, "Speed"). A CUDA graph replays the captured launches in one call. Each graph
+(evaluation/results/profile-forward-h200-211a32b.json). A CUDA graph replays the captured launches in one call. Each graph
 serves one input shape, so lengths are rounded up (``bucket_length``): LAM's output at
 a valid token does not depend on padding after it (the layer is causal, every mean is
 over valid tokens, and a chunk without valid tokens leaves the states as they were),
@@ -15,8 +15,9 @@ values that ``LAMModel.check_values`` reads, so a bad input raises as in the eag
 forward. Graphs are dropped when any parameter changes (an optimizer step, an
 in-place update, a replaced or moved tensor), and the oldest when more than
 ``MAX_GRAPHS`` are kept or their static buffers hold more than ``MAX_GRAPH_TOKENS``
-tokens; a shape of more tokens than that runs eagerly. All graphs of a model share one memory pool: they replay one at a time on one
-stream, and each output is copied out before the next replay.
+tokens; a shape of more tokens than that runs eagerly. All graphs of a model share one
+memory pool: they replay one at a time on one stream, and each output is copied out
+before the next replay.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ FUSE_LAYER_CODE = True
 
 # At inference on CUDA through the Triton layer code with 16-bit weights, the FFN's first
 # product, bias and GELU are one cuBLASLt call with a GELU epilogue (the separate GELU
-# kernel took 0.43 of a 4.8 ms forward of 32,768 tokens on an H200). That epilogue
+# kernel took 0.43 ms of a 4.8 ms forward of 32,768 tokens on an H200). That epilogue
 # computes the tanh form of GELU, which differs from the erf form by at most 4.7e-4, below
 # bfloat16's rounding (3.9e-3 of the value); float32 keeps the erf form. False: never.
 GELU_EPILOGUE = True
