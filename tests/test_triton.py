@@ -441,6 +441,7 @@ def bench(sweep: bool = False, compiled: bool = False):
                 ("2 parts a block", {"sub_blocks": 2}),
                 ("4 parts a block", {"sub_blocks": 4}),
                 ("recur. tf32x3", {"state_precision": "tf32x3"}),
+                ("recur. tf32", {"state_precision": "tf32"}),
                 ("recur. 2w", {"num_warps": (w1, w2, 2, w4)}),
                 ("recur. 8w", {"num_warps": (w1, w2, 8, w4)}),
                 ("output 2w", {"num_warps": (w1, w2, w3, 2)}),
