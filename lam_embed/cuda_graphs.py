@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from operator import attrgetter
 
 import torch
 
@@ -38,6 +39,9 @@ MAX_GRAPHS = 32
 # hold a second copy of its working memory in the graphs' pool.
 MAX_GRAPH_TOKENS = 1 << 18
 MAX_SEEN = 4096  # shapes remembered as seen once; past it, the memory starts again
+
+_data_ptr = torch.Tensor.data_ptr
+_version = attrgetter("_version")
 
 
 def bucket_length(length: int, chunk_size: int) -> int:
@@ -61,6 +65,7 @@ class GraphedForward:
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
         self.mask = torch.zeros_like(self.ids)
         self.types = torch.zeros_like(self.ids)
+        self.types_zero = True  # whether self.types holds zeros only (token_type_ids None needs no copy)
         # An eager run first: the Triton kernels compile for this length's specialisation
         # (a capture cannot compile), and the weights stacked by each layer are built
         # outside the graph's memory pool.
@@ -72,11 +77,23 @@ class GraphedForward:
             self.out, self.summary = forward(self.ids, self.mask, self.types)
 
     def __call__(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay for these inputs (``token_type_ids`` None: all zero). The inputs go into
+        the static buffers in one multi-tensor copy, and the padding after them is zeroed:
+        a longer input of this bucket left its values there."""
         length = input_ids.shape[1]
-        for buffer, values in ((self.ids, input_ids), (self.mask, attention_mask), (self.types, token_type_ids)):
-            buffer[:, :length].copy_(values)
-            if length < buffer.shape[1]:
-                buffer[:, length:] = 0  # padding: a longer input of this bucket left its values there
+        sources, buffers = [input_ids, attention_mask], [self.ids, self.mask]
+        if token_type_ids is not None:
+            sources.append(token_type_ids)
+            buffers.append(self.types)
+            self.types_zero = False
+        elif not self.types_zero:
+            self.types.zero_()
+            self.types_zero = True
+        if length == self.ids.shape[1]:
+            torch._foreach_copy_(buffers, sources)
+        else:
+            torch._foreach_copy_([b[:, :length] for b in buffers], sources)
+            torch._foreach_zero_([b[:, length:] for b in buffers])
         self.graph.replay()
         # The next replay overwrites both outputs: the caller copies the summary out at once.
         return self.out[:, :length].clone(), self.summary
@@ -107,11 +124,14 @@ class ForwardGraphs:
         events that a version counter does not show: optimizer steps (fused optimizers
         update parameters without moving it) and parameters registered anywhere (a
         parameter replaced by another); on a new count the parameter list is read again.
-        Otherwise the parameters' addresses and version counters tell."""
+        Otherwise the parameters' addresses and version counters tell. This runs before
+        every replay, so it loops in C (``map``): as a Python loop over the 185 parameters
+        of the model it took 0.16 ms of host time on the H200's host, 3% of a forward."""
         if changes != self.changes:
             self.changes = changes
             self.parameters = list(model.parameters())
-        fingerprint = changes, tuple((p.data_ptr(), p._version) for p in self.parameters)
+        # Version counters only grow, so their sum moves when any of them moves.
+        fingerprint = changes, tuple(map(_data_ptr, self.parameters)), sum(map(_version, self.parameters))
         changed = fingerprint != self.fingerprint
         self.fingerprint = fingerprint
         return changed

@@ -98,3 +98,47 @@ def residual_layer_norm(x, y, weight, bias, eps: float):
         x, y, weight, bias, out, x.numel() // N, N, eps, BLOCK_R=block_r, BLOCK_N=triton.next_power_of_2(N), num_warps=4,
     )
     return out
+
+
+@triton.jit
+def embedding_layer_norm_kernel(ids, types, word, position, token_type, weight, bias, out, R, L, N, V, P, T, eps,
+                                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = LayerNorm(word[id] + position[t mod P] + token_type[type]) for rows of N values;
+    ids and types are clamped to their tables (see LAMModel._encode)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    m_r = rows < R
+    m_c = cols < N
+    m = m_r[:, None] & m_c[None, :]
+    i_w = tl.minimum(tl.maximum(tl.load(ids + rows, mask=m_r, other=0).to(tl.int64), 0), V - 1)
+    i_t = tl.minimum(tl.maximum(tl.load(types + rows, mask=m_r, other=0).to(tl.int64), 0), T - 1)
+    i_p = (rows % L) % P
+    a = tl.load(word + i_w[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    a += tl.load(position + i_p[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    a += tl.load(token_type + i_t[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(a, 1) / N
+    diff = tl.where(m, a - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / N + eps)
+    w = tl.load(weight + cols, mask=m_c, other=0.0).to(tl.float32)
+    b = tl.load(bias + cols, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(out + rows[:, None] * N + cols[None, :], (diff * rstd[:, None] * w[None, :] + b[None, :]).to(out.dtype.element_ty),
+             mask=m)
+
+
+def embedding_layer_norm(input_ids, token_type_ids, word, position, token_type, weight, bias, eps: float):
+    """BERT's embeddings at inference in one kernel (LAMEmbeddings.forward with ids and types
+    clamped to their tables, positions read cyclically; the sum is not rounded to the
+    tables' dtype before the LayerNorm). Replaces ten kernels: two clamps, the position
+    index, three lookups, two sums and the LayerNorm. No autograd."""
+    B, L = input_ids.shape
+    N = word.shape[1]
+    out = word.new_empty(B, L, N)
+    if not out.numel():
+        return out
+    block_r = 16
+    embedding_layer_norm_kernel[(triton.cdiv(B * L, block_r),)](
+        input_ids.contiguous(), token_type_ids.contiguous(), word.contiguous(), position.contiguous(),
+        token_type.contiguous(), weight, bias, out, B * L, L, N, word.shape[0], position.shape[0], token_type.shape[0],
+        eps, BLOCK_R=block_r, BLOCK_N=triton.next_power_of_2(N), num_warps=4,
+    )
+    return out

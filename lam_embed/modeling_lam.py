@@ -346,6 +346,13 @@ class LAMEmbeddings(nn.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
+    def fused(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        """forward at inference on CUDA as one Triton kernel (layer_triton.py), with ids and
+        types clamped to their tables."""
+        return _layer_triton().embedding_layer_norm(
+            input_ids, token_type_ids, self.word_embeddings.weight, self.position_embeddings.weight,
+            self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+
 
 class LAMLayer(nn.Module):
     """Post-LayerNorm encoder layer, as BERT's, with the DeltaNet as token mixer."""
@@ -442,10 +449,21 @@ class LAMModel(LAMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _encode(self, input_ids, token_type_ids, mask, hidden_states: list | None = None) -> torch.Tensor:
+    def _encode(self, input_ids, token_type_ids, mask, hidden_states: list | None = None,
+                clamp: bool = False) -> torch.Tensor:
         """Embeddings and layers: the last hidden state. The layer inputs and the output
-        are appended to ``hidden_states`` when it is given."""
-        x = self.embeddings(input_ids, token_type_ids)
+        are appended to ``hidden_states`` when it is given. ``clamp``: the ids' values are
+        checked only once the forward pass is queued (on CUDA, see check_input_values), so
+        ids outside the tables must not reach the embedding lookup, where an out-of-range
+        read would end the CUDA context instead of raising."""
+        if (not self.training and self.layers
+                and fused_layer_code(input_ids, self.layers[0].delta_net, self.embeddings.word_embeddings.weight) == "triton"):
+            x = self.embeddings.fused(input_ids, token_type_ids)  # clamps as it reads
+        else:
+            if clamp:
+                input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
+                token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
+            x = self.embeddings(input_ids, token_type_ids)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
@@ -454,18 +472,10 @@ class LAMModel(LAMPreTrainedModel):
             hidden_states.append(x)
         return x
 
-    def _encode_clamped(self, input_ids, token_type_ids, mask, hidden_states: list | None = None) -> torch.Tensor:
-        """_encode for ids whose values are checked only once the forward pass is queued
-        (on CUDA, see check_input_values): ids outside the tables must not reach the embedding
-        lookup, where an out-of-range read would end the CUDA context instead of raising."""
-        input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
-        token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
-        return self._encode(input_ids, token_type_ids, mask, hidden_states)
-
     def _graph_forward(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """What a CUDA graph captures: the last hidden state and the value summary of the inputs."""
         summary = self.value_summary(input_ids, attention_mask, token_type_ids)
-        return self._encode_clamped(input_ids, token_type_ids, attention_mask.bool()), summary
+        return self._encode(input_ids, token_type_ids, attention_mask.bool(), clamp=True), summary
 
     def uses_cuda_graphs(self, input_ids: torch.Tensor) -> bool:
         """Whether a forward of ``input_ids`` replays CUDA graphs (lam_embed/cuda_graphs.py):
@@ -506,11 +516,10 @@ class LAMModel(LAMPreTrainedModel):
     def value_summary(input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """What check_values reads, as one tensor: the smallest and largest id, mask value
         and token type, and whether any mask is left-padded."""
-        mask = attention_mask.long()
-        types = token_type_ids.long()
+        # aminmax: one reduction for both ends (a summary is part of every forward on CUDA).
         return torch.stack([
-            input_ids.min().long(), input_ids.max().long(), mask.min(), mask.max(),
-            (mask[:, 1:] > mask[:, :-1]).any().long(), types.min(), types.max(),
+            *torch.aminmax(input_ids.long()), *torch.aminmax(attention_mask.long()),
+            (attention_mask[:, 1:] > attention_mask[:, :-1]).any().long(), *torch.aminmax(token_type_ids.long()),
         ])
 
     def check_input_values(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
@@ -566,10 +575,9 @@ class LAMModel(LAMPreTrainedModel):
         self.check_shapes(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
         graphed = None
         if not output_hidden_states and self.uses_cuda_graphs(input_ids):
+            # token_type_ids may stay None here: the graph's buffer of them is then zero.
             graphed = self._graphs(self, self._graph_forward, input_ids, attention_mask, token_type_ids,
                                    changes=(_optimizer_steps, _parameter_registrations),
                                    chunk_size=self.config.chunk_size)
@@ -578,13 +586,18 @@ class LAMModel(LAMPreTrainedModel):
             x, stats = graphed
             pending = self.summary_to_host(stats)
         else:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
             pending = self.check_input_values(input_ids, attention_mask, token_type_ids)
             if output_hidden_states:
                 hidden_states = []
-            encode = self._encode_clamped if pending is not None else self._encode
-            x = encode(input_ids, token_type_ids, attention_mask.bool(), hidden_states)
-        if pending is not None:
-            self.check_values(*pending)  # bad input: the error, never the result
+            x = self._encode(input_ids, token_type_ids, attention_mask.bool(), hidden_states, clamp=pending is not None)
+        # The output is built before the check waits for the GPU (on CUDA the forward pass is
+        # still running), and returned only after it: bad input gives the error, never a result.
         if return_dict is False:
-            return (x,) if hidden_states is None else (x, tuple(hidden_states))
-        return BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
+            output = (x,) if hidden_states is None else (x, tuple(hidden_states))
+        else:
+            output = BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
+        if pending is not None:
+            self.check_values(*pending)
+        return output

@@ -191,7 +191,7 @@ _LAYER_KERNELS_CHECK = """
 import torch
 import torch.nn.functional as F
 from lam_embed.layer_triton import delta_net_from_projection, delta_rule_from_projection, residual_layer_norm
-from lam_embed.modeling_lam import delta_net_features, delta_net_output
+from lam_embed.modeling_lam import LAMEmbeddings, delta_net_features, delta_net_output
 from lam_embed.ops import dual_state_delta_rule
 from test_layer import make_layer, make_inputs
 from test_triton import patch_interpreter
@@ -238,6 +238,24 @@ with torch.no_grad():
 assert out.shape == ref.shape and out.dtype == ref.dtype
 # bfloat16: the reference rounds x + y before normalising, the kernel does not.
 assert close(out, ref), (out - ref).abs().max()
+
+# The embeddings (LAMEmbeddings.fused): positions past the table read cyclically, ids
+# and types outside their tables clamped as LAMModel._encode clamps them.
+emb = LAMEmbeddings(net.config.__class__(hidden_size=x.shape[-1], num_attention_heads=H, vocab_size=300,
+                                         position_table_size=50, type_vocab_size=2)).eval()
+ids = torch.randint(0, 300, (3, 130), generator=g)
+types = torch.randint(0, 2, (3, 130), generator=g)
+ids[0, 5], ids[1, 7], types[2, 9] = -4, 300, 5
+with torch.no_grad():
+    emb.LayerNorm.weight.normal_(generator=g)
+    emb.LayerNorm.bias.normal_(generator=g)
+    emb.to({device!r}, {dtype})
+    ids, types = ids.to({device!r}), types.to({device!r})
+    ref = emb(ids.clamp(0, 299), types.clamp(0, 1))
+    out = emb.fused(ids, types)
+assert out.shape == ref.shape and out.dtype == ref.dtype
+# bfloat16: the reference rounds the sum of the three rows before normalising, the kernel does not.
+assert close(out, ref), (out - ref).abs().max()
 """
 
 
@@ -256,7 +274,8 @@ def _run_layer_kernels_check(env_extra, **fmt):
 @pytest.mark.slow
 def test_layer_kernels_under_the_interpreter():
     """layer_triton equals the eager layer code: the delta rule from the input projection
-    (delta_net_features, then the chunk op), delta_net_output and the residual LayerNorm;
+    (delta_net_features, then the chunk op), delta_net_output, the residual LayerNorm and
+    the embeddings;
     on CPU, through TRITON_INTERPRET=1 (in a subprocess: the variable is read
     when the kernels are defined)."""
     pytest.importorskip("triton")

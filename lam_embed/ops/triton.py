@@ -19,7 +19,7 @@ diagonal block (block doubling, as flash-linear-attention's solve_tril merges it
    work). It hands on QT = Q - A_i T_i Kb, QV = A_i T_i Vb (A_i = lower_incl(Q_i K_i^T)),
    the d x d products K_i^T T_i Kb, K_i^T T_i Vb and a few column sums.
 2. ``chunk_scan_kernel``, one program per (head, chunk, sample): the blocks of the chunk
-   in order, two or four small products a block (see its docstring), giving the rows
+   in order, two small products a block (see its docstring), giving the rows
    A U and Q - A W and, at the end of the chunk, K^T U = P_U and K^T W = P_W. psi (the
    ResonanceFlux MLP) and the mean decays are computed here from the mean key, the mean
    written value and sum_t k_t^T W_bil u_t = <W_bil, K^T U> (rows of U are zero where
@@ -286,7 +286,8 @@ def chunk_scan_kernel(
 
     and the column sums of U are those of TV minus (column sums of TK) P_U. The rows
     A U and Q - A W overwrite QV and QT. At the end: psi, and for a single chunk its
-    output, else what the recurrence reads."""
+    output, else what the recurrence reads. (P_U and P_W as one matrix: two products a
+    block, not four.)"""
     i_hg, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = h0 + i_hg
     NBC: tl.constexpr = C // BT
@@ -296,10 +297,16 @@ def chunk_scan_kernel(
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
     p_dd = o_d[:, None] * D + o_d[None, :]
-    b_pu = tl.zeros([D, D], dtype=tl.float32)
-    b_pw = tl.zeros([D, D], dtype=tl.float32)
+    # P = [P_U | -P_W] as one D x W matrix (a single chunk needs P_U only), so that each
+    # block takes two products instead of four: with M = [K^T TV | -K^T TK] and the rows
+    # [QV | QT],  [A U | Q - A W] = QT P + [QV | QT]  and  P += M - (K^T TK) P.
+    W: tl.constexpr = D if SINGLE else 2 * D
+    o_w = tl.arange(0, W)
+    left = o_w < D  # the P_U half
+    c_w = o_w % D
+    b_p = tl.zeros([D, W], dtype=tl.float32)
     b_sum_k = tl.zeros([D], dtype=tl.float32)
-    b_sum_u = tl.zeros([D], dtype=tl.float32)
+    b_sum_u = tl.zeros([W], dtype=tl.float32)  # column sums of U in the P_U half
     n_valid = 0.0
     sum_df = 0.0
     sum_ds = 0.0
@@ -309,28 +316,33 @@ def chunk_scan_kernel(
         m_t = (r < CS) & (t < L)
         valid = tl.load(mask + i_b64 * s_mb + t * s_ml, mask=m_t, other=0) != 0
         p_rows = (i_c * C + r)[:, None] * D + o_d[None, :]
+        p_rows_w = (i_c * C + r)[:, None] * D + c_w[None, :]
+        p_out = tl.where(left[None, :], qv + p_rows_w, qt + p_rows_w)  # [QV | QT], then [A U | Q - A W]
         i_g = ((i_b64 * HG + i_hg) * N + i_n) * NBC + j
+        p_map = maps + i_g * 2 * D * D
         b_qt = tl.load(qt + p_rows).to(tl.float32)
-        b_qv = tl.load(qv + p_rows).to(tl.float32)
-        b_ktk = tl.load(maps + i_g * 2 * D * D + p_dd).to(tl.float32)
-        b_ktv = tl.load(maps + i_g * 2 * D * D + D * D + p_dd).to(tl.float32)
-        b_ctv = tl.load(vecs + i_g * 3 * D + o_d)
+        b_rows = tl.load(p_out).to(tl.float32)
+        b_ktk = tl.load(p_map + p_dd).to(tl.float32)
+        b_m = tl.load(p_map + tl.where(left, D * D, 0)[None, :] + o_d[:, None] * D + c_w[None, :]).to(tl.float32)
+        b_m = tl.where(left[None, :], b_m, -b_m)
+        b_ctv = tl.load(vecs + i_g * 3 * D + c_w, mask=left, other=0.0)
         b_ctk = tl.load(vecs + i_g * 3 * D + D + o_d)
         b_sum_k += tl.load(vecs + i_g * 3 * D + 2 * D + o_d)
 
-        tl.store(qv + p_rows, (_mm(b_qt, b_pu, PREC) + b_qv).to(qv.dtype.element_ty))
-        if not SINGLE:
-            tl.store(qt + p_rows, (b_qt - _mm(b_qt, b_pw, PREC)).to(qt.dtype.element_ty))
-            b_pw = b_pw + b_ktk - _mm(b_ktk, b_pw, PREC)
-        b_sum_u += b_ctv - tl.sum(b_ctk[:, None] * b_pu, 0)
-        b_pu = b_pu + b_ktv - _mm(b_ktk, b_pu, PREC)
+        tl.store(p_out, (_mm(b_qt, b_p, PREC) + b_rows).to(qv.dtype.element_ty))
+        b_sum_u += b_ctv - tl.sum(b_ctk[:, None] * b_p, 0)
+        b_p = b_p + b_m - _mm(b_ktk, b_p, PREC)
 
         n_valid += tl.sum(valid.to(tl.float32), 0)
         p_s = s_off + t * s_sl
         sum_df += tl.sum(tl.where(valid, _load_scalars(decay_fast, p_s, m_t, CONV), 0.0), 0)
         sum_ds += tl.sum(tl.where(valid, _load_scalars(decay_slow, p_s, m_t, CONV), 0.0), 0)
 
-    psi = _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D)
+    # <W_bil, P_U>: W_bil read into the P_U half (zeros in the other).
+    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + c_w[None, :], mask=left[None, :], other=0.0).to(tl.float32)
+    bilinear = tl.sum(tl.sum(b_wb * b_p, 1), 0)
+    sum_u = tl.sum(tl.where(o_w[None, :] == o_d[:, None], b_sum_u[None, :], 0.0), 1)  # its P_U half
+    psi = _flux_psi(bilinear, b_sum_k, sum_u, n_valid, i_h, tau, w_hid, b_hid, w_out, b_out, D)
     if SINGLE:
         # Zero states: O = (alpha g_f + (1 - alpha) g_s) A U. The A U rows were written
         # by other threads of this program: the barrier makes them visible.
@@ -350,9 +362,8 @@ def chunk_scan_kernel(
             _store_output(o, b_o, p_o, m_t, gate_out, p_g, norm_w, eps, D, NORM)
     else:
         count = tl.maximum(n_valid, 1.0)
-        p_kt = kt + i_c * D * 2 * D + o_d[:, None] * (2 * D) + o_d[None, :]  # [K^T U | K^T W]
-        tl.store(p_kt, b_pu)
-        tl.store(p_kt + D, b_pw)
+        # [K^T U | K^T W] = [P_U | P_W]
+        tl.store(kt + i_c * D * 2 * D + o_d[:, None] * (2 * D) + o_w[None, :], tl.where(left[None, :], b_p, -b_p))
         tl.store(stats + i_c * 4 + 0, psi)
         tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
         tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
@@ -360,13 +371,13 @@ def chunk_scan_kernel(
 
 
 @triton.jit
-def _flux_psi(b_pu, b_sum_k, b_sum_u, n_valid, i_h, w_bil, tau, w_hid, b_hid, w_out, b_out, D: tl.constexpr):
-    """psi = ResonanceFlux([mean K ; mean U ; mean_t k_t W_bil u_t / tau]). Rows of U are
-    zero where beta = 0, so sum_t k_t W_bil u_t over valid tokens is <W_bil, K^T U>."""
+def _flux_psi(bilinear, b_sum_k, b_sum_u, n_valid, i_h, tau, w_hid, b_hid, w_out, b_out, D: tl.constexpr):
+    """psi = ResonanceFlux([mean K ; mean U ; mean_t k_t W_bil u_t / tau]), given the sums of
+    K and U and ``bilinear`` = sum_t k_t W_bil u_t. Rows of U are zero where beta = 0, so that
+    sum over valid tokens is <W_bil, K^T U>."""
     o_d = tl.arange(0, D)
     count = tl.maximum(n_valid, 1.0)
-    b_wb = tl.load(w_bil + i_h * D * D + o_d[:, None] * D + o_d[None, :]).to(tl.float32)
-    score = tl.sum(tl.sum(b_wb * b_pu, 1), 0) / count / tl.load(tau + i_h).to(tl.float32)
+    score = bilinear / count / tl.load(tau + i_h).to(tl.float32)
     o_j = tl.arange(0, D // 2)
     p_wh = w_hid + o_j[:, None] * (2 * D + 1)
     b_z = tl.sum(tl.load(p_wh + o_d[None, :]).to(tl.float32) * (b_sum_k / count)[None, :], 1)
