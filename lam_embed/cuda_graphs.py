@@ -3,17 +3,19 @@
 A LAM forward launches about 100 kernels, and the Python and launch work on the CPU
 takes longer than the kernels of many input shapes: on an H200 the GPU was busy for
 only 55% of an eager forward of 64 x 512 tokens and 44% of one of 4 x 8,192 tokens
-(evaluation/results/profile-forward-h200-211a32b.json). A CUDA graph replays the captured launches in one call. Each graph
-serves one input shape, so lengths are rounded up (``bucket_length``): LAM's output at
-a valid token does not depend on padding after it (the layer is causal, every mean is
-over valid tokens, and a chunk without valid tokens leaves the states as they were),
-so an input padded to its bucket gives the same values at its own positions.
+(evaluation/results/profile-forward-h200-211a32b.json). A CUDA graph replays the
+captured launches in one call. Each graph serves one input shape, so lengths are
+rounded up (``bucket_length``): LAM's output at a valid token does not depend on padding
+after it (the layer is causal, every mean is over valid tokens, and a chunk without
+valid tokens leaves the states as they were), so an input padded to its bucket gives
+the same values at its own positions.
 
 A shape is captured the second time it is seen (a capture costs about two forwards);
 a shape seen once costs nothing. The graph also computes the summary of the input
 values that ``LAMModel.check_values`` reads, so a bad input raises as in the eager
 forward. Graphs are dropped when any parameter changes (an optimizer step, an
-in-place update, a replaced or moved tensor), and the oldest when more than
+in-place update, a replaced or moved tensor; a replay that read changed parameters is
+thrown away and the forward runs eagerly), and the oldest when more than
 ``MAX_GRAPHS`` are kept or their static buffers hold more than ``MAX_GRAPH_TOKENS``
 tokens; a shape of more tokens than that runs eagerly. All graphs of a model share one
 memory pool: they replay one at a time on one stream, and each output is copied out
@@ -119,28 +121,38 @@ class ForwardGraphs:
         """Tokens in the buffers of the kept graphs (batch x padded length, summed)."""
         return sum(key[0] * key[1] for key in self.graphs)
 
-    def _parameters_changed(self, model: torch.nn.Module, changes: tuple) -> bool:
-        """Whether a parameter moved or changed since the last call. ``changes`` counts the
-        events that a version counter does not show: optimizer steps (fused optimizers
-        update parameters without moving it) and parameters registered anywhere (a
-        parameter replaced by another); on a new count the parameter list is read again.
-        Otherwise the parameters' addresses and version counters tell. This runs before
-        every replay, so it loops in C (``map``): as a Python loop over the 185 parameters
-        of the model it took 0.16 ms of host time on the H200's host, 3% of a forward."""
-        if changes != self.changes:
-            self.changes = changes
-            self.parameters = list(model.parameters())
-        # Version counters only grow, so their sum moves when any of them moves.
-        fingerprint = changes, tuple(map(_data_ptr, self.parameters)), sum(map(_version, self.parameters))
+    def _parameters_changed(self) -> bool:
+        """Whether a parameter moved or was written in place since the last check: their
+        addresses and version counters (which only grow, so their sum moves when any of
+        them moves), read in C (``map``)."""
+        fingerprint = tuple(map(_data_ptr, self.parameters)), sum(map(_version, self.parameters))
         changed = fingerprint != self.fingerprint
         self.fingerprint = fingerprint
         return changed
 
-    def __call__(self, model, forward, input_ids, attention_mask, token_type_ids, changes: tuple, chunk_size: int):
+    def __call__(self, model, forward, input_ids, attention_mask, token_type_ids, changes: tuple, chunk_size: int,
+                 tensors_read=None):
         """``forward(ids, mask, types)`` -> (last hidden state, value summary) through a graph
-        for this shape; None when the shape is seen for the first time or holds more than
-        MAX_GRAPH_TOKENS tokens (the caller then runs it eagerly)."""
-        if self._parameters_changed(model, changes):
+        for this shape; None when the shape is seen for the first time, holds more than
+        MAX_GRAPH_TOKENS tokens, or the parameters changed since the last call (the caller
+        then runs it eagerly).
+
+        ``changes`` counts the events that a version counter does not show: optimizer
+        steps (fused optimizers update parameters without moving it) and parameters
+        registered anywhere (a parameter replaced by another); on a new count the graphs
+        go and the parameter list is read again. The addresses and version counters of the
+        parameters are checked after the replay is queued, while the GPU works: as the
+        first step of a call they cost 0.16 ms of host time on the H200's host, 3% of a
+        forward of 32,768 tokens. A replay that read changed parameters (or the weights a
+        layer stacked from their old values) is thrown away, and the graphs with it.
+        ``tensors_read()``, called after a capture, lists what the graph reads besides
+        its buffers (parameters, tensors derived from them): each graph holds them, so
+        a replay never reads memory that was freed, whatever changed since.
+        """
+        if changes != self.changes:
+            self.changes = changes
+            self.parameters = list(model.parameters())
+            self.fingerprint = None
             self.clear()
         batch, length = input_ids.shape
         bucket = bucket_length(length, chunk_size)
@@ -155,12 +167,19 @@ class ForwardGraphs:
                     self.seen.clear()
                 self.seen.add(key)
                 return None
+            if self._parameters_changed():
+                self.graphs.clear()  # captured from other values; this capture reads the current ones
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             logger.debug("capturing a CUDA graph of the LAM forward for batch %d, length %d", batch, key[1])
             graphed = GraphedForward(forward, batch, key[1], input_ids.device, self.pool)
+            graphed.held = tensors_read() if tensors_read is not None else [p.detach() for p in self.parameters]
             self.graphs[key] = graphed
             while len(self.graphs) > MAX_GRAPHS or self.tokens() > MAX_GRAPH_TOKENS:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        return graphed(input_ids, attention_mask, token_type_ids)
+        result = graphed(input_ids, attention_mask, token_type_ids)
+        if self._parameters_changed():
+            self.clear()
+            return None
+        return result

@@ -477,6 +477,13 @@ class LAMModel(LAMPreTrainedModel):
         summary = self.value_summary(input_ids, attention_mask, token_type_ids)
         return self._encode(input_ids, token_type_ids, attention_mask.bool(), clamp=True), summary
 
+    def _graph_tensors_read(self) -> list[torch.Tensor]:
+        """What a captured graph reads besides its buffers: the parameters' storage (as
+        aliases, which keep it even when a parameter's ``.data`` is replaced) and the
+        weights each layer stacked from them (DualStateDeltaNet.stacked_weights)."""
+        stacked = [t for layer in self.layers for t in layer.delta_net.__dict__.get("_stacked", (None, ()))[1]]
+        return [p.detach() for p in self.parameters()] + stacked
+
     def uses_cuda_graphs(self, input_ids: torch.Tensor) -> bool:
         """Whether a forward of ``input_ids`` replays CUDA graphs (lam_embed/cuda_graphs.py):
         with ``config.cuda_graphs``, at inference on CUDA through the Triton layer code, not
@@ -580,7 +587,7 @@ class LAMModel(LAMPreTrainedModel):
             # token_type_ids may stay None here: the graph's buffer of them is then zero.
             graphed = self._graphs(self, self._graph_forward, input_ids, attention_mask, token_type_ids,
                                    changes=(_optimizer_steps, _parameter_registrations),
-                                   chunk_size=self.config.chunk_size)
+                                   chunk_size=self.config.chunk_size, tensors_read=self._graph_tensors_read)
         hidden_states = None
         if graphed is not None:
             x, stats = graphed

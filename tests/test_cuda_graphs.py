@@ -91,6 +91,29 @@ def test_graphs_go_when_a_parameter_changes(fake_graphs):
     assert call(2, 8, changes=(1, 1)) is None
 
 
+def test_a_stale_replay_is_thrown_away_and_a_graph_holds_what_it_reads(fake_graphs):
+    """The addresses and versions of the parameters are checked once the replay is queued:
+    a replay that read changed parameters is thrown away, and until then the graph holds
+    the storage it reads, so a replaced ``.data`` is never freed under it."""
+    graphs, model, call = fake_graphs
+    call(2, 8), call(2, 8)
+    graph = next(iter(graphs.graphs.values()))
+    old = model.weight.data_ptr()
+    model.weight.data = torch.ones(3, 3)  # moves no counter: only the address tells
+    assert any(t.data_ptr() == old for t in graph.held)
+    assert call(2, 8) is None and graph.replays == 2 and not graphs.graphs  # replayed, then thrown away
+
+
+def test_graphs_hold_the_parameters_and_the_stacked_weights():
+    model = LAMModel(LAMConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=50)).eval()
+    with torch.no_grad():  # each layer's stacked weights, kept between calls without gradients
+        stacked = [t for layer in model.layers for t in layer.delta_net.stacked_weights()]
+    held = model._graph_tensors_read()
+    assert len(stacked) == 6 and all(any(t is h for h in held) for t in stacked)
+    assert {p.data_ptr() for p in model.parameters()} <= {t.data_ptr() for t in held}
+
+
 def test_at_most_max_graphs_are_kept_the_oldest_go_first(fake_graphs):
     from lam_embed.cuda_graphs import MAX_GRAPHS
 
