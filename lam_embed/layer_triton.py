@@ -71,6 +71,18 @@ def delta_net_from_projection(projected, mask, conv_weight, flux, norm_weight, o
 
 
 @triton.jit
+def _store_layer_norm(a, p_out, m, cols, m_c, weight, bias, N, eps):
+    """LayerNorm of the float32 rows a (N values each; entries outside mask m ignored) with
+    weight and bias, stored at p_out in its dtype."""
+    mean = tl.sum(a, 1) / N
+    diff = tl.where(m, a - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / N + eps)
+    w = tl.load(weight + cols, mask=m_c, other=0.0).to(tl.float32)
+    b = tl.load(bias + cols, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(p_out, (diff * rstd[:, None] * w[None, :] + b[None, :]).to(p_out.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def residual_layer_norm_kernel(x, y, weight, bias, out, R, N, eps, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """out = LayerNorm(x + y) over rows of N values (contiguous), in float32."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -79,12 +91,7 @@ def residual_layer_norm_kernel(x, y, weight, bias, out, R, N, eps, BLOCK_R: tl.c
     m = (rows < R)[:, None] & m_c[None, :]
     p = rows[:, None] * N + cols[None, :]
     a = tl.load(x + p, mask=m, other=0.0).to(tl.float32) + tl.load(y + p, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(a, 1) / N
-    diff = tl.where(m, a - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / N + eps)
-    w = tl.load(weight + cols, mask=m_c, other=0.0).to(tl.float32)
-    b = tl.load(bias + cols, mask=m_c, other=0.0).to(tl.float32)
-    tl.store(out + p, (diff * rstd[:, None] * w[None, :] + b[None, :]).to(out.dtype.element_ty), mask=m)
+    _store_layer_norm(a, out + p, m, cols, m_c, weight, bias, N, eps)
 
 
 def residual_layer_norm(x, y, weight, bias, eps: float):
@@ -116,13 +123,7 @@ def embedding_layer_norm_kernel(ids, types, word, position, token_type, weight, 
     a = tl.load(word + i_w[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
     a += tl.load(position + i_p[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
     a += tl.load(token_type + i_t[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(a, 1) / N
-    diff = tl.where(m, a - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / N + eps)
-    w = tl.load(weight + cols, mask=m_c, other=0.0).to(tl.float32)
-    b = tl.load(bias + cols, mask=m_c, other=0.0).to(tl.float32)
-    tl.store(out + rows[:, None] * N + cols[None, :], (diff * rstd[:, None] * w[None, :] + b[None, :]).to(out.dtype.element_ty),
-             mask=m)
+    _store_layer_norm(a, out + rows[:, None] * N + cols[None, :], m, cols, m_c, weight, bias, N, eps)
 
 
 def embedding_layer_norm(input_ids, token_type_ids, word, position, token_type, weight, bias, eps: float):
