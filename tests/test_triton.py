@@ -289,10 +289,13 @@ _INTERPRETER_CHECK = textwrap.dedent("""
     T.CONFIG["stage_dtype"] = dict.fromkeys(T.CONFIG["stage_dtype"], torch.float32)
     flux = make_flux(heads=2)
     # The second case with the blocks' d x d products made one head at a time (as for a
-    # large input), the third with blocks of two 16-row parts (CONFIG["sub_blocks"]).
-    cases = (([100, 37], 100, 1 << 26, 1), ([300, 129, 10], 128, 1, 1), ([300, 129, 10], 128, 1 << 26, 2))
-    for lengths, chunk_size, stage_bytes, sub_blocks in cases:
+    # large input), the third with blocks of two 16-row parts (CONFIG["sub_blocks"]), the
+    # fourth with the output rows written by the state recurrence.
+    cases = (([100, 37], 100, 1 << 26, 1, None), ([300, 129, 10], 128, 1, 1, None),
+             ([300, 129, 10], 128, 1 << 26, 2, None), ([300, 129, 10], 128, 1 << 26, 1, 1))
+    for lengths, chunk_size, stage_bytes, sub_blocks, output_in_recurrence_from in cases:
         T.CONFIG["stage_bytes"], T.CONFIG["sub_blocks"] = stage_bytes, sub_blocks
+        T.CONFIG["output_in_recurrence_from"] = output_in_recurrence_from
         tensors, mask = make_inputs(lengths, heads=2)
         with torch.no_grad():
             ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
@@ -446,6 +449,8 @@ def bench(sweep: bool = False, compiled: bool = False):
                 ("recur. 8w", {"num_warps": (w1, w2, 8, w4)}),
                 ("output 2w", {"num_warps": (w1, w2, w3, 2)}),
                 ("output 128 rows", {"output_rows": 128}),
+                ("output in recur.", {"output_in_recurrence_from": 1}),
+                ("output in recur. from 256", {"output_in_recurrence_from": 256}),
             ]
             print("\nvariants: ms per call (max error vs chunk); the op in fp32, then the op from a bf16 projection")
             print(f"  {'variant':14s}" + "".join(f"{f'{B}x{L}':>22s}" for B, L in BENCH_SHAPES))
