@@ -324,6 +324,68 @@ def test_kernels_under_the_interpreter():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+_COMPILE_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+    sys.path.insert(0, {tests!r})
+    from test_triton import make_flux, make_inputs, HEADS, HEAD_DIM
+    from lam_embed import layer_triton as LT
+    from lam_embed.ops import triton as T
+
+    class CompileOnlyDriver:  # what JITFunction.warmup asks of a driver: an sm_90 target, no device
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(CompileOnlyDriver())
+    compiled = []
+    # Every launch of the wrappers becomes a compilation for the launch's specialisation.
+    JITFunction.__getitem__ = lambda self, grid: (
+        lambda *a, **k: compiled.append((self.__name__, self.warmup(*a, grid=grid, **k))))
+
+    flux = make_flux()
+    D = HEADS * HEAD_DIM
+    for dtype in (torch.float32, torch.bfloat16):
+        for L in (100, 300):  # one chunk, three
+            for from_pairs in (None, 1):  # the outputs by chunk_output_kernel, by the recurrence
+                T.CONFIG["output_in_recurrence_from"] = from_pairs
+                tensors, mask = make_inputs([L, L // 2])
+                T.triton_forward(*[t.to(dtype) for t in tensors], mask, T.flux_parameters(flux), 128)
+                projected = torch.randn(2, L, 4 * D + 5 * HEADS + 4).to(dtype)
+                LT.delta_net_from_projection(projected, mask, torch.randn(3 * D, 1, 4).to(dtype), flux,
+                                             torch.ones(HEAD_DIM, dtype=dtype), torch.randn(D, D).to(dtype), 1e-6,
+                                             HEADS, 128)
+        x = torch.randn(2, 7, D).to(dtype)
+        LT.residual_layer_norm(x, x, torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype), 1e-12)
+        ids = torch.ones(2, 7, dtype=torch.long)
+        LT.embedding_layer_norm(ids, ids, torch.randn(50, D).to(dtype), torch.randn(20, D).to(dtype),
+                                torch.randn(2, D).to(dtype), torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype), 1e-12)
+    names = {{name for name, kernel in compiled if kernel.asm.get("cubin")}}
+    assert names == {{"block_prepare_kernel", "chunk_scan_kernel", "state_recurrence_kernel", "chunk_output_kernel",
+                     "residual_layer_norm_kernel", "embedding_layer_norm_kernel"}}, names
+    print(len(compiled), "compilations")
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Every kernel, in each specialisation the layer's inference path launches, compiles to
+    a cubin for sm_90 (H100/H200) on a machine without a GPU: the wrappers run on CPU
+    tensors, with each launch turned into a compilation. This catches what the
+    interpreter cannot (types, layouts, register allocation in ptxas)."""
+    pytest.importorskip("triton")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_CHECK.format(tests=tests)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 # ---------------------------------------------------------------------------- timings (script)
 
 BENCH_SHAPES = [(256, 128), (64, 512), (16, 2048), (4, 8192), (1, 32768)]
