@@ -7,6 +7,8 @@ Run as a script on a GPU machine for timings:
     python tests/test_triton.py --bench           # triton vs chunk vs compiled, 32,768 tokens a call
     python tests/test_triton.py --bench --sweep   # and the launch-setting variants of the kernels
     python tests/test_triton.py --bench --compiled  # and delta_impl="compiled" (slow to compile)
+and without a GPU (needs triton):
+    python tests/test_triton.py --resources       # registers and spills of each kernel and variant (ptxas)
 """
 
 from __future__ import annotations
@@ -324,48 +326,66 @@ def test_kernels_under_the_interpreter():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-_COMPILE_CHECK = textwrap.dedent("""
-    import sys
-    import torch
+def compile_only():
+    """Make every Triton launch a compilation for sm_90 (H100/H200) instead, on a machine
+    without a GPU: ``JITFunction.warmup`` through a driver that reports that target. Returns
+    the list that collects (kernel name, compiled kernel) for each launch. Changes triton
+    for the whole process (run it in a subprocess or a script)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
-    sys.path.insert(0, {tests!r})
-    from test_triton import make_flux, make_inputs, HEADS, HEAD_DIM
-    from lam_embed import layer_triton as LT
-    from lam_embed.ops import triton as T
 
-    class CompileOnlyDriver:  # what JITFunction.warmup asks of a driver: an sm_90 target, no device
+    class CompileOnlyDriver:  # what JITFunction.warmup asks of a driver
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
+
         def get_current_device(self):
             return 0
+
         def get_current_stream(self, device=None):
             return 0
 
     driver.set_active(CompileOnlyDriver())
     compiled = []
-    # Every launch of the wrappers becomes a compilation for the launch's specialisation.
     JITFunction.__getitem__ = lambda self, grid: (
         lambda *a, **k: compiled.append((self.__name__, self.warmup(*a, grid=grid, **k))))
+    return compiled
 
-    flux = make_flux()
+
+def launch_layer_kernels(dtype, B, L, flux):
+    """The layer's inference path on CPU tensors of B x L tokens (under compile_only: its
+    kernels compiled for that specialisation): the token mixer from the input projection
+    (as the model runs it), the op from q, k, v, a residual LayerNorm and the embeddings."""
+    from lam_embed import layer_triton as LT
+    from lam_embed.ops import triton as T
+
     D = HEADS * HEAD_DIM
+    tensors, mask = make_inputs([L] * B)
+    projected = torch.randn(B, L, 4 * D + 5 * HEADS + 4).to(dtype)
+    LT.delta_net_from_projection(projected, mask, torch.randn(3 * D, 1, 4).to(dtype), flux,
+                                 torch.ones(HEAD_DIM, dtype=dtype), torch.randn(D, D).to(dtype), 1e-6, HEADS, 128)
+    T.triton_forward(*[t.to(dtype) for t in tensors], mask, T.flux_parameters(flux), 128)
+    x = torch.randn(B, 7, D).to(dtype)
+    LT.residual_layer_norm(x, x, torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype), 1e-12)
+    ids = torch.ones(B, 7, dtype=torch.long)
+    LT.embedding_layer_norm(ids, ids, torch.randn(50, D).to(dtype), torch.randn(20, D).to(dtype),
+                            torch.randn(2, D).to(dtype), torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype), 1e-12)
+
+
+_COMPILE_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_triton import compile_only, launch_layer_kernels, make_flux
+    from lam_embed.ops import triton as T
+
+    compiled = compile_only()
+    flux = make_flux()
     for dtype in (torch.float32, torch.bfloat16):
         for L in (100, 300):  # one chunk, three
             for from_pairs in (None, 1):  # the outputs by chunk_output_kernel, by the recurrence
                 T.CONFIG["output_in_recurrence_from"] = from_pairs
-                tensors, mask = make_inputs([L, L // 2])
-                T.triton_forward(*[t.to(dtype) for t in tensors], mask, T.flux_parameters(flux), 128)
-                projected = torch.randn(2, L, 4 * D + 5 * HEADS + 4).to(dtype)
-                LT.delta_net_from_projection(projected, mask, torch.randn(3 * D, 1, 4).to(dtype), flux,
-                                             torch.ones(HEAD_DIM, dtype=dtype), torch.randn(D, D).to(dtype), 1e-6,
-                                             HEADS, 128)
-        x = torch.randn(2, 7, D).to(dtype)
-        LT.residual_layer_norm(x, x, torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype), 1e-12)
-        ids = torch.ones(2, 7, dtype=torch.long)
-        LT.embedding_layer_norm(ids, ids, torch.randn(50, D).to(dtype), torch.randn(20, D).to(dtype),
-                                torch.randn(2, D).to(dtype), torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype), 1e-12)
+                launch_layer_kernels(dtype, 2, L, flux)
     names = {{name for name, kernel in compiled if kernel.asm.get("cubin")}}
     assert names == {{"block_prepare_kernel", "chunk_scan_kernel", "state_recurrence_kernel", "chunk_output_kernel",
                      "residual_layer_norm_kernel", "embedding_layer_norm_kernel"}}, names
@@ -425,6 +445,70 @@ def _kernel_times(fn):
         if e.device_type.name == "CUDA" and e.count:
             rows[e.key[:40]] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3 / 5
     return rows
+
+
+def sweep_variants(default: dict) -> list:
+    """(name, CONFIG changes) of the kernels' launch settings compared by --sweep and --resources."""
+    w1, w2, w3, w4 = default["num_warps"]
+    bf16_tf32 = {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"}
+    return [
+        ("default", {}),
+        ("prepare 2w", {"num_warps": (2, w2, w3, w4)}),
+        ("scan 2w", {"num_warps": (w1, 2, w3, w4)}),
+        ("prepare tf32", {"prepare_precision": bf16_tf32}),
+        ("stage fp32", {"stage_dtype": dict.fromkeys(default["stage_dtype"], torch.float32)}),
+        ("bt32", {"block_t": 32}),
+        ("2 parts a block", {"sub_blocks": 2}),
+        ("4 parts a block", {"sub_blocks": 4}),
+        ("recur. tf32x3", {"state_precision": "tf32x3"}),
+        ("recur. tf32", {"state_precision": "tf32"}),
+        ("recur. 2w", {"num_warps": (w1, w2, 2, w4)}),
+        ("recur. 8w", {"num_warps": (w1, w2, 8, w4)}),
+        ("output 2w", {"num_warps": (w1, w2, w3, 2)}),
+        ("output 128 rows", {"output_rows": 128}),
+        ("output in recur.", {"output_in_recurrence_from": 1}),
+        ("output in recur. from 256", {"output_in_recurrence_from": 256}),
+    ]
+
+
+def resources():
+    """Registers, spilled bytes and shared memory of each kernel of the layer's bf16 inference
+    path (64 x 512 tokens; the delta-rule kernels as the model launches them, from the
+    input projection) for each --sweep variant, from ``ptxas -v`` on the PTX Triton
+    generates for sm_90; no GPU needed. A kernel at 255 registers or spilling runs few
+    programs at a time on an SM."""
+    import re
+    import tempfile
+
+    from triton import knobs
+
+    from lam_embed.ops import triton as T
+
+    compiled = compile_only()
+    flux = make_flux()
+    default = dict(T.CONFIG)
+    print(f"{'variant':26s} {'kernel':28s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} {'smem B':>7s}")
+    for name, change in sweep_variants(default):
+        T.CONFIG.clear()
+        T.CONFIG.update(default, **change)
+        compiled.clear()
+        launch_layer_kernels(torch.bfloat16, 64, 512, flux)
+        seen = set()
+        for kernel_name, kernel in compiled:
+            if kernel_name in seen:
+                continue
+            seen.add(kernel_name)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                f.write(kernel.asm["ptx"])
+                f.flush()
+                info = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                      capture_output=True, text=True).stderr
+            regs = re.search(r"Used (\d+) registers", info)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            print(f"{name:26s} {kernel_name:28s} {kernel.metadata.num_warps:5d} {regs.group(1) if regs else '?':>5s}"
+                  f" {'/'.join(spill.groups()) if spill else '?':>14s} {kernel.metadata.shared:7d}", flush=True)
+    T.CONFIG.clear()
+    T.CONFIG.update(default)
 
 
 def bench(sweep: bool = False, compiled: bool = False):
@@ -493,27 +577,8 @@ def bench(sweep: bool = False, compiled: bool = False):
                 break
 
         if sweep:
-            default = {k: v for k, v in T.CONFIG.items()}
-            w1, w2, w3, w4 = default["num_warps"]
-            bf16_tf32 = {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"}
-            variants = [
-                ("default", {}),
-                ("prepare 2w", {"num_warps": (2, w2, w3, w4)}),
-                ("scan 2w", {"num_warps": (w1, 2, w3, w4)}),
-                ("prepare tf32", {"prepare_precision": bf16_tf32}),
-                ("stage fp32", {"stage_dtype": dict.fromkeys(default["stage_dtype"], torch.float32)}),
-                ("bt32", {"block_t": 32}),
-                ("2 parts a block", {"sub_blocks": 2}),
-                ("4 parts a block", {"sub_blocks": 4}),
-                ("recur. tf32x3", {"state_precision": "tf32x3"}),
-                ("recur. tf32", {"state_precision": "tf32"}),
-                ("recur. 2w", {"num_warps": (w1, w2, 2, w4)}),
-                ("recur. 8w", {"num_warps": (w1, w2, 8, w4)}),
-                ("output 2w", {"num_warps": (w1, w2, w3, 2)}),
-                ("output 128 rows", {"output_rows": 128}),
-                ("output in recur.", {"output_in_recurrence_from": 1}),
-                ("output in recur. from 256", {"output_in_recurrence_from": 256}),
-            ]
+            default = dict(T.CONFIG)
+            variants = sweep_variants(default)
             print("\nvariants: ms per call (max error vs chunk); the op in fp32, then the op from a bf16 projection")
             print(f"  {'variant':14s}" + "".join(f"{f'{B}x{L}':>22s}" for B, L in BENCH_SHAPES))
             for name, change in variants:
@@ -555,3 +620,5 @@ def bench(sweep: bool = False, compiled: bool = False):
 if __name__ == "__main__":
     if "--bench" in sys.argv:
         bench(sweep="--sweep" in sys.argv, compiled="--compiled" in sys.argv)
+    elif "--resources" in sys.argv:
+        resources()
