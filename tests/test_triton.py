@@ -291,13 +291,10 @@ _INTERPRETER_CHECK = textwrap.dedent("""
     T.CONFIG["stage_dtype"] = dict.fromkeys(T.CONFIG["stage_dtype"], torch.float32)
     flux = make_flux(heads=2)
     # The second case with the blocks' d x d products made one head at a time (as for a
-    # large input), the third with blocks of two 16-row parts (CONFIG["sub_blocks"]), the
-    # fourth with the output rows written by the state recurrence.
-    cases = (([100, 37], 100, 1 << 26, 1, None), ([300, 129, 10], 128, 1, 1, None),
-             ([300, 129, 10], 128, 1 << 26, 2, None), ([300, 129, 10], 128, 1 << 26, 1, 1))
-    for lengths, chunk_size, stage_bytes, sub_blocks, output_in_recurrence_from in cases:
+    # large input), the third with blocks of two 16-row parts (CONFIG["sub_blocks"]).
+    cases = (([100, 37], 100, 1 << 26, 1), ([300, 129, 10], 128, 1, 1), ([300, 129, 10], 128, 1 << 26, 2))
+    for lengths, chunk_size, stage_bytes, sub_blocks in cases:
         T.CONFIG["stage_bytes"], T.CONFIG["sub_blocks"] = stage_bytes, sub_blocks
-        T.CONFIG["output_in_recurrence_from"] = output_in_recurrence_from
         tensors, mask = make_inputs(lengths, heads=2)
         with torch.no_grad():
             ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
@@ -377,15 +374,12 @@ _COMPILE_CHECK = textwrap.dedent("""
     import torch
     sys.path.insert(0, {tests!r})
     from test_triton import compile_only, launch_layer_kernels, make_flux
-    from lam_embed.ops import triton as T
 
     compiled = compile_only()
     flux = make_flux()
     for dtype in (torch.float32, torch.bfloat16):
         for L in (100, 300):  # one chunk, three
-            for from_pairs in (None, 1):  # the outputs by chunk_output_kernel, by the recurrence
-                T.CONFIG["output_in_recurrence_from"] = from_pairs
-                launch_layer_kernels(dtype, 2, L, flux)
+            launch_layer_kernels(dtype, 2, L, flux)
     names = {{name for name, kernel in compiled if kernel.asm.get("cubin")}}
     assert names == {{"block_prepare_kernel", "chunk_scan_kernel", "state_recurrence_kernel", "chunk_output_kernel",
                      "residual_layer_norm_kernel", "embedding_layer_norm_kernel"}}, names
@@ -466,8 +460,6 @@ def sweep_variants(default: dict) -> list:
         ("recur. 8w", {"num_warps": (w1, w2, 8, w4)}),
         ("output 2w", {"num_warps": (w1, w2, w3, 2)}),
         ("output 128 rows", {"output_rows": 128}),
-        ("output in recur.", {"output_in_recurrence_from": 1}),
-        ("output in recur. from 256", {"output_in_recurrence_from": 256}),
     ]
 
 

@@ -30,9 +30,7 @@ diagonal block (block doubling, as flash-linear-attention's solve_tril merges it
    K^T U - K^T W R, coupling, normalise; chunks without valid tokens are skipped).
    It writes the normalised states R_fast, R_slow each chunk reads.
 4. ``chunk_output_kernel``, one program per (head, rows of a chunk, sample):
-   O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU). With
-   CONFIG["output_in_recurrence_from"] set, kernel 3 computes these rows itself when
-   there are at least that many (sample, head) pairs.
+   O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU).
 
 (A single kernel that ran the blocks of a chunk one after the other, inverses included,
 took 0.41 to 0.88 ms for the same work: its chain of small dependent products left the
@@ -397,19 +395,8 @@ def _add_pair(a0, a1, b0, b1):
 
 
 @triton.jit
-def state_recurrence_kernel(
-    kt, stats, r_fast, r_slow, N,
-    qw, au, gate_fast, gate_slow, o, gate_out, norm_w, L, H, CS, eps,  # OUTPUT only
-    s_sb, s_sh, s_sl, s_ob, s_oh, s_ol, s_gb, s_gl,
-    D: tl.constexpr, PREC: tl.constexpr,
-    OUTPUT: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr, OUT_PREC: tl.constexpr, CONV: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    """Both states of one (sample, head) over its N chunks; writes the R each chunk reads,
-    or with OUTPUT the chunk's output rows themselves (_chunk_output_rows, as
-    chunk_output_kernel computes them): for many (sample, head) pairs and few chunks
-    that saves a launch and the round trip of R through memory, where for few pairs it
-    would lengthen the sequential loop (CONFIG["output_in_recurrence_from"]).
+def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC: tl.constexpr):
+    """Both states of one (sample, head) over its N chunks; writes the R each chunk reads.
 
     This loop is the only sequential part of the op, so its chain of dependent steps is
     kept short: the loads of chunk n + 1 are issued before the arithmetic of chunk n,
@@ -445,15 +432,8 @@ def state_recurrence_kernel(
         # R = S d / (||S d|| + eps) = S * scale
         scale_f = df / (tl.abs(df) * norm_f + STATE_EPS)
         scale_s = ds / (tl.abs(ds) * norm_s + STATE_EPS)
-        if OUTPUT:
-            alpha = 0.5 + 0.3 * psi
-            for m in tl.static_range(C // ROWS):
-                _chunk_output_rows(qw, au, b_sf * scale_f, b_ss * scale_s, alpha, gate_fast, gate_slow, o, gate_out,
-                                   norm_w, i_c, n, i_bh % H, i_bh // H, m * ROWS + tl.arange(0, ROWS), L, CS, eps,
-                                   s_sb, s_sh, s_sl, s_ob, s_oh, s_ol, s_gb, s_gl, C, D, OUT_PREC, CONV, NORM)
-        else:
-            tl.store(r_fast + i_c * D * D + p_dd, b_sf * scale_f)
-            tl.store(r_slow + i_c * D * D + p_dd, b_ss * scale_s)
+        tl.store(r_fast + i_c * D * D + p_dd, b_sf * scale_f)
+        tl.store(r_slow + i_c * D * D + p_dd, b_ss * scale_s)
 
         b_nf = b_sf * df + (b_ktu - _mm(b_ktw, b_sf, PREC) * scale_f)
         b_ns = b_ss * ds + (b_ktu - _mm(b_ktw, b_ss, PREC) * scale_s)
@@ -475,18 +455,32 @@ def state_recurrence_kernel(
 
 
 @triton.jit
-def _chunk_output_rows(
-    qw, au, b_rf, b_rs, alpha, gate_fast, gate_slow, o, gate_out, norm_w,
-    i_c, i_n, i_h, i_b64, o_r, L, CS, eps,
-    s_sb, s_sh, s_sl, s_ob, s_oh, s_ol, s_gb, s_gl,
-    C: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr, NORM: tl.constexpr,
+def chunk_output_kernel(
+    qw, au, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate_out, norm_w,
+    L, N, H, CS, eps,
+    s_sb, s_sh, s_sl,
+    s_ob, s_oh, s_ol,
+    s_gb, s_gl,
+    C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU) for the rows o_r of chunk
-    i_n of (sample, head) i_c, QW and AU as chunk_scan_kernel left them, into o (see
-    _store_output for NORM). CONV > 0: the gates are logits (_load_scalars)."""
+    """O = alpha g_f (QW R_f + AU) + (1 - alpha) g_s (QW R_s + AU) for ROWS rows of a
+    chunk, QW and AU as chunk_scan_kernel left them, into o (see _store_output for NORM).
+    CONV > 0: the gates are logits (_load_scalars)."""
+    i_h, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = i_m // (C // ROWS)
+    i_b64 = i_b.to(tl.int64)
+    i_c = (i_b64 * H + i_h) * N + i_n
+    o_r = (i_m % (C // ROWS)) * ROWS + tl.arange(0, ROWS)
     o_d = tl.arange(0, D)
     t = i_n * CS + o_r
     m_t = (o_r < CS) & (t < L)
+
+    p_dd = i_c * D * D + o_d[:, None] * D + o_d[None, :]
+    b_rf = tl.load(r_fast + p_dd)
+    b_rs = tl.load(r_slow + p_dd)
+    alpha = 0.5 + 0.3 * tl.load(stats + i_c * 4)
+
     p_a = (i_c * C + o_r)[:, None] * D + o_d[None, :]  # rows of chunk_scan_kernel's (B, H, N C, d) buffers
     b_qw = tl.load(qw + p_a).to(tl.float32)
     b_au = tl.load(au + p_a).to(tl.float32)
@@ -499,33 +493,6 @@ def _chunk_output_rows(
     p_o = i_b64 * s_ob + i_h * s_oh + t[:, None] * s_ol + o_d[None, :]
     p_g = i_b64 * s_gb + t[:, None] * s_gl + i_h * D + o_d[None, :]
     _store_output(o, alpha * b_of + (1 - alpha) * b_os, p_o, m_t, gate_out, p_g, norm_w, eps, D, NORM)
-
-
-@triton.jit
-def chunk_output_kernel(
-    qw, au, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate_out, norm_w,
-    L, N, H, CS, eps,
-    s_sb, s_sh, s_sl,
-    s_ob, s_oh, s_ol,
-    s_gb, s_gl,
-    C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr, CONV: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    """The output rows of a chunk (_chunk_output_rows), ROWS of them a program, from the
-    states state_recurrence_kernel wrote."""
-    i_h, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = i_m // (C // ROWS)
-    i_b64 = i_b.to(tl.int64)
-    i_c = (i_b64 * H + i_h) * N + i_n
-    o_r = (i_m % (C // ROWS)) * ROWS + tl.arange(0, ROWS)
-    o_d = tl.arange(0, D)
-    p_dd = i_c * D * D + o_d[:, None] * D + o_d[None, :]
-    b_rf = tl.load(r_fast + p_dd)
-    b_rs = tl.load(r_slow + p_dd)
-    alpha = 0.5 + 0.3 * tl.load(stats + i_c * 4)
-    _chunk_output_rows(qw, au, b_rf, b_rs, alpha, gate_fast, gate_slow, o, gate_out, norm_w,
-                       i_c, i_n, i_h, i_b64, o_r, L, CS, eps, s_sb, s_sh, s_sl, s_ob, s_oh, s_ol, s_gb, s_gl,
-                       C, D, PREC, CONV, NORM)
 
 
 def flux_parameters(flux):
@@ -571,9 +538,6 @@ CONFIG = {
     # exchange between warps).
     "num_warps": (1, 1, 4, 4),
     "output_rows": 64,  # rows of a chunk per program of chunk_output_kernel
-    # Least number of (sample, head) pairs for which state_recurrence_kernel writes the
-    # output rows itself instead of chunk_output_kernel; None: never. (Not yet measured.)
-    "output_in_recurrence_from": None,
     "stage_bytes": 64 << 20,  # most memory for the blocks' d x d products at once (see triton_forward)
 }
 
@@ -662,28 +626,19 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
         )
     del maps, vecs  # free before the recurrence's buffers are made
     if not single:
+        r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
+        r_slow = torch.empty_like(r_fast)
+        state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=CONFIG["state_precision"],
+                                          num_warps=warps[2])
         rows = min(CONFIG["output_rows"], C)
-        fused = CONFIG["output_in_recurrence_from"] is not None and B * H >= CONFIG["output_in_recurrence_from"]
-        if fused:
-            r_fast = r_slow = kt  # not touched
-        else:
-            r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
-            r_slow = torch.empty_like(r_fast)
-        output_args = (qt, qv, gate_fast, gate_slow, o, gate, norm_w, L, H, chunk_size, eps,
-                       gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
-                       o.stride(0), o.stride(1), o.stride(2), gate.stride(0), gate.stride(1))
-        state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, *output_args, D=D,
-                                          PREC=CONFIG["state_precision"], OUTPUT=fused, C=C, ROWS=rows, OUT_PREC=prec,
-                                          CONV=conv, NORM=norm, num_warps=warps[2])
-        if not fused:
-            chunk_output_kernel[(H, N * (C // rows), B)](
-                qt, qv, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate, norm_w,
-                L, N, H, chunk_size, eps,
-                gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
-                o.stride(0), o.stride(1), o.stride(2),
-                gate.stride(0), gate.stride(1),
-                C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[3],
-            )
+        chunk_output_kernel[(H, N * (C // rows), B)](
+            qt, qv, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate, norm_w,
+            L, N, H, chunk_size, eps,
+            gate_fast.stride(0), gate_fast.stride(1), gate_fast.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            gate.stride(0), gate.stride(1),
+            C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[3],
+        )
     return out if norm else o
 
 
