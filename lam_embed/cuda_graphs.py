@@ -46,6 +46,17 @@ _data_ptr = torch.Tensor.data_ptr
 _version = attrgetter("_version")
 
 
+def version_sum(tensors) -> int:
+    """The sum of the tensors' version counters: counters only grow, so the sum moves when
+    any of them moves (an in-place write). Tensors made under ``torch.inference_mode`` have
+    no counter and count as 0: an in-place write to one goes unseen, as a write through
+    ``param.data`` does. The common case loops in C (``map``)."""
+    try:
+        return sum(map(_version, tensors))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return sum(t._version for t in tensors if not t.is_inference())
+
+
 def bucket_length(length: int, chunk_size: int) -> int:
     """The padded length whose graph serves inputs of ``length`` positions.
 
@@ -123,9 +134,8 @@ class ForwardGraphs:
 
     def _parameters_changed(self) -> bool:
         """Whether a parameter moved or was written in place since the last check: their
-        addresses and version counters (which only grow, so their sum moves when any of
-        them moves), read in C (``map``)."""
-        fingerprint = tuple(map(_data_ptr, self.parameters)), sum(map(_version, self.parameters))
+        addresses (read in C, ``map``) and version counters (``version_sum``)."""
+        fingerprint = tuple(map(_data_ptr, self.parameters)), version_sum(self.parameters)
         changed = fingerprint != self.fingerprint
         self.fingerprint = fingerprint
         return changed

@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_lam import LAMConfig
-from .cuda_graphs import ForwardGraphs
+from .cuda_graphs import ForwardGraphs, version_sum
 from .ops import dual_state_delta_rule, resolve_impl
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,9 @@ class DualStateDeltaNet(nn.Module):
         a layer (3 to 12% of an encode of short sentences on 2 cores). They are rebuilt when
         a parameter moves or changes in place (its version counter), after any torch
         optimizer step (fused optimizers change parameters without moving the counter)
-        and on .to() or train(); only a write through ``param.data`` goes unseen."""
+        and on .to() or train(); only a write through ``param.data``, or in place to a
+        parameter made under ``torch.inference_mode`` (it has no version counter), goes
+        unseen."""
         convs = (self.q_conv.weight, self.k_conv.weight, self.v_conv.weight)
         if torch.is_grad_enabled():
             return (*self.input_projection(), torch.cat(convs))
@@ -216,7 +218,7 @@ class DualStateDeltaNet(nn.Module):
             self.fast_decay_proj.weight, self.fast_decay_proj.bias, self.slow_decay_proj.weight,
             self.slow_decay_proj.bias, self.fast_gate_proj.weight, self.slow_gate_proj.weight, *convs,
         )
-        key = (_optimizer_steps, *((p.data_ptr(), p._version, p.dtype) for p in sources))
+        key = (_optimizer_steps, version_sum(sources), *((p.data_ptr(), p.dtype) for p in sources))
         cached = self.__dict__.get("_stacked")
         if cached is None or cached[0] != key:
             cached = self._stacked = (key, (*self.input_projection(), torch.cat(convs)))

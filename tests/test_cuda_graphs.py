@@ -114,6 +114,19 @@ def test_graphs_hold_the_parameters_and_the_stacked_weights():
     assert {p.data_ptr() for p in model.parameters()} <= {t.data_ptr() for t in held}
 
 
+def test_parameters_without_version_counters(fake_graphs):
+    """Parameters made under torch.inference_mode have no version counter; the check reads
+    their addresses and counts them as version 0."""
+    from lam_embed.cuda_graphs import version_sum
+
+    graphs, model, call = fake_graphs
+    with torch.inference_mode():
+        model.weight = torch.nn.Parameter(torch.ones(3, 3))
+    assert model.weight.is_inference() and version_sum([model.weight, model.bias]) == model.bias._version
+    call(2, 8, changes=(0, 1)), call(2, 8, changes=(0, 1))
+    assert call(2, 8, changes=(0, 1)) is not None and FakeGraph.captures == 1
+
+
 def test_at_most_max_graphs_are_kept_the_oldest_go_first(fake_graphs):
     from lam_embed.cuda_graphs import MAX_GRAPHS
 

@@ -90,6 +90,21 @@ def test_save_load_round_trips(lam, st, tmp_path):
     assert loaded.max_seq_length == 1024
 
 
+def test_model_made_under_inference_mode(lam):
+    """Parameters made under torch.inference_mode have no version counter: a model built
+    there runs, and gives the same output as the model built normally (the cached stacked
+    weights and the CUDA graphs must not need the counter)."""
+    ids = torch.randint(1000, 20000, (2, 40))
+    with torch.inference_mode():
+        model = LAMModel(lam.config)
+        model.load_state_dict(lam.state_dict())
+        model.eval()
+        assert next(model.parameters()).is_inference()
+        out = model(input_ids=ids).last_hidden_state
+        assert torch.equal(model(input_ids=ids).last_hidden_state, out)  # the cached weights
+        assert torch.allclose(out, lam(input_ids=ids).last_hidden_state, atol=1e-6)
+
+
 def test_inputs_longer_than_the_position_table(lam):
     """Positions past 512 reuse the table cyclically; the recurrence still sees order."""
     ids = torch.randint(1000, 20000, (1, 1500))
