@@ -224,6 +224,12 @@ class DualStateDeltaNet(nn.Module):
             cached = self._stacked = (key, (*self.input_projection(), torch.cat(convs)))
         return cached[1]
 
+    def kept_stacked_weights(self) -> tuple:
+        """The weights stacked_weights keeps between calls (none before the first call
+        without gradients, or after a change that drops them)."""
+        cached = self.__dict__.get("_stacked")
+        return cached[1] if cached is not None else ()
+
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_stacked", None)  # .to(), .half(), ...: never keep copies of the old tensors
         return super()._apply(fn, *args, **kwargs)
@@ -483,7 +489,7 @@ class LAMModel(LAMPreTrainedModel):
         """What a captured graph reads besides its buffers: the parameters' storage (as
         aliases, which keep it even when a parameter's ``.data`` is replaced) and the
         weights each layer stacked from them (DualStateDeltaNet.stacked_weights)."""
-        stacked = [t for layer in self.layers for t in layer.delta_net.__dict__.get("_stacked", (None, ()))[1]]
+        stacked = [t for layer in self.layers for t in layer.delta_net.kept_stacked_weights()]
         return [p.detach() for p in self.parameters()] + stacked
 
     def uses_cuda_graphs(self, input_ids: torch.Tensor) -> bool:
