@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gelu-epilogue", choices=("on", "off"), default="on",
                    help="lam_embed.modeling_lam.GELU_EPILOGUE: the FFN's bias and GELU in the matrix product's "
                    "epilogue for 16-bit inputs (off: a separate GELU kernel, erf form)")
+    p.add_argument("--graph-streams", type=int, default=modeling_lam.GRAPH_STREAMS,
+                   help="lam_embed.modeling_lam.GRAPH_STREAMS: the parts of the batch whose layers a CUDA graph runs "
+                   "on as many streams (1: one stream)")
     p.add_argument("--iters", type=int, default=10, help="calls timed, and calls profiled, per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (they hold torch.compile's compilation)")
     p.add_argument("--model", default=None, help="a LAM SentenceTransformer folder (default: LAM built from the teacher; same speed)")
@@ -161,17 +164,18 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("profile_forward needs a CUDA GPU (the kernel-time figures come from CUDA events)")
-    if any(length < 1 for length in args.lengths) or args.iters < 1 or args.warmup < 0:
-        raise SystemExit("--lengths and --iters must be >= 1, --warmup >= 0")
+    if any(length < 1 for length in args.lengths) or args.iters < 1 or args.warmup < 0 or args.graph_streams < 1:
+        raise SystemExit("--lengths, --iters and --graph-streams must be >= 1, --warmup >= 0")
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     _, lam = load_lam(args)
     lam.config.delta_impl = args.impl
     lam.config.cuda_graphs = args.cuda_graphs == "on"
     modeling_lam.GELU_EPILOGUE = args.gelu_epilogue == "on"
+    modeling_lam.GRAPH_STREAMS = args.graph_streams
     lam.to(device=device, dtype=dtype)
     bert = load_minilm_bert(args)
     result = {"dtype": args.dtype, "impl": args.impl, "cuda_graphs": args.cuda_graphs,
-              "gelu_epilogue": args.gelu_epilogue, "device": torch.cuda.get_device_name(), "lengths": {}}
+              "gelu_epilogue": args.gelu_epilogue, "graph_streams": args.graph_streams, "device": torch.cuda.get_device_name(), "lengths": {}}
     result["host_floor_ms"] = host_floor(lam, minilm_for_length(bert, 16).to(device=device, dtype=dtype), device,
                                          args.iters)
     logger.info("host floor (wall of a forward of one 16-token input), ms: %s", result["host_floor_ms"])

@@ -4,7 +4,7 @@ eager forward, through shape buckets, weight changes and bad inputs."""
 import pytest
 import torch
 
-from lam_embed import LAMConfig, LAMModel
+from lam_embed import LAMConfig, LAMModel, modeling_lam
 from lam_embed.cuda_graphs import LENGTH_STEP, bucket_length
 
 
@@ -241,6 +241,20 @@ def test_graph_of_a_multi_chunk_input_equals_eager_forward(gpu_model):
         ids, mask = inputs([length, 129, 40], length, seed=3)
         out = graphed(gpu_model, ids, mask)
         assert len(gpu_model._graphs.graphs) == 1 and out.shape[1] == length
+        assert close(out, eager(gpu_model, ids, mask), mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streams", [1, 3])
+def test_batch_parts_on_streams_equal_eager_forward(gpu_model, monkeypatch, streams):
+    """A graph runs the layers of GRAPH_STREAMS parts of the batch on as many streams (the
+    other tests cover the default, 2): one stream, and uneven parts (5 inputs in 3 parts:
+    2, 2, 1) of mixed lengths, give the values of the eager forward in the inputs' order."""
+    monkeypatch.setattr(modeling_lam, "GRAPH_STREAMS", streams)
+    ids, mask = inputs([37, 300, 1, 129, 20], 300, seed=4)
+    with torch.inference_mode():
+        out = graphed(gpu_model, ids, mask)
+        assert len(gpu_model._graphs.graphs) == 1
         assert close(out, eager(gpu_model, ids, mask), mask)
 
 
