@@ -51,6 +51,10 @@ GELU_EPILOGUE = True
 # tokens from 4.30 to 3.90 ms and one of 4 x 8,192 from 4.64 to 4.27 ms; three, four and
 # six gained less (evaluation/results/graph-streams-h200.json). 1: one stream.
 GRAPH_STREAMS = 2
+# Fewer tokens (batch x padded length) run on one stream: there the parts' extra launches
+# cost more than the overlap gains (at 2,048 tokens 0.56 against 0.45 ms a forward, at
+# 8,192 even, at 16,384 two streams 2% faster; evaluation/results/graph-streams-small-h200.json).
+GRAPH_STREAMS_MIN_TOKENS = 16384
 
 # Optimizer steps taken in this process, for DualStateDeltaNet.stacked_weights: fused
 # optimizers update parameters in place without moving their version counters.
@@ -527,7 +531,7 @@ class LAMModel(LAMPreTrainedModel):
     def _graph_forward(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """What a CUDA graph captures: the last hidden state and the value summary of the inputs."""
         summary = self.value_summary(input_ids, attention_mask, token_type_ids)
-        parts = min(GRAPH_STREAMS, input_ids.shape[0])
+        parts = min(GRAPH_STREAMS, input_ids.shape[0]) if input_ids.numel() >= GRAPH_STREAMS_MIN_TOKENS else 1
         return self._encode(input_ids, token_type_ids, attention_mask.bool(), clamp=True, parts=parts), summary
 
     def _graph_tensors_read(self) -> list[torch.Tensor]:

@@ -245,12 +245,13 @@ def test_graph_of_a_multi_chunk_input_equals_eager_forward(gpu_model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("streams", [1, 3])
+@pytest.mark.parametrize("streams", [1, 2, 3])
 def test_batch_parts_on_streams_equal_eager_forward(gpu_model, monkeypatch, streams):
-    """A graph runs the layers of GRAPH_STREAMS parts of the batch on as many streams (the
-    other tests cover the default, 2): one stream, and uneven parts (5 inputs in 3 parts:
-    2, 2, 1) of mixed lengths, give the values of the eager forward in the inputs' order."""
+    """A graph runs the layers of GRAPH_STREAMS parts of the batch on as many streams: one
+    stream, and even or uneven parts (5 inputs in 3 parts: 2, 2, 1) of mixed lengths, give
+    the values of the eager forward in the inputs' order."""
     monkeypatch.setattr(modeling_lam, "GRAPH_STREAMS", streams)
+    monkeypatch.setattr(modeling_lam, "GRAPH_STREAMS_MIN_TOKENS", 0)  # this small batch too
     ids, mask = inputs([37, 300, 1, 129, 20], 300, seed=4)
     with torch.inference_mode():
         out = graphed(gpu_model, ids, mask)
