@@ -175,7 +175,8 @@ def main(argv=None) -> dict:
     lam.to(device=device, dtype=dtype)
     bert = load_minilm_bert(args)
     result = {"dtype": args.dtype, "impl": args.impl, "cuda_graphs": args.cuda_graphs,
-              "gelu_epilogue": args.gelu_epilogue, "graph_streams": args.graph_streams, "device": torch.cuda.get_device_name(), "lengths": {}}
+              "gelu_epilogue": args.gelu_epilogue, "graph_streams": args.graph_streams,
+              "device": torch.cuda.get_device_name(), "lengths": {}}
     result["host_floor_ms"] = host_floor(lam, minilm_for_length(bert, 16).to(device=device, dtype=dtype), device,
                                          args.iters)
     logger.info("host floor (wall of a forward of one 16-token input), ms: %s", result["host_floor_ms"])

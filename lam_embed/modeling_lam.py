@@ -486,10 +486,10 @@ class LAMModel(LAMPreTrainedModel):
                 clamp: bool = False, parts: int = 1) -> torch.Tensor:
         """Embeddings and layers: the last hidden state. The layer inputs and the output
         are appended to ``hidden_states`` when it is given. ``parts`` > 1: the layers run
-        on that many CUDA streams (_layers_on_streams; no hidden states). ``clamp``: the ids' values are
-        checked only once the forward pass is queued (on CUDA, see check_input_values), so
-        ids outside the tables must not reach the embedding lookup, where an out-of-range
-        read would end the CUDA context instead of raising."""
+        on that many CUDA streams (_layers_on_streams; no hidden states). ``clamp``: the
+        ids' values are checked only once the forward pass is queued (on CUDA, see
+        check_input_values), so ids outside the tables must not reach the embedding
+        lookup, where an out-of-range read would end the CUDA context instead of raising."""
         if (not self.training and self.layers
                 and fused_layer_code(input_ids, self.layers[0].delta_net, self.embeddings.word_embeddings.weight) == "triton"):
             x = self.embeddings.fused(input_ids, token_type_ids)  # clamps as it reads
