@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph-streams", type=int, default=modeling_lam.GRAPH_STREAMS,
                    help="lam_embed.modeling_lam.GRAPH_STREAMS: the parts of the batch whose layers a CUDA graph runs "
                    "on as many streams (1: one stream)")
+    p.add_argument("--graph-streams-min-tokens", type=int, default=modeling_lam.GRAPH_STREAMS_MIN_TOKENS,
+                   help="lam_embed.modeling_lam.GRAPH_STREAMS_MIN_TOKENS: batches of fewer tokens (batch x padded "
+                   "length) run on one stream")
     p.add_argument("--iters", type=int, default=10, help="calls timed, and calls profiled, per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (they hold torch.compile's compilation)")
     p.add_argument("--model", default=None, help="a LAM SentenceTransformer folder (default: LAM built from the teacher; same speed)")
@@ -172,10 +175,12 @@ def main(argv=None) -> dict:
     lam.config.cuda_graphs = args.cuda_graphs == "on"
     modeling_lam.GELU_EPILOGUE = args.gelu_epilogue == "on"
     modeling_lam.GRAPH_STREAMS = args.graph_streams
+    modeling_lam.GRAPH_STREAMS_MIN_TOKENS = args.graph_streams_min_tokens
     lam.to(device=device, dtype=dtype)
     bert = load_minilm_bert(args)
     result = {"dtype": args.dtype, "impl": args.impl, "cuda_graphs": args.cuda_graphs,
               "gelu_epilogue": args.gelu_epilogue, "graph_streams": args.graph_streams,
+              "graph_streams_min_tokens": args.graph_streams_min_tokens,
               "device": torch.cuda.get_device_name(), "lengths": {}}
     result["host_floor_ms"] = host_floor(lam, minilm_for_length(bert, 16).to(device=device, dtype=dtype), device,
                                          args.iters)
