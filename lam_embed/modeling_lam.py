@@ -49,7 +49,8 @@ GELU_EPILOGUE = True
 # inputs end in part-filled waves. The values are those of the whole batch (each sample's
 # computation is its own). On an H200 two streams took a bfloat16 forward of 64 x 512
 # tokens from 4.30 to 3.90 ms and one of 4 x 8,192 from 4.64 to 4.27 ms; three, four and
-# six gained less (evaluation/results/graph-streams-h200.json). 1: one stream.
+# six gained less (evaluation/results/graph-streams-h200.json). 1: one stream. Both
+# settings are read when a shape's graph is captured; graphs kept from before keep theirs.
 GRAPH_STREAMS = 2
 # Fewer tokens (batch x padded length) run on one stream: there the parts' extra launches
 # cost more than the overlap gains (at 2,048 tokens 0.56 against 0.45 ms a forward, at
