@@ -108,9 +108,9 @@ def word_budget(length: int) -> int:
 
 
 def _sentence_starts(words: list[str]) -> list[int]:
-    """Word positions where a sentence may be inserted: the start, after each sentence end, the end."""
-    starts = [0] + [i + 1 for i, word in enumerate(words) if word.endswith((".", "!", "?"))]
-    return sorted(set(starts) | {len(words)})
+    """Word positions where a sentence may be inserted: the start and after each sentence end
+    (the end only where the text ends a sentence, not where a budget cut it)."""
+    return sorted({0} | {i + 1 for i, word in enumerate(words) if word.endswith((".", "!", "?"))})
 
 
 def _insert_at_sentence_boundary(rng: random.Random, haystack: list[str], line: str) -> str:
@@ -443,44 +443,57 @@ def _synchronize(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def evaluate_model(model, tasks: Sequence[RetrievalTask], methods: Sequence[str], max_length: int = 32768,
-                   batch_tokens: int = 16384, label: str = "model", done: dict | None = None,
-                   on_result: Callable[[str, str, dict], None] | None = None) -> dict[str, dict[str, dict]]:
-    """Score ``model`` on every task with every method: ``{method: {task: {"score", "seconds", "documents"}}}``.
+def _timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - start
 
-    A method's seconds are the time to tokenize the task's documents plus the time to embed
-    what the method reads of them (chunk-mean and chunk-max read the same chunks, and each
-    counts them in full). ``done`` holds results already known, by method and task, which
-    are kept and not computed again; ``on_result(method, task, result)`` sees each new one.
+
+def evaluate_model(model, tasks: Sequence[RetrievalTask], methods: Sequence[str], max_length: int = 32768,
+                   batch_tokens: int = 16384, label: str = "model", warm: bool = True, done: dict | None = None,
+                   on_result: Callable[[str, str, dict], None] | None = None) -> dict[str, dict[str, dict]]:
+    """Score ``model`` on every task with every method.
+
+    Returns ``{method: {task: result}}``, a result being ``{"score", "documents",
+    "tokenize_seconds", "embed_seconds", "warm_embed_seconds"}``. ``tokenize_seconds`` is the
+    time to tokenize the task's documents; ``embed_seconds`` the time to embed what the method
+    reads of them the first time, kernel compilation and per-shape set-up included (chunk-mean
+    and chunk-max read the same chunks, and each counts them in full); with ``warm``, the same
+    inputs are embedded a second time for ``warm_embed_seconds``. ``done`` holds results already
+    known, by method and task, which are kept and not computed again; ``on_result(method, task,
+    result)`` sees each new one.
     """
     views = {m: method_view(model, m, max_length) for m in methods}
     tokenizer = model.tokenizer
     query_view = DocumentView("truncate", model.max_seq_length)
     results = {m: dict((done or {}).get(m, {})) for m in methods}
+
+    def embed(sequences, desc=""):
+        embeddings = embed_sequences(model, sequences, batch_tokens, desc=desc, show_progress_bar=bool(desc))
+        _synchronize(model)
+        return embeddings
+
     for task in tasks:
         todo = [m for m in methods if task.name not in results[m]]
         if not todo:
             continue
         queries, _ = view_sequences(tokenizer, tokenize(tokenizer, task.queries), query_view)
-        query_embeddings = embed_sequences(model, queries, batch_tokens, show_progress_bar=False)
-        _synchronize(model)
-        start = time.perf_counter()
-        token_ids = tokenize(tokenizer, task.documents)
-        tokenize_seconds = time.perf_counter() - start
-        embedded = {}  # view -> (embeddings, owner, seconds)
+        query_embeddings = embed(queries)
+        token_ids, tokenize_seconds = _timed(tokenize, tokenizer, task.documents)
+        embedded = {}  # view -> (embeddings, owner, seconds, warm seconds)
         for method in todo:
             view = views[method]
             if view not in embedded:
-                start = time.perf_counter()
                 sequences, owner = view_sequences(tokenizer, token_ids, view)
-                embeddings = embed_sequences(model, sequences, batch_tokens, desc=f"{label} {method_label(method, view)} {task.name}")
-                _synchronize(model)
-                embedded[view] = (embeddings, owner, time.perf_counter() - start)
-            embeddings, owner, seconds = embedded[view]
+                desc = f"{label} {method_label(method, view)} {task.name}"
+                embeddings, seconds = _timed(embed, sequences, desc)
+                warm_seconds = _timed(embed, sequences, desc + " (warm)")[1] if warm else None
+                embedded[view] = (embeddings, owner, seconds, warm_seconds)
+            embeddings, owner, seconds, warm_seconds = embedded[view]
             pooling = "max" if method == "chunk-max" else "mean"
             scores = document_scores(query_embeddings, embeddings, owner, len(task.documents), pooling)
-            result = {"score": task_score(task, scores), "seconds": tokenize_seconds + seconds,
-                      "documents": len(task.documents)}
+            result = {"score": task_score(task, scores), "documents": len(task.documents),
+                      "tokenize_seconds": tokenize_seconds, "embed_seconds": seconds, "warm_embed_seconds": warm_seconds}
             results[method][task.name] = result
             if on_result is not None:
                 on_result(method, task.name, result)
@@ -488,23 +501,29 @@ def evaluate_model(model, tasks: Sequence[RetrievalTask], methods: Sequence[str]
     return results
 
 
-def evaluate_bm25(tasks: Sequence[RetrievalTask], done: dict | None = None,
+def evaluate_bm25(tasks: Sequence[RetrievalTask], warm: bool = True, done: dict | None = None,
                   on_result: Callable[[str, str, dict], None] | None = None) -> dict[str, dict]:
-    """BM25 (``bm25s``, English stopwords) on every task: ``{task: {"score", "seconds", "documents"}}``;
-    the seconds are those of tokenizing and indexing the documents."""
+    """BM25 (``bm25s``, English stopwords) on every task, ``{task: result}`` as in
+    :func:`evaluate_model`; tokenizing the documents is the tokenize time, indexing them the
+    embed time."""
     import bm25s
+
+    def index(tokens):
+        retriever = bm25s.BM25()
+        retriever.index(tokens, show_progress=False)
+        return retriever
 
     results = dict(done or {})
     for task in tqdm(tasks, desc="bm25", leave=False):
         if task.name in results:
             continue
-        start = time.perf_counter()
-        retriever = bm25s.BM25()
-        retriever.index(bm25s.tokenize(task.documents, stopwords="en", show_progress=False), show_progress=False)
-        seconds = time.perf_counter() - start
+        tokens, tokenize_seconds = _timed(bm25s.tokenize, task.documents, stopwords="en", show_progress=False)
+        retriever, seconds = _timed(index, tokens)
         query_tokens = bm25s.tokenize(task.queries, stopwords="en", return_ids=False, show_progress=False)
         scores = np.stack([retriever.get_scores(tokens) for tokens in query_tokens])
-        results[task.name] = {"score": task_score(task, scores), "seconds": seconds, "documents": len(task.documents)}
+        results[task.name] = {"score": task_score(task, scores), "documents": len(task.documents),
+                              "tokenize_seconds": tokenize_seconds, "embed_seconds": seconds,
+                              "warm_embed_seconds": _timed(index, tokens)[1] if warm else None}
         if on_result is not None:
             on_result("bm25", task.name, results[task.name])
     return results
@@ -535,21 +554,28 @@ def table_columns(tasks: Sequence[RetrievalTask]) -> list[tuple[str, list[str]]]
 
 
 def summarise_row(results: dict[str, dict], columns: list[tuple[str, list[str]]]) -> dict:
-    """A row's column values (x100), documents, seconds and documents per second."""
+    """A row's column values (x100), and its documents, seconds and documents per second over all
+    tasks: first pass (tokenize + embed) and, where measured, warm (tokenize + warm embed)."""
     values = {header: 100 * float(np.mean([results[n]["score"] for n in names])) for header, names in columns}
     documents = sum(r["documents"] for r in results.values())
-    seconds = sum(r["seconds"] for r in results.values())
-    return {"columns": values, "documents": documents, "seconds": seconds,
-            "documents_per_second": documents / seconds if seconds > 0 else math.inf}
+    seconds = sum(r["tokenize_seconds"] + r["embed_seconds"] for r in results.values())
+    row = {"columns": values, "documents": documents, "seconds": seconds,
+           "documents_per_second": documents / seconds if seconds > 0 else math.inf}
+    if all(r["warm_embed_seconds"] is not None for r in results.values()):
+        warm = sum(r["tokenize_seconds"] + r["warm_embed_seconds"] for r in results.values())
+        row.update(warm_seconds=warm, warm_documents_per_second=documents / warm if warm > 0 else math.inf)
+    return row
 
 
 def format_table(rows: Sequence[dict], columns: list[tuple[str, list[str]]]) -> str:
-    """A markdown table: one row per (model, method), the columns of ``table_columns``, docs/s."""
-    headers = ["model", "method", *(h for h, _ in columns), "docs/s"]
+    """A markdown table: one row per (model, method), the columns of ``table_columns``, documents
+    per second (first pass, and warm where every row has it)."""
+    warm = all("warm_documents_per_second" in row for row in rows)
+    headers = ["model", "method", *(h for h, _ in columns), "docs/s", *(["docs/s warm"] if warm else [])]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [row["model"], row["method"], *(f"{row['columns'][h]:.1f}" for h, _ in columns),
-                 f"{row['documents_per_second']:,.0f}"]
+                 f"{row['documents_per_second']:,.0f}", *([f"{row['warm_documents_per_second']:,.0f}"] if warm else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -612,6 +638,9 @@ def _parse_args(argv):
     p.add_argument("--batch-tokens", type=_positive, default=None,
                    help="padded tokens per forward batch (a longer document gets a batch of its own). "
                         "Default: 131072 on cuda, 16384 on cpu")
+    p.add_argument("--no-warm", action="store_true",
+                   help="embed each method's documents once: no second, warm pass and no 'docs/s warm' column. "
+                        "Default: off (the figures are computed on the first pass; the second only times)")
     p.add_argument("--output", metavar="FILE.json", default=None,
                    help="write the table's figures, per-task results, settings and environment to this JSON "
                         "file. While running, finished results are kept in FILE.json.partial. Default: no file")
@@ -673,7 +702,10 @@ def _write_json(path: Path, data: dict) -> None:
 def main(argv=None) -> int:
     parser, args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build
+    if "bm25" in args.methods:
+        import bm25s  # noqa: F401  (its import sets its logger to DEBUG, which logs every index build)
+
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
 
     import torch
 
@@ -696,7 +728,7 @@ def main(argv=None) -> int:
     settings = {"models": args.models, "methods": args.methods, "tasks": args.tasks, "lengths": args.lengths,
                 "documents_per_length": args.documents_per_length, "queries_per_length": args.queries_per_length,
                 "seed": args.seed, "max_length": args.max_length, "device": device, "dtype": dtype,
-                "batch_tokens": batch_tokens, "data_dir": args.data_dir}
+                "batch_tokens": batch_tokens, "warm": not args.no_warm, "data_dir": args.data_dir}
     partial_path = Path(args.output + ".partial") if args.output else None
     done: dict[str, dict] = {}  # "model|method" -> {task: result}
     if args.resume and partial_path.is_file():
@@ -734,7 +766,8 @@ def main(argv=None) -> int:
         # Compile kernels and allocate before timing: cold start is not what the figures compare.
         embed_sequences(model, [[1] * 64, [1] * min(limit or WINDOW, WINDOW)], batch_tokens, show_progress_bar=False)
         known = {m: done.get(f"{name}|{m}", {}) for m in methods}
-        results = evaluate_model(model, tasks, methods, args.max_length, batch_tokens, label, known, keep(name))
+        results = evaluate_model(model, tasks, methods, args.max_length, batch_tokens, label, not args.no_warm,
+                                 known, keep(name))
         for method in methods:
             view = method_view(model, method, args.max_length)
             rows.append({"model": label, "path": name, "method": method_label(method, view), "tokens": view.tokens,
@@ -743,7 +776,7 @@ def main(argv=None) -> int:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if "bm25" in args.methods:
-        results = evaluate_bm25(tasks, done.get("bm25|bm25"), keep("bm25"))
+        results = evaluate_bm25(tasks, not args.no_warm, done.get("bm25|bm25"), keep("bm25"))
         rows.append({"model": "-", "path": None, "method": "bm25", "tokens": None, "results": results,
                      **summarise_row(results, columns)})
 
