@@ -304,7 +304,7 @@ def run_cli(tmp_path, *extra, models=None):
 
 def test_cli_runs_every_task_and_method(tmp_path, capsys, minilm_path, lam_folder):
     out = tmp_path / "longdoc.json"
-    assert run_cli(tmp_path, "--output", str(out), models=[minilm_path, lam_folder]) == 0
+    assert run_cli(tmp_path, "--output", str(out), "--warm-passes", "1", models=[minilm_path, lam_folder]) == 0
     report = json.loads(out.read_text())
     assert report["schema"] == longdoc.SCHEMA and not (tmp_path / "longdoc.json.partial").exists()
     rows = {(r["model"], r["method"]): r for r in report["rows"]}
@@ -336,7 +336,7 @@ def test_cli_runs_every_task_and_method(tmp_path, capsys, minilm_path, lam_folde
 
 def test_cli_resumes_from_its_checkpoint(tmp_path, minilm_path):
     out = tmp_path / "longdoc.json"
-    args = ["--output", str(out), "--tasks", "passkey", "--methods", "truncate", "--no-warm"]
+    args = ["--output", str(out), "--tasks", "passkey", "--methods", "truncate", "--warm-passes", "0"]
     name = minilm_path
     assert run_cli(tmp_path, *args, models=[name]) == 0
     first = json.loads(out.read_text())
@@ -363,6 +363,7 @@ def test_cli_resumes_from_its_checkpoint(tmp_path, minilm_path):
         (["--lengths", "32"], "--lengths: at least 64 tokens, got 32"),
         (["--queries-per-length", "5"], "--queries-per-length must not exceed --documents-per-length"),
         (["--resume"], "--resume needs --output"),
+        (["--warm-passes", "-1"], "--warm-passes: expected 0 or more, got -1"),
     ],
 )
 def test_cli_rejects_bad_arguments(tmp_path, capsys, extra, message):
