@@ -9,7 +9,7 @@ DELTA_IMPLS = ("auto", "naive", "chunk", "compiled", "triton")
 
 class LAMConfig(PretrainedConfig):
     """Configuration of a LAM encoder: a BERT encoder whose self-attention is a
-    dual-state DeltaNet layer (see SPEC.md).
+    dual-state DeltaNet layer (see docs/SPEC.md).
 
     The BERT fields keep BERT's names and meanings so that a BERT teacher's
     weights map onto LAM one to one, except ``position_table_size`` (BERT's
@@ -18,7 +18,7 @@ class LAMConfig(PretrainedConfig):
     The DeltaNet fields:
 
     Args:
-        chunk_size: positions per chunk of the chunked delta rule (C in SPEC.md).
+        chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
         conv_size: kernel size of the causal depthwise convolutions on q, k, v.
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.
         state_dropout: dropout on each chunk's state update while training (0 = off).

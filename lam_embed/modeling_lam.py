@@ -1,4 +1,4 @@
-"""LAM: a BERT encoder whose self-attention is a dual-state DeltaNet layer (SPEC.md)."""
+"""LAM: a BERT encoder whose self-attention is a dual-state DeltaNet layer (docs/SPEC.md)."""
 
 from __future__ import annotations
 
@@ -136,6 +136,14 @@ class ResonanceFlux(nn.Module):
         psi = torch.sigmoid(F.linear(hidden, self.out.weight.float(), self.out.bias.float()))[..., 0]
         return psi.clamp(0.01, 0.99)
 
+    def kernel_parameters(self) -> list[torch.Tensor] | None:
+        """The tensors from which the fused kernels (ops/triton.py) compute this forward,
+        in their order; None for a subclass with a forward of its own, which they do not
+        compute."""
+        if type(self).forward is not ResonanceFlux.forward:
+            return None
+        return [self.bilinear, self.temperature, self.hidden.weight, self.hidden.bias, self.out.weight, self.out.bias]
+
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Depthwise causal convolution of x (B, L, C) with weight (C, 1, K):
@@ -168,7 +176,7 @@ class CausalDepthwiseConv(nn.Conv1d):
 
 
 class DualStateDeltaNet(nn.Module):
-    """The token mixer of a LAM layer (SPEC.md section 2)."""
+    """The token mixer of a LAM layer (docs/SPEC.md section 2)."""
 
     def __init__(self, config: LAMConfig):
         super().__init__()

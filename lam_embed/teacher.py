@@ -73,7 +73,7 @@ def resolve_teacher_path(name_or_path: str | os.PathLike | None = None) -> str:
 
 
 # Teacher (BERT) parameter name -> LAM parameter name, per layer. The q/k/v/output
-# biases have no counterpart: the DeltaNet projections have none (SPEC.md).
+# biases have no counterpart: the DeltaNet projections have none (docs/SPEC.md).
 _LAYER_MAP = {
     "attention.self.query.weight": "delta_net.q_proj.weight",
     "attention.self.key.weight": "delta_net.k_proj.weight",
@@ -117,7 +117,7 @@ def teacher_to_lam_state_dict(teacher_state: dict, num_layers: int) -> dict:
 
 
 def from_teacher(name_or_path: str | os.PathLike | None = None, **config_overrides):
-    """A LAMModel initialised from a BERT-style teacher (SPEC.md section 1).
+    """A LAMModel initialised from a BERT-style teacher (docs/SPEC.md section 1).
 
     Embeddings, FFNs and LayerNorms are copied; the DeltaNet's q/k/v/o projections
     start from the teacher's query/key/value/attention-output weights; the other

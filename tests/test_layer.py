@@ -42,7 +42,7 @@ def make_inputs(seed=1):
 
 
 def reference_forward(net, x, mask):
-    """The layer as SPEC.md writes it: separate projections, nn.Conv1d on (B, D, L)."""
+    """The layer as docs/SPEC.md writes it: separate projections, nn.Conv1d on (B, D, L)."""
     config = net.config
     B, L, D = x.shape
     H = config.num_attention_heads

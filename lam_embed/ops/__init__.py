@@ -81,7 +81,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux, *,
                           chunk_size: int = 128, state_dropout: float = 0.0, training: bool = False,
                           impl: str = "auto", qk_l2norm: bool = False) -> torch.Tensor:
-    """Dual-state delta rule of SPEC.md; returns O (B, H, L, d) in q's dtype.
+    """Dual-state delta rule of docs/SPEC.md; returns O (B, H, L, d) in q's dtype.
 
     The state math runs in float32 whatever the input dtype and autocast say.
     ``qk_l2norm``: q and k are given unnormalised and the op makes each head's query

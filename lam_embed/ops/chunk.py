@@ -1,4 +1,4 @@
-"""Chunked form of the dual-state delta rule (SPEC.md section 2).
+"""Chunked form of the dual-state delta rule (docs/SPEC.md section 2).
 
 Everything that depends on one chunk alone is computed for all chunks at once:
 the exact inverse T = (I + strictly_lower(Kb K^T))^-1 by a unit-triangular solve,

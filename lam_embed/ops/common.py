@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Guards the division of a state by its Frobenius norm (SPEC.md: epsilon = 1e-8).
+# Guards the division of a state by its Frobenius norm (docs/SPEC.md: epsilon = 1e-8).
 EPS = 1e-8
 # Guards the division of a query or key by its norm (F.normalize's eps in the layer).
 QK_NORM_EPS = 1e-6

@@ -1,4 +1,4 @@
-"""Token-level reference of the dual-state delta rule (SPEC.md section 2).
+"""Token-level reference of the dual-state delta rule (docs/SPEC.md section 2).
 
 Readable and slow: a loop over chunks and, inside each chunk, over tokens. It is
 the oracle the chunked and fused implementations are tested against, so it

@@ -1,4 +1,4 @@
-"""Fused Triton implementation of the dual-state delta rule (SPEC.md section 2).
+"""Fused Triton implementation of the dual-state delta rule (docs/SPEC.md section 2).
 
 Same contract as ``chunk_dual_state_delta_rule`` (chunk.py), computed by four kernels.
 For 32,768 tokens of 12 heads x 32 on an H200, the layer's token mixer from its bfloat16
@@ -496,12 +496,11 @@ def chunk_output_kernel(
 
 
 def flux_parameters(flux):
-    """The tensors of a ResonanceFlux the kernel reads, or None for any other flux."""
-    from ..modeling_lam import ResonanceFlux  # imported here: modeling_lam imports this package
-
-    if not isinstance(flux, ResonanceFlux) or type(flux).forward is not ResonanceFlux.forward:
-        return None
-    return [flux.bilinear, flux.temperature, flux.hidden.weight, flux.hidden.bias, flux.out.weight, flux.out.bias]
+    """The tensors the kernel reads of a flux module that offers them through
+    ``kernel_parameters()`` (the layer's ResonanceFlux: bilinear, temperature, hidden
+    weight and bias, out weight and bias), or None for any other flux."""
+    offer = getattr(flux, "kernel_parameters", None)
+    return offer() if callable(offer) else None
 
 
 def _common_layout(tensors, unit_last: bool):
