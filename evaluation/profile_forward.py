@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lam_embed import modeling_lam
+from lam_embed import LAMConfig
 
 from .benchmark import (
     DTYPES,
@@ -145,13 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                    help="LAM's config.cuda_graphs: replay a CUDA graph per input shape (off: launch each kernel from Python)")
     p.add_argument("--gelu-epilogue", choices=("on", "off"), default="on",
-                   help="lam_embed.modeling_lam.GELU_EPILOGUE: the FFN's bias and GELU in the matrix product's "
+                   help="LAMConfig.gelu_epilogue: the FFN's bias and GELU in the matrix product's "
                    "epilogue for 16-bit inputs (off: a separate GELU kernel, erf form)")
-    p.add_argument("--graph-streams", type=int, default=modeling_lam.GRAPH_STREAMS,
-                   help="lam_embed.modeling_lam.GRAPH_STREAMS: the parts of the batch whose layers a CUDA graph runs "
+    p.add_argument("--graph-streams", type=int, default=LAMConfig().graph_streams,
+                   help="LAMConfig.graph_streams: the parts of the batch whose layers a CUDA graph runs "
                    "on as many streams (1: one stream)")
-    p.add_argument("--graph-streams-min-tokens", type=int, default=modeling_lam.GRAPH_STREAMS_MIN_TOKENS,
-                   help="lam_embed.modeling_lam.GRAPH_STREAMS_MIN_TOKENS: batches of fewer tokens (batch x padded "
+    p.add_argument("--graph-streams-min-tokens", type=int, default=LAMConfig().graph_streams_min_tokens,
+                   help="LAMConfig.graph_streams_min_tokens: batches of fewer tokens (batch x padded "
                    "length) run on one stream")
     p.add_argument("--iters", type=int, default=10, help="calls timed, and calls profiled, per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (they hold torch.compile's compilation)")
@@ -173,9 +173,9 @@ def main(argv=None) -> dict:
     _, lam = load_lam(args)
     lam.config.delta_impl = args.impl
     lam.config.cuda_graphs = args.cuda_graphs == "on"
-    modeling_lam.GELU_EPILOGUE = args.gelu_epilogue == "on"
-    modeling_lam.GRAPH_STREAMS = args.graph_streams
-    modeling_lam.GRAPH_STREAMS_MIN_TOKENS = args.graph_streams_min_tokens
+    lam.config.gelu_epilogue = args.gelu_epilogue == "on"
+    lam.config.graph_streams = args.graph_streams
+    lam.config.graph_streams_min_tokens = args.graph_streams_min_tokens
     lam.to(device=device, dtype=dtype)
     bert = load_minilm_bert(args)
     result = {"dtype": args.dtype, "impl": args.impl, "cuda_graphs": args.cuda_graphs,

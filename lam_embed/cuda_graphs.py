@@ -20,7 +20,7 @@ thrown away and the forward runs eagerly), and the oldest when more than
 tokens; a shape of more tokens than that runs eagerly. All graphs of a model share one
 memory pool: they replay one at a time on one stream, and each output is copied out
 before the next replay. Inside a graph the batch may run in parts on several streams
-(modeling_lam.GRAPH_STREAMS): the capture records them as parallel branches.
+(LAMConfig.graph_streams): the capture records them as parallel branches.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ import numba
 import numpy as np
 import torch
 
-from .ops.common import EPS, QK_NORM_EPS
+from .ops.common import EPS, PSI_MAX, PSI_MIN, QK_NORM_EPS
 
 # fastmath with NaNs and infinities kept ("nnan", "ninf" off): reassociation lets the
 # dot products vectorise, and a NaN in the input still shows in the output.
@@ -101,7 +101,7 @@ def _flux(mean_k, mean_u, score, w_hidden, b_hidden, w_out, b_out):
         for c in range(d):
             z += w_hidden[j, c] * mean_k[c] + w_hidden[j, d + c] * mean_u[c]
         y += w_out[j] * z * _sigmoid(z)
-    return min(max(_sigmoid(y), np.float32(0.01)), np.float32(0.99))
+    return min(max(_sigmoid(y), np.float32(PSI_MIN)), np.float32(PSI_MAX))
 
 
 @numba.njit(fastmath=_FASTMATH, cache=True, inline="always")

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .configuration_lam import LAMConfig
 from .cuda_graphs import ForwardGraphs, version_sum
 from .ops import dual_state_delta_rule, resolve_impl
+from .ops.common import PSI_MAX, PSI_MIN
 
 logger = logging.getLogger(__name__)
 
@@ -26,40 +27,15 @@ except ImportError:  # pragma: no cover - older transformers
     init = nn.init
 
 
-# On CUDA with delta_impl "triton" or "compiled", the layer code around the delta rule
-# (delta_net_features, delta_net_output, the residual LayerNorms) runs fused: with
-# "triton" at inference, inside the delta-rule kernels (which read the input projection)
-# and as the Triton kernels of layer_triton.py; with "compiled", or when gradients are
-# needed, under torch.compile. On CPU at inference, the delta rule and the output norm and
-# gate run as one numba kernel (layer_numba.py). False keeps it eager everywhere
-# (debugging, or where neither works).
-FUSE_LAYER_CODE = True
-
-# At inference on CUDA through the Triton layer code with 16-bit weights, the FFN's first
-# product, bias and GELU are one cuBLASLt call with a GELU epilogue (the separate GELU
-# kernel took 0.43 ms of a 4.8 ms forward of 32,768 tokens on an H200). That epilogue
-# computes the tanh form of GELU, which differs from the erf form by at most 4.7e-4, below
-# bfloat16's rounding (3.9e-3 of the value); float32 keeps the erf form. False: never.
-GELU_EPILOGUE = True
-
-# Inside a CUDA graph of the forward (cuda_graphs.py), the batch is cut into up to
-# GRAPH_STREAMS parts whose layers run on as many CUDA streams, so that the kernels of one
-# part fill the SMs that another leaves idle: the delta rule's state recurrence runs one
-# program per (sample, head) and one chunk after the other, and the small kernels of short
-# inputs end in part-filled waves. The values are those of the whole batch (each sample's
-# computation is its own). On an H200 two streams took a bfloat16 forward of 64 x 512
-# tokens from 4.30 to 3.90 ms and one of 4 x 8,192 from 4.64 to 4.27 ms; three, four and
-# six gained less (evaluation/results/graph-streams-h200.json). 1: one stream. Both
-# settings are read when a shape's graph is captured; graphs kept from before keep theirs.
-GRAPH_STREAMS = 2
-# Fewer tokens (batch x padded length) run on one stream: there the parts' extra launches
-# cost more than the overlap gains (at 2,048 tokens 0.56 against 0.45 ms a forward, at
-# 8,192 even, at 16,384 two streams 2% faster; evaluation/results/graph-streams-small-h200.json).
-GRAPH_STREAMS_MIN_TOKENS = 16384
-
-# Optimizer steps taken in this process, for DualStateDeltaNet.stacked_weights: fused
-# optimizers update parameters in place without moving their version counters.
+# Counts of the events that a parameter's version counter does not show, for the weights
+# each layer keeps stacked (DualStateDeltaNet.stacked_weights) and for the CUDA graphs
+# (cuda_graphs.py): optimizer steps (fused optimizers update parameters in place without
+# moving their counters) and parameters registered anywhere (a graph reads parameters
+# where they were when it was captured, and replacing one by another moves no counter).
+# The torch hooks that count them are installed on the first forward that keeps weights
+# or replays a graph, not on import.
 _optimizer_steps = 0
+_parameter_registrations = 0
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
@@ -67,20 +43,17 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps += 1
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-# Parameters registered in this process, for the CUDA graphs (cuda_graphs.py): a graph
-# reads parameters where they were when it was captured, and replacing one by another
-# moves no version counter.
-_parameter_registrations = 0
-
-
 def _count_parameter_registration(module, name, param) -> None:
     global _parameter_registrations
     _parameter_registrations += 1
 
 
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_parameter_registration)
+@functools.cache
+def _install_change_hooks() -> None:
+    """Start counting optimizer steps and parameter registrations (once per process).
+    Before this, nothing is kept that the counts would have to invalidate."""
+    register_optimizer_step_post_hook(_count_optimizer_step)
+    torch.nn.modules.module.register_module_parameter_registration_hook(_count_parameter_registration)
 
 
 def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tensor) -> str | None:
@@ -88,8 +61,8 @@ def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tenso
     (CUDA, delta_impl "triton", no gradient wanted for x or ``param``), "compiled" (CUDA
     with delta_impl "compiled", or "triton" with gradients), "numba" (CPU, delta_impl
     "auto", float32, no gradient wanted, numba installed) or None
-    (eager: elsewhere, with delta_impl "chunk" or "naive", or with FUSE_LAYER_CODE off)."""
-    if not FUSE_LAYER_CODE:
+    (eager: elsewhere, with delta_impl "chunk" or "naive", or with config.fuse_layer_code off)."""
+    if not net.config.fuse_layer_code:
         return None
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
     if not x.is_cuda:
@@ -134,7 +107,7 @@ class ResonanceFlux(nn.Module):
         features = torch.cat([mean_k, mean_u, score[..., None]], -1)
         hidden = F.silu(F.linear(features, self.hidden.weight.float(), self.hidden.bias.float()))
         psi = torch.sigmoid(F.linear(hidden, self.out.weight.float(), self.out.bias.float()))[..., 0]
-        return psi.clamp(0.01, 0.99)
+        return psi.clamp(PSI_MIN, PSI_MAX)
 
     def kernel_parameters(self) -> list[torch.Tensor] | None:
         """The tensors from which the fused kernels (ops/triton.py) compute this forward,
@@ -236,6 +209,7 @@ class DualStateDeltaNet(nn.Module):
         convs = (self.q_conv.weight, self.k_conv.weight, self.v_conv.weight)
         if torch.is_grad_enabled():
             return (*self.input_projection(), torch.cat(convs))
+        _install_change_hooks()
         sources = (
             self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
             self.fast_decay_proj.weight, self.fast_decay_proj.bias, self.slow_decay_proj.weight,
@@ -407,7 +381,7 @@ class LAMLayer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.activation = ACT2FN[config.hidden_act]
-        self.gelu_epilogue = config.hidden_act in ("gelu", "gelu_new", "gelu_pytorch_tanh")
+        self.gelu_activation = config.hidden_act in ("gelu", "gelu_new", "gelu_pytorch_tanh")
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def residual_norm(self, norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -421,8 +395,8 @@ class LAMLayer(nn.Module):
         return self.residual_norm(self.attention_norm, x, self.delta_net(x, mask))
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """ffn_out(GELU(ffn_in(h))); see GELU_EPILOGUE for the 16-bit CUDA inference path."""
-        if (GELU_EPILOGUE and h.dtype in (torch.bfloat16, torch.float16) and self.gelu_epilogue
+        """ffn_out(GELU(ffn_in(h))); see LAMConfig.gelu_epilogue for the 16-bit CUDA inference path."""
+        if (self.delta_net.config.gelu_epilogue and h.dtype in (torch.bfloat16, torch.float16) and self.gelu_activation
                 and not self.training and fused_layer_code(h, self.delta_net, self.ffn_in.weight) == "triton"):
             inner = torch._addmm_activation(self.ffn_in.bias, h.flatten(0, -2), self.ffn_in.weight.t(), use_gelu=True)
             return self.ffn_out(inner.unflatten(0, h.shape[:-1]))
@@ -519,7 +493,7 @@ class LAMModel(LAMPreTrainedModel):
 
     def _layers_on_streams(self, x: torch.Tensor, mask: torch.Tensor, parts: int) -> torch.Tensor:
         """The layers for ``parts`` parts of the batch, each on its own CUDA stream (see
-        GRAPH_STREAMS). Each layer is queued for every part before the next layer, so
+        LAMConfig.graph_streams). Each layer is queued for every part before the next layer, so
         that the parts keep pace when run eagerly."""
         main = torch.cuda.current_stream(x.device)
         streams = [main] + _side_streams(x.device, parts - 1)
@@ -540,7 +514,8 @@ class LAMModel(LAMPreTrainedModel):
     def _graph_forward(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """What a CUDA graph captures: the last hidden state and the value summary of the inputs."""
         summary = self.value_summary(input_ids, attention_mask, token_type_ids)
-        parts = min(GRAPH_STREAMS, input_ids.shape[0]) if input_ids.numel() >= GRAPH_STREAMS_MIN_TOKENS else 1
+        config = self.config
+        parts = min(config.graph_streams, input_ids.shape[0]) if input_ids.numel() >= config.graph_streams_min_tokens else 1
         return self._encode(input_ids, token_type_ids, attention_mask.bool(), clamp=True, parts=parts), summary
 
     def _graph_tensors_read(self) -> list[torch.Tensor]:
@@ -650,6 +625,7 @@ class LAMModel(LAMPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         graphed = None
         if not output_hidden_states and self.uses_cuda_graphs(input_ids):
+            _install_change_hooks()
             # token_type_ids may stay None here: the graph's buffer of them is then zero.
             graphed = self._graphs(self, self._graph_forward, input_ids, attention_mask, token_type_ids,
                                    changes=(_optimizer_steps, _parameter_registrations),

@@ -4,7 +4,7 @@ eager forward, through shape buckets, weight changes and bad inputs."""
 import pytest
 import torch
 
-from lam_embed import LAMConfig, LAMModel, modeling_lam
+from lam_embed import LAMConfig, LAMModel
 from lam_embed.cuda_graphs import LENGTH_STEP, bucket_length
 
 
@@ -247,11 +247,11 @@ def test_graph_of_a_multi_chunk_input_equals_eager_forward(gpu_model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("streams", [1, 2, 3])
 def test_batch_parts_on_streams_equal_eager_forward(gpu_model, monkeypatch, streams):
-    """A graph runs the layers of GRAPH_STREAMS parts of the batch on as many streams: one
+    """A graph runs the layers of config.graph_streams parts of the batch on as many streams: one
     stream, and even or uneven parts (5 inputs in 3 parts: 2, 2, 1) of mixed lengths, give
     the values of the eager forward in the inputs' order."""
-    monkeypatch.setattr(modeling_lam, "GRAPH_STREAMS", streams)
-    monkeypatch.setattr(modeling_lam, "GRAPH_STREAMS_MIN_TOKENS", 0)  # this small batch too
+    monkeypatch.setattr(gpu_model.config, "graph_streams", streams)
+    monkeypatch.setattr(gpu_model.config, "graph_streams_min_tokens", 0)  # this small batch too
     ids, mask = inputs([37, 300, 1, 129, 20], 300, seed=4)
     with torch.inference_mode():
         out = graphed(gpu_model, ids, mask)

@@ -317,7 +317,7 @@ def test_fused_layer_code_follows_delta_impl():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_feed_forward_on_gpu_matches_float32_erf_gelu(dtype, monkeypatch):
     """The FFN at 16-bit CUDA inference is one cuBLASLt product with a GELU epilogue (tanh
-    form, see modeling_lam.GELU_EPILOGUE): within bfloat16 rounding of the float32 product
+    form, see LAMConfig.gelu_epilogue): within bfloat16 rounding of the float32 product
     with erf GELU. float32 inputs keep the erf GELU and agree to float32 rounding."""
     from lam_embed import modeling_lam
 

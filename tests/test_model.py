@@ -163,6 +163,10 @@ def test_bad_inputs_on_gpu_raise_and_cuda_stays_usable():
         ({"chunk_size": 0}, "chunk_size"),
         ({"fast_decay_init": 1.5}, "fast_decay_init"),
         ({"delta_impl": "fastest"}, "delta_impl"),
+        ({"graph_streams": 0}, "graph_streams must be a positive integer"),
+        ({"graph_streams_min_tokens": -1}, "graph_streams_min_tokens"),
+        ({"gelu_epilogue": "yes"}, "gelu_epilogue must be True or False"),
+        ({"fuse_layer_code": 1}, "fuse_layer_code must be True or False"),
     ],
 )
 def test_inconsistent_config_is_rejected(kwargs, message):
@@ -200,3 +204,59 @@ def test_build_rejects_other_models():
 def test_teacher_path_that_is_not_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         resolve_teacher_path(str(tmp_path / "missing"))
+
+
+def test_kernel_settings_are_config_fields_that_round_trip(tmp_path):
+    config = LAMConfig(num_hidden_layers=1, fuse_layer_code=False, gelu_epilogue=False, graph_streams=3,
+                       graph_streams_min_tokens=0)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert (loaded.fuse_layer_code, loaded.gelu_epilogue, loaded.graph_streams, loaded.graph_streams_min_tokens) == (
+        False, False, 3, 0)
+
+
+def test_fuse_layer_code_off_runs_the_eager_code_with_the_same_result():
+    """With fuse_layer_code off, CPU inference skips the numba kernel; both give one result."""
+    from lam_embed.modeling_lam import fused_layer_code
+
+    pytest.importorskip("numba")
+    torch.manual_seed(0)
+    model = LAMModel(LAMConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)).eval()
+    ids = torch.randint(0, 1000, (2, 150))
+    mask = torch.ones_like(ids)
+    mask[1, 90:] = 0
+    net = model.layers[0].delta_net
+    x = torch.randn(2, 150, 64)
+    with torch.no_grad():
+        assert fused_layer_code(x, net, net.q_proj.weight) == "numba"
+        fused = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        model.config.fuse_layer_code = False
+        assert fused_layer_code(x, net, net.q_proj.weight) is None
+        eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (fused - eager)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_importing_the_package_installs_no_torch_hooks():
+    """The hooks that count optimizer steps and parameter registrations (for the kept
+    stacked weights and the CUDA graphs) arrive with the first forward that needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch.optim import optimizer\n"
+        "from torch.nn.modules import module\n"
+        "count = lambda: (len(optimizer._global_optimizer_post_hooks), len(module._global_parameter_registration_hooks))\n"
+        "before = count()\n"
+        "import lam_embed\n"
+        "after_import = count()\n"
+        "model = lam_embed.LAMModel(lam_embed.LAMConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,"
+        " intermediate_size=64)).eval()\n"
+        "with torch.no_grad():\n"
+        "    model(input_ids=torch.ones(1, 5, dtype=torch.long))\n"
+        "print(before, after_import, count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+    before, after_import, after_forward = (tuple(int(n) for n in part.strip("()").split(",")) for part in out.split(") ("))
+    assert after_import == before
+    assert after_forward == (before[0] + 1, before[1] + 1)

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 EPS = 1e-8
 # Guards the division of a query or key by its norm (F.normalize's eps in the layer).
 QK_NORM_EPS = 1e-6
+# The coupling strength psi of the resonance flux is clamped to [PSI_MIN, PSI_MAX]
+# (docs/SPEC.md): neither memory is ever fully replaced by the other.
+PSI_MIN, PSI_MAX = 0.01, 0.99
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:

@@ -66,11 +66,14 @@ import triton
 import triton.language as tl
 
 from .chunk import chunk_dual_state_delta_rule
-from .common import EPS, QK_NORM_EPS, l2norm
+from .common import EPS, PSI_MAX, PSI_MIN, QK_NORM_EPS, l2norm
 
-# The epsilons of the state and of the q/k normalisations, as constants the kernels can read.
+# The epsilons of the state and of the q/k normalisations and the bounds of psi, as
+# constants the kernels can read.
 STATE_EPS = tl.constexpr(EPS)
 QK_EPS = tl.constexpr(QK_NORM_EPS)
+PSI_LOW = tl.constexpr(PSI_MIN)
+PSI_HIGH = tl.constexpr(PSI_MAX)
 
 
 @triton.jit
@@ -386,7 +389,7 @@ def _flux_psi(bilinear, b_sum_k, b_sum_u, n_valid, i_h, tau, w_hid, b_hid, w_out
     b_z += tl.load(b_hid + o_j).to(tl.float32)
     b_hidden = b_z * tl.sigmoid(b_z)
     y = tl.sum(b_hidden * tl.load(w_out + o_j).to(tl.float32), 0) + tl.load(b_out).to(tl.float32)
-    return tl.minimum(tl.maximum(tl.sigmoid(y), 0.01), 0.99)
+    return tl.minimum(tl.maximum(tl.sigmoid(y), PSI_LOW), PSI_HIGH)
 
 
 @triton.jit
