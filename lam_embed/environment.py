@@ -20,8 +20,8 @@ def git(*args: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the code that runs: $LAM_COMMIT where the code travels without its
-    git folder (the GPU machine), else ``git rev-parse HEAD`` of this checkout."""
+    """The commit of the code that runs: $LAM_COMMIT where it runs from a copy without its
+    git folder, else ``git rev-parse HEAD`` of this checkout."""
     return os.environ.get("LAM_COMMIT") or git("rev-parse", "HEAD")
 
 

@@ -48,7 +48,8 @@ def save_release(model: LAMModel, folder: str | os.PathLike, manifest: dict, tea
         own[name] = tensor.detach().cpu().to(torch.float16).contiguous()
     for old in folder.glob("lam_weights*.safetensors"):
         old.unlink()
-    # Shards of at most MAX_FILE_BYTES, since every tracked file travels to the GPU machine.
+    # Shards of at most MAX_FILE_BYTES, so that no file of a release is too large for hosts and
+    # repositories that limit file sizes.
     shards, current, current_bytes = [], {}, 0
     for name, tensor in own.items():
         nbytes = tensor.numel() * tensor.element_size()

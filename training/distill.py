@@ -66,7 +66,7 @@ class Teacher:
     """The teacher's hidden states and attention-block outputs of each layer."""
 
     def __init__(self, path: str, device: torch.device):
-        # float32 master weights even when the staged copy is fp16; autocast does the rest.
+        # float32 master weights even when the teacher's copy is fp16; autocast does the rest.
         self.model = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).to(device).eval()
         self.model.requires_grad_(False)
         self.attention_outputs: list[torch.Tensor] = []
