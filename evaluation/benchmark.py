@@ -639,7 +639,7 @@ def _op_inputs(batch: int, length: int, dtype: torch.dtype, device: torch.device
 
 
 def _flux(device: torch.device, seed: int):
-    from lam_embed.modeling_lam import ResonanceFlux
+    from lam_embed.layers import ResonanceFlux
 
     torch.manual_seed(seed)
     flux = ResonanceFlux(NUM_HEADS, HEAD_DIM)

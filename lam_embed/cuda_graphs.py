@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from operator import attrgetter
 
 import torch
+
+from .parameter_changes import version_sum
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,6 @@ MAX_GRAPH_TOKENS = 1 << 18
 MAX_SEEN = 4096  # shapes remembered as seen once; past it, the memory starts again
 
 _data_ptr = torch.Tensor.data_ptr
-_version = attrgetter("_version")
-
-
-def version_sum(tensors) -> int:
-    """The sum of the tensors' version counters: counters only grow, so the sum moves when
-    any of them moves (an in-place write). Tensors made under ``torch.inference_mode`` have
-    no counter and count as 0: an in-place write to one goes unseen, as a write through
-    ``param.data`` does. The common case loops in C (``map``)."""
-    try:
-        return sum(map(_version, tensors))
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return sum(t._version for t in tensors if not t.is_inference())
 
 
 def bucket_length(length: int, chunk_size: int) -> int:

@@ -10,7 +10,7 @@ stay in cache. The convolution and activations before it stay in PyTorch
 one, which made a kernel that also did them slower than eager code.
 
 The math is that of ``chunk_dual_state_delta_rule`` and ``delta_net_output`` in
-``modeling_lam.py``, which the tests compare it with. Per chunk, over its rows i, j:
+``layers/dual_state_delta_net.py``, which the tests compare it with. Per chunk, over its rows i, j:
 - q and k normalised per head;
 - U = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) V and W likewise with K for V,
   by forward substitution: u_i = beta_i (v_i - sum_{j<i} (k_i . k_j) u_j);

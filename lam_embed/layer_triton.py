@@ -1,4 +1,4 @@
-"""The layer code around the delta rule (modeling_lam.py) for CUDA inference with
+"""The layer code around the delta rule (layers/dual_state_delta_net.py) for CUDA inference with
 delta_impl "triton": no autograd.
 
 After the input projection, the layer needs SiLU(causal depthwise convolution) of the

@@ -117,7 +117,7 @@ def test_graphs_hold_the_parameters_and_the_stacked_weights():
 def test_parameters_without_version_counters(fake_graphs):
     """Parameters made under torch.inference_mode have no version counter; the check reads
     their addresses and counts them as version 0."""
-    from lam_embed.cuda_graphs import version_sum
+    from lam_embed.parameter_changes import version_sum
 
     graphs, model, call = fake_graphs
     with torch.inference_mode():

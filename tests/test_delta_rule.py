@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lam_embed import LAMConfig, LAMModel
-from lam_embed.modeling_lam import ResonanceFlux
+from lam_embed.layers import ResonanceFlux
 from lam_embed.ops import dual_state_delta_rule
 
 LENGTHS = [1, 5, 127, 128, 129, 300, 700]

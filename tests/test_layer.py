@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lam_embed import LAMConfig
-from lam_embed.modeling_lam import (
+from lam_embed.layers.dual_state_delta_net import (
     DualStateDeltaNet,
     _compiled_layer_functions,
     causal_depthwise_conv,
@@ -191,7 +191,8 @@ _LAYER_KERNELS_CHECK = """
 import torch
 import torch.nn.functional as F
 from lam_embed.layer_triton import delta_net_from_projection, delta_rule_from_projection, residual_layer_norm
-from lam_embed.modeling_lam import LAMEmbeddings, delta_net_features, delta_net_output
+from lam_embed.layers import delta_net_features, delta_net_output
+from lam_embed.modeling_lam import LAMEmbeddings
 from lam_embed.ops import dual_state_delta_rule
 from test_layer import make_layer, make_inputs
 from test_triton import patch_interpreter

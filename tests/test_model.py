@@ -217,7 +217,7 @@ def test_kernel_settings_are_config_fields_that_round_trip(tmp_path):
 
 def test_fuse_layer_code_off_runs_the_eager_code_with_the_same_result():
     """With fuse_layer_code off, CPU inference skips the numba kernel; both give one result."""
-    from lam_embed.modeling_lam import fused_layer_code
+    from lam_embed.layers import fused_layer_code
 
     pytest.importorskip("numba")
     torch.manual_seed(0)

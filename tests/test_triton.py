@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lam_embed.modeling_lam import ResonanceFlux
+from lam_embed.layers import ResonanceFlux
 
 LENGTHS = [1, 100, 128, 129, 1000, 8192]
 HEADS, HEAD_DIM = 12, 32

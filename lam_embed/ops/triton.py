@@ -123,7 +123,7 @@ def _load_rows(x, b_taps, p_row, p_mask, t, m_t, s_xl, s_ml, D: tl.constexpr, CO
     """Rows t (at offsets p_row; their mask entries at p_mask) of q, k or v, float32 (BT x D).
 
     CONV = 0: as stored. CONV > 0: x holds the layer's projection before its causal
-    depthwise convolution of CONV taps and the SiLU (modeling_lam.delta_net_features),
+    depthwise convolution of CONV taps and the SiLU (layers/dual_state_delta_net.py, delta_net_features),
     and both are applied here, y_t = SiLU(sum_j taps[:, j] x_(t - CONV + 1 + j)), with
     rows before position 0 and rows of padding read as zeros. The earlier rows are mostly
     in cache (the previous block read them), and q, k, v never make a round trip through

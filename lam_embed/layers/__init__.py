@@ -1,0 +1,21 @@
+"""The layers of LAM that are not BERT's."""
+
+from .dual_state_delta_net import (
+    CausalDepthwiseConv,
+    DualStateDeltaNet,
+    ResonanceFlux,
+    causal_depthwise_conv,
+    delta_net_features,
+    delta_net_output,
+    fused_layer_code,
+)
+
+__all__ = [
+    "CausalDepthwiseConv",
+    "DualStateDeltaNet",
+    "ResonanceFlux",
+    "causal_depthwise_conv",
+    "delta_net_features",
+    "delta_net_output",
+    "fused_layer_code",
+]

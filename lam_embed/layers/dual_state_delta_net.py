@@ -1,0 +1,294 @@
+"""The token mixer of a LAM layer: the dual-state DeltaNet (docs/SPEC.md section 2), its
+resonance flux and causal convolutions, and the choice of how its layer code runs
+(``fused_layer_code``: Triton kernels or torch.compile on CUDA, the numba kernel on CPU,
+else eager PyTorch)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_lam import LAMConfig
+from ..ops import dual_state_delta_rule, resolve_impl
+from ..ops.common import PSI_MAX, PSI_MIN
+from ..parameter_changes import install_change_hooks, optimizer_steps, version_sum
+
+logger = logging.getLogger(__name__)
+
+
+def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tensor) -> str | None:
+    """How the layer code around the delta rule of ``net`` runs for the input x: "triton"
+    (CUDA, delta_impl "triton", no gradient wanted for x or ``param``), "compiled" (CUDA
+    with delta_impl "compiled", or "triton" with gradients), "numba" (CPU, delta_impl
+    "auto", float32, no gradient wanted, numba installed) or None
+    (eager: elsewhere, with delta_impl "chunk" or "naive", or with config.fuse_layer_code off)."""
+    if not net.config.fuse_layer_code:
+        return None
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
+    if not x.is_cuda:
+        if (x.device.type == "cpu" and net.config.delta_impl == "auto" and x.dtype == torch.float32
+                and not wants_grad and not torch.is_autocast_enabled("cpu") and load_layer_numba() is not None):
+            return "numba"
+        return None
+    impl = resolve_impl(net.config.delta_impl, x.device)
+    if impl not in ("triton", "compiled"):
+        return None
+    head_dim = net.head_dim
+    if (impl == "compiled" or wants_grad
+            or net.training and net.config.state_dropout > 0  # the fused path has no state dropout
+            or load_layer_triton() is None
+            or head_dim < 16 or head_dim & (head_dim - 1)):  # the kernels' tiles: a power of two >= 16
+        return "compiled"
+    return "triton"
+
+
+class ResonanceFlux(nn.Module):
+    """Coupling strength psi of a chunk, from its mean key, mean written value and a
+    bilinear key-value score; all means over the chunk's valid tokens."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.bilinear = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
+        self.temperature = nn.Parameter(torch.empty(num_heads))
+        self.hidden = nn.Linear(2 * head_dim + 1, head_dim // 2)
+        self.out = nn.Linear(head_dim // 2, 1)
+
+    def forward(self, K: torch.Tensor, U: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """K, U: (B, H, N, C, d) float32; valid: (B, N, C) bool. Returns psi (B, H, N)."""
+        w = valid[:, None].to(K.dtype)  # (B, 1, N, C)
+        count = w.sum(-1).clamp(min=1)
+        U = U * w[..., None]
+        mean_k = (K * w[..., None]).sum(-2) / count[..., None]
+        mean_u = U.sum(-2) / count[..., None]
+        # sum_t k_t^T W u_t over valid tokens = <W, K^T diag(w) U>: one batched product of
+        # d x d results, much cheaper than the token-wise bilinear form as an einsum.
+        score = (K.transpose(-1, -2) @ U * self.bilinear.float()[:, None]).sum((-2, -1))
+        score = score / count / self.temperature.float()[:, None]
+        features = torch.cat([mean_k, mean_u, score[..., None]], -1)
+        hidden = F.silu(F.linear(features, self.hidden.weight.float(), self.hidden.bias.float()))
+        psi = torch.sigmoid(F.linear(hidden, self.out.weight.float(), self.out.bias.float()))[..., 0]
+        return psi.clamp(PSI_MIN, PSI_MAX)
+
+    def kernel_parameters(self) -> list[torch.Tensor] | None:
+        """The tensors from which the fused kernels (ops/triton.py) compute this forward,
+        in their order; None for a subclass with a forward of its own, which they do not
+        compute."""
+        if type(self).forward is not ResonanceFlux.forward:
+            return None
+        return [self.bilinear, self.temperature, self.hidden.weight, self.hidden.bias, self.out.weight, self.out.bias]
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal convolution of x (B, L, C) with weight (C, 1, K):
+    y_t = sum_j weight[:, 0, j] * x_{t - K + 1 + j}, zero before the first position.
+
+    Written as K shifted multiply-adds in the (B, L, C) layout: on CPU this is several
+    times faster than nn.Conv1d, which needs (B, C, L) copies on the way in and out.
+    """
+    K, L = weight.shape[-1], x.shape[1]
+    # (K, C), contiguous: a strided row of taps would make every product below slow.
+    taps = weight[:, 0].t().contiguous()  # tap K - 1 is the current token
+    if torch.compiler.is_compiling():
+        # Without in-place updates of slices, which torch.compile turns into copies and
+        # several slow kernels: as one expression, the sum becomes one fused kernel.
+        return sum(F.pad(x[:, : L - shift], (0, 0, shift, 0)) * taps[K - 1 - shift] for shift in range(min(K, L)))
+    y = x * taps[K - 1]
+    for shift in range(1, min(K, L)):
+        y[:, shift:].addcmul_(x[:, :-shift], taps[K - 1 - shift])
+    return y
+
+
+class CausalDepthwiseConv(nn.Conv1d):
+    """Depthwise convolution over positions that sees the current and earlier tokens only."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, D)
+        return causal_depthwise_conv(x, self.weight)
+
+
+class DualStateDeltaNet(nn.Module):
+    """The token mixer of a LAM layer (docs/SPEC.md section 2)."""
+
+    def __init__(self, config: LAMConfig):
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        # The config object is shared with the model, so a change of config.delta_impl
+        # or config.chunk_size after construction takes effect here. What the weights'
+        # shapes fix is kept as attributes: a read of a transformers config attribute costs
+        # microseconds, a visible share of a short input's forward on a GPU.
+        self.config = config
+        self.num_heads, self.head_dim, self.eps = H, config.head_dim, config.rms_norm_eps
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(D, D, bias=False) for _ in range(3))
+        self.g_proj = nn.Linear(D, D, bias=False)
+        self.o_proj = nn.Linear(D, D, bias=False)
+        self.q_conv, self.k_conv, self.v_conv = (CausalDepthwiseConv(D, config.conv_size) for _ in range(3))
+        self.beta_proj = nn.Linear(D, H, bias=False)
+        self.fast_decay_proj = nn.Linear(D, H)
+        self.slow_decay_proj = nn.Linear(D, H)
+        self.fast_gate_proj = nn.Linear(D, H, bias=False)
+        self.slow_gate_proj = nn.Linear(D, H, bias=False)
+        self.flux = ResonanceFlux(H, config.head_dim)
+        self.norm_weight = nn.Parameter(torch.ones(config.head_dim))
+
+    def input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of all input projections stacked in one matrix, in the order
+        q, k, v, output gate, beta, fast decay, slow decay, fast gate, slow gate: one
+        matrix product then computes them all. Built at each call (a copy of 2.4 MB at
+        D = 384), so the parameters stay those of the separate modules. Zero rows pad it
+        to a multiple of 64 outputs: BLAS is much slower on 4D + 5H = 1596 columns than on 1600."""
+        weights = [
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
+            self.fast_decay_proj.weight, self.slow_decay_proj.weight,
+            self.fast_gate_proj.weight, self.slow_gate_proj.weight,
+        ]
+        rows = sum(w.shape[0] for w in weights)
+        pad = -rows % 64
+        weight = torch.cat([*weights, weights[0].new_zeros(pad, weights[0].shape[1])])
+        H = self.beta_proj.out_features
+        zeros = self.fast_decay_proj.bias.new_zeros
+        bias = torch.cat([
+            zeros(4 * self.q_proj.out_features + H), self.fast_decay_proj.bias, self.slow_decay_proj.bias,
+            zeros(2 * H + pad),
+        ])
+        return weight, bias
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_projection() and the q, k, v convolution weights stacked (3D, 1, K).
+
+        Without gradients they are kept between calls: on CUDA building them is a handful
+        of small kernels and several hundred microseconds of host work a layer (the host
+        floor of a forward went from 3.4 to 8.2 ms without the copy), on CPU a 2.4 MB copy
+        a layer (3 to 12% of an encode of short sentences on 2 cores). They are rebuilt when
+        a parameter moves or changes in place (its version counter), after any torch
+        optimizer step (fused optimizers change parameters without moving the counter)
+        and on .to() or train(); only a write through ``param.data``, or in place to a
+        parameter made under ``torch.inference_mode`` (it has no version counter), goes
+        unseen."""
+        convs = (self.q_conv.weight, self.k_conv.weight, self.v_conv.weight)
+        if torch.is_grad_enabled():
+            return (*self.input_projection(), torch.cat(convs))
+        install_change_hooks()
+        sources = (
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
+            self.fast_decay_proj.weight, self.fast_decay_proj.bias, self.slow_decay_proj.weight,
+            self.slow_decay_proj.bias, self.fast_gate_proj.weight, self.slow_gate_proj.weight, *convs,
+        )
+        key = (optimizer_steps(), version_sum(sources), *((p.data_ptr(), p.dtype) for p in sources))
+        cached = self.__dict__.get("_stacked")
+        if cached is None or cached[0] != key:
+            cached = self._stacked = (key, (*self.input_projection(), torch.cat(convs)))
+        return cached[1]
+
+    def kept_stacked_weights(self) -> tuple:
+        """The weights stacked_weights keeps between calls (none before the first call
+        without gradients, or after a change that drops them)."""
+        cached = self.__dict__.get("_stacked")
+        return cached[1] if cached is not None else ()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_stacked", None)  # .to(), .half(), ...: never keep copies of the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_stacked", None)
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
+        config, H = self.config, self.num_heads
+        weight, bias, conv_weight = self.stacked_weights()
+        # On a GPU the code around the op is many small elementwise kernels. At inference
+        # the delta-rule kernels read the input projection and apply the convolution and
+        # activations themselves, and one Triton kernel (layer_triton.py) does the output
+        # side; with gradients the code around the op runs under torch.compile.
+        mode = fused_layer_code(x, self, self.q_proj.weight)
+        if mode == "triton":
+            layer_triton = load_layer_triton()
+            # The kernels read rows of padding as zeros: no need to zero them first.
+            projected = F.linear(x, weight, bias)
+            return layer_triton.delta_net_from_projection(
+                projected, mask, conv_weight, self.flux, self.norm_weight, self.o_proj.weight, self.eps, H,
+                config.chunk_size)
+        if mode == "numba":
+            features = delta_net_features(x, mask, weight, bias, conv_weight, H)
+            o = load_layer_numba().delta_rule_layer(
+                *features, mask, self.flux, self.norm_weight, self.eps, config.chunk_size)
+            return F.linear(o, self.o_proj.weight)
+        features, output = _compiled_layer_functions() if mode == "compiled" else (delta_net_features, delta_net_output)
+        q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)
+        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
+        o = dual_state_delta_rule(
+            q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
+            chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
+            impl=config.delta_impl, qk_l2norm=True,
+        )  # (B, H, L, d) float32
+        return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
+
+
+def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
+    """The inputs of the delta rule from the layer input x (B, L, D): q, k, v =
+    SiLU(conv(x W)) per head, (B, L, H, d) (the delta rule normalises q and k:
+    qk_l2norm); the output gate sigmoid(x W_g), (B, L, D); the sigmoids of beta, the two
+    decays and the two state gates, (B, L, H) each.
+
+    ``weight``, ``bias``: DualStateDeltaNet.input_projection(); ``conv_weight``: the
+    q, k, v convolutions stacked (3D, 1, K).
+    """
+    D, H = x.shape[-1], num_heads
+    # Padding is zeroed before the projections (q, k, v have no bias), so it is zero
+    # in the convolution and never reaches a valid token. Beta, decays and gates of
+    # padded positions are never read (the delta rule masks them).
+    projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
+    qkv = causal_depthwise_conv(projected[..., : 3 * D], conv_weight)
+    # q, k and v each in a buffer of its own, all three with the same (B, L, H, d)
+    # strides: the fused kernel reads them as they are (it takes one set of strides),
+    # and the (B, L, 3D) buffers are freed before the delta rule runs.
+    q, k, v = (F.silu(qkv[..., i * D : (i + 1) * D]).unflatten(-1, (H, -1)) for i in range(3))
+    gates = torch.sigmoid(projected[..., 3 * D : 4 * D + 5 * H])
+    scalars = gates[..., D:].unflatten(-1, (5, H)).unbind(2)
+    return (q, k, v, gates[..., :D], *scalars)
+
+
+def delta_net_output(o, output_gate, norm_weight, o_weight, eps: float):
+    """The layer output from the delta rule's o (B, L, H, d): per-head RMSNorm, times the
+    output gate (B, L, D) from delta_net_features, then the output projection."""
+    o = F.rms_norm(o, o.shape[-1:], norm_weight.float(), eps)
+    return F.linear(o.flatten(2).to(output_gate.dtype) * output_gate, o_weight)
+
+
+@functools.cache
+def load_layer_triton():
+    """The module layer_triton, or None where triton does not import."""
+    try:
+        from .. import layer_triton
+    except ImportError:
+        return None
+    return layer_triton
+
+
+@functools.cache
+def load_layer_numba():
+    """The module layer_numba, or None where numba does not import or cannot compile
+    (the eager code then runs: slower on CPU, same results)."""
+    try:
+        from .. import layer_numba
+    except ImportError:
+        return None
+    except Exception as err:  # e.g. numba finds no writable folder for its cache
+        logger.warning("the CPU kernel of lam_embed/layer_numba.py is unavailable (%s: %s); using the eager code",
+                       type(err).__name__, err)
+        return None
+    return layer_numba
+
+
+@functools.cache
+def _compiled_layer_functions():
+    # dynamic=True: one graph for every batch size and length (and every layer: the
+    # weights are arguments, not module attributes).
+    return torch.compile(delta_net_features, dynamic=True), torch.compile(delta_net_output, dynamic=True)
