@@ -636,8 +636,7 @@ def _parse_args(argv):
                    help="token limit of the 'full' method. Default: %(default)s")
     p.add_argument("--data-dir", default=str(default_data) if default_data else None,
                    help="folder of qmsum_dev.json.gz, squality.jsonl.gz and pg_essays.jsonl.gz. Default: "
-                        "$LAM_DATA_DIR/longdoc, else ../shared/data/longdoc beside the checkout "
-                        f"(here: {default_data})")
+                        f"$LAM_DATA_DIR/longdoc (here: {default_data})")
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1). Default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="weights and compute dtype of the models. Default: bf16 on cuda, fp32 on cpu")

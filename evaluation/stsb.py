@@ -110,7 +110,7 @@ def _parse_args(argv):
         metavar="SOURCE",
         default=None,
         help="folder holding sts-{train,dev,test}.csv, or a hub dataset name. Default: $LAM_STSB if set, "
-        f"else <data dir>/stsb if it exists (data dir: $LAM_DATA_DIR or ../shared/data), else {STSB_HUB_NAME}.",
+        f"else <data dir>/stsb if it exists (data dir: $LAM_DATA_DIR), else {STSB_HUB_NAME}.",
     )
     parser.add_argument(
         "--splits",

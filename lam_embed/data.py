@@ -36,13 +36,10 @@ def _stsb_features():
 
 
 def default_data_dir() -> Path | None:
-    """Folder of the shared data: ``$LAM_DATA_DIR``, else ``<project root>/../shared/data`` if it exists."""
+    """The data folder named by ``$LAM_DATA_DIR`` (holding ``stsb/``, ``corpus/`` and
+    ``longdoc/``), or None: the data is never looked for anywhere else."""
     env = os.environ.get("LAM_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    # The project root is the parent of this package; the data lives beside the checkout, not in it.
-    candidate = (Path(__file__).resolve().parent.parent.parent / "shared" / "data").resolve()
-    return candidate if candidate.is_dir() else None
+    return Path(env).expanduser() if env else None
 
 
 def canonical_split(split: str) -> str:

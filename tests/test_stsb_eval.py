@@ -27,7 +27,7 @@ def _local_stsb_dir() -> Path | None:
 STSB_DIR = _local_stsb_dir()
 needs_stsb = pytest.mark.skipif(
     STSB_DIR is None,
-    reason="STS-B csv files not found: set LAM_STSB or LAM_DATA_DIR, or put them in <project>/../shared/data/stsb",
+    reason="STS-B csv files not found: set LAM_STSB or LAM_DATA_DIR",
 )
 
 

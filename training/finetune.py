@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="STS-B source: a folder holding sts-{train,dev,test}.csv, or a hub dataset name. Used for the "
         "default training data, the dev evaluation during training and the final figures. Default: $LAM_STSB "
-        "if set, else <data dir>/stsb if it exists (data dir: $LAM_DATA_DIR or ../shared/data), "
+        "if set, else <data dir>/stsb if it exists (data dir: $LAM_DATA_DIR), "
         "else sentence-transformers/stsb.",
     )
     parser.add_argument(
