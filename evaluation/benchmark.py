@@ -251,6 +251,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sentences is None:
         args.sentences = 0 if gpu else CPU_SENTENCES
     args.sections = list(dict.fromkeys(args.sections))
+    if "encode" in args.sections and args.stsb is not None:
+        from lam_embed.data import looks_like_hub_name
+
+        if os.path.isdir(args.stsb):
+            if not os.path.isfile(os.path.join(args.stsb, "sts-test.csv")):
+                parser.error(f"--stsb {args.stsb}: the folder holds no sts-test.csv")
+        elif os.path.exists(args.stsb) or not looks_like_hub_name(args.stsb):
+            parser.error(f"--stsb {args.stsb!r} is not a folder (expected a folder holding sts-test.csv, "
+                         "or a hub dataset name)")
     return args
 
 

@@ -67,7 +67,7 @@ def resolve_stsb_source(source: str | os.PathLike | None = None) -> str:
     return STSB_HUB_NAME
 
 
-def _looks_like_hub_name(source: str) -> bool:
+def looks_like_hub_name(source: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything absolute, relative to "." or "~",
     # or with more than one slash can only be meant as a local path.
     if source.startswith((".", "/", "~")) or os.path.isabs(source):
@@ -86,7 +86,7 @@ def load_stsb(split: str, source: str | os.PathLike | None = None) -> "datasets.
     source = resolve_stsb_source(source)
     if os.path.isdir(source):
         return _load_stsb_csv(Path(source) / _STSB_FILES[split])
-    if os.path.exists(source) or not _looks_like_hub_name(source):
+    if os.path.exists(source) or not looks_like_hub_name(source):
         raise FileNotFoundError(
             f"STS-B source {source!r} is not an existing folder (expected a folder holding "
             f"{', '.join(_STSB_FILES.values())}, or a hub dataset name such as {STSB_HUB_NAME!r})"
@@ -158,12 +158,17 @@ def read_text_lines(path: str | os.PathLike, limit: int | None = None) -> list[s
     lines: list[str] = []
     if limit == 0:
         return lines
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                lines.append(line)
-                # Stop early: the corpus has ~700k lines and callers often want a sample.
-                if limit is not None and len(lines) >= limit:
-                    break
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    lines.append(line)
+                    # Stop early: the corpus has ~700k lines and callers often want a sample.
+                    if limit is not None and len(lines) >= limit:
+                        break
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (line {len(lines) + 1} or near it: {err.reason})") from None
     return lines

@@ -205,3 +205,14 @@ def test_idle_gaps_between_kernels():
     assert gaps == [(10.0, "c", "e"), (3.0, "b", "c")]
     assert idle_gaps(kernels, top=1)[1] == [(10.0, "c", "e")]
     assert idle_gaps([]) == (0.0, [])
+
+
+@pytest.mark.parametrize("stsb, message", [
+    ("/nonexistent/stsb", "--stsb '/nonexistent/stsb' is not a folder"),
+    (".", "the folder holds no sts-test.csv"),
+])
+def test_a_bad_stsb_source_is_an_error_before_any_work(capsys, stsb, message):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--device", "cpu", "--sections", "encode", "--stsb", stsb])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -274,42 +274,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stsb-train-fraction", type=float, default=0.25,
                    help="fraction of each sentence batch drawn from the sentences of STS-B train (sts-train.csv in --stsb; "
                    "text only, the scores are never read), so that the student sees the benchmark's genres (news "
-                   "headlines, captions, forums); 0: none. 0.25 gave STS-B dev 0.8671, test 0.8202 (0: 0.8653, 0.8171); 0.5 with "
-                   "--stage2-steps 6000 --train-ffn-layers 2 (run B of the release) gave test 0.8199 (0.25: 0.8198)")
+                   "headlines, captions, forums); 0: none")
     p.add_argument("--max-dev-pairs", type=int, default=0, help="use at most this many STS-B dev pairs for the logged figure (0: all 1,500)")
     p.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout inside the student while distilling (the saved config keeps the teacher's); 0.1 with "
-                   "--passage-crop 0.5 gave held-out passages 0.938 and STS-B dev 0.8629 (0: 0.944, 0.8654)")
+                   help="dropout inside the student while distilling (the saved config keeps the teacher's)")
     p.add_argument("--max-passages", type=int, default=0, help="use the first N passages of the file (0: all but the held-out ones)")
     p.add_argument("--passage-holdout", type=int, default=1000, help="the last N passages of the file are never used for training")
     p.add_argument("--output-dir", default="runs/distill", help="checkpoints, log and the final model go here")
     p.add_argument("--stage1-steps", type=int, default=400, help="steps of attention transfer")
     p.add_argument("--stage2-steps", type=int, default=3000,
-                   help="steps of end-to-end distillation; 6000 gave a mean cosine on held-out passages of 0.953 "
-                   "and STS-B test 0.8197 (3000: 0.947, 0.8206); the release averages a 3000-step and a 6000-step run")
+                   help="steps of end-to-end distillation (the release averages a 3000-step and a 6000-step run)")
     p.add_argument("--batch-size", type=int, default=256, help="sentences per batch")
     p.add_argument("--passage-batch-size", type=int, default=32, help="passages per passage batch")
     p.add_argument("--passage-every", type=int, default=2,
-                   help="every N-th step is a passage batch (0: never); with --stsb-train-fraction 0.25, 2 gave a mean "
-                   "cosine to the teacher on held-out passages of 0.947 and STS-B dev 0.8666 (3: 0.9455, 0.8671)")
+                   help="every N-th step is a passage batch (0: never)")
     p.add_argument("--passage-crop", type=float, default=0.0,
                    help="cut each passage of a batch to a random run of consecutive words, at least this fraction of "
-                   "them (0: whole passages): new windows and lengths on every pass over the passages. 0.5 gave a mean "
-                   "cosine on held-out passages of 0.944 and STS-B dev 0.8654 (0: 0.947, 0.8666)")
+                   "them (0: whole passages): new windows and lengths on every pass over the passages")
     p.add_argument("--max-length", type=int, default=128, help="token limit of a sentence")
     p.add_argument("--passage-max-length", type=int, default=512, help="token limit of a passage (teacher and student)")
     p.add_argument("--lr-stage1", type=float, default=2e-3, help="peak learning rate of stage 1")
     p.add_argument("--lr-stage2", type=float, default=5e-4, help="peak learning rate of the DeltaNets in stage 2")
     p.add_argument("--norm-lr-scale", type=float, default=0.1, help="learning rate of the LayerNorms and FFNs as a fraction of --lr-stage2")
     p.add_argument("--train-ffn-layers", type=int, default=0, help="stage 2 also trains the FFNs of this many top layers (released weights grow by 2.3 MB a "
-                   "layer); 2 with --stage2-steps 6000 gave held-out passages 0.955, STS-B test 0.8198")
+                   "layer)")
     p.add_argument("--similarity-weight", type=float, default=0.0,
-                   help="weight of the in-batch similarity-matrix MSE in stage 2 (its raw value is about 50 times smaller than the cosine loss); 0 turns it off: weight 30 gave STS-B dev 0.8645, 0 gave 0.8653")
+                   help="weight of the in-batch similarity-matrix MSE in stage 2 (its raw value is about 50 times smaller than the cosine loss); 0 turns it off")
     p.add_argument("--hidden-weight", type=float, default=0.1, help="weight of the hidden-state MSE beside the cosine loss in stage 2")
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="keep an exponential moving average of the weights through stage 2 with this decay per step "
-                   "(e.g. 0.999) and save it as the result; 0: off, the last weights are saved. 0.999 with "
-                   "--stage2-steps 4000 gave STS-B dev 0.8650, test 0.8164 (without: 0.8653, 0.8171 in 3000 steps)")
+                   "(e.g. 0.999) and save it as the result; 0: off, the last weights are saved")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of each stage's steps spent warming up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
@@ -324,12 +318,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_training_data(args) -> tuple[list[str], list[str], tuple, list[str]]:
+    """Sentences, training passages, STS-B dev pairs and STS-B train sentences, as the
+    options ask; ValueError or OSError naming the option and the file when one is missing,
+    empty or not UTF-8 text."""
+    try:
+        sentences = read_text_lines(args.sentences, limit=args.max_sentences or None)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--sentences: {err}") from None
+    if not sentences:
+        raise ValueError(f"--sentences: {args.sentences} holds no sentence")
+    passages = []
+    if args.passages:
+        try:
+            passages = read_text_lines(args.passages)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--passages: {err}") from None
+        if len(passages) <= args.passage_holdout:
+            raise ValueError(f"--passages: {args.passages} has {len(passages)} passages, not more than "
+                             f"--passage-holdout {args.passage_holdout}")
+        passages = passages[: len(passages) - args.passage_holdout]
+        if args.max_passages:
+            passages = passages[: args.max_passages]
+    try:
+        dev = read_stsb_pairs(Path(args.stsb) / "sts-dev.csv")
+        extra = []
+        if args.stsb_train_fraction:
+            first, second, _ = read_stsb_pairs(Path(args.stsb) / "sts-train.csv")
+            extra = sorted(set(first) | set(second))  # sorted: the same list in every process
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--stsb: {err}") from None
+    if args.max_dev_pairs:
+        dev = tuple(column[: args.max_dev_pairs] for column in dev)
+    return sentences, passages, dev, extra
+
+
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name, value in (("--sentences", args.sentences), ("--stsb", args.stsb)):
         if not value:
-            raise SystemExit(f"{name} is required: no data folder found (set LAM_DATA_DIR or pass the path)")
+            parser.error(f"{name} is required: no data folder found (set LAM_DATA_DIR or pass the path)")
+    positive = ("batch_size", "passage_batch_size", "max_length", "passage_max_length", "save_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_sentences", "max_passages", "max_dev_pairs", "passage_every", "passage_holdout", "eval_every",
+                 "train_ffn_layers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.stsb_train_fraction < 1:
         raise SystemExit(f"--stsb-train-fraction must be in [0, 1), got {args.stsb_train_fraction}")
     if not 0 <= args.passage_crop <= 1:
@@ -348,6 +386,11 @@ def main(argv=None) -> dict:
     checkpoint_path = out_dir / "checkpoint.pt"
     torch.manual_seed(args.seed)
 
+    # The data first: a missing or empty file is an error before the teacher loads.
+    try:
+        sentences, passages, dev, extra = read_training_data(args)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
     teacher_path = lam_embed.resolve_teacher_path(args.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     tokenizer.padding_side = "right"
@@ -357,22 +400,6 @@ def main(argv=None) -> dict:
         if isinstance(module, torch.nn.Dropout):
             module.p = args.dropout
 
-    sentences = read_text_lines(args.sentences, limit=args.max_sentences or None)
-    passages = []
-    if args.passages:
-        passages = read_text_lines(args.passages)
-        if len(passages) <= args.passage_holdout:
-            raise SystemExit(f"--passages has {len(passages)} passages, not more than --passage-holdout {args.passage_holdout}")
-        passages = passages[: len(passages) - args.passage_holdout]
-        if args.max_passages:
-            passages = passages[: args.max_passages]
-    dev = read_stsb_pairs(Path(args.stsb) / "sts-dev.csv")
-    if args.max_dev_pairs:
-        dev = tuple(column[: args.max_dev_pairs] for column in dev)
-    extra = []
-    if args.stsb_train_fraction:
-        first, second, _ = read_stsb_pairs(Path(args.stsb) / "sts-train.csv")
-        extra = sorted(set(first) | set(second))  # sorted: the same list in every process
     logger.info("data: %d sentences, %d passages, %d STS-B train sentences, %d dev pairs",
                 len(sentences), len(passages), len(extra), len(dev[0]))
     batches = Batches(sentences, passages, tokenizer, args.batch_size, args.passage_batch_size, args.passage_every,

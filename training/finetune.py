@@ -417,10 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-token-mixer",
         action="store_true",
         help="train everything but the token mixer (LAM's DeltaNet; a BERT model's self-attention and its "
-        "output projection): the same parameters train in LAM and in the transformer it replaces. On STS-B "
-        "it gave test 0.8607 for the released LAM and 0.8624 for all-MiniLM-L6-v2 (H200, seed 42); with seeds "
-        "43, 44, 45 (H200) LAM 0.8606, 0.8555, 0.8570 and MiniLM 0.8303, 0.8609, 0.8577. Without it (previous "
-        "release, seed 42): LAM 0.8543, MiniLM 0.8626. Default: off.",
+        "output projection): the same parameters train in LAM and in the transformer it replaces "
+        "(docs/training.md compares the two ways). Default: off.",
     )
     parser.add_argument(
         "--max-seq-length",
