@@ -26,7 +26,6 @@ import copy
 import datetime
 import gc
 import inspect
-import json
 import logging
 import math
 import os
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from lam_embed.environment import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -878,13 +879,6 @@ def format_tables(result: dict) -> str:
     return "\n".join(parts)
 
 
-def _write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # never leave a half-written file behind
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -929,7 +923,7 @@ def main(argv=None) -> int:
 
     def save():
         result["elapsed_s"] = round(clock.elapsed(), 1)
-        _write_json(output, result)
+        write_json(output, result)
 
     save()
     # Models are loaded (on CPU) before inference mode: see _place.

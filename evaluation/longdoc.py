@@ -685,11 +685,12 @@ def _load_model(parser, name: str, device: str, dtype: str):
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from lam_embed.data import looks_like_hub_name
     from lam_embed.teacher import DEFAULT_TEACHER, resolve_teacher_path
 
     try:
         path = resolve_teacher_path(name) if name in (DEFAULT_TEACHER, DEFAULT_TEACHER.split("/")[1]) else name
-        if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        if not os.path.isdir(path) and not looks_like_hub_name(path):
             raise FileNotFoundError(f"no folder {path}")
         model = SentenceTransformer(path, device=device)
     except Exception as err:  # a missing folder, a hub failure, a broken config: all mean "cannot load"
@@ -699,13 +700,6 @@ def _load_model(parser, name: str, device: str, dtype: str):
         parser.error(f"--models: {name!r} has no tokenizer; expected a text model")
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     return model.eval()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -719,7 +713,7 @@ def main(argv=None) -> int:
     import torch
 
     import lam_embed  # noqa: F401  (registers LAM with the Auto classes)
-    from lam_embed.environment import device_name, git_commit, library_versions
+    from lam_embed.environment import device_name, git_commit, library_versions, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -751,7 +745,7 @@ def main(argv=None) -> int:
         def on_result(method: str, task: str, result: dict) -> None:
             done.setdefault(f"{model_name}|{method}", {})[task] = result
             if partial_path is not None:
-                _write_json(partial_path, {"settings": settings, "results": done})
+                write_json(partial_path, {"settings": settings, "results": done})
         return on_result
 
     columns = table_columns(tasks)
@@ -807,7 +801,7 @@ def main(argv=None) -> int:
             "rows": rows,
             "skipped": skipped,
         }
-        _write_json(Path(args.output), report)
+        write_json(args.output, report)
         partial_path.unlink(missing_ok=True)
         logger.info("wrote %s", args.output)
     return 0

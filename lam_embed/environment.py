@@ -1,8 +1,10 @@
-"""What a result was measured with: library versions, the device's name, the commit."""
+"""What a result was measured with (library versions, the device's name, the commit), and
+how a result file is written."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -59,3 +61,13 @@ def device_name(device) -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(device)
     return cpu_name()
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` as JSON atomically (its folder made if needed): a reader, or a run
+    stopped mid-write, never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -4,7 +4,6 @@ is in layers/dual_state_delta_net.py."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -23,8 +22,6 @@ from .layers.dual_state_delta_net import (
     load_layer_triton,
 )
 from .parameter_changes import install_change_hooks, optimizer_steps, parameter_registrations
-
-logger = logging.getLogger(__name__)
 
 try:  # transformers >= 5: init functions that respect weights already loaded
     from transformers import initialization as init

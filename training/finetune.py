@@ -53,7 +53,7 @@ import datasets
 # Importing lam_embed registers the LAM architecture with transformers, so LAM model
 # folders load with SentenceTransformer(folder) like any other model.
 import lam_embed  # noqa: F401
-from lam_embed.data import load_stsb, resolve_stsb_source
+from lam_embed.data import load_stsb, looks_like_hub_name, resolve_stsb_source
 from lam_embed.environment import device_name, library_versions
 
 logger = logging.getLogger(__name__)
@@ -455,11 +455,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- training ------------------------------------------------------------------------------
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else can only be meant as a folder.
-    return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
-
-
 def _load_model(name: str):
     import torch
     from sentence_transformers import SentenceTransformer
@@ -469,7 +464,7 @@ def _load_model(name: str):
     kwargs = {"model_kwargs": {"dtype": torch.float32}}
     if os.path.isdir(name):
         return SentenceTransformer(name, **kwargs)
-    if name == DEFAULT_MODEL or _looks_like_local_path(name):
+    if name == DEFAULT_MODEL or not looks_like_hub_name(name):
         raise FinetuneError(
             f"model folder {name!r} does not exist (relative to {os.getcwd()}); pass --model with a model folder "
             "or a hub name"
