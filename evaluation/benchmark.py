@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 # LAM variants: a delta_impl, or "triton-eager", delta_impl "triton" with config.cuda_graphs
 # off (each kernel launched from Python), to show what the CUDA graphs save. "auto" is what
-# a user gets: on CPU the numba kernel (lam_embed/layer_numba.py), on CUDA the same as
+# a user gets: on CPU the numba kernel (lam_embed/ops/numba.py), on CUDA the same as
 # "triton".
 IMPLS = ("auto", "chunk", "compiled", "triton", "triton-eager")
 GPU_IMPLS, CPU_IMPLS = IMPLS[1:], ("auto", "chunk")  # the defaults
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--impls", nargs="+", type=_impl, default=None, metavar="IMPL",
         help=f"LAM variants to measure, from {', '.join(IMPLS)}: a delta_impl, or 'triton-eager', delta_impl "
         "'triton' without CUDA graphs (each kernel launched from Python; 'triton' replays a graph per "
-        "shape, see lam_embed/cuda_graphs.py). The triton variants are recorded as unavailable when the "
+        "shape, see lam_embed/inference/cuda_graphs.py). The triton variants are recorded as unavailable when the "
         "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel, on CUDA "
         "triton. The op section measures the delta_impls only. Default: "
         f"{' '.join(GPU_IMPLS)} on CUDA, {' '.join(CPU_IMPLS)} on CPU.",

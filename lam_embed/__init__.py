@@ -15,10 +15,10 @@ AutoConfig.register(LAMConfig.model_type, LAMConfig, exist_ok=True)
 AutoModel.register(LAMConfig, LAMModel, exist_ok=True)
 
 __all__ = [
+    "DEFAULT_TEACHER",
     "LAMConfig",
     "LAMModel",
     "build_sentence_transformer",
     "from_teacher",
     "resolve_teacher_path",
-    "DEFAULT_TEACHER",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-DELTA_IMPLS = ("auto", "naive", "chunk", "compiled", "triton")
+from .backends import BACKEND_NAMES
 
 
 class LAMConfig(PretrainedConfig):
@@ -23,19 +23,19 @@ class LAMConfig(PretrainedConfig):
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.
         state_dropout: dropout on each chunk's state update while training (0 = off).
         rms_norm_eps: epsilon of the gated RMSNorm on each head's output.
-        delta_impl: implementation of the dual-state delta rule: "naive" (token
-            loop, the reference), "chunk" (chunked form), "compiled" (chunk form
-            under torch.compile), "triton" (fused kernel, CUDA only) or "auto"
-            (the fastest available for the input's device).
+        delta_impl: the backend (lam_embed/backends.py): "naive" (token loop, the
+            reference), "chunk" (chunked form), "compiled" (under torch.compile),
+            "triton" (fused kernels, CUDA only), "numba" (CPU inference kernel) or
+            "auto" (the fastest available for the input's device, dtype and gradients).
         cuda_graphs: at inference on CUDA through the Triton kernels, replay each input
-            shape's forward as a CUDA graph (lam_embed/cuda_graphs.py) instead of
+            shape's forward as a CUDA graph (lam_embed/inference/cuda_graphs.py) instead of
             launching its kernels one by one from Python.
-        fuse_layer_code: run the layer code around the delta rule fused where a fused
-            form exists: on CUDA with delta_impl "triton" at inference inside the
-            delta-rule kernels and the Triton kernels of layer_triton.py, with "compiled"
-            or with gradients under torch.compile; on CPU at inference (delta_impl
-            "auto", float32) as one numba kernel (layer_numba.py). False: eager
-            everywhere (debugging, or where neither works).
+        fuse_layer_code: run the layer code around the delta rule fused where the
+            backend has a fused form: on CUDA with "triton" at inference inside the
+            Triton kernels (ops/triton/), with "compiled" or with gradients under
+            torch.compile; on CPU with "numba" (or "auto") at float32 inference as one
+            numba kernel (ops/numba.py). False: eager everywhere (debugging, or where
+            neither works).
         gelu_epilogue: at 16-bit inference on CUDA through the Triton layer code, the
             FFN's first product, bias and GELU as one cuBLASLt call with a GELU epilogue
             (the separate GELU kernel took 0.43 ms of a 4.8 ms forward of 32,768 tokens
@@ -143,5 +143,5 @@ class LAMConfig(PretrainedConfig):
         if not isinstance(self.graph_streams_min_tokens, int) or self.graph_streams_min_tokens < 0:
             raise ValueError(f"LAMConfig.graph_streams_min_tokens must be an integer >= 0, "
                              f"got {self.graph_streams_min_tokens!r}")
-        if self.delta_impl not in DELTA_IMPLS:
-            raise ValueError(f"LAMConfig.delta_impl must be one of {DELTA_IMPLS}, got {self.delta_impl!r}")
+        if self.delta_impl not in BACKEND_NAMES:
+            raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {self.delta_impl!r}")

@@ -75,7 +75,7 @@ def looks_like_hub_name(source: str) -> bool:
     return source.count("/") <= 1 and "\\" not in source
 
 
-def load_stsb(split: str, source: str | os.PathLike | None = None) -> "datasets.Dataset":
+def load_stsb(split: str, source: str | os.PathLike | None = None) -> datasets.Dataset:
     """Load one STS-B split with columns ``sentence1``, ``sentence2``, ``score`` (float in 0..1).
 
     ``split`` is ``train``, ``validation`` (alias ``dev``) or ``test``. ``source`` is a

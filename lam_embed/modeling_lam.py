@@ -4,6 +4,7 @@ is in layers/dual_state_delta_net.py."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -12,32 +13,25 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
+from .backends import Backend, load_triton, select_backend
 from .configuration_lam import LAMConfig
-from .cuda_graphs import ForwardGraphs
+from .inference import input_checks
+from .inference.cuda_graphs import ForwardGraphs, layers_on_streams
 from .layers.dual_state_delta_net import (
     CausalDepthwiseConv,
     DualStateDeltaNet,
     ResonanceFlux,
-    fused_layer_code,
-    load_layer_triton,
 )
-from .parameter_changes import install_change_hooks, optimizer_steps, parameter_registrations
+from .parameter_changes import (
+    install_change_hooks,
+    optimizer_steps,
+    parameter_registrations,
+)
 
 try:  # transformers >= 5: init functions that respect weights already loaded
     from transformers import initialization as init
 except ImportError:  # pragma: no cover - older transformers
     init = nn.init
-
-
-_side_stream_lists: dict = {}
-
-
-def _side_streams(device: torch.device, count: int) -> list:
-    """``count`` side streams of _layers_on_streams on this device, made once."""
-    streams = _side_stream_lists.setdefault(device, [])
-    while len(streams) < count:
-        streams.append(torch.cuda.Stream(device))
-    return streams[:count]
 
 
 class LAMEmbeddings(nn.Module):
@@ -62,9 +56,9 @@ class LAMEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
     def fused(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        """forward at inference on CUDA as one Triton kernel (layer_triton.py), with ids and
-        types clamped to their tables."""
-        return load_layer_triton().embedding_layer_norm(
+        """forward at inference on CUDA as one Triton kernel (ops/triton/layer.py), with ids
+        and types clamped to their tables."""
+        return load_triton().layer.embedding_layer_norm(
             input_ids, token_type_ids, self.word_embeddings.weight, self.position_embeddings.weight,
             self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
 
@@ -83,27 +77,24 @@ class LAMLayer(nn.Module):
         self.gelu_activation = config.hidden_act in ("gelu", "gelu_new", "gelu_pytorch_tanh")
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def residual_norm(self, norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """norm(x + dropout(y)); at inference on CUDA one Triton kernel (layer_triton.py)."""
-        if not self.training and fused_layer_code(x, self.delta_net, norm.weight) == "triton":
-            return load_layer_triton().residual_layer_norm(x, y, norm.weight, norm.bias, norm.eps)
+    def residual_norm(self, norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor, backend: Backend) -> torch.Tensor:
+        """norm(x + dropout(y)); at inference on CUDA one Triton kernel (ops/triton/layer.py)."""
+        if not self.training and backend.layer_code == "triton":
+            return load_triton().layer.residual_layer_norm(x, y, norm.weight, norm.bias, norm.eps)
         return norm(x + self.dropout(y))
 
-    def mix(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The attention block: token mixing, residual, LayerNorm."""
-        return self.residual_norm(self.attention_norm, x, self.delta_net(x, mask))
-
-    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, h: torch.Tensor, backend: Backend) -> torch.Tensor:
         """ffn_out(GELU(ffn_in(h))); see LAMConfig.gelu_epilogue for the 16-bit CUDA inference path."""
         if (self.delta_net.config.gelu_epilogue and h.dtype in (torch.bfloat16, torch.float16) and self.gelu_activation
-                and not self.training and fused_layer_code(h, self.delta_net, self.ffn_in.weight) == "triton"):
+                and not self.training and backend.layer_code == "triton"):
             inner = torch._addmm_activation(self.ffn_in.bias, h.flatten(0, -2), self.ffn_in.weight.t(), use_gelu=True)
             return self.ffn_out(inner.unflatten(0, h.shape[:-1]))
         return self.ffn_out(self.activation(self.ffn_in(h)))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.mix(x, mask)
-        return self.residual_norm(self.ffn_norm, h, self.feed_forward(h))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend) -> torch.Tensor:
+        """The attention block (token mixing, residual, LayerNorm), then the feed-forward block."""
+        h = self.residual_norm(self.attention_norm, x, self.delta_net(x, mask, backend), backend)
+        return self.residual_norm(self.ffn_norm, h, self.feed_forward(h, backend), backend)
 
 
 class LAMPreTrainedModel(PreTrainedModel):
@@ -164,16 +155,21 @@ class LAMModel(LAMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _encode(self, input_ids, token_type_ids, mask, hidden_states: list | None = None,
+    def select_backend(self, input_ids: torch.Tensor) -> Backend:
+        """The backend of a forward of ``input_ids`` (lam_embed/backends.py), for every layer."""
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        return select_backend(self.config, input_ids.device, self.embeddings.word_embeddings.weight.dtype,
+                              wants_grad, self.training)
+
+    def _encode(self, input_ids, token_type_ids, mask, backend: Backend, hidden_states: list | None = None,
                 clamp: bool = False, parts: int = 1) -> torch.Tensor:
         """Embeddings and layers: the last hidden state. The layer inputs and the output
         are appended to ``hidden_states`` when it is given. ``parts`` > 1: the layers run
-        on that many CUDA streams (_layers_on_streams; no hidden states). ``clamp``: the
+        on that many CUDA streams (layers_on_streams; no hidden states). ``clamp``: the
         ids' values are checked only once the forward pass is queued (on CUDA, see
-        check_input_values), so ids outside the tables must not reach the embedding
+        inference/input_checks.py), so ids outside the tables must not reach the embedding
         lookup, where an out-of-range read would end the CUDA context instead of raising."""
-        if (not self.training and self.layers
-                and fused_layer_code(input_ids, self.layers[0].delta_net, self.embeddings.word_embeddings.weight) == "triton"):
+        if not self.training and backend.layer_code == "triton":
             x = self.embeddings.fused(input_ids, token_type_ids)  # clamps as it reads
         else:
             if clamp:
@@ -181,41 +177,21 @@ class LAMModel(LAMPreTrainedModel):
                 token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
             x = self.embeddings(input_ids, token_type_ids)
         if parts > 1:
-            return self._layers_on_streams(x, mask, parts)
+            return layers_on_streams(self.layers, x, mask, parts, backend)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer(x, mask)
+            x = layer(x, mask, backend)
         if hidden_states is not None:
             hidden_states.append(x)
         return x
 
-    def _layers_on_streams(self, x: torch.Tensor, mask: torch.Tensor, parts: int) -> torch.Tensor:
-        """The layers for ``parts`` parts of the batch, each on its own CUDA stream (see
-        LAMConfig.graph_streams). Each layer is queued for every part before the next layer, so
-        that the parts keep pace when run eagerly."""
-        main = torch.cuda.current_stream(x.device)
-        streams = [main] + _side_streams(x.device, parts - 1)
-        for stream in streams[1:]:
-            stream.wait_stream(main)  # the embeddings are written on main
-        xs, masks = list(x.tensor_split(parts)), mask.tensor_split(parts)
-        for layer in self.layers:
-            for i, stream in enumerate(streams):
-                with torch.cuda.stream(stream):
-                    xs[i] = layer(xs[i], masks[i])
-        for stream, part in zip(streams[1:], xs[1:]):
-            main.wait_stream(stream)
-            # Allocated on a side stream and read on main: the allocator must not hand
-            # this memory to the side stream again before main is done with it.
-            part.record_stream(main)
-        return torch.cat(xs)
-
-    def _graph_forward(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graph_forward(self, input_ids, attention_mask, token_type_ids, backend: Backend):
         """What a CUDA graph captures: the last hidden state and the value summary of the inputs."""
-        summary = self.value_summary(input_ids, attention_mask, token_type_ids)
+        summary = input_checks.value_summary(input_ids, attention_mask, token_type_ids)
         config = self.config
         parts = min(config.graph_streams, input_ids.shape[0]) if input_ids.numel() >= config.graph_streams_min_tokens else 1
-        return self._encode(input_ids, token_type_ids, attention_mask.bool(), clamp=True, parts=parts), summary
+        return self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, clamp=True, parts=parts), summary
 
     def _graph_tensors_read(self) -> list[torch.Tensor]:
         """What a captured graph reads besides its buffers: the parameters' storage (as
@@ -224,14 +200,14 @@ class LAMModel(LAMPreTrainedModel):
         stacked = [t for layer in self.layers for t in layer.delta_net.kept_stacked_weights()]
         return [p.detach() for p in self.parameters()] + stacked
 
-    def uses_cuda_graphs(self, input_ids: torch.Tensor) -> bool:
-        """Whether a forward of ``input_ids`` replays CUDA graphs (lam_embed/cuda_graphs.py):
+    def uses_cuda_graphs(self, input_ids: torch.Tensor, backend: Backend | None = None) -> bool:
+        """Whether a forward of ``input_ids`` replays CUDA graphs (inference/cuda_graphs.py):
         with ``config.cuda_graphs``, at inference on CUDA through the Triton layer code, not
         inside another capture."""
-        net = self.layers[0].delta_net
-        return (self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
-                and not torch.is_grad_enabled() and fused_layer_code(input_ids, net, net.q_proj.weight) == "triton"
-                and not torch.cuda.is_current_stream_capturing())
+        if not (self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
+                and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()):
+            return False
+        return (backend or self.select_backend(input_ids)).layer_code == "triton"
 
     @property
     def _graphs(self) -> ForwardGraphs:
@@ -249,67 +225,6 @@ class LAMModel(LAMPreTrainedModel):
             self.__dict__.pop("_cuda_graphs", None)
         return super().train(mode)
 
-    def check_shapes(self, input_ids, attention_mask, token_type_ids) -> None:
-        """Raise ValueError naming the argument whose shape or dtype does not fit the model."""
-        if input_ids is None:
-            raise ValueError("LAMModel needs input_ids")
-        if input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {tuple(input_ids.shape)} {input_ids.dtype}")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-
-    @staticmethod
-    def value_summary(input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        """What check_values reads, as one tensor: the smallest and largest id, mask value
-        and token type, and whether any mask is left-padded."""
-        # aminmax: one reduction for both ends (a summary is part of every forward on CUDA).
-        return torch.stack([
-            *torch.aminmax(input_ids.long()), *torch.aminmax(attention_mask.long()),
-            (attention_mask[:, 1:] > attention_mask[:, :-1]).any().long(), *torch.aminmax(token_type_ids.long()),
-        ])
-
-    def check_input_values(self, input_ids, attention_mask, token_type_ids) -> tuple | None:
-        """Raise ValueError naming the argument whose values do not fit the model.
-
-        The values are checked here on CPU; on a GPU a read of them would stall the
-        forward pass until the GPU caught up, so their summary is returned instead (see
-        summary_to_host) for ``check_values`` once the forward pass is queued."""
-        if not input_ids.numel():
-            return None
-        stats = self.value_summary(input_ids, attention_mask, token_type_ids)
-        if not stats.is_cuda:
-            self.check_values(stats)
-            return None
-        return self.summary_to_host(stats)
-
-    @staticmethod
-    def summary_to_host(stats: torch.Tensor) -> tuple:
-        """The summary copied to the host without waiting, and the event that marks the copy done."""
-        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-        host.copy_(stats, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return host, done
-
-    def check_values(self, stats: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
-        """The checks of check_input_values, from its summary of the values."""
-        if done is not None:
-            done.synchronize()  # the copy was queued before the forward pass: long done
-        low, high, mask_low, mask_high, left_padded, type_low, type_high = stats.tolist()
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
-        if mask_low < 0 or mask_high > 1:
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-        if left_padded:
-            raise ValueError(
-                "attention_mask must be right-padded (ones, then zeros): LAM reads tokens in order, "
-                "so left padding would shift every chunk; set tokenizer.padding_side = 'right'"
-            )
-        if type_low < 0 or type_high >= self.config.type_vocab_size:
-            raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size})")
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -319,27 +234,30 @@ class LAMModel(LAMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
-        self.check_shapes(input_ids, attention_mask, token_type_ids)
+        input_checks.check_shapes(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        backend = self.select_backend(input_ids)
         graphed = None
-        if not output_hidden_states and self.uses_cuda_graphs(input_ids):
+        if not output_hidden_states and self.uses_cuda_graphs(input_ids, backend):
             install_change_hooks()
             # token_type_ids may stay None here: the graph's buffer of them is then zero.
-            graphed = self._graphs(self, self._graph_forward, input_ids, attention_mask, token_type_ids,
+            graphed = self._graphs(self, functools.partial(self._graph_forward, backend=backend),
+                                   input_ids, attention_mask, token_type_ids,
                                    changes=(optimizer_steps(), parameter_registrations()),
                                    chunk_size=self.config.chunk_size, tensors_read=self._graph_tensors_read)
         hidden_states = None
         if graphed is not None:
             x, stats = graphed
-            pending = self.summary_to_host(stats)
+            pending = input_checks.summary_to_host(stats)
         else:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
-            pending = self.check_input_values(input_ids, attention_mask, token_type_ids)
+            pending = input_checks.check_input_values(self.config, input_ids, attention_mask, token_type_ids)
             if output_hidden_states:
                 hidden_states = []
-            x = self._encode(input_ids, token_type_ids, attention_mask.bool(), hidden_states, clamp=pending is not None)
+            x = self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, hidden_states,
+                             clamp=pending is not None)
         # The output is built before the check waits for the GPU (on CUDA the forward pass is
         # still running), and returned only after it: bad input gives the error, never a result.
         if return_dict is False:
@@ -347,5 +265,5 @@ class LAMModel(LAMPreTrainedModel):
         else:
             output = BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
         if pending is not None:
-            self.check_values(*pending)
+            input_checks.check_values(self.config, *pending)
         return output

@@ -1,6 +1,6 @@
 """What a parameter's version counter does not show, for what LAM keeps between calls
 (the weights each layer stacks, DualStateDeltaNet.stacked_weights; the CUDA graphs,
-cuda_graphs.py): optimizer steps (fused optimizers update parameters in place without
+inference/cuda_graphs.py): optimizer steps (fused optimizers update parameters in place without
 moving their counters) and parameters registered anywhere (a graph reads parameters where
 they were when it was captured, and replacing one by another moves no counter). The torch
 hooks that count them are installed by the first forward that keeps weights or replays a

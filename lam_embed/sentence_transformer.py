@@ -38,7 +38,7 @@ def build_sentence_transformer(
         raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(resolve_teacher_path(tokenizer))
-    tokenizer.padding_side = "right"  # LAM reads tokens in order; see LAMModel.check_values
+    tokenizer.padding_side = "right"  # LAM reads tokens in order; see inference/input_checks.py
     # sentence-transformers caps max_seq_length at the tokenizer's limit when loading;
     # LAM's only limit is the one chosen here.
     tokenizer.model_max_length = max_seq_length

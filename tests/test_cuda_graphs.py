@@ -1,11 +1,11 @@
-"""CUDA graphs of the LAM forward (lam_embed/cuda_graphs.py): the same output as the
+"""CUDA graphs of the LAM forward (lam_embed/inference/cuda_graphs.py): the same output as the
 eager forward, through shape buckets, weight changes and bad inputs."""
 
 import pytest
 import torch
 
 from lam_embed import LAMConfig, LAMModel
-from lam_embed.cuda_graphs import LENGTH_STEP, bucket_length
+from lam_embed.inference.cuda_graphs import LENGTH_STEP, bucket_length
 
 
 def test_bucket_length():
@@ -49,7 +49,7 @@ class FakeGraph:
 @pytest.fixture()
 def fake_graphs(monkeypatch):
     """ForwardGraphs with its bookkeeping as on CUDA, but graphs that run nothing."""
-    from lam_embed import cuda_graphs
+    from lam_embed.inference import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "GraphedForward", FakeGraph)
     monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
@@ -128,7 +128,7 @@ def test_parameters_without_version_counters(fake_graphs):
 
 
 def test_at_most_max_graphs_are_kept_the_oldest_go_first(fake_graphs):
-    from lam_embed.cuda_graphs import MAX_GRAPHS
+    from lam_embed.inference.cuda_graphs import MAX_GRAPHS
 
     graphs, _, call = fake_graphs
     for batch in range(1, MAX_GRAPHS + 2):
@@ -138,7 +138,7 @@ def test_at_most_max_graphs_are_kept_the_oldest_go_first(fake_graphs):
 
 
 def test_kept_graphs_hold_at_most_max_graph_tokens(fake_graphs, monkeypatch):
-    from lam_embed import cuda_graphs
+    from lam_embed.inference import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPH_TOKENS", 1000)
     graphs, _, call = fake_graphs

@@ -46,8 +46,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_graph_reader_sees_imports_inside_functions():
     graph = import_graph()
-    assert "lam_embed.layer_triton" in graph["lam_embed.layers.dual_state_delta_net"]  # in load_layer_triton()
-    assert "lam_embed.ops.triton" in graph["lam_embed.layer_triton"]
+    assert "lam_embed.ops.triton" in graph["lam_embed.backends"]  # in load_triton()
+    assert "lam_embed.ops.triton.delta_rule" in graph["lam_embed.ops.triton.layer"]
 
 
 def test_ops_import_nothing_outside_ops():

@@ -14,13 +14,18 @@ from lam_embed.layers.dual_state_delta_net import (
     causal_depthwise_conv,
     delta_net_features,
     delta_net_output,
-    fused_layer_code,
 )
+from lam_embed.backends import select_backend
 from lam_embed.ops import dual_state_delta_rule
 
 # Three chunks in the longest row: the state after the second chunk is read by the
 # third, so the decays have real gradients (with two chunks they would have none).
 LENGTHS = [300, 40, 3, 1]
+
+
+def layer_code(net, x, wants_grad=False):
+    """How the layer code of ``net`` runs for x (lam_embed/backends.py)."""
+    return select_backend(net.config, x.device, x.dtype, wants_grad, net.training).layer_code
 
 
 def make_layer(seed=0, hidden_size=64, num_heads=2):
@@ -185,12 +190,12 @@ def test_compiled_layer_functions_match_eager():
         _compiled_layer_functions.cache_clear()
 
 
-# --------------------------------------------------------------- Triton kernels of the layer code (layer_triton.py)
+# --------------------------------------------------------------- Triton kernels of the layer code (ops/triton/layer.py)
 
 _LAYER_KERNELS_CHECK = """
 import torch
 import torch.nn.functional as F
-from lam_embed.layer_triton import delta_net_from_projection, delta_rule_from_projection, residual_layer_norm
+from lam_embed.ops.triton.layer import delta_net_from_projection, delta_rule_from_projection, residual_layer_norm
 from lam_embed.layers import delta_net_features, delta_net_output
 from lam_embed.modeling_lam import LAMEmbeddings
 from lam_embed.ops import dual_state_delta_rule
@@ -274,7 +279,7 @@ def _run_layer_kernels_check(env_extra, **fmt):
 
 @pytest.mark.slow
 def test_layer_kernels_under_the_interpreter():
-    """layer_triton equals the eager layer code: the delta rule from the input projection
+    """ops/triton/layer.py equals the eager layer code: the delta rule from the input projection
     (delta_net_features, then the chunk op), delta_net_output, the residual LayerNorm and
     the embeddings;
     on CPU, through TRITON_INTERPRET=1 (in a subprocess: the variable is read
@@ -301,17 +306,19 @@ def test_fused_layer_code_follows_delta_impl():
         pytest.skip("needs CUDA")
     net = make_layer().cuda()
     x = torch.randn(1, 4, 64, device="cuda")
-    with torch.no_grad():
-        for impl, want in (("triton", "triton"), ("auto", "triton"), ("compiled", "compiled"), ("chunk", None)):
-            net.config.delta_impl = impl
-            assert fused_layer_code(x, net, net.q_proj.weight) == want, impl
+    for impl, want in (("triton", "triton"), ("auto", "triton"), ("compiled", "compiled"), ("chunk", "eager")):
+        net.config.delta_impl = impl
+        assert layer_code(net, x) == want, impl
     net.config.delta_impl = "triton"
-    assert fused_layer_code(x, net, net.q_proj.weight) == "compiled"  # q_proj.weight wants a gradient
+    assert layer_code(net, x, wants_grad=True) == "compiled"
     net.config.state_dropout = 0.1
-    with torch.no_grad():
-        assert fused_layer_code(x, net.train(), net.q_proj.weight) == "compiled"  # state dropout while training
-        assert fused_layer_code(x, net.eval(), net.q_proj.weight) == "triton"
-    assert fused_layer_code(x.cpu(), net, net.q_proj.weight) is None
+    assert layer_code(net.train(), x) == "compiled"  # state dropout while training
+    assert layer_code(net.eval(), x) == "triton"
+    with pytest.raises(ValueError, match="CUDA"):
+        layer_code(net, x.cpu())
+    net.config.delta_impl = "numba"
+    with pytest.raises(ValueError, match="CPU"):
+        layer_code(net, x)
 
 
 @pytest.mark.gpu
@@ -335,7 +342,7 @@ def test_feed_forward_on_gpu_matches_float32_erf_gelu(dtype, monkeypatch):
         calls = []
         real = torch._addmm_activation
         monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
-        out = layer.feed_forward(h.to(dtype))
+        out = layer.feed_forward(h.to(dtype), select_backend(config, h.device, dtype, False, False))
     assert bool(calls) == (dtype != torch.float32)  # the epilogue path is taken for 16-bit inputs only
     assert out.shape == ref.shape and out.dtype == dtype
     bound = 1e-5 if dtype == torch.float32 else 1e-2
@@ -343,7 +350,7 @@ def test_feed_forward_on_gpu_matches_float32_erf_gelu(dtype, monkeypatch):
 
 
 def test_numba_layer_matches_reference():
-    """CPU inference runs the numba kernel (layer_numba.py); its outputs on valid tokens
+    """CPU inference runs the numba kernel (ops/numba.py); its outputs on valid tokens
     equal the plain form's: one chunk and several, padding inside a chunk and at the end,
     a chunk without valid tokens in the middle (the states pass it unchanged) and at the
     start (they stay zero)."""
@@ -360,7 +367,7 @@ def test_numba_layer_matches_reference():
         mask[1, C : 2 * C] = False  # the second chunk empty
         mask[2, :C] = False  # the first chunk empty
         with torch.no_grad():
-            assert fused_layer_code(x, net, net.q_proj.weight) == "numba"
+            assert layer_code(net, x) == "numba"
             out = net(x, mask) * mask[..., None]
             ref = reference_forward(net, x, mask) * mask[..., None]
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (hidden, heads)
@@ -375,18 +382,16 @@ def test_numba_layer_only_where_it_applies():
     net.config.delta_impl = "auto"
     x, mask = make_inputs()
     short = x[:, :40]
-    weight = net.q_proj.weight
-    with torch.no_grad():
-        assert fused_layer_code(short, net, weight) == "numba"
-        assert fused_layer_code(x, net, weight) == "numba"  # 300 tokens: three chunks
-        assert fused_layer_code(short.double(), net, weight) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert fused_layer_code(short, net, weight) is None
-        for impl in ("chunk", "naive", "compiled"):
-            net.config.delta_impl = impl
-            assert fused_layer_code(short, net, weight) is None, impl
-        net.config.delta_impl = "auto"
-    assert fused_layer_code(short, net, weight) is None  # weight wants a gradient
+    assert layer_code(net, short) == "numba"
+    assert layer_code(net, x) == "numba"  # 300 tokens: three chunks
+    assert layer_code(net, short.double()) == "eager"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer_code(net, short) == "eager"
+    for impl in ("chunk", "naive", "compiled"):
+        net.config.delta_impl = impl
+        assert layer_code(net, short) == "eager", impl
+    net.config.delta_impl = "auto"
+    assert layer_code(net, short, wants_grad=True) == "eager"
     with torch.no_grad():
         fused = net(short, mask[:, :40])
     net.config.delta_impl = "chunk"

@@ -1,4 +1,4 @@
-"""The fused Triton dual-state delta rule (lam_embed/ops/triton.py) against the chunked one.
+"""The fused Triton dual-state delta rule (lam_embed/ops/triton/) against the chunked one.
 
 GPU tests: skipped without triton or CUDA. One CPU test runs the kernels under
 Triton's interpreter (slow; skipped without triton).
@@ -13,6 +13,7 @@ and without a GPU (needs triton):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -73,20 +74,9 @@ def _needs_gpu():
 
 @pytest.fixture(scope="module")
 def gpu():
-    """The CUDA device; LAM_TRITON_CONFIG (a JSON object) overrides launch settings of
-    lam_embed.ops.triton.CONFIG for these tests, to check a variant before making it the default."""
+    """The CUDA device."""
     _needs_gpu()
-    import json
-
-    from lam_embed.ops import triton as T
-
-    saved = dict(T.CONFIG)
-    for key, value in json.loads(os.environ.get("LAM_TRITON_CONFIG", "{}")).items():
-        assert key in T.CONFIG, key
-        T.CONFIG[key] = tuple(value) if isinstance(value, list) else value
-    yield torch.device("cuda")
-    T.CONFIG.clear()
-    T.CONFIG.update(saved)
+    return torch.device("cuda")
 
 
 @pytest.mark.gpu
@@ -179,7 +169,7 @@ def test_model_triton_matches_chunk(gpu):
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_model_inference_matches_chunk(gpu, dtype, bound):
     """At inference (no gradients) delta_impl="triton" also runs the layer code as the
-    Triton kernels of layer_triton.py; the output still equals the eager "chunk" model
+    Triton kernels of ops/triton/layer.py; the output still equals the eager "chunk" model
     (bfloat16: within 2e-2 of the output scale)."""
     from lam_embed import LAMConfig, LAMModel
 
@@ -236,7 +226,7 @@ def test_qk_l2norm_matches_chunk(gpu, L):
     scale = ref.abs().max().item()
     print(f"\nqk_l2norm L={L}: max error {valid:.2e} (output scale {scale:.2f}), gradients {worst:.2e}")
     # bf16 inputs run the kernels' products on bfloat16 and tf32 operands and hand the
-    # blocks' results on in bfloat16 (CONFIG): errors near 7e-3 of the output scale on
+    # blocks' results on in bfloat16 (LaunchSettings): errors near 7e-3 of the output scale on
     # an H200, inside the bf16 bound of 2e-2.
     assert valid <= 2e-2 * scale and worst <= 1e-4
 
@@ -281,29 +271,30 @@ _INTERPRETER_CHECK = textwrap.dedent("""
     patch_interpreter()
     from lam_embed.ops import chunk_dual_state_delta_rule
     from lam_embed.ops.common import l2norm
-    from lam_embed.ops import triton as T
-    from lam_embed.ops.triton import triton_dual_state_delta_rule
+    from dataclasses import replace
+    from lam_embed.ops.triton import DEFAULT_LAUNCH, triton_dual_state_delta_rule
 
     # The logic in float32: products at full precision and float32 results between the
     # kernels for the bfloat16 inputs too (the interpreter has no bfloat16 products; what
     # the GPU's bfloat16 settings cost in accuracy, the GPU tests bound).
-    T.CONFIG["prepare_precision"] = dict.fromkeys(T.CONFIG["prepare_precision"], "ieee")
-    T.CONFIG["stage_dtype"] = dict.fromkeys(T.CONFIG["stage_dtype"], torch.float32)
+    exact = replace(DEFAULT_LAUNCH, prepare_precision=dict.fromkeys(DEFAULT_LAUNCH.prepare_precision, "ieee"),
+                    stage_dtype=dict.fromkeys(DEFAULT_LAUNCH.stage_dtype, torch.float32))
     flux = make_flux(heads=2)
     # The second case with the blocks' d x d products made one head at a time (as for a
-    # large input), the third with blocks of two 16-row parts (CONFIG["sub_blocks"]).
+    # large input), the third with blocks of two 16-row parts (LaunchSettings.sub_blocks).
     cases = (([100, 37], 100, 1 << 26, 1), ([300, 129, 10], 128, 1, 1), ([300, 129, 10], 128, 1 << 26, 2))
     for lengths, chunk_size, stage_bytes, sub_blocks in cases:
-        T.CONFIG["stage_bytes"], T.CONFIG["sub_blocks"] = stage_bytes, sub_blocks
+        launch = replace(exact, stage_bytes=stage_bytes, sub_blocks=sub_blocks)
         tensors, mask = make_inputs(lengths, heads=2)
         with torch.no_grad():
             ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
-            out = triton_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size)
+            out = triton_dual_state_delta_rule(*tensors, mask, flux, chunk_size=chunk_size, launch=launch)
             # qk_l2norm: raw bfloat16 q, k, v, normalised on load by the kernel.
             raw = raw_qk(tensors)
             unit = [l2norm(raw[0]), l2norm(raw[1]), *[t.float() for t in raw[2:]]]
             ref_norm = chunk_dual_state_delta_rule(*unit, mask, flux, chunk_size=chunk_size)
-            out_norm = triton_dual_state_delta_rule(*raw, mask, flux, chunk_size=chunk_size, qk_l2norm=True)
+            out_norm = triton_dual_state_delta_rule(*raw, mask, flux, chunk_size=chunk_size, qk_l2norm=True,
+                                                    launch=launch)
         for a, b in ((out, ref), (out_norm, ref_norm)):
             _, err = max_error(a, b, mask)
             print(lengths, err)
@@ -349,19 +340,21 @@ def compile_only():
     return compiled
 
 
-def launch_layer_kernels(dtype, B, L, flux):
+def launch_layer_kernels(dtype, B, L, flux, launch=None):
     """The layer's inference path on CPU tensors of B x L tokens (under compile_only: its
     kernels compiled for that specialisation): the token mixer from the input projection
     (as the model runs it), the op from q, k, v, a residual LayerNorm and the embeddings."""
-    from lam_embed import layer_triton as LT
     from lam_embed.ops import triton as T
+    from lam_embed.ops.triton import layer as LT
 
+    launch = launch or T.DEFAULT_LAUNCH
     D = HEADS * HEAD_DIM
     tensors, mask = make_inputs([L] * B)
     projected = torch.randn(B, L, 4 * D + 5 * HEADS + 4).to(dtype)
     LT.delta_net_from_projection(projected, mask, torch.randn(3 * D, 1, 4).to(dtype), flux,
-                                 torch.ones(HEAD_DIM, dtype=dtype), torch.randn(D, D).to(dtype), 1e-6, HEADS, 128)
-    T.triton_forward(*[t.to(dtype) for t in tensors], mask, T.flux_parameters(flux), 128)
+                                 torch.ones(HEAD_DIM, dtype=dtype), torch.randn(D, D).to(dtype), 1e-6, HEADS, 128,
+                                 launch=launch)
+    T.triton_forward(*[t.to(dtype) for t in tensors], mask, T.delta_rule.flux_parameters(flux), 128, launch=launch)
     x = torch.randn(B, 7, D).to(dtype)
     LT.residual_layer_norm(x, x, torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype), 1e-12)
     ids = torch.ones(B, 7, dtype=torch.long)
@@ -441,16 +434,16 @@ def _kernel_times(fn):
     return rows
 
 
-def sweep_variants(default: dict) -> list:
-    """(name, CONFIG changes) of the kernels' launch settings compared by --sweep and --resources."""
-    w1, w2, w3, w4 = default["num_warps"]
+def sweep_variants(default) -> list:
+    """(name, LaunchSettings changes) of the kernels' launch settings compared by --sweep and --resources."""
+    w1, w2, w3, w4 = default.num_warps
     bf16_tf32 = {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"}
     return [
         ("default", {}),
         ("prepare 2w", {"num_warps": (2, w2, w3, w4)}),
         ("scan 2w", {"num_warps": (w1, 2, w3, w4)}),
         ("prepare tf32", {"prepare_precision": bf16_tf32}),
-        ("stage fp32", {"stage_dtype": dict.fromkeys(default["stage_dtype"], torch.float32)}),
+        ("stage fp32", {"stage_dtype": dict.fromkeys(default.stage_dtype, torch.float32)}),
         ("bt32", {"block_t": 32}),
         ("2 parts a block", {"sub_blocks": 2}),
         ("4 parts a block", {"sub_blocks": 4}),
@@ -478,13 +471,11 @@ def resources():
 
     compiled = compile_only()
     flux = make_flux()
-    default = dict(T.CONFIG)
+    default = T.DEFAULT_LAUNCH
     print(f"{'variant':26s} {'kernel':28s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} {'smem B':>7s}")
     for name, change in sweep_variants(default):
-        T.CONFIG.clear()
-        T.CONFIG.update(default, **change)
         compiled.clear()
-        launch_layer_kernels(torch.bfloat16, 64, 512, flux)
+        launch_layer_kernels(torch.bfloat16, 64, 512, flux, dataclasses.replace(default, **change))
         seen = set()
         for kernel_name, kernel in compiled:
             if kernel_name in seen:
@@ -499,8 +490,6 @@ def resources():
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
             print(f"{name:26s} {kernel_name:28s} {kernel.metadata.num_warps:5d} {regs.group(1) if regs else '?':>5s}"
                   f" {'/'.join(spill.groups()) if spill else '?':>14s} {kernel.metadata.shared:7d}", flush=True)
-    T.CONFIG.clear()
-    T.CONFIG.update(default)
 
 
 def bench(sweep: bool = False, compiled: bool = False):
@@ -517,21 +506,21 @@ def bench(sweep: bool = False, compiled: bool = False):
         tensors, mask = make_inputs([L] * B, seed=B, device=dev)
         cases[(B, L)] = (tensors, mask)
 
-    def run(fn, B, L, dtype=torch.float32):
+    def run(fn, B, L, dtype=torch.float32, **kwargs):
         tensors, mask = cases[(B, L)]
         tensors = [t.to(dtype) for t in tensors]
-        return lambda: fn(*tensors, mask, flux, chunk_size=128)
+        return lambda: fn(*tensors, mask, flux, chunk_size=128, **kwargs)
 
-    def run_projection(B, L):
+    def run_projection(B, L, launch=T.DEFAULT_LAUNCH):
         """The layer's inference path: the op from a bfloat16 input projection (conv and activations in the kernels)."""
-        from lam_embed.layer_triton import delta_rule_from_projection
+        from lam_embed.ops.triton.layer import delta_rule_from_projection
 
         D = HEADS * HEAD_DIM
         g = torch.Generator().manual_seed(B)
         projected = torch.randn(B, L, 4 * D + 5 * HEADS + 4, generator=g).to(dev, torch.bfloat16)
         conv_weight = (0.5 * torch.randn(3 * D, 1, 4, generator=g)).to(dev, torch.bfloat16)
         mask = cases[(B, L)][1]
-        return lambda: delta_rule_from_projection(projected, mask, conv_weight, flux, HEADS, 128)
+        return lambda: delta_rule_from_projection(projected, mask, conv_weight, flux, HEADS, 128, launch=launch)
 
     def table():
         print("\nms per call, 12 heads x 32, 32,768 tokens, fp32 inputs unless named (median of CUDA-event timings,"
@@ -569,27 +558,24 @@ def bench(sweep: bool = False, compiled: bool = False):
                 break
 
         if sweep:
-            default = dict(T.CONFIG)
+            default = T.DEFAULT_LAUNCH
             variants = sweep_variants(default)
             print("\nvariants: ms per call (max error vs chunk); the op in fp32, then the op from a bf16 projection")
             print(f"  {'variant':14s}" + "".join(f"{f'{B}x{L}':>22s}" for B, L in BENCH_SHAPES))
             for name, change in variants:
-                T.CONFIG.clear()
-                T.CONFIG.update(default, **change)
+                launch = dataclasses.replace(default, **change)
                 cells, cells_projection = [], []
                 for B, L in BENCH_SHAPES:
                     try:
-                        fn = run(T.triton_dual_state_delta_rule, B, L)
+                        fn = run(T.triton_dual_state_delta_rule, B, L, launch=launch)
                         err = (fn() - refs[(B, L)]).abs().max().item()
                         cells.append(f"{_time(fn):8.3f} ({err:.1e})")
-                        cells_projection.append(f"{_time(run_projection(B, L)):8.3f}")
+                        cells_projection.append(f"{_time(run_projection(B, L, launch)):8.3f}")
                     except Exception as exc:  # a variant that does not compile or fit
                         cells.append(f"{type(exc).__name__[:20]:>20s}")
                         cells_projection.append("-")
                 print(f"  {name:14s}" + "".join(f"{c:>22s}" for c in cells), flush=True)
                 print(f"  {'':14s}" + "".join(f"{c:>22s}" for c in cells_projection), flush=True)
-            T.CONFIG.clear()
-            T.CONFIG.update(default)
 
     if not compiled:
         return

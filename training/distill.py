@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of each stage's steps spent warming up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
-    p.add_argument("--delta-impl", default="chunk", choices=lam_embed.configuration_lam.DELTA_IMPLS, help="implementation of the DeltaNet while training ('triton' recomputes its backward with 'chunk', so 'chunk' trains fastest)")
+    p.add_argument("--delta-impl", default="chunk", choices=lam_embed.backends.BACKEND_NAMES, help="implementation of the DeltaNet while training ('triton' recomputes its backward with 'chunk', so 'chunk' trains fastest)")
     p.add_argument("--eval-every", type=int, default=500, help="log STS-B dev Spearman every N steps (0: only at the end)")
     p.add_argument("--save-every", type=int, default=1000, help="save a checkpoint every N steps")
     p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop after this much training time (0: no limit); --resume continues")

@@ -7,7 +7,6 @@ from .dual_state_delta_net import (
     causal_depthwise_conv,
     delta_net_features,
     delta_net_output,
-    fused_layer_code,
 )
 
 __all__ = [
@@ -17,5 +16,4 @@ __all__ = [
     "causal_depthwise_conv",
     "delta_net_features",
     "delta_net_output",
-    "fused_layer_code",
 ]

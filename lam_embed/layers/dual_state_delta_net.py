@@ -1,49 +1,26 @@
 """The token mixer of a LAM layer: the dual-state DeltaNet (docs/SPEC.md section 2), its
-resonance flux and causal convolutions, and the choice of how its layer code runs
-(``fused_layer_code``: Triton kernels or torch.compile on CUDA, the numba kernel on CPU,
-else eager PyTorch)."""
+resonance flux and causal convolutions. How it runs (eager, torch.compile, Triton or numba
+kernels) is the backend that lam_embed/backends.py selects."""
 
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import Backend, load_numba, load_triton, select_backend
 from ..configuration_lam import LAMConfig
-from ..ops import dual_state_delta_rule, resolve_impl
-from ..ops.common import PSI_MAX, PSI_MIN
+from ..ops import dual_state_delta_rule
+from ..ops.common import (
+    PROJECTION_SCALARS,
+    PROJECTION_VECTORS,
+    PSI_MAX,
+    PSI_MIN,
+    projection_columns,
+)
 from ..parameter_changes import install_change_hooks, optimizer_steps, version_sum
-
-logger = logging.getLogger(__name__)
-
-
-def fused_layer_code(x: torch.Tensor, net: DualStateDeltaNet, param: torch.Tensor) -> str | None:
-    """How the layer code around the delta rule of ``net`` runs for the input x: "triton"
-    (CUDA, delta_impl "triton", no gradient wanted for x or ``param``), "compiled" (CUDA
-    with delta_impl "compiled", or "triton" with gradients), "numba" (CPU, delta_impl
-    "auto", float32, no gradient wanted, numba installed) or None
-    (eager: elsewhere, with delta_impl "chunk" or "naive", or with config.fuse_layer_code off)."""
-    if not net.config.fuse_layer_code:
-        return None
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or param.requires_grad)
-    if not x.is_cuda:
-        if (x.device.type == "cpu" and net.config.delta_impl == "auto" and x.dtype == torch.float32
-                and not wants_grad and not torch.is_autocast_enabled("cpu") and load_layer_numba() is not None):
-            return "numba"
-        return None
-    impl = resolve_impl(net.config.delta_impl, x.device)
-    if impl not in ("triton", "compiled"):
-        return None
-    head_dim = net.head_dim
-    if (impl == "compiled" or wants_grad
-            or net.training and net.config.state_dropout > 0  # the fused path has no state dropout
-            or load_layer_triton() is None
-            or head_dim < 16 or head_dim & (head_dim - 1)):  # the kernels' tiles: a power of two >= 16
-        return "compiled"
-    return "triton"
 
 
 class ResonanceFlux(nn.Module):
@@ -74,7 +51,7 @@ class ResonanceFlux(nn.Module):
         return psi.clamp(PSI_MIN, PSI_MAX)
 
     def kernel_parameters(self) -> list[torch.Tensor] | None:
-        """The tensors from which the fused kernels (ops/triton.py) compute this forward,
+        """The tensors from which the fused kernels (ops/triton/) compute this forward,
         in their order; None for a subclass with a forward of its own, which they do not
         compute."""
         if type(self).forward is not ResonanceFlux.forward:
@@ -137,25 +114,23 @@ class DualStateDeltaNet(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(config.head_dim))
 
     def input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias of all input projections stacked in one matrix, in the order
-        q, k, v, output gate, beta, fast decay, slow decay, fast gate, slow gate: one
-        matrix product then computes them all. Built at each call (a copy of 2.4 MB at
-        D = 384), so the parameters stay those of the separate modules. Zero rows pad it
-        to a multiple of 64 outputs: BLAS is much slower on 4D + 5H = 1596 columns than on 1600."""
-        weights = [
-            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
-            self.fast_decay_proj.weight, self.slow_decay_proj.weight,
-            self.fast_gate_proj.weight, self.slow_gate_proj.weight,
-        ]
-        rows = sum(w.shape[0] for w in weights)
+        """Weight and bias of all input projections stacked in one matrix, in the column
+        order of ``ops.common.projection_columns``: one matrix product then computes them
+        all. Built at each call (a copy of 2.4 MB at D = 384), so the parameters stay those
+        of the separate modules. Zero rows pad it to a multiple of 64 outputs: BLAS is much
+        slower on 4D + 5H = 1596 columns than on 1600."""
+        modules = {
+            "q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "output_gate": self.g_proj,
+            "beta": self.beta_proj, "decay_fast": self.fast_decay_proj, "decay_slow": self.slow_decay_proj,
+            "gate_fast": self.fast_gate_proj, "gate_slow": self.slow_gate_proj,
+        }
+        stacked = [modules[name] for name in (*PROJECTION_VECTORS, *PROJECTION_SCALARS)]
+        rows = sum(m.out_features for m in stacked)
         pad = -rows % 64
-        weight = torch.cat([*weights, weights[0].new_zeros(pad, weights[0].shape[1])])
-        H = self.beta_proj.out_features
-        zeros = self.fast_decay_proj.bias.new_zeros
-        bias = torch.cat([
-            zeros(4 * self.q_proj.out_features + H), self.fast_decay_proj.bias, self.slow_decay_proj.bias,
-            zeros(2 * H + pad),
-        ])
+        template = self.fast_decay_proj.bias
+        weight = torch.cat([*(m.weight for m in stacked), template.new_zeros(pad, stacked[0].in_features)])
+        bias = torch.cat([m.bias if m.bias is not None else template.new_zeros(m.out_features) for m in stacked]
+                         + [template.new_zeros(pad)])
         return weight, bias
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,34 +174,36 @@ class DualStateDeltaNet(nn.Module):
         self.__dict__.pop("_stacked", None)
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D); mask: (B, L) bool, True on valid tokens."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """x: (B, L, D); mask: (B, L) bool, True on valid tokens; ``backend``: as
+        LAMModel selects it for the whole forward (else selected here for x)."""
         config, H = self.config, self.num_heads
+        if backend is None:
+            wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            backend = select_backend(config, x.device, x.dtype, wants_grad, self.training)
         weight, bias, conv_weight = self.stacked_weights()
         # On a GPU the code around the op is many small elementwise kernels. At inference
         # the delta-rule kernels read the input projection and apply the convolution and
-        # activations themselves, and one Triton kernel (layer_triton.py) does the output
-        # side; with gradients the code around the op runs under torch.compile.
-        mode = fused_layer_code(x, self, self.q_proj.weight)
-        if mode == "triton":
-            layer_triton = load_layer_triton()
+        # activations themselves, and write the normed, gated output; with gradients the
+        # code around the op runs under torch.compile.
+        if backend.layer_code == "triton":
             # The kernels read rows of padding as zeros: no need to zero them first.
             projected = F.linear(x, weight, bias)
-            return layer_triton.delta_net_from_projection(
+            return load_triton().layer.delta_net_from_projection(
                 projected, mask, conv_weight, self.flux, self.norm_weight, self.o_proj.weight, self.eps, H,
                 config.chunk_size)
-        if mode == "numba":
+        if backend.layer_code == "numba":
             features = delta_net_features(x, mask, weight, bias, conv_weight, H)
-            o = load_layer_numba().delta_rule_layer(
-                *features, mask, self.flux, self.norm_weight, self.eps, config.chunk_size)
+            o = load_numba().delta_rule_layer(*features, mask, self.flux, self.norm_weight, self.eps, config.chunk_size)
             return F.linear(o, self.o_proj.weight)
-        features, output = _compiled_layer_functions() if mode == "compiled" else (delta_net_features, delta_net_output)
+        compiled = backend.layer_code == "compiled"
+        features, output = _compiled_layer_functions() if compiled else (delta_net_features, delta_net_output)
         q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
         o = dual_state_delta_rule(
             q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
             chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
-            impl=config.delta_impl, qk_l2norm=True,
+            impl=backend.delta_impl, qk_l2norm=True,
         )  # (B, H, L, d) float32
         return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
 
@@ -241,17 +218,19 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
     q, k, v convolutions stacked (3D, 1, K).
     """
     D, H = x.shape[-1], num_heads
+    columns = projection_columns(D, H)
     # Padding is zeroed before the projections (q, k, v have no bias), so it is zero
     # in the convolution and never reaches a valid token. Beta, decays and gates of
     # padded positions are never read (the delta rule masks them).
     projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
-    qkv = causal_depthwise_conv(projected[..., : 3 * D], conv_weight)
+    qkv = causal_depthwise_conv(projected[..., columns["q"].start : columns["v"].stop], conv_weight)
     # q, k and v each in a buffer of its own, all three with the same (B, L, H, d)
     # strides: the fused kernel reads them as they are (it takes one set of strides),
     # and the (B, L, 3D) buffers are freed before the delta rule runs.
     q, k, v = (F.silu(qkv[..., i * D : (i + 1) * D]).unflatten(-1, (H, -1)) for i in range(3))
-    gates = torch.sigmoid(projected[..., 3 * D : 4 * D + 5 * H])
-    scalars = gates[..., D:].unflatten(-1, (5, H)).unbind(2)
+    # The output gate and the five scalars are adjacent columns: one sigmoid for all.
+    gates = torch.sigmoid(projected[..., columns["output_gate"].start : columns[PROJECTION_SCALARS[-1]].stop])
+    scalars = gates[..., D:].unflatten(-1, (len(PROJECTION_SCALARS), H)).unbind(2)
     return (q, k, v, gates[..., :D], *scalars)
 
 
@@ -260,31 +239,6 @@ def delta_net_output(o, output_gate, norm_weight, o_weight, eps: float):
     output gate (B, L, D) from delta_net_features, then the output projection."""
     o = F.rms_norm(o, o.shape[-1:], norm_weight.float(), eps)
     return F.linear(o.flatten(2).to(output_gate.dtype) * output_gate, o_weight)
-
-
-@functools.cache
-def load_layer_triton():
-    """The module layer_triton, or None where triton does not import."""
-    try:
-        from .. import layer_triton
-    except ImportError:
-        return None
-    return layer_triton
-
-
-@functools.cache
-def load_layer_numba():
-    """The module layer_numba, or None where numba does not import or cannot compile
-    (the eager code then runs: slower on CPU, same results)."""
-    try:
-        from .. import layer_numba
-    except ImportError:
-        return None
-    except Exception as err:  # e.g. numba finds no writable folder for its cache
-        logger.warning("the CPU kernel of lam_embed/layer_numba.py is unavailable (%s: %s); using the eager code",
-                       type(err).__name__, err)
-        return None
-    return layer_numba
 
 
 @functools.cache

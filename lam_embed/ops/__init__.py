@@ -3,7 +3,10 @@
 - ``naive``: token-level reference (naive.py), the test oracle;
 - ``chunk``: chunked form with the exact triangular solve (chunk.py);
 - ``compiled``: the chunked form with its two hot functions under torch.compile;
-- ``triton``: fused kernel (triton.py), CUDA only.
+- ``triton``: fused kernels (triton/), CUDA only.
+
+Which one a model runs is decided in lam_embed/backends.py; here an implementation is
+named explicitly.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from .naive import naive_dual_state_delta_rule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dual_state_delta_rule", "resolve_impl", "naive_dual_state_delta_rule", "chunk_dual_state_delta_rule"]
+__all__ = ["IMPLEMENTATIONS", "chunk_dual_state_delta_rule", "dual_state_delta_rule", "naive_dual_state_delta_rule"]
 
 
 @functools.cache
@@ -38,7 +41,7 @@ def _triton_dual_state_delta_rule(*args, **kwargs):
         from .triton import triton_dual_state_delta_rule
     except ImportError as err:
         raise NotImplementedError(
-            "delta_impl='triton' needs the fused kernel in lam_embed/ops/triton.py and the triton package; "
+            "delta_impl='triton' needs the fused kernels in lam_embed/ops/triton/ and the triton package; "
             f"it is not available here ({err}). Use delta_impl='chunk' or 'compiled'."
         ) from err
     return triton_dual_state_delta_rule(*args, **kwargs)
@@ -52,35 +55,17 @@ IMPLEMENTATIONS = {
 }
 
 
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        from . import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation ``impl`` stands for on ``device``.
-
-    "auto" is the fused kernel on CUDA (the fastest at every length measured, see
-    README), the compiled chunk form on CUDA without triton, the chunk form elsewhere.
-    """
-    if impl == "auto":
-        if device.type != "cuda":
-            return "chunk"
-        return "triton" if _triton_available() else "compiled"
+def check_impl(impl: str, device: torch.device) -> None:
+    """Raise ValueError unless ``impl`` names an implementation that runs on ``device``."""
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"delta_impl must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
+        raise ValueError(f"impl must be one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
     if impl == "triton" and device.type != "cuda":
-        raise ValueError(f"delta_impl='triton' runs on CUDA tensors only, got tensors on {device}")
-    return impl
+        raise ValueError(f"impl='triton' runs on CUDA tensors only, got tensors on {device}")
 
 
 def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux, *,
                           chunk_size: int = 128, state_dropout: float = 0.0, training: bool = False,
-                          impl: str = "auto", qk_l2norm: bool = False) -> torch.Tensor:
+                          impl: str = "chunk", qk_l2norm: bool = False) -> torch.Tensor:
     """Dual-state delta rule of docs/SPEC.md; returns O (B, H, L, d) in q's dtype.
 
     The state math runs in float32 whatever the input dtype and autocast say.
@@ -89,7 +74,7 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
     O is then float32, the dtype of the normalised q. The fused kernel normalises on
     load, so float32 copies of q and k never exist in memory.
     """
-    impl = resolve_impl(impl, q.device)
+    check_impl(impl, q.device)
     fn = IMPLEMENTATIONS[impl]
     dtype = torch.float32 if qk_l2norm else q.dtype
     length = q.shape[2]

@@ -29,7 +29,7 @@ def intra_chunk(q, k, v, beta, mask, chunk_size: int):
     valid (B, N, C). For a single chunk UW is U alone (B, H, N, C, d): only the states
     read W, and they are zero there.
     """
-    to_chunks = lambda t: rearrange(t, "b h (n c) ... -> b h n c ...", c=chunk_size)  # noqa: E731
+    to_chunks = lambda t: rearrange(t, "b h (n c) ... -> b h n c ...", c=chunk_size)
     # Contiguous copies (the layer passes views of (B, L, H, d) tensors): every product
     # below would otherwise copy its operands itself, K three times.
     Q, K, V = (to_chunks(t).contiguous() for t in (q, k, v))
@@ -90,7 +90,7 @@ def chunk_dual_state_delta_rule(
     )
     Q, K, UW, A, valid = intra_fn(q, k, v, beta, mask, chunk_size)
     psi = flux(K, UW[..., :d], valid)  # (B, H, N)
-    to_chunks = lambda t: rearrange(t, "b h (n c) -> b h n c", c=chunk_size)  # noqa: E731
+    to_chunks = lambda t: rearrange(t, "b h (n c) -> b h n c", c=chunk_size)
     gate_fast, gate_slow = to_chunks(gate_fast)[..., None], to_chunks(gate_slow)[..., None]
     alpha = (0.5 + 0.3 * psi)[..., None, None]
     # Products with U and W share their left factor: one product each for [U | W].

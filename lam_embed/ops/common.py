@@ -14,6 +14,24 @@ QK_NORM_EPS = 1e-6
 PSI_MIN, PSI_MAX = 0.01, 0.99
 
 
+# The layer's input projection (DualStateDeltaNet.input_projection) computes these
+# outputs in one product, in this order: hidden_size columns for each vector, then
+# num_heads columns (one per head) for each scalar, of which the decays have a bias.
+# The fused kernels (triton/layer.py) read the projection by this layout.
+PROJECTION_VECTORS = ("q", "k", "v", "output_gate")
+PROJECTION_SCALARS = ("beta", "decay_fast", "decay_slow", "gate_fast", "gate_slow")
+
+
+def projection_columns(hidden_size: int, num_heads: int) -> dict[str, slice]:
+    """The columns of each output in the stacked input projection, by name."""
+    columns, start = {}, 0
+    for names, width in ((PROJECTION_VECTORS, hidden_size), (PROJECTION_SCALARS, num_heads)):
+        for name in names:
+            columns[name] = slice(start, start + width)
+            start += width
+    return columns
+
+
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     """x / max(||x||, QK_NORM_EPS) over the last dim, in float32."""
     return F.normalize(x.float(), dim=-1, eps=QK_NORM_EPS)

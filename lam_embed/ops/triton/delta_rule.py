@@ -3,7 +3,7 @@
 Same contract as ``chunk_dual_state_delta_rule`` (chunk.py), computed by four kernels.
 For 32,768 tokens of 12 heads x 32 on an H200, the layer's token mixer from its bfloat16
 input projection to its output projection takes 0.27 ms (256 x 128 tokens) to 0.64 ms
-(1 x 32,768) of kernel time (evaluation/results/kernel-variants-h200.json).
+(1 x 32,768) of kernel time (benchmarks/results/kernel-variants-h200.json).
 
 A chunk's unit lower-triangular system is solved by forward substitution over blocks of
 BT rows, so the C x C matrices of chunk.py never exist: with P_U = sum_{j<i} K_j^T U_j
@@ -39,14 +39,14 @@ GPU waiting; split, the inverses run in parallel.)
 With ``qk_l2norm`` kernel 1 normalises each row of q and k after loading them (the
 layer passes them unnormalised, in its own dtype), so that float32 copies of q and k
 never exist in memory. The inputs may mix dtypes. The layer's inference path goes
-further (``conv_taps``, layer_triton.delta_rule_from_projection): the kernels read
+further (``conv_taps``, layer.delta_rule_from_projection): the kernels read
 the input projection itself and apply the causal convolution, SiLU and sigmoids on
 load, so that the activations never exist in memory either; and with ``output_norm``
-(layer_triton.delta_net_from_projection) the kernel that writes O applies the layer's
+(layer.delta_net_from_projection) the kernel that writes O applies the layer's
 per-head RMSNorm and output gate first.
 
 Arithmetic is float32 (states included) whatever the input dtype; products run on the
-tensor cores with the operand precision of CONFIG: for float32 inputs "tf32x3" (three
+tensor cores with the operand precision of LaunchSettings: for float32 inputs "tf32x3" (three
 tf32 passes, float32 accuracy: 1e-6 from chunk.py, where plain tf32 gives 4e-3); for
 bfloat16/float16 inputs bfloat16 operands in kernel 1 and tf32 in kernels 2 and 4, with
 the blocks' results handed on in the input's dtype (errors near 1% of the output scale,
@@ -61,12 +61,14 @@ mask lives in torch's generator there).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from .chunk import chunk_dual_state_delta_rule
-from .common import EPS, PSI_MAX, PSI_MIN, QK_NORM_EPS, l2norm
+from ..chunk import chunk_dual_state_delta_rule
+from ..common import EPS, PSI_MAX, PSI_MIN, QK_NORM_EPS, l2norm
 
 # The epsilons of the state and of the q/k normalisations and the bounds of psi, as
 # constants the kernels can read.
@@ -515,37 +517,48 @@ def _common_layout(tensors, unit_last: bool):
     return [t.contiguous() for t in tensors]
 
 
-# Launch settings, module-level so that a benchmark can compare variants
-# (tests/test_triton.py --bench --sweep). The values are the fastest measured on an H200
-# (evaluation/results/kernel-variants-h200.json, kernel time of a layer's token mixer).
-CONFIG = {
-    "block_t": 16,  # rows of a triangular inverse (16 is the smallest tl.dot size; 32 and 64 were slower)
+@dataclasses.dataclass(frozen=True)
+class LaunchSettings:
+    """How the kernels are launched: tile sizes, warps and the precision of their products.
+
+    The defaults are the fastest measured on an H200 (benchmarks/results/kernel-variants-h200.json,
+    kernel time of a layer's token mixer); tests/test_triton.py ``--sweep`` compares variants,
+    each a ``dataclasses.replace`` of the default passed as ``launch`` to the functions below.
+    """
+
+    block_t: int = 16  # rows of a triangular inverse (16 is the smallest tl.dot size; 32 and 64 were slower)
     # BT-row parts a block_prepare_kernel program folds into one block for chunk_scan_kernel
     # (2 halves the memory of the d x d products and the steps in order, but measured no
     # faster: 0.406 against 0.402 ms a layer at 64 x 512 on an H200; 4: 0.953).
-    "sub_blocks": 1,
+    sub_blocks: int = 1
     # Products of block_prepare_kernel: for bfloat16/float16 inputs on bfloat16 operands
     # (0.14 against 0.18 ms at 64 x 512 tokens, errors still ~1% of the output scale,
     # under the 2% of the tests); "tf32x3" for float32 inputs (float32 accuracy, 1e-6
     # from chunk.py where plain tf32 gives 4e-3).
-    "prepare_precision": {torch.float32: "tf32x3", torch.bfloat16: "bf16", torch.float16: "bf16"},
+    prepare_precision: dict = dataclasses.field(default_factory=lambda: {
+        torch.float32: "tf32x3", torch.bfloat16: "bf16", torch.float16: "bf16"})
     # Products of chunk_scan_kernel and chunk_output_kernel.
-    "precision": {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"},
-    "state_precision": "ieee",  # state_recurrence_kernel: as fast as "tf32x3" there, and exact float32
+    precision: dict = dataclasses.field(default_factory=lambda: {
+        torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"})
+    state_precision: str = "ieee"  # state_recurrence_kernel: as fast as "tf32x3" there, and exact float32
     # What block_prepare_kernel hands to chunk_scan_kernel (QT, QV and the d x d products):
     # the input's dtype for 16-bit inputs (half the traffic), float32 for float32 inputs.
-    "stage_dtype": {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16},
+    stage_dtype: dict = dataclasses.field(default_factory=lambda: {
+        torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16})
     # block_prepare, chunk_scan, state_recurrence, chunk_output. One warp per block and per
     # chunk: 0.39 against 0.55 ms with two at 64 x 512 tokens with tf32 products (no
     # exchange between warps).
-    "num_warps": (1, 1, 4, 4),
-    "output_rows": 64,  # rows of a chunk per program of chunk_output_kernel
-    "stage_bytes": 64 << 20,  # most memory for the blocks' d x d products at once (see triton_forward)
-}
+    num_warps: tuple = (1, 1, 4, 4)
+    output_rows: int = 64  # rows of a chunk per program of chunk_output_kernel
+    stage_bytes: int = 64 << 20  # most memory for the blocks' d x d products at once (see triton_forward)
+
+
+DEFAULT_LAUNCH = LaunchSettings()
 
 
 def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int,
-                   qk_l2norm: bool = False, conv_taps: torch.Tensor | None = None, output_norm=None):
+                   qk_l2norm: bool = False, conv_taps: torch.Tensor | None = None, output_norm=None,
+                   launch: LaunchSettings = DEFAULT_LAUNCH):
     """Forward pass through the kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d).
 
     ``conv_taps`` (3 H d, K), the layer's q, k, v convolution weights, contiguous: then
@@ -558,14 +571,14 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
     single = N == 1
-    BT, SUB = CONFIG["block_t"], CONFIG["sub_blocks"]
+    BT, SUB = launch.block_t, launch.sub_blocks
     BS = BT * SUB  # rows of a block of chunk_scan_kernel
     # The kernels' chunk: chunk_size rows padded to a power of two (rows past chunk_size
     # are padding); a single short chunk is cut to the input length.
     C = max(BS, triton.next_power_of_2(min(chunk_size, L)))
     NBC = C // BS
-    prec = CONFIG["precision"].get(q.dtype, "ieee")
-    warps = CONFIG["num_warps"]
+    prec = launch.precision.get(q.dtype, "ieee")
+    warps = launch.num_warps
     q, k, v = _common_layout([q, k, v], unit_last=True)
     beta, decay_fast, decay_slow, gate_fast, gate_slow = _common_layout(
         [beta, decay_fast, decay_slow, gate_fast, gate_slow], unit_last=False)
@@ -595,14 +608,14 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     else:
         kt = q.new_empty(B, H, N, D, 2 * D, dtype=torch.float32)  # [K^T U | K^T W] of each chunk
         stats = q.new_empty(B, H, N, 4, dtype=torch.float32)  # psi, effective decays, any valid token
-    stage = CONFIG["stage_dtype"].get(q.dtype, torch.float32)
+    stage = launch.stage_dtype.get(q.dtype, torch.float32)
     qt = q.new_empty(B, H, N * C, D, dtype=stage)  # QT, then Q - A W
     qv = torch.empty_like(qt)  # QV, then A U
     # The blocks' d x d products take twice the memory of QT and QV: for a large input
     # they are made and used a group of heads at a time, in buffers of at most
-    # CONFIG["stage_bytes"] (the peak memory of a layer then stays under MiniLM's).
+    # launch.stage_bytes (the peak memory of a layer then stays under MiniLM's).
     map_bytes = B * N * NBC * 2 * D * D * qt.element_size()
-    HG = triton.cdiv(H, max(1, min(H, triton.cdiv(H * map_bytes, CONFIG["stage_bytes"]))))
+    HG = triton.cdiv(H, max(1, min(H, triton.cdiv(H * map_bytes, launch.stage_bytes))))
     maps = q.new_empty(B, HG, N * NBC, 2, D, D, dtype=stage)  # K^T TK, K^T TV of each block
     vecs = q.new_empty(B, HG, N * NBC, 3, D, dtype=torch.float32)  # column sums of TV, TK, valid rows of K
     for h0 in range(0, H, HG):
@@ -614,7 +627,7 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
             beta.stride(0), beta.stride(1), beta.stride(2),
             mask_u8.stride(0), mask_u8.stride(1),
             C=C, D=D, BT=BT, LOG2_BT=BT.bit_length() - 1, SUB=SUB, QK_NORM=qk_l2norm,
-            PREC=CONFIG["prepare_precision"].get(q.dtype, "ieee"), CONV=conv, num_warps=warps[0],
+            PREC=launch.prepare_precision.get(q.dtype, "ieee"), CONV=conv, num_warps=warps[0],
         )
         chunk_scan_kernel[(heads, N, B)](
             qt, qv, maps, vecs, decay_fast, decay_slow, gate_fast, gate_slow, mask_u8,
@@ -630,9 +643,9 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     if not single:
         r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
         r_slow = torch.empty_like(r_fast)
-        state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=CONFIG["state_precision"],
+        state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=launch.state_precision,
                                           num_warps=warps[2])
-        rows = min(CONFIG["output_rows"], C)
+        rows = min(launch.output_rows, C)
         chunk_output_kernel[(H, N * (C // rows), B)](
             qt, qv, r_fast, r_slow, stats, gate_fast, gate_slow, o, gate, norm_w,
             L, N, H, chunk_size, eps,
@@ -654,18 +667,18 @@ class DualStateDeltaRuleFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mask, flux, chunk_size, qk_l2norm, *inputs):
+    def forward(ctx, mask, flux, chunk_size, qk_l2norm, launch, *inputs):
         tensors, flux_params = inputs[:NUM_TENSORS], inputs[NUM_TENSORS:]
         ctx.save_for_backward(*tensors)
         ctx.mask, ctx.flux, ctx.chunk_size, ctx.flux_params = mask, flux, chunk_size, flux_params
         ctx.qk_l2norm = qk_l2norm
-        out = triton_forward(*tensors, mask, flux_params, chunk_size, qk_l2norm)
+        out = triton_forward(*tensors, mask, flux_params, chunk_size, qk_l2norm, launch=launch)
         return out if qk_l2norm else out.to(tensors[0].dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         tensors = ctx.saved_tensors
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[5:]
         with torch.enable_grad():
             inputs = [t.detach().float().requires_grad_(need) for t, need in zip(tensors, needs)]
             q, k = (l2norm(inputs[0]), l2norm(inputs[1])) if ctx.qk_l2norm else inputs[:2]
@@ -679,7 +692,7 @@ class DualStateDeltaRuleFunction(torch.autograd.Function):
         for x, need in zip(tensors + tuple(ctx.flux_params), needs):
             g = next(grads) if need else None
             result.append(g.to(x.dtype) if g is not None else None)
-        return (None, None, None, None, *result)
+        return (None, None, None, None, None, *result)
 
 
 NUM_TENSORS = 8  # q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow
@@ -700,6 +713,7 @@ def triton_dual_state_delta_rule(
     state_dropout: float = 0.0,
     training: bool = False,
     qk_l2norm: bool = False,
+    launch: LaunchSettings = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """Dual-state delta rule through the fused kernels; same contract as ``chunk_dual_state_delta_rule``,
     plus ``qk_l2norm`` (see ``lam_embed.ops.dual_state_delta_rule``).
@@ -723,5 +737,5 @@ def triton_dual_state_delta_rule(
         return torch.zeros_like(q, dtype=dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *flux_params))
     if needs_grad:
-        return DualStateDeltaRuleFunction.apply(mask, flux, chunk_size, qk_l2norm, *args, *flux_params)
-    return triton_forward(*args, mask, flux_params, chunk_size, qk_l2norm).to(dtype)
+        return DualStateDeltaRuleFunction.apply(mask, flux, chunk_size, qk_l2norm, launch, *args, *flux_params)
+    return triton_forward(*args, mask, flux_params, chunk_size, qk_l2norm, launch=launch).to(dtype)

@@ -1,5 +1,5 @@
 """The layer code around the delta rule (layers/dual_state_delta_net.py) for CUDA inference with
-delta_impl "triton": no autograd.
+the "triton" backend: no autograd.
 
 After the input projection, the layer needs SiLU(causal depthwise convolution) of the
 q, k, v columns and the sigmoid of the output-gate, beta, decay and state-gate columns.
@@ -22,41 +22,46 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .ops.triton import flux_parameters, triton_forward
+from ..common import PROJECTION_SCALARS, projection_columns
+from .delta_rule import DEFAULT_LAUNCH, LaunchSettings, flux_parameters, triton_forward
 
 
-def _from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int, output_norm=None):
+def _from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int, output_norm=None,
+                     launch: LaunchSettings = DEFAULT_LAUNCH):
     """triton_forward on the q, k, v and scalar columns of the projection (see below)."""
-    B, L, _ = projected.shape
+    L = projected.shape[1]
     D, H = conv_weight.shape[0] // 3, num_heads
     flux_params = flux_parameters(flux)
     if flux_params is None:
         raise ValueError(f"the Triton layer code needs a ResonanceFlux as flux, got {type(flux).__name__}")
-    q, k, v = (projected[..., i * D:(i + 1) * D].unflatten(-1, (H, -1)).transpose(1, 2) for i in range(3))
+    columns = projection_columns(D, H)
+    q, k, v = (projected[..., columns[name]].unflatten(-1, (H, -1)).transpose(1, 2) for name in ("q", "k", "v"))
     # beta, the two decays and the two state gates: (B, H, L) views of their logits.
-    scalars = [projected[..., 4 * D + i * H:4 * D + (i + 1) * H].transpose(1, 2) for i in range(5)]
+    scalars = [projected[..., columns[name]].transpose(1, 2) for name in PROJECTION_SCALARS]
     taps = conv_weight.reshape(3 * D, -1).contiguous()
     # As dual_state_delta_rule: an input of at most one chunk is one chunk of its own length.
     return triton_forward(q, k, v, *scalars, mask, flux_params, min(chunk_size, L), qk_l2norm=True, conv_taps=taps,
-                          output_norm=output_norm)
+                          output_norm=output_norm, launch=launch)
 
 
-def delta_rule_from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int):
+def delta_rule_from_projection(projected, mask, conv_weight, flux, num_heads: int, chunk_size: int,
+                               launch: LaunchSettings = DEFAULT_LAUNCH):
     """The delta rule of a DualStateDeltaNet straight from its input projection
-    (``x W + b``, see ``DualStateDeltaNet.input_projection``): the convolution, SiLU
-    and sigmoids of ``delta_net_features`` run inside the delta-rule kernels, which read
-    rows of padding as zeros, as delta_net_features makes them. Returns O (B, H, L, d)
-    float32, as ``dual_state_delta_rule(..., qk_l2norm=True)`` gives it for those
-    features. No autograd; flux must be a ResonanceFlux."""
+    (``x W + b``, see ``DualStateDeltaNet.input_projection``; columns as
+    ``ops.common.projection_columns``): the convolution, SiLU and sigmoids of
+    ``delta_net_features`` run inside the delta-rule kernels, which read rows of padding
+    as zeros, as delta_net_features makes them. Returns O (B, H, L, d) float32, as
+    ``dual_state_delta_rule(..., qk_l2norm=True)`` gives it for those features. No
+    autograd; flux must be a ResonanceFlux."""
     B, L, _ = projected.shape
     if L == 0:
         D = conv_weight.shape[0] // 3
         return projected.new_zeros(B, num_heads, 0, D // num_heads, dtype=torch.float32)
-    return _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size)
+    return _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size, launch=launch)
 
 
 def delta_net_from_projection(projected, mask, conv_weight, flux, norm_weight, o_weight, eps: float,
-                              num_heads: int, chunk_size: int):
+                              num_heads: int, chunk_size: int, launch: LaunchSettings = DEFAULT_LAUNCH):
     """The whole token mixer from its input projection: ``delta_net_output`` of
     ``delta_rule_from_projection``, with the per-head RMSNorm and the output gate applied
     by the delta-rule kernels as they write O (no float32 O in memory). (B, L, D) in the
@@ -65,12 +70,12 @@ def delta_net_from_projection(projected, mask, conv_weight, flux, norm_weight, o
     D = conv_weight.shape[0] // 3
     if L == 0:
         return projected.new_zeros(B, 0, o_weight.shape[0])
+    gate_logits = projected[..., projection_columns(D, num_heads)["output_gate"]]
     gated = _from_projection(projected, mask, conv_weight, flux, num_heads, chunk_size,
-                             output_norm=(projected[..., 3 * D:4 * D], norm_weight, eps))
+                             output_norm=(gate_logits, norm_weight, eps), launch=launch)
     return F.linear(gated, o_weight)
 
 
-@triton.jit
 def _store_layer_norm(a, p_out, m, cols, m_c, weight, bias, N, eps):
     """LayerNorm of the float32 rows a (N values each; entries outside mask m ignored) with
     weight and bias, stored at p_out in its dtype."""

@@ -12,7 +12,7 @@ the same values at its own positions.
 
 A shape is captured the second time it is seen (a capture costs about two forwards);
 a shape seen once costs nothing. The graph also computes the summary of the input
-values that ``LAMModel.check_values`` reads, so a bad input raises as in the eager
+values that ``input_checks.check_values`` reads, so a bad input raises as in the eager
 forward. Graphs are dropped when any parameter changes (an optimizer step, an
 in-place update, a replaced or moved tensor; a replay that read changed parameters is
 thrown away and the forward runs eagerly), and the oldest when more than
@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 import torch
 
-from .parameter_changes import version_sum
+from ..parameter_changes import version_sum
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +183,35 @@ class ForwardGraphs:
             self.clear()
             return None
         return result
+
+
+_side_stream_lists: dict = {}
+
+
+def _side_streams(device: torch.device, count: int) -> list:
+    """``count`` side streams of layers_on_streams on this device, made once."""
+    streams = _side_stream_lists.setdefault(device, [])
+    while len(streams) < count:
+        streams.append(torch.cuda.Stream(device))
+    return streams[:count]
+
+
+def layers_on_streams(layers, x: torch.Tensor, mask: torch.Tensor, parts: int, backend) -> torch.Tensor:
+    """``layers`` applied to ``parts`` parts of the batch, each on its own CUDA stream (see
+    LAMConfig.graph_streams). Each layer is queued for every part before the next layer, so
+    that the parts keep pace when run eagerly."""
+    main = torch.cuda.current_stream(x.device)
+    streams = [main] + _side_streams(x.device, parts - 1)
+    for stream in streams[1:]:
+        stream.wait_stream(main)  # the embeddings are written on main
+    xs, masks = list(x.tensor_split(parts)), mask.tensor_split(parts)
+    for layer in layers:
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                xs[i] = layer(xs[i], masks[i], backend)
+    for stream, part in zip(streams[1:], xs[1:]):
+        main.wait_stream(stream)
+        # Allocated on a side stream and read on main: the allocator must not hand
+        # this memory to the side stream again before main is done with it.
+        part.record_stream(main)
+    return torch.cat(xs)

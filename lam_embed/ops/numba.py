@@ -37,7 +37,7 @@ import numba
 import numpy as np
 import torch
 
-from .ops.common import EPS, PSI_MAX, PSI_MIN, QK_NORM_EPS
+from .common import EPS, PSI_MAX, PSI_MIN, QK_NORM_EPS
 
 # fastmath with NaNs and infinities kept ("nnan", "ninf" off): reassociation lets the
 # dot products vectorise, and a NaN in the input still shows in the output.
@@ -280,7 +280,7 @@ def delta_rule_layer(q, k, v, output_gate, beta, decay_fast, decay_slow, gate_fa
     _start_thread_pool()
     # numba keeps its own thread pool: use as many threads as torch is told to.
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    as_array = lambda t: t.detach().float().numpy()  # noqa: E731
+    as_array = lambda t: t.detach().float().numpy()
     with _launch_lock:
         _delta_rule_layer(
             *(as_array(t) for t in (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, output_gate)),

@@ -1,0 +1,116 @@
+"""How a LAM forward pass runs: the registry of backends and the one place where
+``LAMConfig.delta_impl`` (and "auto") is turned into the code that runs.
+
+A backend fixes two things: the implementation of the dual-state delta rule (an op of
+``lam_embed.ops``) and how the layer code around it runs ("eager" PyTorch, under
+torch.compile, or inside fused kernels). ``LAMModel.forward`` selects the backend once per
+call and hands it to every layer; a layer called on its own selects it the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# name -> what it runs. Every backend computes the same function (docs/SPEC.md); the
+# tests hold each to the "naive" reference.
+BACKENDS = {
+    "naive": "the token-by-token reference (ops/naive.py), eager layer code; for tests",
+    "chunk": "the chunked form with an exact triangular solve (ops/chunk.py), eager layer code",
+    "compiled": "the chunked form and, on CUDA, the layer code under torch.compile",
+    "triton": "CUDA only: fused Triton kernels (ops/triton/); with gradients the layer code "
+              "runs under torch.compile and the backward through the chunked form",
+    "numba": "CPU inference in float32: one numba kernel for the delta rule, output norm and "
+             "gate of a layer (ops/numba.py); with gradients or another dtype, 'chunk'",
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A selected backend.
+
+    name: the backend (never "auto").
+    layer_code: "eager", "compiled" (torch.compile), "triton" (the delta rule, output
+        norm and gate inside the Triton kernels, and Triton kernels for the embeddings
+        and residual LayerNorms) or "numba" (the delta rule, output norm and gate in the
+        numba kernel).
+    delta_impl: the op of lam_embed.ops that "eager" and "compiled" layer code calls.
+    """
+
+    name: str
+    layer_code: str
+    delta_impl: str
+
+
+@functools.cache
+def load_triton():
+    """The package lam_embed.ops.triton, or None where triton does not import."""
+    try:
+        from .ops import triton
+    except ImportError:
+        return None
+    return triton
+
+
+@functools.cache
+def load_numba():
+    """The module lam_embed.ops.numba, or None where numba does not import or cannot
+    compile (the eager code then runs: slower on CPU, same results)."""
+    try:
+        from .ops import numba
+    except ImportError:
+        return None
+    except Exception as err:  # e.g. numba finds no writable folder for its cache
+        logger.warning("the CPU kernel of lam_embed/ops/numba.py is unavailable (%s: %s); using the eager code",
+                       type(err).__name__, err)
+        return None
+    return numba
+
+
+def _fits_triton_tiles(head_dim: int) -> bool:
+    return head_dim >= 16 and not head_dim & (head_dim - 1)  # the kernels' tiles: a power of two >= 16
+
+
+def select_backend(config, device: torch.device, dtype: torch.dtype, wants_grad: bool, training: bool) -> Backend:
+    """The backend of a forward pass on ``device`` with activations of ``dtype``.
+
+    "auto" is the fused kernels on CUDA ("triton", or "compiled" without triton), the
+    numba kernel for float32 CPU inference, and "chunk" elsewhere (the fastest measured
+    in each case: docs/performance.md). ``config.fuse_layer_code`` False keeps the layer
+    code eager whatever the backend. The fused inference paths have no autograd and no
+    state dropout, so with ``wants_grad`` (or state dropout while training) "triton"
+    runs its layer code under torch.compile and "numba" becomes "chunk".
+    """
+    name = config.delta_impl
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            name = "triton" if load_triton() is not None else "compiled"
+        else:
+            name = "numba" if device.type == "cpu" and config.fuse_layer_code else "chunk"
+    if name == "triton" and device.type != "cuda":
+        raise ValueError(f"delta_impl='triton' runs on CUDA tensors only, got tensors on {device}")
+    if name == "numba" and device.type != "cpu":
+        raise ValueError(f"delta_impl='numba' runs on CPU tensors only, got tensors on {device}")
+
+    fused = config.fuse_layer_code
+    if name == "numba":
+        usable = (fused and dtype == torch.float32 and not wants_grad and not torch.is_autocast_enabled("cpu")
+                  and not (training and config.state_dropout > 0) and load_numba() is not None)
+        return Backend("numba", "numba", "chunk") if usable else Backend("chunk", "eager", "chunk")
+    if name in ("naive", "chunk") or not fused or device.type != "cuda":
+        return Backend(name, "eager", name)
+    if name == "compiled":
+        return Backend(name, "compiled", "compiled")
+    # "triton"
+    if (wants_grad or (training and config.state_dropout > 0) or load_triton() is None
+            or not _fits_triton_tiles(config.hidden_size // config.num_attention_heads)):
+        return Backend(name, "compiled", "triton")
+    return Backend(name, "triton", "triton")
