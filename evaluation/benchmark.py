@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lam_embed.environment import write_json
+from lam_embed.environment import write_result
 
 logger = logging.getLogger(__name__)
 
@@ -923,7 +923,7 @@ def main(argv=None) -> int:
 
     def save():
         result["elapsed_s"] = round(clock.elapsed(), 1)
-        write_json(output, result)
+        write_result(output, result, device)
 
     save()
     # Models are loaded (on CPU) before inference mode: see _place.

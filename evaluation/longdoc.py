@@ -32,14 +32,12 @@ Library use: :func:`build_tasks`, :func:`evaluate_model`, :func:`evaluate_bm25`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
 import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -713,7 +711,7 @@ def main(argv=None) -> int:
     import torch
 
     import lam_embed  # noqa: F401  (registers LAM with the Auto classes)
-    from lam_embed.environment import device_name, git_commit, library_versions, write_json
+    from lam_embed.environment import library_versions, write_json, write_result
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -789,10 +787,6 @@ def main(argv=None) -> int:
     if args.output:
         report = {
             "schema": SCHEMA,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-            "commit": git_commit(),
-            "device_name": device_name(device),
             "versions": library_versions(),
             "settings": settings,
             "tasks": {t.name: {"metric": t.metric, "documents": len(t.documents), "queries": len(t.queries),
@@ -801,7 +795,7 @@ def main(argv=None) -> int:
             "rows": rows,
             "skipped": skipped,
         }
-        write_json(args.output, report)
+        write_result(args.output, report, device, argv)
         partial_path.unlink(missing_ok=True)
         logger.info("wrote %s", args.output)
     return 0

@@ -65,7 +65,9 @@ def main(argv=None) -> dict:
               **teacher_agreement(model, teacher, passages, args.batch_size)}
     print(json.dumps(result, indent=2))
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        from lam_embed.environment import write_result
+
+        write_result(args.output, result, model.device, argv)
     return result
 
 

@@ -15,12 +15,12 @@ import argparse
 import json
 import logging
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lam_embed import LAMConfig
+from lam_embed.environment import write_result
 
 from .benchmark import (
     DTYPES,
@@ -180,8 +180,7 @@ def main(argv=None) -> dict:
     bert = load_minilm_bert(args)
     result = {"dtype": args.dtype, "impl": args.impl, "cuda_graphs": args.cuda_graphs,
               "gelu_epilogue": args.gelu_epilogue, "graph_streams": args.graph_streams,
-              "graph_streams_min_tokens": args.graph_streams_min_tokens,
-              "device": torch.cuda.get_device_name(), "lengths": {}}
+              "graph_streams_min_tokens": args.graph_streams_min_tokens, "lengths": {}}
     result["host_floor_ms"] = host_floor(lam, minilm_for_length(bert, 16).to(device=device, dtype=dtype), device,
                                          args.iters)
     logger.info("host floor (wall of a forward of one 16-token input), ms: %s", result["host_floor_ms"])
@@ -205,8 +204,7 @@ def main(argv=None) -> dict:
         minilm.to("cpu")  # the next length's copy (and only it) on the GPU
         calls.clear()
         torch.cuda.empty_cache()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    write_result(args.output, result, device, argv)
     print(f"Host floor (wall of a forward of one 16-token input): LAM {result['host_floor_ms']['lam']} ms, "
           f"MiniLM {result['host_floor_ms']['minilm']} ms")
     for length, entry in result["lengths"].items():

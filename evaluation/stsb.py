@@ -7,14 +7,10 @@ Library use: :func:`evaluate_stsb`. Command line: :func:`main`
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from sentence_transformers import SentenceTransformer, SimilarityFunction
 
@@ -177,7 +173,7 @@ def main(argv=None) -> int:
 
     # Registers the LAM architecture so SentenceTransformer can load LAM model folders.
     import lam_embed  # noqa: F401
-    from lam_embed.environment import device_name, library_versions
+    from lam_embed.environment import library_versions, write_result
     from lam_embed.teacher import DEFAULT_TEACHER, resolve_teacher_path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,22 +216,16 @@ def main(argv=None) -> int:
 
     if args.output:
         report = {
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv[1:] if argv is None else list(argv),
             "stsb_source": source,
             "splits": splits,
             "metric": "cosine similarity vs gold score, correlation in 0..1",
             "batch_size": args.batch_size,
             "max_seq_length": args.max_seq_length,
-            "device": device,
-            "device_name": device_name(device),
             "versions": library_versions(),
             "models": rows,
         }
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        logger.info("wrote %s", out)
+        write_result(args.output, report, device, argv)
+        logger.info("wrote %s", args.output)
 
     print(f"STS-B, cosine similarity, correlation x100 (source: {source}, device: {device})")
     print(_format_table(rows, splits))

@@ -4,10 +4,13 @@ how a result file is written."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -71,3 +74,30 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def provenance(device, argv: list[str] | None = None) -> dict:
+    """What made a result: the command (the running script with ``argv``, by default the
+    process's arguments), the commit (with "+dirty" where the checkout has uncommitted
+    changes to tracked files), the device's name and the time, as every result file
+    records it under "provenance" (benchmarks/results/INDEX.md is built from these)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] not in ("", "-c") else None
+    root = Path(__file__).resolve().parent.parent
+    if script is None:
+        program = ["python", "-c", "..."]
+    else:
+        program = ["python", str(script.relative_to(root) if script.is_relative_to(root) else script)]
+    commit = git_commit() or "unknown"
+    if not os.environ.get("LAM_COMMIT") and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "command": shlex.join(program + (sys.argv[1:] if argv is None else list(argv))),
+        "commit": commit,
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(path: str | os.PathLike, data: dict, device, argv: list[str] | None = None) -> None:
+    """Write a result file: ``data`` with its provenance (see ``provenance``) first."""
+    write_json(path, {"provenance": provenance(device, argv), **data})

@@ -91,9 +91,13 @@ class LAMLayer(nn.Module):
             return self.ffn_out(inner.unflatten(0, h.shape[:-1]))
         return self.ffn_out(self.activation(self.ffn_in(h)))
 
+    def mix(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """The attention block: token mixing, residual, LayerNorm (the backend selected for x if not given)."""
+        backend = backend or self.delta_net.select_backend(x)
+        return self.residual_norm(self.attention_norm, x, self.delta_net(x, mask, backend), backend)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend) -> torch.Tensor:
-        """The attention block (token mixing, residual, LayerNorm), then the feed-forward block."""
-        h = self.residual_norm(self.attention_norm, x, self.delta_net(x, mask, backend), backend)
+        h = self.mix(x, mask, backend)
         return self.residual_norm(self.ffn_norm, h, self.feed_forward(h, backend), backend)
 
 

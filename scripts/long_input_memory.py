@@ -49,8 +49,9 @@ def main(argv=None):
         print(f"{row['tokens']:>6} tokens  {row['seconds']:7.1f} s  peak RSS {row['peak_rss_mib']:7.0f} MiB "
               f"(model loaded: {row['rss_before_forward_mib']:.0f} MiB)", flush=True)
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(rows, f, indent=2)
+        from lam_embed.environment import write_result
+
+        write_result(args.output, {"impl": args.impl, "rows": rows}, "cpu", argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import datasets
 # folders load with SentenceTransformer(folder) like any other model.
 import lam_embed  # noqa: F401
 from lam_embed.data import load_stsb, looks_like_hub_name, resolve_stsb_source
-from lam_embed.environment import device_name, library_versions
+from lam_embed.environment import library_versions, write_result
 
 logger = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ def _jsonable(value):
     return value
 
 
-def run(args: argparse.Namespace):
+def run(args: argparse.Namespace, argv: list[str] | None = None):
     """Check the data, train, keep the best dev checkpoint, save ``final/``, evaluate, write the report.
 
     Returns ``(model, report)``: the trained (best) model in memory and the dict written to
@@ -707,11 +707,10 @@ def run(args: argparse.Namespace):
         # Wall time of this process's training only (not earlier runs that --resume continues).
         "train_seconds": round(train_seconds, 1),
         "final_model": str(final_dir),
-        "device": device_name("cuda:0" if cuda else "cpu"),
         "versions": library_versions(),
     }
     results_path = output_dir / RESULTS_FILE
-    results_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_result(results_path, report, "cuda:0" if cuda else "cpu", argv)
     logger.info(
         "STS-B Spearman: dev %.4f (before %.4f), test %.4f; wrote %s",
         figures["validation"]["spearman"],
@@ -727,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run(args)
+        run(args, argv)
     except FinetuneError as err:
         # The message already says which file, line and value; a traceback adds nothing.
         print(f"finetune.py: error: {err}", file=sys.stderr)

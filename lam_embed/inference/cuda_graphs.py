@@ -3,8 +3,8 @@
 A LAM forward launches about 100 kernels, and the Python and launch work on the CPU
 takes longer than the kernels of many input shapes: on an H200 the GPU was busy for
 only 55% of an eager forward of 64 x 512 tokens and 44% of one of 4 x 8,192 tokens
-(evaluation/results/profile-forward-h200-211a32b.json). A CUDA graph replays the
-captured launches in one call. Each graph serves one input shape, so lengths are
+(docs/performance.md). A CUDA graph replays the captured launches in one call. Each
+graph serves one input shape, so lengths are
 rounded up (``bucket_length``): LAM's output at a valid token does not depend on padding
 after it (the layer is causal, every mean is over valid tokens, and a chunk without
 valid tokens leaves the states as they were), so an input padded to its bucket gives

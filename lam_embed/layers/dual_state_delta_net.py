@@ -174,13 +174,16 @@ class DualStateDeltaNet(nn.Module):
         self.__dict__.pop("_stacked", None)
         return super().train(mode)
 
+    def select_backend(self, x: torch.Tensor) -> Backend:
+        """The backend for a call on x outside a model forward (which selects it for all layers)."""
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return select_backend(self.config, x.device, x.dtype, wants_grad, self.training)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens; ``backend``: as
         LAMModel selects it for the whole forward (else selected here for x)."""
         config, H = self.config, self.num_heads
-        if backend is None:
-            wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-            backend = select_backend(config, x.device, x.dtype, wants_grad, self.training)
+        backend = backend or self.select_backend(x)
         weight, bias, conv_weight = self.stacked_weights()
         # On a GPU the code around the op is many small elementwise kernels. At inference
         # the delta-rule kernels read the input projection and apply the convolution and
