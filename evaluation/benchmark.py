@@ -323,7 +323,7 @@ def default_output(device: torch.device) -> Path:
 # timing
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -388,19 +388,19 @@ def measure(
             # peak then counts them plus everything a call allocates, nothing left from
             # earlier measurements, and the capture of a CUDA graph (in the warm-up), whose
             # memory pool stays reserved while the replays allocate almost nothing.
-            _sync(device)
+            synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(warmup):
             fn()
-        _sync(device)
+        synchronize(device)
         warmup_s = time.perf_counter() - t0
         times = []
         for _ in range(repeats):
-            _sync(device)
+            synchronize(device)
             t = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     except NotImplementedError as err:
@@ -556,7 +556,7 @@ def minilm_for_length(base, length: int):
 # sections
 
 
-def _random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
+def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # Skip the low ids ([PAD], [CLS], [unused...]) so the input looks like ordinary word pieces.
     return torch.randint(1000, vocab, (batch, length), generator=g).to(device)
@@ -574,7 +574,7 @@ def run_forward(args, device: torch.device, clock: Clock, lam, bert, save: Calla
         def setup_minilm(length=length, batch=batch):
             model = holder["model"] = minilm_for_length(bert, length)
             _place(model, args, device)
-            ids = _random_ids(batch, length, model.config.vocab_size, device, args.seed)
+            ids = random_ids(batch, length, model.config.vocab_size, device, args.seed)
             mask, types = torch.ones_like(ids), torch.zeros_like(ids)
 
             def call():
@@ -598,7 +598,7 @@ def run_forward(args, device: torch.device, clock: Clock, lam, bert, save: Calla
             def setup_lam(length=length, batch=batch, impl=impl):
                 _configure_lam(lam, impl, device)
                 _place(lam, args, device)
-                ids = _random_ids(batch, length, lam.config.vocab_size, device, args.seed)
+                ids = random_ids(batch, length, lam.config.vocab_size, device, args.seed)
                 mask = torch.ones_like(ids)
 
                 def call():

@@ -25,8 +25,8 @@ from lam_embed.environment import write_result
 from .benchmark import (
     DTYPES,
     Clock,
-    _random_ids,
-    _sync,
+    random_ids,
+    synchronize,
     load_lam,
     load_minilm_bert,
     measure,
@@ -84,7 +84,7 @@ def profile_call(fn, device: torch.device, iters: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
-        _sync(device)
+        synchronize(device)
     per_kernel = defaultdict(float)
     spans = []
     for event in prof.events():
@@ -117,7 +117,7 @@ def host_floor(lam, minilm, device: torch.device, iters: int) -> dict:
     """Wall milliseconds of a forward of one 16-token input, whose GPU work is negligible:
     the Python and launch work on the CPU that a forward costs whatever its size. Where
     it comes near a large input's kernel time, the GPU waits for the CPU."""
-    ids = _random_ids(1, 16, lam.config.vocab_size, device, 0)
+    ids = random_ids(1, 16, lam.config.vocab_size, device, 0)
     ones = torch.ones_like(ids)
     calls = {
         "lam": lambda: lam(input_ids=ids, attention_mask=ones),
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     for length in args.lengths:
         batch = max(1, args.tokens // length)
         minilm = minilm_for_length(bert, length).to(device=device, dtype=dtype)
-        ids = _random_ids(batch, length, lam.config.vocab_size, device, args.seed)
+        ids = random_ids(batch, length, lam.config.vocab_size, device, args.seed)
         ones = torch.ones_like(ids)
         calls = {
             "lam": lambda ids=ids, ones=ones: lam(input_ids=ids, attention_mask=ones),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .common import EPS, coupling_and_normalise, pad_to_chunks
+from .common import EPS, coupling_and_normalise, fast_share, pad_to_chunks, psi_decay_factors
 
 
 def intra_chunk(q, k, v, beta, mask, chunk_size: int):
@@ -92,7 +92,7 @@ def chunk_dual_state_delta_rule(
     psi = flux(K, UW[..., :d], valid)  # (B, H, N)
     to_chunks = lambda t: rearrange(t, "b h (n c) -> b h n c", c=chunk_size)
     gate_fast, gate_slow = to_chunks(gate_fast)[..., None], to_chunks(gate_slow)[..., None]
-    alpha = (0.5 + 0.3 * psi)[..., None, None]
+    alpha = fast_share(psi)[..., None, None]
     # Products with U and W share their left factor: one product each for [U | W].
     AUW = A @ UW  # [A U | A W]
     AU = AUW[..., :d]
@@ -103,8 +103,9 @@ def chunk_dual_state_delta_rule(
         return rearrange(O, "b h n c d -> b h (n c) d")[:, :, :L]
 
     count = valid.sum(-1).clamp(min=1)[:, None]  # (B, 1, N)
-    decay_fast = (to_chunks(decay_fast) * valid[:, None]).sum(-1) / count * (1 - 0.10 * psi)
-    decay_slow = (to_chunks(decay_slow) * valid[:, None]).sum(-1) / count * (1 - 0.05 * psi)
+    factor_fast, factor_slow = psi_decay_factors(psi)
+    decay_fast = (to_chunks(decay_fast) * valid[:, None]).sum(-1) / count * factor_fast
+    decay_slow = (to_chunks(decay_slow) * valid[:, None]).sum(-1) / count * factor_slow
     KtU, KtW = (K.transpose(-1, -2) @ UW).split(d, dim=-1)
     keep = valid.any(-1)  # (B, N)
 

@@ -49,6 +49,17 @@ def pad_to_chunks(chunk_size: int, *tensors: torch.Tensor, mask: torch.Tensor):
     return (*padded, F.pad(mask, (0, pad), value=False))
 
 
+def psi_decay_factors(psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors by which psi scales the chunk's mean fast and slow decays (docs/SPEC.md):
+    a stronger coupling forgets faster, the fast memory twice as much."""
+    return 1 - 0.10 * psi, 1 - 0.05 * psi
+
+
+def fast_share(psi: torch.Tensor) -> torch.Tensor:
+    """alpha: the share of the fast memory in a chunk's output, 0.5 + 0.3 psi (docs/SPEC.md)."""
+    return 0.5 + 0.3 * psi
+
+
 def coupling_and_normalise(S_fast: torch.Tensor, S_slow: torch.Tensor, psi: torch.Tensor):
     """Resonance coupling of the two states after a chunk, then both normalised.
 

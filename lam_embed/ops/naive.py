@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import EPS, coupling_and_normalise, pad_to_chunks
+from .common import EPS, coupling_and_normalise, fast_share, pad_to_chunks, psi_decay_factors
 
 
 def delta_rule_tokens(M, q, k, v, beta):
@@ -77,14 +77,15 @@ def naive_dual_state_delta_rule(
 
         mean_decay_fast = (decay_fast[:, :, chunk] * valid[:, None]).sum(-1) / count
         mean_decay_slow = (decay_slow[:, :, chunk] * valid[:, None]).sum(-1) / count
-        S_fast_decayed = S_fast * (mean_decay_fast * (1 - 0.10 * psi))[..., None, None]
-        S_slow_decayed = S_slow * (mean_decay_slow * (1 - 0.05 * psi))[..., None, None]
+        factor_fast, factor_slow = psi_decay_factors(psi)
+        S_fast_decayed = S_fast * (mean_decay_fast * factor_fast)[..., None, None]
+        S_slow_decayed = S_slow * (mean_decay_slow * factor_slow)[..., None, None]
         R_fast = S_fast_decayed / (torch.linalg.matrix_norm(S_fast_decayed)[..., None, None] + EPS)
         R_slow = S_slow_decayed / (torch.linalg.matrix_norm(S_slow_decayed)[..., None, None] + EPS)
 
         O_fast, _, M_fast = delta_rule_tokens(R_fast, Q, K, V, b)
         O_slow, _, M_slow = delta_rule_tokens(R_slow, Q, K, V, b)
-        alpha = (0.5 + 0.3 * psi)[..., None, None]
+        alpha = fast_share(psi)[..., None, None]
         O_fast = gate_fast[:, :, chunk, None] * O_fast
         O_slow = gate_slow[:, :, chunk, None] * O_slow
         outputs.append(alpha * O_fast + (1 - alpha) * O_slow)

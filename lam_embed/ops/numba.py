@@ -133,7 +133,7 @@ def _state_step(state_fast, state_slow, read_fast, read_slow, ktuw, decay_fast, 
                 for c in range(d):
                     state_fast[r, c] -= ktw * read_fast[m, c]
                     state_slow[r, c] -= ktw * read_slow[m, c]
-    strength = np.float32(0.05) + np.float32(0.1) * psi
+    strength = np.float32(0.05) + np.float32(0.1) * psi  # as ops.common.coupling_and_normalise
     for r in range(d):
         for c in range(d):
             state_fast[r, c] += strength * psi * state_slow[r, c]
@@ -213,6 +213,7 @@ def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slo
                 mean_k[c] /= count
                 mean_u[c] /= count
             psi = _flux(mean_k, mean_u, score / count / temperature[h], w_hidden, b_hidden, w_out, b_out)
+            # ops.common.fast_share and psi_decay_factors
             alpha = np.float32(0.5) + np.float32(0.3) * psi
             mean_fast = mean_fast / count * (np.float32(1.0) - np.float32(0.10) * psi)
             mean_slow = mean_slow / count * (np.float32(1.0) - np.float32(0.05) * psi)

@@ -260,7 +260,8 @@ def block_prepare_kernel(
 @triton.jit
 def _store_output(out, b_o, p_out, m_t, gate_out, p_gate, norm_w, eps, D: tl.constexpr, NORM: tl.constexpr):
     """Rows b_o of O into out; with NORM the layer's output side first: each row's
-    RMSNorm over the head (weight norm_w) times the sigmoid of the output gate's logits."""
+    RMSNorm over the head (weight norm_w) times the sigmoid of the output gate's logits, as
+    delta_net_output in layers/dual_state_delta_net.py."""
     if NORM:
         scale = 1.0 / tl.sqrt(tl.sum(b_o * b_o, 1) / D + eps)
         b_w = tl.load(norm_w + tl.arange(0, D)).to(tl.float32)
@@ -351,7 +352,7 @@ def chunk_scan_kernel(
     if SINGLE:
         # Zero states: O = (alpha g_f + (1 - alpha) g_s) A U. The A U rows were written
         # by other threads of this program: the barrier makes them visible.
-        alpha = 0.5 + 0.3 * psi
+        alpha = 0.5 + 0.3 * psi  # ops.common.fast_share
         tl.debug_barrier()
         for j in range(NBC):
             r = j * BT + o_t
@@ -370,6 +371,7 @@ def chunk_scan_kernel(
         # [K^T U | K^T W] = [P_U | P_W]
         tl.store(kt + i_c * D * 2 * D + o_d[:, None] * (2 * D) + o_w[None, :], tl.where(left[None, :], b_p, -b_p))
         tl.store(stats + i_c * 4 + 0, psi)
+        # The mean decays scaled as ops.common.psi_decay_factors scales them.
         tl.store(stats + i_c * 4 + 1, sum_df / count * (1 - 0.10 * psi))
         tl.store(stats + i_c * 4 + 2, sum_ds / count * (1 - 0.05 * psi))
         tl.store(stats + i_c * 4 + 3, (n_valid > 0).to(tl.float32))
@@ -442,7 +444,7 @@ def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC:
 
         b_nf = b_sf * df + (b_ktu - _mm(b_ktw, b_sf, PREC) * scale_f)
         b_ns = b_ss * ds + (b_ktu - _mm(b_ktw, b_ss, PREC) * scale_s)
-        c = 0.05 + 0.1 * psi
+        c = 0.05 + 0.1 * psi  # the coupling of ops.common.coupling_and_normalise
         b_nf = b_nf + c * psi * b_ns
         b_ns = b_ns + c * (1 - psi) * b_nf
         # Both squared norms in one reduction: one exchange between warps instead of two.
@@ -484,7 +486,7 @@ def chunk_output_kernel(
     p_dd = i_c * D * D + o_d[:, None] * D + o_d[None, :]
     b_rf = tl.load(r_fast + p_dd)
     b_rs = tl.load(r_slow + p_dd)
-    alpha = 0.5 + 0.3 * tl.load(stats + i_c * 4)
+    alpha = 0.5 + 0.3 * tl.load(stats + i_c * 4)  # ops.common.fast_share
 
     p_a = (i_c * C + o_r)[:, None] * D + o_d[None, :]  # rows of chunk_scan_kernel's (B, H, N C, d) buffers
     b_qw = tl.load(qw + p_a).to(tl.float32)
