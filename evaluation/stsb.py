@@ -221,6 +221,7 @@ def main(argv=None) -> int:
             "metric": "cosine similarity vs gold score, correlation in 0..1",
             "batch_size": args.batch_size,
             "max_seq_length": args.max_seq_length,
+            "device": device,
             "versions": library_versions(),
             "models": rows,
         }

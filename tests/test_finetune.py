@@ -132,6 +132,8 @@ def test_smoke_saved_model_reloads_and_encodes_identically(smoke):
 
 def test_smoke_results_checkpoints_and_model_card(smoke):
     report = json.loads((smoke.out / finetune.RESULTS_FILE).read_text())
+    provenance = report.pop("provenance")  # what made the file: lam_embed.environment.write_result
+    assert provenance["command"].startswith("python ") and provenance["commit"] and provenance["device"]
     assert report == json.loads(json.dumps(smoke.report))
     assert report["loss"] == "cosent" and report["train_data"]["layout"] == "scored pairs"
     assert report["train_data"]["rows"] == N_TRAIN and report["seed"] == 42

@@ -76,6 +76,7 @@ def delta_net_from_projection(projected, mask, conv_weight, flux, norm_weight, o
     return F.linear(gated, o_weight)
 
 
+@triton.jit
 def _store_layer_norm(a, p_out, m, cols, m_c, weight, bias, N, eps):
     """LayerNorm of the float32 rows a (N values each; entries outside mask m ignored) with
     weight and bias, stored at p_out in its dtype."""

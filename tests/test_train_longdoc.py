@@ -1,0 +1,190 @@
+"""The long-document stage (training/longdoc.py): its examples, its loss against a
+computation of its own, a CPU smoke run that resumes exactly, and its usage errors."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lam_embed.data import default_data_dir
+from training import longdoc
+
+DATA = default_data_dir()
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def words_count(sentences):
+    return [len(s.split()) for s in sentences]
+
+
+def synthetic_texts(n=6, sentences=40, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    return ["\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + "." for _ in range(sentences))
+            for _ in range(n)]
+
+
+def test_split_sentences():
+    assert longdoc.split_sentences("One two. Three? Four!\n\nFive six\nSeven.") == [
+        "One two.", "Three?", "Four!", "Five six", "Seven."]
+
+
+def test_examples_are_deterministic_within_budget_and_differ_by_the_query_only():
+    texts = synthetic_texts()
+    examples = longdoc.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=3)
+    again = longdoc.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=3)
+    positions = []
+    for number in range(200):
+        query, positive, negative = examples.example(number)
+        assert (query, positive, negative) == again.example(number)
+        assert len(positive.split()) <= 120
+        assert query in positive
+        # The negative is the positive without that one sentence.
+        assert sorted(negative.split() + query.split()) == sorted(positive.split())
+        assert longdoc.QUERY_WORDS[0] <= len(query.split()) <= longdoc.QUERY_WORDS[1]
+        sentences = longdoc.split_sentences(positive.replace(". ", ".\n"))
+        positions.append(sentences.index(query) / max(1, len(sentences) - 1))
+    # Queries come from every part of the documents, not only their start.
+    assert min(positions) < 0.2 and max(positions) > 0.8 and 0.35 < sum(positions) / len(positions) < 0.65
+    assert examples.batch(2, 3) == tuple(map(list, zip(*(examples.example(6 + i) for i in range(3)))))
+
+
+def test_examples_fail_clearly_when_no_window_fits():
+    examples = longdoc.DocumentQueryExamples(["Short."], words_count, min_tokens=1, max_tokens=2, seed=0)
+    with pytest.raises(ValueError, match="raise --min-tokens"):
+        examples.example(0)
+
+
+def test_read_long_texts_keeps_the_split_and_names_bad_lines(tmp_path):
+    path = tmp_path / "s.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for split in ("train", "dev", "test", "train"):
+            f.write(json.dumps({"split": split, "text": f"a {split} story"}) + "\n")
+    assert longdoc.read_long_texts(path, split="train") == ["a train story", "a train story"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not JSON"):
+        longdoc.read_long_texts(bad)
+    with pytest.raises(ValueError, match="no texts of split 'validation'"):
+        longdoc.read_long_texts(path, split="validation")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A small LAM sentence-transformer (two layers of the teacher) and the teacher."""
+    from sentence_transformers import SentenceTransformer
+
+    import lam_embed
+
+    try:
+        teacher_path = lam_embed.resolve_teacher_path()
+    except RuntimeError as err:
+        pytest.skip(f"teacher not available: {err}")
+    torch.manual_seed(0)
+    model = lam_embed.build_sentence_transformer(lam_embed.from_teacher(teacher_path, num_hidden_layers=2))
+    model.max_seq_length = 64
+    return model.eval(), SentenceTransformer(teacher_path, device="cpu").eval()
+
+
+def test_stage_loss_equals_an_independent_computation(tiny_model):
+    try:
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:
+        from sentence_transformers import losses
+    model, teacher = tiny_model
+    queries = ["the red house", "a quiet river", "seven blue birds"]
+    positives = ["we saw the red house by the road", "a quiet river ran below", "seven blue birds sang"]
+    negatives = ["we saw it by the road", "it ran below the hill", "they sang all day"]
+    short = ["a short text", "another one"]
+    target = torch.tensor(teacher.encode(short))
+    feats = [model.tokenize(x) for x in (queries, positives, negatives)]
+    with torch.no_grad():
+        loss, rank, keep = longdoc.stage_loss(losses.MultipleNegativesRankingLoss(model, scale=20.0),
+                                              losses.MSELoss(model), feats, model.tokenize(short), target, 7.0)
+        q, p, n = (model(f)["sentence_embedding"] for f in feats)
+        s = model(model.tokenize(short))["sentence_embedding"]
+    # InfoNCE over [documents; negatives]: query i's positive is column i.
+    scores = 20.0 * F.normalize(q, dim=-1) @ F.normalize(torch.cat([p, n]), dim=-1).T
+    want_rank = F.cross_entropy(scores, torch.arange(3))
+    want_keep = ((s - target) ** 2).mean()
+    torch.testing.assert_close(rank, want_rank, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(keep, want_keep, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(loss, want_rank + 7.0 * want_keep, rtol=1e-5, atol=1e-6)
+
+
+def _smoke_args(tmp_path: Path, model_dir: str, articles: Path, sentences: Path, out: str, *extra: str) -> list[str]:
+    return ["--model", model_dir, "--articles", str(articles), "--squality", "", "--sentences", str(sentences),
+            "--output-dir", str(tmp_path / out), "--steps", "3", "--batch-size", "2", "--sentence-batch-size", "3",
+            "--min-tokens", "20", "--max-tokens", "60", "--device", "cpu", "--save-every", "100", *extra]
+
+
+@pytest.mark.slow
+def test_smoke_run_resumes_exactly(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)  # deterministic kernels, so the two runs can be compared exactly
+    model, _ = tiny_model
+    model_dir = str(tmp_path / "start")
+    model.save(model_dir)
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text("".join(json.dumps({"title": str(i), "text": t}) + "\n" for i, t in enumerate(synthetic_texts())))
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(12)) + "\n")
+
+    whole = longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "whole"))
+    assert whole["finished"] and whole["step"] == 3
+    manifest = json.loads((tmp_path / "whole" / "release" / "manifest.json").read_text())
+    assert manifest["command"].startswith("python scripts/train_longdoc.py") and manifest["steps"] == 3
+    first = longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "parts", "--stop-after-minutes", "1e-6"))
+    assert not first["finished"] and first["step"] == 1
+    second = longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "parts", "--resume"))
+    assert second["finished"] and second["step"] == 3
+    whole_weights = load_file(tmp_path / "whole" / "release" / "lam_weights.safetensors")
+    resumed = load_file(tmp_path / "parts" / "release" / "lam_weights.safetensors")
+    assert whole_weights.keys() == resumed.keys()
+    for name in whole_weights:
+        assert torch.equal(whole_weights[name], resumed[name]), name
+
+
+def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
+    articles = tmp_path / "a.jsonl"
+    articles.write_text(json.dumps({"text": "x"}) + "\n")
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("a\n")
+    base = ["--model", "/nonexistent", "--articles", str(articles), "--sentences", str(sentences), "--squality", "",
+            "--output-dir", str(tmp_path / "o")]
+    cases = [
+        (["--articles", str(tmp_path / "missing.jsonl")], "--articles: no file"),
+        (["--min-tokens", "500", "--max-tokens", "100"], "--min-tokens (500) must not exceed --max-tokens (100)"),
+        (["--resume"], "--resume: no checkpoint"),
+        (["--steps", "0"], "must be a positive integer, got 0"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            longdoc.main(base + extra)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        longdoc.main(base + ["--sentences", str(empty)])
+    assert "--sentences: no lines" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(DATA is None or not (DATA / "longdoc").is_dir(), reason="shared data folder not found")
+def test_training_texts_hold_no_evaluation_material():
+    """The stage reads Wikipedia articles and SQuALITY train only: no passkey line or filler,
+    no story of SQuALITY dev or test."""
+    from evaluation.longdoc import PASSKEY_FILLER
+
+    texts = longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="train")
+    held_out = set(longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="dev")
+                   + longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="test"))
+    assert not held_out & set(texts)
+    filler = PASSKEY_FILLER.split(". ")[0]
+    for text in longdoc.read_long_texts(DATA / "longdoc" / "wiki_articles.jsonl.gz")[:500] + texts:
+        assert "pass key" not in text and filler not in text

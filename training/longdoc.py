@@ -1,0 +1,330 @@
+"""Long-document stage: teach a LAM sentence-transformer (the released model) to embed a
+whole document in one pass so that any one of its sentences finds it.
+
+Each training example comes from a long text (Wikipedia articles, SQuALITY train stories):
+a window of consecutive sentences of a random length (log-uniform between
+``--min-tokens`` and ``--max-tokens``) is the document, one of its sentences, drawn
+uniformly from the whole window, is the query, and the same window without that sentence
+is its hard negative. In-batch the other documents are negatives too
+(sentence-transformers' MultipleNegativesRankingLoss). The hard negative differs from the
+positive by one sentence only, as a passkey or needle document differs from the others by
+one line: the document embedding has to keep every sentence, wherever it is, instead of
+averaging it away. Nothing favours the start of a document.
+
+To keep short texts as they were, every step also matches LAM's embeddings of a batch of
+corpus sentences to the teacher's (MSELoss with the teacher's embeddings as labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from lam_embed.data import default_data_dir, read_text_lines
+
+logger = logging.getLogger(__name__)
+
+# A sentence ends at ., ! or ? followed by whitespace, or at a line break.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+QUERY_WORDS = (6, 60)  # the length of a sentence that can be a query, in words
+
+
+def split_sentences(text: str) -> list[str]:
+    """The text's sentences, stripped, empty ones dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def read_long_texts(path: str | Path, split: str | None = None) -> list[str]:
+    """The "text" of each JSON line of a .jsonl or .jsonl.gz file, keeping only lines whose
+    "split" is ``split`` when it is given (SQuALITY: train only, never dev or test)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}, line {number}: expected an object with a \"text\" string")
+            if split is None or record.get("split") == split:
+                texts.append(record["text"])
+    if not texts:
+        raise ValueError(f"{path}: no texts" + (f" of split {split!r}" if split else ""))
+    return texts
+
+
+@dataclass
+class DocumentQueryExamples:
+    """A deterministic stream of (query, document, document without the query) triples:
+    batch n is always the same, so a resumed run sees what an uninterrupted one saw.
+
+    texts: the long texts; count_tokens: tokens of a list of sentences (the model's
+    tokenizer, without special tokens), called once per text and kept."""
+
+    texts: list[str]
+    count_tokens: object
+    min_tokens: int
+    max_tokens: int
+    seed: int
+    _sentences: dict = field(default_factory=dict)
+
+    def sentences(self, index: int) -> tuple[list[str], list[int]]:
+        if index not in self._sentences:
+            sentences = split_sentences(self.texts[index])
+            self._sentences[index] = (sentences, self.count_tokens(sentences))
+        return self._sentences[index]
+
+    def example(self, number: int) -> tuple[str, str, str]:
+        rng = random.Random(self.seed * 1_000_003 + number)
+        for _ in range(100):
+            sentences, tokens = self.sentences(rng.randrange(len(self.texts)))
+            target = math.exp(rng.uniform(math.log(self.min_tokens), math.log(self.max_tokens)))
+            start = rng.randrange(len(sentences))
+            end, total = start, 0
+            while end < len(sentences) and total + tokens[end] <= target:
+                total += tokens[end]
+                end += 1
+            # Near the text's end the window grows backwards to its length.
+            while start > 0 and total + tokens[start - 1] <= target:
+                start -= 1
+                total += tokens[start]
+            window = sentences[start:end]
+            candidates = [i for i, s in enumerate(window) if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]]
+            if len(window) >= 2 and candidates:
+                pick = rng.choice(candidates)
+                return window[pick], " ".join(window), " ".join(window[:pick] + window[pick + 1:])
+        raise ValueError("no text has two sentences within the token budget and a query-length sentence; "
+                         "raise --min-tokens or check the texts")
+
+    def batch(self, step: int, size: int) -> tuple[list[str], list[str], list[str]]:
+        queries, positives, negatives = zip(*(self.example(step * size + i) for i in range(size)))
+        return list(queries), list(positives), list(negatives)
+
+
+# --------------------------------------------------------------------------------------
+# training
+
+
+def stage_loss(ranking, keep_short, triples: list[dict], short: dict, target, short_text_weight: float):
+    """The loss of a step: ``ranking`` (MultipleNegativesRankingLoss) of the queries against
+    the documents and the hard negatives (``triples``: their tokenised features), plus
+    ``short_text_weight`` times ``keep_short`` (MSELoss) of the short texts' embeddings
+    against the teacher's (``target``). Returns (loss, ranking term, short-text term)."""
+    rank_loss = ranking(triples, None)
+    short_loss = keep_short([short], target)
+    return rank_loss + short_text_weight * short_loss, rank_loss, short_loss
+
+
+def build_parser() -> argparse.ArgumentParser:
+    data = default_data_dir()
+    longdoc = data / "longdoc" if data else None
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="lam", help="LAM sentence-transformers folder to start from "
+                   "(python scripts/assemble_lam.py builds the released one as 'lam')")
+    p.add_argument("--teacher", default=None, help="teacher folder or hub name for the short-text term "
+                   "(default: all-MiniLM-L6-v2, the offline copy when the hub is unreachable)")
+    p.add_argument("--articles", default=str(longdoc / "wiki_articles.jsonl.gz") if longdoc else None,
+                   help="long training texts, JSON lines with a \"text\" field (default: $LAM_DATA_DIR/longdoc)")
+    p.add_argument("--squality", default=str(longdoc / "squality.jsonl.gz") if longdoc else None,
+                   help="SQuALITY stories; only the train split is read. '' to leave them out")
+    p.add_argument("--sentences", default=str(data / "corpus" / "sentences.txt.gz") if data else None,
+                   help="short texts for the term that keeps LAM close to the teacher on them")
+    p.add_argument("--max-sentences", type=_positive, default=200_000, help="sentences read from --sentences")
+    p.add_argument("--output-dir", required=True, help="folder for the checkpoint, the model and the release")
+    p.add_argument("--steps", type=_positive, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive, default=16, help="(query, document, negative) triples a step")
+    p.add_argument("--sentence-batch-size", type=_positive, default=64, help="short texts a step")
+    p.add_argument("--min-tokens", type=_positive, default=256, help="shortest document, in tokens")
+    p.add_argument("--max-tokens", type=_positive, default=4096, help="longest document, in tokens")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
+    p.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
+    p.add_argument("--scale", type=float, default=20.0, help="scale of the cosine scores in the ranking loss")
+    p.add_argument("--short-text-weight", type=float, default=1000.0,
+                   help="weight of the short-text term, the mean squared error of unit embeddings over their "
+                        "384 dimensions (at 384 it equals their squared distance)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples and the initialisation")
+    p.add_argument("--save-every", type=_positive, default=200, help="steps between checkpoints")
+    p.add_argument("--stop-after-minutes", type=float, default=None,
+                   help="stop (with a checkpoint) after this many minutes of this process; --resume continues")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on CUDA)")
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors (exit 2) before any model loads: missing or empty files, bad sizes."""
+    for option in ("articles", "sentences"):
+        path = getattr(args, option)
+        if not path:
+            parser.error(f"--{option} is required: no data folder found (set LAM_DATA_DIR)")
+        if not Path(path).is_file():
+            parser.error(f"--{option}: no file {path}")
+    if args.squality and not Path(args.squality).is_file():
+        parser.error(f"--squality: no file {args.squality}")
+    if args.min_tokens > args.max_tokens:
+        parser.error(f"--min-tokens ({args.min_tokens}) must not exceed --max-tokens ({args.max_tokens})")
+    if not 0 <= args.warmup < 1:
+        parser.error(f"--warmup must lie in [0, 1), got {args.warmup}")
+    checkpoint = Path(args.output_dir) / CHECKPOINT
+    if args.resume and not checkpoint.is_file():
+        parser.error(f"--resume: no checkpoint {checkpoint}")
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        texts = read_long_texts(args.articles)
+        if args.squality:
+            texts += read_long_texts(args.squality, split="train")
+        sentences = read_text_lines(args.sentences, limit=args.max_sentences)
+    except (ValueError, UnicodeDecodeError) as err:
+        parser.error(str(err))
+    if not sentences:
+        parser.error(f"--sentences: no lines in {args.sentences}")
+    return train(args, texts, sentences, argv)
+
+
+def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import batch_to_device
+
+    try:  # sentence-transformers >= 6.3 keeps the losses under sentence_transformer
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:
+        from sentence_transformers import losses
+
+    from lam_embed.environment import git_commit
+    from lam_embed.release import save_release
+    from lam_embed.teacher import resolve_teacher_path
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = SentenceTransformer(args.model, device=str(device))
+    lam = model[0].auto_model
+    if getattr(lam.config, "model_type", None) != "lam":
+        raise SystemExit(f"--model: {args.model} is not a LAM model (model_type {lam.config.model_type!r})")
+    model.max_seq_length = args.max_tokens + 2  # [CLS] and [SEP]
+    teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
+    teacher.requires_grad_(False)
+    tokenizer = model.tokenizer
+
+    def count_tokens(batch: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]]
+
+    examples = DocumentQueryExamples(texts, count_tokens, args.min_tokens, args.max_tokens, args.seed)
+    ranking = losses.MultipleNegativesRankingLoss(model, scale=args.scale)
+    keep_short = losses.MSELoss(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = max(1, int(args.warmup * args.steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step, history, elapsed = 0, [], 0.0
+    checkpoint = out / CHECKPOINT
+    if args.resume:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history, elapsed = state["step"], state["history"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed at step %d", step)
+
+    def features(texts_: list[str]) -> dict:
+        return batch_to_device(model.tokenize(texts_), device)
+
+    def save(finished: bool) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": step, "history": history,
+                 "elapsed": elapsed + time.time() - started, "torch_rng": torch.get_rng_state(), "finished": finished}
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, checkpoint)  # a run killed mid-save keeps the previous checkpoint
+
+    started = time.time()
+    model.train()
+    sentence_rng = random.Random(args.seed)
+    progress = tqdm(total=args.steps, initial=step, desc="long-document stage", unit="step")
+    while step < args.steps:
+        queries, positives, negatives = examples.batch(step, args.batch_size)
+        sentence_rng.seed(args.seed * 7919 + step)
+        short = sentence_rng.sample(sentences, min(args.sentence_batch_size, len(sentences)))
+        with torch.no_grad():
+            # encode runs in inference mode; a clone is a tensor autograd may read.
+            target = teacher.encode(short, convert_to_tensor=True, batch_size=len(short)).float().clone()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, rank_loss, short_loss = stage_loss(
+                ranking, keep_short, [features(queries), features(positives), features(negatives)],
+                features(short), target, args.short_text_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        history.append({"step": step, "ranking_loss": round(rank_loss.item(), 5),
+                        "short_text_loss": round(short_loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
+        progress.update(1)
+        progress.set_postfix(rank=f"{rank_loss.item():.3f}", short=f"{short_loss.item():.4f}")
+        stop = args.stop_after_minutes is not None and time.time() - started > 60 * args.stop_after_minutes
+        if step % args.save_every == 0 or stop or step == args.steps:
+            save(step == args.steps)
+        if stop and step < args.steps:
+            logger.info("stopped after %.1f minutes at step %d; continue with --resume", args.stop_after_minutes, step)
+            return {"finished": False, "step": step}
+    progress.close()
+    model.eval()
+    minutes = (elapsed + time.time() - started) / 60
+    model.save(str(out / "sentence-transformer"))
+    manifest = {
+        "command": "python scripts/train_longdoc.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": git_commit() or "unknown",
+        "started_from": args.model,
+        "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
+                 "sentences": args.sentences, "short_texts": len(sentences)},
+        "steps": step, "train_minutes": round(minutes, 1),
+        "final_losses": history[-1] if history else None,
+    }
+    save_release(lam, out / "release", manifest, teacher=resolve_teacher_path(args.teacher))
+    (out / "history.json").write_text(json.dumps(history) + "\n")
+    logger.info("done: %d steps in %.1f minutes; model in %s", step, minutes, out / "sentence-transformer")
+    return {"finished": True, "step": step, "train_minutes": minutes, **(history[-1] if history else {})}
