@@ -139,6 +139,7 @@ def test_smoke_run_resumes_exactly(tmp_path, tiny_model):
     assert whole["finished"] and whole["step"] == 3
     manifest = json.loads((tmp_path / "whole" / "release" / "manifest.json").read_text())
     assert manifest["command"].startswith("python scripts/train_longdoc.py") and manifest["steps"] == 3
+    assert "embeddings.word_embeddings.weight" not in load_file(tmp_path / "whole" / "release" / "lam_weights.safetensors")
     first = longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "parts", "--stop-after-minutes", "1e-6"))
     assert not first["finished"] and first["step"] == 1
     second = longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "parts", "--resume"))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from lam_embed.backends import BACKEND_NAMES
 from lam_embed.data import default_data_dir, read_text_lines
 
 logger = logging.getLogger(__name__)
@@ -158,12 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-text-weight", type=float, default=1000.0,
                    help="weight of the short-text term, the mean squared error of unit embeddings over their "
                         "384 dimensions (at 384 it equals their squared distance)")
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="train the token, position and type embeddings too (by default they stay the teacher's, "
+                        "so that the release holds only the layers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the initialisation")
     p.add_argument("--save-every", type=_positive, default=200, help="steps between checkpoints")
     p.add_argument("--stop-after-minutes", type=float, default=None,
                    help="stop (with a checkpoint) after this many minutes of this process; --resume continues")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--delta-impl", default="chunk", choices=BACKEND_NAMES,
+                   help="backend while training ('triton' recomputes its backward with 'chunk'); the saved "
+                        "model gets 'auto'")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on CUDA)")
     return p
@@ -239,6 +246,7 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
     if getattr(lam.config, "model_type", None) != "lam":
         raise SystemExit(f"--model: {args.model} is not a LAM model (model_type {lam.config.model_type!r})")
     model.max_seq_length = args.max_tokens + 2  # [CLS] and [SEP]
+    lam.config.delta_impl = args.delta_impl
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
     teacher.requires_grad_(False)
     tokenizer = model.tokenizer
@@ -247,9 +255,11 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
         return [len(ids) for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]]
 
     examples = DocumentQueryExamples(texts, count_tokens, args.min_tokens, args.max_tokens, args.seed)
+    if not args.train_embeddings:
+        lam.embeddings.requires_grad_(False)
     ranking = losses.MultipleNegativesRankingLoss(model, scale=args.scale)
     keep_short = losses.MSELoss(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))
 
     def schedule(step: int) -> float:
@@ -313,6 +323,7 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
             return {"finished": False, "step": step}
     progress.close()
     model.eval()
+    lam.config.delta_impl = "auto"
     minutes = (elapsed + time.time() - started) / 60
     model.save(str(out / "sentence-transformer"))
     manifest = {
