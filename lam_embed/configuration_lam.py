@@ -49,10 +49,6 @@ class LAMConfig(PretrainedConfig):
         graph_streams_min_tokens: batches of fewer tokens (batch x padded length) run
             on one stream, where the parts' extra launches cost more than the overlap
             gains. graph_streams and this are read when a shape's graph is captured.
-        float32_output: a model run in bfloat16 or float16 returns its last hidden state in
-            float32. Mean pooling then sums in float32: over a long input one sentence is a
-            small share of the mean, below 16-bit rounding of the sum. False: the output
-            keeps the model's dtype.
     """
 
     model_type = "lam"
@@ -83,7 +79,6 @@ class LAMConfig(PretrainedConfig):
         gelu_epilogue: bool = True,
         graph_streams: int = 2,
         graph_streams_min_tokens: int = 16384,
-        float32_output: bool = True,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -110,7 +105,6 @@ class LAMConfig(PretrainedConfig):
         self.gelu_epilogue = gelu_epilogue
         self.graph_streams = graph_streams
         self.graph_streams_min_tokens = graph_streams_min_tokens
-        self.float32_output = float32_output
         self.validate_lam()
 
     @property
@@ -143,7 +137,7 @@ class LAMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"LAMConfig.{name} must lie in [0, 1), got {value!r}")
-        for name in ("cuda_graphs", "fuse_layer_code", "gelu_epilogue", "float32_output"):
+        for name in ("cuda_graphs", "fuse_layer_code", "gelu_epilogue"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LAMConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.graph_streams_min_tokens, int) or self.graph_streams_min_tokens < 0:

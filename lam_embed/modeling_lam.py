@@ -181,14 +181,11 @@ class LAMModel(LAMPreTrainedModel):
                 token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
             x = self.embeddings(input_ids, token_type_ids)
         if parts > 1:
-            x = layers_on_streams(self.layers, x, mask, parts, backend)
-            return x.float() if self.config.float32_output else x
+            return layers_on_streams(self.layers, x, mask, parts, backend)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
             x = layer(x, mask, backend)
-        if self.config.float32_output:
-            x = x.float()  # a no-op for a float32 model
         if hidden_states is not None:
             hidden_states.append(x)
         return x
