@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_lam import LAMConfig
 from .modeling_lam import LAMModel
 from .sentence_transformer import build_sentence_transformer
+from .streaming import DocumentState, encode_document, encode_documents, start_document
 from .teacher import DEFAULT_TEACHER, from_teacher, resolve_teacher_path
 
 AutoConfig.register(LAMConfig.model_type, LAMConfig, exist_ok=True)
@@ -16,9 +17,13 @@ AutoModel.register(LAMConfig, LAMModel, exist_ok=True)
 
 __all__ = [
     "DEFAULT_TEACHER",
+    "DocumentState",
     "LAMConfig",
     "LAMModel",
     "build_sentence_transformer",
+    "encode_document",
+    "encode_documents",
     "from_teacher",
     "resolve_teacher_path",
+    "start_document",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from .parameter_changes import (
     optimizer_steps,
     parameter_registrations,
 )
+from .state import LAMState, LayerState
 
 try:  # transformers >= 5: init functions that respect weights already loaded
     from transformers import initialization as init
@@ -50,8 +52,13 @@ class LAMEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device) % self.position_embeddings.num_embeddings
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                position_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_offset`` (B,): the position of each sample's first token (a continuation)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if position_offset is not None:
+            positions = position_offset[:, None] + positions
+        positions = positions % self.position_embeddings.num_embeddings
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
@@ -96,9 +103,23 @@ class LAMLayer(nn.Module):
         backend = backend or self.delta_net.select_backend(x)
         return self.residual_norm(self.attention_norm, x, self.delta_net(x, mask, backend), backend)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend) -> torch.Tensor:
-        h = self.mix(x, mask, backend)
-        return self.residual_norm(self.ffn_norm, h, self.feed_forward(h, backend), backend)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend, state: LayerState | None = None,
+                state_after_chunks: torch.Tensor | None = None):
+        """With ``state`` or ``state_after_chunks``: from and to a carried state (see
+        DualStateDeltaNet.forward), returning (output, LayerState)."""
+        if state is None and state_after_chunks is None:
+            h = self.mix(x, mask, backend)
+            return self.residual_norm(self.ffn_norm, h, self.feed_forward(h, backend), backend)
+        mixed, new_state = self.delta_net(x, mask, backend, state=state, state_after_chunks=state_after_chunks)
+        h = self.residual_norm(self.attention_norm, x, mixed, backend)
+        return self.residual_norm(self.ffn_norm, h, self.feed_forward(h, backend), backend), new_state
+
+
+@dataclass
+class LAMModelOutput(BaseModelOutput):
+    """BaseModelOutput and, from a forward with ``use_cache`` or ``past_state``, the carried ``state``."""
+
+    state: LAMState | None = None
 
 
 class LAMPreTrainedModel(PreTrainedModel):
@@ -158,6 +179,30 @@ class LAMModel(LAMPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
+
+    def _carried_forward(self, input_ids, attention_mask, token_type_ids, past_state, return_dict):
+        """forward from and to a carried state: eager layer code, chunked delta rule."""
+        B = input_ids.shape[0]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if past_state is not None:
+            past_state.check(self.config, B, input_ids.device)
+        input_checks.check_input_values(self.config, input_ids, attention_mask, token_type_ids)
+        offset = past_state.offset if past_state is not None else input_ids.new_zeros(B)
+        mask = attention_mask.bool()
+        complete = mask.sum(1) // self.config.chunk_size  # chunks that end inside this input
+        delta_impl = "naive" if self.config.delta_impl == "naive" else "chunk"
+        backend = Backend(delta_impl, "eager", delta_impl)
+        x = self.embeddings(input_ids, token_type_ids, position_offset=offset)
+        states = []
+        for i, layer in enumerate(self.layers):
+            x, layer_state = layer(x, mask, backend, state=past_state.layers[i] if past_state is not None else None,
+                                   state_after_chunks=complete)
+            states.append(layer_state)
+        state = LAMState(states, offset + complete * self.config.chunk_size)
+        if return_dict is False:
+            return x, state
+        return LAMModelOutput(last_hidden_state=x, state=state)
 
     def select_backend(self, input_ids: torch.Tensor) -> Backend:
         """The backend of a forward of ``input_ids`` (lam_embed/backends.py), for every layer."""
@@ -236,11 +281,19 @@ class LAMModel(LAMPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_state: LAMState | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
+        """As BERT's forward. ``past_state`` (lam_embed/state.py): the input continues the
+        documents whose chunks that state ended; ``use_cache``: also return, as ``state``,
+        the state after the complete chunks of each sample (its tokens past them are to be
+        given again with the next piece). Either runs the eager layer code."""
         input_checks.check_shapes(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if past_state is not None or use_cache:
+            return self._carried_forward(input_ids, attention_mask, token_type_ids, past_state, return_dict)
         backend = self.select_backend(input_ids)
         graphed = None
         if not output_hidden_states and self.uses_cuda_graphs(input_ids, backend):

@@ -21,6 +21,7 @@ from ..ops.common import (
     projection_columns,
 )
 from ..parameter_changes import install_change_hooks, optimizer_steps, version_sum
+from ..state import LayerState
 
 
 class ResonanceFlux(nn.Module):
@@ -179,12 +180,19 @@ class DualStateDeltaNet(nn.Module):
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         return select_backend(self.config, x.device, x.dtype, wants_grad, self.training)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None,
+                state: LayerState | None = None, state_after_chunks: torch.Tensor | None = None):
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens; ``backend``: as
-        LAMModel selects it for the whole forward (else selected here for x)."""
+        LAMModel selects it for the whole forward (else selected here for x).
+
+        ``state``: the carried state (lam_embed/state.py) this input continues, and
+        ``state_after_chunks`` (B,): also return the state after that many chunks of each
+        sample, as (output, LayerState). Both run the eager layer code."""
         config, H = self.config, self.num_heads
-        backend = backend or self.select_backend(x)
         weight, bias, conv_weight = self.stacked_weights()
+        if state is not None or state_after_chunks is not None:
+            return self._carried_forward(x, mask, weight, bias, conv_weight, state, state_after_chunks)
+        backend = backend or self.select_backend(x)
         # On a GPU the code around the op is many small elementwise kernels. At inference
         # the delta-rule kernels read the input projection and apply the convolution and
         # activations themselves, and write the normed, gated output; with gradients the
@@ -211,14 +219,42 @@ class DualStateDeltaNet(nn.Module):
         return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
 
 
-def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
+    def _carried_forward(self, x, mask, weight, bias, conv_weight, state, state_after_chunks):
+        """The eager forward from a carried state; see forward."""
+        config, H = self.config, self.num_heads
+        B, K = x.shape[0], config.conv_size
+        if state is None:
+            zero = x.new_zeros(B, H, self.head_dim, self.head_dim, dtype=torch.float32)
+            state = LayerState(zero, zero, x.new_zeros(B, K - 1, conv_weight.shape[0]))
+        features, qkv_in = delta_net_features(x, mask, weight, bias, conv_weight, H, conv_tail=state.conv_tail)
+        q, k, v, output_gate, *scalars = features
+        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
+        impl = "naive" if config.delta_impl == "naive" else "chunk"
+        o = dual_state_delta_rule(
+            q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
+            chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
+            impl=impl, qk_l2norm=True, initial_state=(state.fast, state.slow), state_after_chunks=state_after_chunks,
+        )
+        if state_after_chunks is None:
+            return delta_net_output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
+        o, (fast, slow) = o
+        out = delta_net_output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
+        # The K - 1 projection rows before each sample's boundary; qkv_in starts with the old tail.
+        rows = (state_after_chunks * config.chunk_size)[:, None] + torch.arange(K - 1, device=x.device)
+        tail = qkv_in.gather(1, rows[..., None].expand(-1, -1, qkv_in.shape[-1]))
+        return out, LayerState(fast, slow, tail)
+
+
+def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_tail=None):
     """The inputs of the delta rule from the layer input x (B, L, D): q, k, v =
     SiLU(conv(x W)) per head, (B, L, H, d) (the delta rule normalises q and k:
     qk_l2norm); the output gate sigmoid(x W_g), (B, L, D); the sigmoids of beta, the two
     decays and the two state gates, (B, L, H) each.
 
     ``weight``, ``bias``: DualStateDeltaNet.input_projection(); ``conv_weight``: the
-    q, k, v convolutions stacked (3D, 1, K).
+    q, k, v convolutions stacked (3D, 1, K). ``conv_tail`` (B, K - 1, 3D): the projection
+    rows before x that the convolution reads (a carried state); the result then ends with
+    those rows and x's, (B, K - 1 + L, 3D), for the next state.
     """
     D, H = x.shape[-1], num_heads
     columns = projection_columns(D, H)
@@ -226,7 +262,12 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
     # in the convolution and never reaches a valid token. Beta, decays and gates of
     # padded positions are never read (the delta rule masks them).
     projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
-    qkv = causal_depthwise_conv(projected[..., columns["q"].start : columns["v"].stop], conv_weight)
+    qkv_in = projected[..., columns["q"].start : columns["v"].stop]
+    if conv_tail is not None:
+        qkv_in = torch.cat([conv_tail.to(qkv_in.dtype), qkv_in], 1)
+    qkv = causal_depthwise_conv(qkv_in, conv_weight)
+    if conv_tail is not None:
+        qkv = qkv[:, conv_tail.shape[1]:]
     # q, k and v each in a buffer of its own, all three with the same (B, L, H, d)
     # strides: the fused kernel reads them as they are (it takes one set of strides),
     # and the (B, L, 3D) buffers are freed before the delta rule runs.
@@ -234,7 +275,8 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int):
     # The output gate and the five scalars are adjacent columns: one sigmoid for all.
     gates = torch.sigmoid(projected[..., columns["output_gate"].start : columns[PROJECTION_SCALARS[-1]].stop])
     scalars = gates[..., D:].unflatten(-1, (len(PROJECTION_SCALARS), H)).unbind(2)
-    return (q, k, v, gates[..., :D], *scalars)
+    features = (q, k, v, gates[..., :D], *scalars)
+    return features if conv_tail is None else (features, qkv_in)
 
 
 def delta_net_output(o, output_gate, norm_weight, o_weight, eps: float):

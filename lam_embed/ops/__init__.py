@@ -65,8 +65,14 @@ def check_impl(impl: str, device: torch.device) -> None:
 
 def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux, *,
                           chunk_size: int = 128, state_dropout: float = 0.0, training: bool = False,
-                          impl: str = "chunk", qk_l2norm: bool = False) -> torch.Tensor:
+                          impl: str = "chunk", qk_l2norm: bool = False,
+                          initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          state_after_chunks: torch.Tensor | None = None):
     """Dual-state delta rule of docs/SPEC.md; returns O (B, H, L, d) in q's dtype.
+
+    ``initial_state`` and ``state_after_chunks`` carry the states across inputs (see
+    ``naive_dual_state_delta_rule``; "naive", "chunk" and "compiled" only); with
+    ``state_after_chunks`` the result is (O, (S_fast, S_slow)), the states in float32.
 
     The state math runs in float32 whatever the input dtype and autocast say.
     ``qk_l2norm``: q and k are given unnormalised and the op makes each head's query
@@ -75,15 +81,25 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
     load, so float32 copies of q and k never exist in memory.
     """
     check_impl(impl, q.device)
+    carried = initial_state is not None or state_after_chunks is not None
+    if carried and impl == "triton":
+        raise NotImplementedError("carried states run with impl 'naive', 'chunk' or 'compiled', not 'triton'")
     fn = IMPLEMENTATIONS[impl]
     dtype = torch.float32 if qk_l2norm else q.dtype
     length = q.shape[2]
     if length == 0:
-        return torch.zeros_like(q, dtype=dtype)
+        out = torch.zeros_like(q, dtype=dtype)
+        if state_after_chunks is None:
+            return out
+        B, H, _, d = q.shape
+        zero = q.new_zeros(B, H, d, d, dtype=torch.float32)
+        return out, (initial_state if initial_state is not None else (zero, zero))
     # An input of at most one chunk is a single chunk of its own length: padding it
     # to chunk_size would change nothing but the cost.
     chunk_size = min(chunk_size, length)
-    kwargs = dict(chunk_size=chunk_size, state_dropout=state_dropout, training=training)
+    kwargs = {"chunk_size": chunk_size, "state_dropout": state_dropout, "training": training}
+    if carried:
+        kwargs.update(initial_state=initial_state, state_after_chunks=state_after_chunks)
     tensors = (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)
     with torch.autocast(q.device.type, enabled=False):
         if impl == "triton":
@@ -96,4 +112,7 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
                 # is several times slower, and the chunked form copies q and k to this layout anyway.
                 tensors[:2] = l2norm(tensors[0].contiguous()), l2norm(tensors[1].contiguous())
             out = fn(*tensors, mask, flux, **kwargs)
+    if state_after_chunks is not None:
+        out, states = out
+        return out.to(dtype), states
     return out.to(dtype)

@@ -22,12 +22,12 @@ from einops import rearrange
 from .common import EPS, coupling_and_normalise, fast_share, pad_to_chunks, psi_decay_factors
 
 
-def intra_chunk(q, k, v, beta, mask, chunk_size: int):
+def intra_chunk(q, k, v, beta, mask, chunk_size: int, with_w: bool | None = None):
     """Per-chunk quantities, for all chunks in parallel.
 
     Returns Q, K (B, H, N, C, d), UW = [U | W] (B, H, N, C, 2d), A (B, H, N, C, C),
-    valid (B, N, C). For a single chunk UW is U alone (B, H, N, C, d): only the states
-    read W, and they are zero there.
+    valid (B, N, C). Without ``with_w`` (by default: for a single chunk) UW is U alone
+    (B, H, N, C, d): only the states read W, and they are zero in the first chunk.
     """
     to_chunks = lambda t: rearrange(t, "b h (n c) ... -> b h n c ...", c=chunk_size)
     # Contiguous copies (the layer passes views of (B, L, H, d) tensors): every product
@@ -37,9 +37,10 @@ def intra_chunk(q, k, v, beta, mask, chunk_size: int):
     valid = rearrange(mask, "b (n c) -> b n c", c=chunk_size)
     b = b * valid[:, None]
     Kb, Vb = K * b[..., None], V * b[..., None]
-    single_chunk = Q.shape[2] == 1
+    if with_w is None:
+        with_w = Q.shape[2] > 1
     # One solve for both right-hand sides: (I + strictly_lower(Kb K^T)) [U W] = [Vb Kb].
-    rhs = Vb if single_chunk else torch.cat([Vb, Kb], -1)
+    rhs = torch.cat([Vb, Kb], -1) if with_w else Vb
     # A unit lower-triangular solve reads only the strictly lower triangle of its matrix
     # (and its gradient is zero elsewhere), so the product is passed as it is: no tril, no I.
     UW = torch.linalg.solve_triangular(Kb @ K.transpose(-1, -2), rhs, upper=False, unitriangular=True)
@@ -78,8 +79,11 @@ def chunk_dual_state_delta_rule(
     training: bool = False,
     intra_fn: Callable = intra_chunk,
     step_fn: Callable = state_step,
-) -> torch.Tensor:
-    """Dual-state delta rule in chunked form; same contract as ``naive_dual_state_delta_rule``.
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state_after_chunks: torch.Tensor | None = None,
+):
+    """Dual-state delta rule in chunked form; same contract as ``naive_dual_state_delta_rule``
+    (``initial_state`` and ``state_after_chunks`` included).
 
     ``intra_fn`` and ``step_fn`` let the compiled implementation pass compiled
     versions of the two hot functions.
@@ -88,7 +92,8 @@ def chunk_dual_state_delta_rule(
     q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask = pad_to_chunks(
         chunk_size, q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask=mask
     )
-    Q, K, UW, A, valid = intra_fn(q, k, v, beta, mask, chunk_size)
+    carried = initial_state is not None or state_after_chunks is not None
+    Q, K, UW, A, valid = intra_fn(q, k, v, beta, mask, chunk_size, with_w=True if carried else None)
     psi = flux(K, UW[..., :d], valid)  # (B, H, N)
     to_chunks = lambda t: rearrange(t, "b h (n c) -> b h n c", c=chunk_size)
     gate_fast, gate_slow = to_chunks(gate_fast)[..., None], to_chunks(gate_slow)[..., None]
@@ -97,7 +102,7 @@ def chunk_dual_state_delta_rule(
     AUW = A @ UW  # [A U | A W]
     AU = AUW[..., :d]
     N = Q.shape[2]
-    if N == 1:
+    if N == 1 and not carried:
         # Zero states: R = 0 and each state's output is A U.
         O = (alpha * gate_fast + (1 - alpha) * gate_slow) * AU
         return rearrange(O, "b h n c d -> b h (n c) d")[:, :, :L]
@@ -109,8 +114,11 @@ def chunk_dual_state_delta_rule(
     KtU, KtW = (K.transpose(-1, -2) @ UW).split(d, dim=-1)
     keep = valid.any(-1)  # (B, N)
 
-    S_fast = q.new_zeros(B, H, d, d)
-    S_slow = q.new_zeros(B, H, d, d)
+    if initial_state is None:
+        S_fast = S_slow = q.new_zeros(B, H, d, d)
+    else:
+        S_fast, S_slow = initial_state
+    saved = (S_fast, S_slow)
     R_fast, R_slow = [], []
     for n in range(N):
         S_fast, S_slow, r_fast, r_slow = step_fn(
@@ -119,9 +127,13 @@ def chunk_dual_state_delta_rule(
         )
         R_fast.append(r_fast)
         R_slow.append(r_slow)
+        if state_after_chunks is not None:
+            here = (state_after_chunks == n + 1)[:, None, None, None]
+            saved = (torch.where(here, S_fast, saved[0]), torch.where(here, S_slow, saved[1]))
     QW = Q - AUW[..., d:]
     QWR = QW @ torch.cat([torch.stack(R_fast, 2), torch.stack(R_slow, 2)], -1)  # [QW R_fast | QW R_slow]
     O_fast = gate_fast * (QWR[..., :d] + AU)
     O_slow = gate_slow * (QWR[..., d:] + AU)
     O = alpha * O_fast + (1 - alpha) * O_slow
-    return rearrange(O, "b h n c d -> b h (n c) d")[:, :, :L]
+    out = rearrange(O, "b h n c d -> b h (n c) d")[:, :, :L]
+    return out if state_after_chunks is None else (out, saved)

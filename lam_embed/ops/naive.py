@@ -50,20 +50,27 @@ def naive_dual_state_delta_rule(
     chunk_size: int = 128,
     state_dropout: float = 0.0,
     training: bool = False,
-) -> torch.Tensor:
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state_after_chunks: torch.Tensor | None = None,
+):
     """Dual-state delta rule, token by token. Returns the mixed output O (B, H, L, d).
 
     ``flux(K, U, valid)`` maps a chunk's keys and written values (B, H, N, C, d) and
     its valid-token mask (B, N, C) to the coupling strength psi (B, H, N).
+
+    ``initial_state``: the states (S_fast, S_slow), (B, H, d, d) each, that the first chunk
+    reads (zero when None): the input then continues one whose chunks ended there.
+    ``state_after_chunks`` (B,) integers in [0, N]: also return the states after that many
+    chunks of each sample, as (O, (S_fast, S_slow)).
     """
     B, H, L, d = q.shape
     q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask = pad_to_chunks(
         chunk_size, q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask=mask
     )
     beta = beta * mask[:, None]
-    S_fast = q.new_zeros(B, H, d, d)
-    S_slow = q.new_zeros(B, H, d, d)
     zero = q.new_zeros(B, H, d, d)
+    S_fast, S_slow = (zero, zero) if initial_state is None else initial_state
+    saved = (S_fast, S_slow)
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         chunk = slice(start, start + chunk_size)
@@ -97,4 +104,8 @@ def naive_dual_state_delta_rule(
         keep = valid.any(-1)[:, None, None, None]
         S_fast = torch.where(keep, new_fast, S_fast)
         S_slow = torch.where(keep, new_slow, S_slow)
-    return torch.cat(outputs, 2)[:, :, :L]
+        if state_after_chunks is not None:
+            here = (state_after_chunks == start // chunk_size + 1)[:, None, None, None]
+            saved = (torch.where(here, S_fast, saved[0]), torch.where(here, S_slow, saved[1]))
+    out = torch.cat(outputs, 2)[:, :, :L]
+    return out if state_after_chunks is None else (out, saved)

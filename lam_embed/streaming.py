@@ -1,0 +1,258 @@
+"""Documents of any length: encode a document piece by piece in memory that does not grow
+with it, and update the embedding of a growing document by encoding only the new text.
+
+LAM reads a document chunk by chunk and carries two d x d states per head and layer
+(lam_embed/state.py). A document here is the token ids of its pieces, each tokenized on its
+own, between [CLS] and [SEP], exactly as a one-pass ``SentenceTransformer.encode`` of those
+ids would see them (without its truncation). Complete chunks are encoded once; the tokens of
+the incomplete last chunk wait for more text and are read again with it. The embedding is
+the model's own pooling (mean over all tokens, then its Normalize module if it has one).
+
+    import lam_embed
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer("lam")
+    vector = lam_embed.encode_document(model, open("book.txt").read())
+    doc = lam_embed.start_document(model)
+    doc.append("first message")
+    doc.append("a reply")              # reads only the new tokens and the last chunk's
+    vector = doc.embedding
+    doc.save("doc.state")              # beside your index; DocumentState.load(path, model)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .state import LAMState
+
+DEFAULT_SEGMENT_TOKENS = 8192
+FORMAT = "lam-document-state/1"
+
+
+def _parts(model):
+    """The LAM model, tokenizer and whether the embedding is normalised, or a ValueError
+    saying why ``model`` cannot be streamed."""
+    try:  # sentence-transformers >= 6.3 keeps its modules under sentence_transformer
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+    except ImportError:
+        from sentence_transformers.models import Normalize, Pooling
+
+    modules = list(model)
+    lam = getattr(modules[0], "auto_model", None) if modules else None
+    if getattr(getattr(lam, "config", None), "model_type", None) != "lam":
+        raise ValueError("model must be a LAM SentenceTransformer (import lam_embed; SentenceTransformer(folder))")
+    pooling = [m for m in modules[1:] if isinstance(m, Pooling)]
+    if len(pooling) != 1 or _pooling_mode(pooling[0]) != "mean":
+        raise ValueError("streaming computes mean pooling; this model's pooling is "
+                         f"{[_pooling_mode(p) for p in pooling] or 'missing'}")
+    others = [m for m in modules[1:] if not isinstance(m, Pooling | Normalize)]
+    if others:
+        raise ValueError(f"streaming knows Pooling and Normalize only; this model also has {type(others[0]).__name__}")
+    return lam, model.tokenizer, any(isinstance(m, Normalize) for m in modules)
+
+
+def _pooling_mode(pooling) -> str | None:
+    mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers >= 6.3
+    if isinstance(mode, str):
+        return mode
+    getter = getattr(pooling, "get_pooling_mode_str", None)
+    return getter() if callable(getter) else None
+
+
+def model_fingerprint(lam) -> str:
+    """A hash of the model's config and weights: a saved state is only valid for them."""
+    digest = hashlib.sha256(json.dumps(lam.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(lam.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _piece_ids(tokenizer, piece) -> list[int]:
+    if not isinstance(piece, str):
+        raise TypeError(f"a document piece must be a str, got {type(piece).__name__}")
+    if not piece.strip():
+        raise ValueError("a document piece is empty (or only whitespace)")
+    return tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _advance(lam, state: LAMState | None, pending: list[list[int]], segment_tokens: int):
+    """Encode the complete chunks of every document's pending ids, ``segment_tokens`` (a
+    multiple of the chunk size) at most per document and call. Returns the new state,
+    the pending ids left (fewer than a chunk each) and the sum of the final hidden states
+    of the encoded tokens (B, D) float64 with their counts."""
+    chunk = lam.config.chunk_size
+    device = lam.device
+    sums = torch.zeros(len(pending), lam.config.hidden_size, dtype=torch.float64, device=device)
+    counts = [0] * len(pending)
+    while True:
+        takes = [min(len(ids), segment_tokens) // chunk * chunk for ids in pending]
+        if not any(takes):
+            return state, pending, sums, counts
+        ids, mask = _batch([p[:t] for p, t in zip(pending, takes)], device)
+        out = lam(input_ids=ids, attention_mask=mask, past_state=state, use_cache=True)
+        hidden = out.last_hidden_state.double() * mask[..., None]
+        sums += hidden.sum(1)
+        counts = [c + t for c, t in zip(counts, takes)]
+        pending = [p[t:] for p, t in zip(pending, takes)]
+        state = out.state
+
+
+def _batch(sequences: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (LAM reads tokens in order)."""
+    longest = max(1, max(len(s) for s in sequences))
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _finish(lam, state, pending, sums, counts, sep: int, normalize: bool) -> np.ndarray:
+    """The embeddings: the pending ids and [SEP] read from the state, pooled with the rest."""
+    ids, mask = _batch([p + [sep] for p in pending], lam.device)
+    out = lam(input_ids=ids, attention_mask=mask, past_state=state, use_cache=True)
+    hidden = out.last_hidden_state.double() * mask[..., None]
+    total = sums + hidden.sum(1)
+    count = torch.tensor([c + len(p) + 1 for c, p in zip(counts, pending)], dtype=torch.float64, device=lam.device)
+    mean = total / count[:, None]
+    if normalize:
+        mean = torch.nn.functional.normalize(mean, dim=-1)
+    return mean.float().cpu().numpy()
+
+
+def _check_segment(segment_tokens: int, chunk_size: int) -> int:
+    if not isinstance(segment_tokens, int) or segment_tokens < chunk_size:
+        raise ValueError(f"segment_tokens must be an integer of at least the chunk size {chunk_size}, "
+                         f"got {segment_tokens!r}")
+    return segment_tokens // chunk_size * chunk_size
+
+
+class DocumentState:
+    """A document encoded so far: the carried state, the ids of its incomplete last chunk and
+    the pooled sum of the rest. ``append`` adds text, ``embedding`` is the document's vector,
+    ``save`` / ``load`` keep it beside an index. Build one with ``start_document``."""
+
+    def __init__(self, model, segment_tokens: int = DEFAULT_SEGMENT_TOKENS):
+        self.model = model
+        self.lam, self.tokenizer, self.normalize = _parts(model)
+        self.segment_tokens = _check_segment(segment_tokens, self.lam.config.chunk_size)
+        self.state: LAMState | None = None
+        self.pending: list[int] = [self.tokenizer.cls_token_id]
+        self.sum = torch.zeros(self.lam.config.hidden_size, dtype=torch.float64)
+        self.count = 0
+        self._embedding = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the document so far, [CLS] included ([SEP] is added by ``embedding``)."""
+        return self.count + len(self.pending)
+
+    @torch.inference_mode()
+    def append(self, piece: str) -> DocumentState:
+        """Add a piece of text (tokenized on its own) and encode what completes a chunk."""
+        ids = _piece_ids(self.tokenizer, piece)
+        self.state, (self.pending,), sums, (count,) = _advance(
+            self.lam, self.state, [self.pending + ids], self.segment_tokens)
+        self.sum += sums[0].cpu()
+        self.count += count
+        self._embedding = None
+        return self
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The document's embedding (float32), as the model's pooling gives it."""
+        if self._embedding is None:
+            with torch.inference_mode():
+                self._embedding = _finish(self.lam, self.state, [self.pending], self.sum[None].to(self.lam.device),
+                                          [self.count], self.tokenizer.sep_token_id, self.normalize)[0]
+        return self._embedding
+
+    def save(self, path: str | Path) -> None:
+        """Write the state to ``path`` (safetensors; the model is not saved, only its fingerprint)."""
+        tensors = {} if self.state is None else {k: v.contiguous().cpu() for k, v in self.state.to_dict().items()}
+        tensors["sum"] = self.sum
+        metadata = {"format": FORMAT, "model": model_fingerprint(self.lam), "pending": json.dumps(self.pending),
+                    "count": str(self.count), "segment_tokens": str(self.segment_tokens)}
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, model) -> DocumentState:
+        """A state written by ``save`` for this model; ValueError for another model or a damaged file."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as err:  # a truncated or foreign file: safetensors raises several kinds
+            raise ValueError(f"{path} is not a saved LAM document state ({type(err).__name__}: {err})") from None
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a saved LAM document state (format {metadata.get('format')!r})")
+        document = cls(model, int(metadata["segment_tokens"]))
+        if metadata["model"] != model_fingerprint(document.lam):
+            raise ValueError(f"{path} was saved with another model or config; its state does not apply to this one")
+        try:
+            document.pending = [int(i) for i in json.loads(metadata["pending"])]
+            document.count = int(metadata["count"])
+            document.sum = tensors.pop("sum").to(torch.float64)
+            if tensors:
+                document.state = LAMState.from_dict({k: v.to(document.lam.device) for k, v in tensors.items()})
+                document.state.check(document.lam.config, 1, document.lam.device)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: damaged LAM document state ({err})") from None
+        return document
+
+
+def start_document(model, segment_tokens: int = DEFAULT_SEGMENT_TOKENS) -> DocumentState:
+    """An empty document for ``model`` (a LAM SentenceTransformer); see DocumentState."""
+    return DocumentState(model, segment_tokens)
+
+
+def append(document: DocumentState, piece: str) -> DocumentState:
+    """``document.append(piece)``."""
+    return document.append(piece)
+
+
+def encode_document(model, text_or_pieces: str | Iterable[str], segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
+                    show_progress_bar: bool = False) -> np.ndarray:
+    """The embedding of one document of any length, a text or an iterable of pieces."""
+    pieces = [text_or_pieces] if isinstance(text_or_pieces, str) else text_or_pieces
+    document = start_document(model, segment_tokens)
+    for piece in tqdm(pieces, desc="pieces", unit="piece", disable=not show_progress_bar):
+        document.append(piece)
+    return document.embedding
+
+
+@torch.inference_mode()
+def encode_documents(model, documents: Sequence[str | Sequence[str]], batch_size: int = 8,
+                     segment_tokens: int = DEFAULT_SEGMENT_TOKENS, show_progress_bar: bool = False) -> np.ndarray:
+    """Embeddings (N, D) float32 of many documents of any length, ``batch_size`` at a time,
+    each read ``segment_tokens`` tokens at a time (texts, or sequences of pieces)."""
+    lam, tokenizer, normalize = _parts(model)
+    segment_tokens = _check_segment(segment_tokens, lam.config.chunk_size)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    ids = []
+    for number, document in enumerate(documents):
+        pieces = [document] if isinstance(document, str) else list(document)
+        try:
+            ids.append([tokenizer.cls_token_id] + [i for piece in pieces for i in _piece_ids(tokenizer, piece)])
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"document {number}: {err}") from None
+    out = np.zeros((len(ids), lam.config.hidden_size), dtype=np.float32)
+    for start in tqdm(range(0, len(ids), batch_size), desc="documents", unit="batch", disable=not show_progress_bar):
+        batch = ids[start:start + batch_size]
+        state, pending, sums, counts = _advance(lam, None, batch, segment_tokens)
+        out[start:start + len(batch)] = _finish(lam, state, pending, sums, counts, tokenizer.sep_token_id, normalize)
+    return out
