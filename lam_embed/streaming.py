@@ -77,6 +77,15 @@ def model_fingerprint(lam) -> str:
     return digest.hexdigest()[:32]
 
 
+def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of the tensors' names and bytes and of the metadata: a flipped byte anywhere is an error on load."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _piece_ids(tokenizer, piece) -> list[int]:
     if not isinstance(piece, str):
         raise TypeError(f"a document piece must be a str, got {type(piece).__name__}")
@@ -184,6 +193,7 @@ class DocumentState:
         tensors["sum"] = self.sum
         metadata = {"format": FORMAT, "model": model_fingerprint(self.lam), "pending": json.dumps(self.pending),
                     "count": str(self.count), "segment_tokens": str(self.segment_tokens)}
+        metadata["checksum"] = _checksum(tensors, metadata)
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -199,6 +209,9 @@ class DocumentState:
             raise ValueError(f"{path} is not a saved LAM document state ({type(err).__name__}: {err})") from None
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved LAM document state (format {metadata.get('format')!r})")
+        checksum = metadata.pop("checksum", None)
+        if checksum != _checksum(tensors, metadata):
+            raise ValueError(f"{path}: damaged LAM document state (checksum mismatch)")
         document = cls(model, int(metadata["segment_tokens"]))
         if metadata["model"] != model_fingerprint(document.lam):
             raise ValueError(f"{path} was saved with another model or config; its state does not apply to this one")
