@@ -5,7 +5,9 @@ is in layers/dual_state_delta_net.py."""
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
 from .backends import Backend, load_triton, select_backend
+from .checksums import verify_checksums
 from .configuration_lam import LAMConfig
 from .inference import input_checks
 from .inference.cuda_graphs import ForwardGraphs, layers_on_streams
@@ -131,8 +134,14 @@ class LAMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers' ``from_pretrained``, but a checkpoint that lacks tensors or
-        holds tensors of other shapes is an error, never a silently re-initialised model."""
+        holds tensors of other shapes is an error, never a silently re-initialised model,
+        and so are weights whose sha256 differs from the folder's ``lam_checksums.json``."""
         want_info = kwargs.pop("output_loading_info", False)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        checksums = os.path.join(str(where), "lam_checksums.json") if where is not None else None
+        if checksums is not None and os.path.isfile(checksums):
+            with open(checksums, encoding="utf-8") as f:
+                verify_checksums(str(where), json.load(f))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {
             "missing": sorted(info.get("missing_keys") or []),
@@ -141,7 +150,6 @@ class LAMPreTrainedModel(PreTrainedModel):
         }
         problems = {k: v for k, v in problems.items() if v}
         if problems:
-            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             detail = "; ".join(f"{len(v)} {k} (e.g. {', '.join(v[:3])})" for k, v in problems.items())
             raise ValueError(f"the LAM checkpoint at {where} does not match the model: {detail}")
         return (model, info) if want_info else model

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checksums import file_sha256, verify_checksums
 from .configuration_lam import LAMConfig
 from .modeling_lam import LAMModel
 from .teacher import resolve_teacher_path, teacher_to_lam_state_dict
@@ -27,6 +29,11 @@ WEIGHTS_FILE = "lam_weights.safetensors"  # the first shard; more are lam_weight
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MAX_FILE_BYTES = 15 * 2**20
+# In an assembled folder: the sha256 of its weights, checked by LAMPreTrainedModel.from_pretrained.
+CHECKSUMS_FILE = "lam_checksums.json"
+# Tokenizer files an assembled folder takes from the teacher when saving did not write them:
+# vocab.txt lets the tokenizer be rebuilt without tokenizer.json.
+TOKENIZER_FILES = ("vocab.txt", "special_tokens_map.json")
 
 
 def _teacher_tensors(teacher: str | os.PathLike | None, num_layers: int) -> dict[str, torch.Tensor]:
@@ -67,7 +74,8 @@ def save_release(model: LAMModel, folder: str | os.PathLike, manifest: dict, tea
     config = model.config.to_dict()
     config["delta_impl"] = "auto"
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    checksums = {path.name: file_sha256(path) for path in sorted(folder.glob("lam_weights*.safetensors"))}
+    (folder / MANIFEST_FILE).write_text(json.dumps({**manifest, "checksums": checksums}, indent=2))
     logger.info("released %d tensors (%.1f MiB in %d files) to %s", len(own), size / 2**20, len(shards), folder)
     return folder
 
@@ -78,6 +86,9 @@ def load_release(folder: str | os.PathLike, teacher: str | os.PathLike | None = 
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"release folder {folder} lacks {name}")
+    manifest = folder / MANIFEST_FILE
+    if manifest.is_file():
+        verify_checksums(folder, json.loads(manifest.read_text()).get("checksums", {}))
     config_dict = json.loads((folder / CONFIG_FILE).read_text())
     config_dict.pop("model_type", None)
     config = LAMConfig(**config_dict)
@@ -157,8 +168,15 @@ def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str 
     model = load_release(folder, teacher)
     st = build_sentence_transformer(model, tokenizer=teacher, max_seq_length=max_seq_length, device="cpu")
     st.save(str(output))
+    output = Path(output)
+    teacher_folder = Path(resolve_teacher_path(teacher))
+    for name in TOKENIZER_FILES:
+        if not (output / name).exists() and (teacher_folder / name).is_file():
+            shutil.copyfile(teacher_folder / name, output / name)
+    weights = sorted(p.name for p in output.glob("*.safetensors"))
+    (output / CHECKSUMS_FILE).write_text(json.dumps({name: file_sha256(output / name) for name in weights}, indent=2))
     manifest = Path(folder) / MANIFEST_FILE
     if manifest.is_file():
-        (Path(output) / "lam_manifest.json").write_text(manifest.read_text())
+        (output / "lam_manifest.json").write_text(manifest.read_text())
     logger.info("assembled %s from %s", output, folder)
     return Path(output)

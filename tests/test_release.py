@@ -132,3 +132,59 @@ def test_average_releases_cli_writes_the_runs_manifests(tmp_path):
     assert manifest["train_minutes"] == 3.0
     with pytest.raises(SystemExit):
         main([str(a), "--output", str(tmp_path / "avg2")])
+
+
+@pytest.fixture(scope="module")
+def assembled(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("assembled") / "lam"
+    assemble(RELEASE, folder)
+    return folder
+
+
+def test_assembled_folder_has_vocab_and_checksums(assembled):
+    assert (assembled / "vocab.txt").is_file() and (assembled / "tokenizer.json").is_file()
+    from lam_embed.checksums import file_sha256
+
+    checksums = json.loads((assembled / "lam_checksums.json").read_text())
+    assert checksums == {"model.safetensors": file_sha256(assembled / "model.safetensors")}
+
+
+def test_without_tokenizer_json_the_vocabulary_gives_the_same_embeddings(assembled, tmp_path):
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    copy = tmp_path / "copy"
+    shutil.copytree(assembled, copy)
+    (copy / "tokenizer.json").unlink()
+    texts = ["A man is playing a guitar.", "Unusual words: photosynthesis, Reykjavik, 1987."]
+    whole = SentenceTransformer(str(assembled), device="cpu").encode(texts)
+    fallback = SentenceTransformer(str(copy), device="cpu")
+    assert len(fallback.tokenizer) == 30522
+    assert abs(fallback.encode(texts) - whole).max() <= 1e-6
+
+
+def test_damaged_weights_are_an_error_naming_the_file(assembled, tmp_path):
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    copy = tmp_path / "copy"
+    shutil.copytree(assembled, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside a tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors is damaged or was changed"):
+        SentenceTransformer(str(copy), device="cpu")
+
+
+def test_damaged_release_shard_is_an_error_naming_it(tmp_path):
+    import shutil
+
+    copy = tmp_path / "release"
+    shutil.copytree(RELEASE, copy)
+    shard = copy / WEIGHTS_FILE
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE} is damaged or was changed"):
+        load_release(copy)
