@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from lam_embed.backends import BACKEND_NAMES
+
 
 def measure(length: int, impl: str) -> dict:
     import torch
@@ -33,17 +35,23 @@ def measure(length: int, impl: str) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768], help="input lengths in tokens")
-    p.add_argument("--impl", default="chunk", help="delta_impl to run")
+    p.add_argument("--impl", default="chunk", choices=BACKEND_NAMES, help="delta_impl to run")
     p.add_argument("--output", default=None, help="write the rows to this JSON file")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if any(length < 1 for length in args.lengths):
+        p.error(f"--lengths must be positive, got {args.lengths}")
     if args.child is not None:
         print(json.dumps(measure(args.child, args.impl)))
         return
     rows = []
     for length in args.lengths:
         result = subprocess.run([sys.executable, __file__, "--child", str(length), "--impl", args.impl],
-                                capture_output=True, text=True, check=True)
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            # The child's own error, not a CalledProcessError that hides it.
+            raise SystemExit(f"long_input_memory.py: the run of {length} tokens with --impl {args.impl} failed "
+                             f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         row = rows[-1]
         print(f"{row['tokens']:>6} tokens  {row['seconds']:7.1f} s  peak RSS {row['peak_rss_mib']:7.0f} MiB "
