@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .checksums import file_sha256, verify_checksums
 from .configuration_lam import LAMConfig
+from .model_card import model_card
 from .modeling_lam import LAMModel
 from .teacher import resolve_teacher_path, teacher_to_lam_state_dict
 
@@ -178,5 +179,7 @@ def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str 
     manifest = Path(folder) / MANIFEST_FILE
     if manifest.is_file():
         (output / "lam_manifest.json").write_text(manifest.read_text())
+    # A card about this model instead of sentence-transformers' generic template.
+    (output / "README.md").write_text(model_card(json.loads(manifest.read_text()) if manifest.is_file() else {}))
     logger.info("assembled %s from %s", output, folder)
     return Path(output)

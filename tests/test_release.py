@@ -188,3 +188,15 @@ def test_damaged_release_shard_is_an_error_naming_it(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE} is damaged or was changed"):
         load_release(copy)
+
+
+def test_assembled_folder_has_a_model_card_with_figures_and_loading_lines(assembled):
+    card = (assembled / "README.md").read_text()
+    manifest = json.loads((RELEASE / MANIFEST_FILE).read_text())
+    assert card.startswith("---\n") and "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert "# LAM: a linear-time sentence encoder" in card
+    assert "import lam_embed" in card and "SentenceTransformer(" in card
+    assert f"| LAM | {100 * manifest['figures']['stsb_cpu_fp32']['dev_spearman']:.2f} | " \
+           f"{100 * manifest['figures']['stsb_cpu_fp32']['test_spearman']:.2f} |" in card
+    assert "| all-MiniLM-L6-v2 (teacher) | 86.72 | 82.03 |" in card
+    assert "sentence_transformers_model_id" not in card  # not the generic template

@@ -1,0 +1,99 @@
+"""The model card (README.md) of an assembled LAM folder, from its release manifest."""
+
+from __future__ import annotations
+
+TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _percent(value) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, int | float) else "-"
+
+
+def model_card(manifest: dict, name: str = "LAM") -> str:
+    """Markdown with a sentence-transformers front matter: what LAM is, how to load it, its
+    STS-B figures beside the teacher's (from ``manifest["figures"]``), long inputs, limits,
+    training and license."""
+    figures = manifest.get("figures", {})
+    lam, teacher = figures.get("stsb_cpu_fp32", {}), figures.get("teacher_stsb_cpu_fp32", {})
+    passages = figures.get("held_out_passages_cpu", {})
+    rows = [
+        f"| {name} | {_percent(lam.get('dev_spearman'))} | {_percent(lam.get('test_spearman'))} |",
+        f"| all-MiniLM-L6-v2 (teacher) | {_percent(teacher.get('dev_spearman'))} | "
+        f"{_percent(teacher.get('test_spearman'))} |",
+    ]
+    agreement = ""
+    if "mean_cosine" in passages:
+        agreement = (f"\nOn {passages.get('passages', 'the')} held-out passages of {passages.get('min_tokens')}-"
+                     f"{passages.get('max_tokens')} tokens the mean cosine between LAM's and the teacher's "
+                     f"embeddings is {passages['mean_cosine']:.3f}.\n")
+    training = manifest.get("command", "not recorded")
+    minutes = manifest.get("train_minutes")
+    return f"""---
+language: en
+license: apache-2.0
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+base_model: {TEACHER}
+tags:
+- sentence-transformers
+- sentence-similarity
+- lam
+- linear-attention
+---
+
+# {name}: a linear-time sentence encoder
+
+{name} is all-MiniLM-L6-v2 with each softmax self-attention replaced by a dual-state DeltaNet
+layer (two delta-rule memories with learned decays, gates and a coupling between them, in
+chunks of 128 tokens), so time and memory grow linearly with the input length. Tokenizer,
+embeddings, feed-forward layers and mean pooling are the teacher's; the layers were trained by
+distillation from {TEACHER}. 384-dimensional normalised embeddings.
+
+## Load
+
+```bash
+pip install torch lam_embed
+```
+
+```python
+import lam_embed  # registers the "lam" architecture with transformers
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("path/to/this/folder")
+embeddings = model.encode(["A man is playing a guitar.", "Someone plays an instrument."])
+```
+
+No `trust_remote_code` is needed once `lam_embed` is imported. Documents of any length:
+`lam_embed.encode_document(model, text)`; a growing document: `lam_embed.start_document(model)`.
+
+## Figures
+
+STS-B, Spearman correlation of cosine similarity (x100), CPU, float32:
+
+| model | dev | test |
+|---|---|---|
+{rows[0]}
+{rows[1]}
+{agreement}
+## Long inputs
+
+There is no length limit: positions past the 512 of the position table wrap around, and the
+layers carry their memories from chunk to chunk. One pass over a long document retrieves it
+better than truncating it to 512 tokens, but not yet better than averaging the teacher's
+embeddings of 512-token chunks.
+
+## Limits
+
+English only, like the teacher. Short texts and non-English texts agree less with the
+teacher than English sentences do.
+
+## Training
+
+Command: `{training}`{f" ({minutes} minutes)" if minutes is not None else ""}. Data: English
+sentences and passages for distillation; STS-B dev and test were used only to evaluate.
+
+## License and citation
+
+Apache-2.0. The teacher: Reimers and Gurevych, "Sentence-BERT: Sentence Embeddings using
+Siamese BERT-Networks" (EMNLP 2019), and the all-MiniLM-L6-v2 model of sentence-transformers.
+"""
