@@ -141,17 +141,9 @@ def test_a_state_that_does_not_fit_is_named():
 @pytest.fixture(scope="module")
 def st_model():
     """A small LAM sentence-transformer (mean pooling, Normalize) with chunks of 16 tokens."""
-    try:
-        path = lam_embed.resolve_teacher_path()
-    except RuntimeError as err:
-        pytest.skip(f"teacher not available: {err}")
-    torch.manual_seed(0)
-    lam = lam_embed.from_teacher(path, num_hidden_layers=2, chunk_size=CHUNK)
-    with torch.no_grad():
-        for name, p in lam.named_parameters():
-            if "delta_net" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    model = lam_embed.build_sentence_transformer(lam)
+    from conftest import small_lam_sentence_transformer
+
+    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=CHUNK)
     model.max_seq_length = 100_000
     return model.eval()
 

@@ -76,16 +76,10 @@ def test_read_long_texts_keeps_the_split_and_names_bad_lines(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
     """A small LAM sentence-transformer (two layers of the teacher) and the teacher."""
+    from conftest import small_lam_sentence_transformer
     from sentence_transformers import SentenceTransformer
 
-    import lam_embed
-
-    try:
-        teacher_path = lam_embed.resolve_teacher_path()
-    except RuntimeError as err:
-        pytest.skip(f"teacher not available: {err}")
-    torch.manual_seed(0)
-    model = lam_embed.build_sentence_transformer(lam_embed.from_teacher(teacher_path, num_hidden_layers=2))
+    model, teacher_path = small_lam_sentence_transformer()
     model.max_seq_length = 64
     return model.eval(), SentenceTransformer(teacher_path, device="cpu").eval()
 
