@@ -114,3 +114,11 @@ def select_backend(config, device: torch.device, dtype: torch.dtype, wants_grad:
             or not _fits_triton_tiles(config.hidden_size // config.num_attention_heads)):
         return Backend(name, "compiled", "triton")
     return Backend(name, "triton", "triton")
+
+
+def carried_backend(config) -> Backend:
+    """The backend of a forward from or to a carried state (lam_embed/state.py): eager layer
+    code around the chunked delta rule ("naive" where the config asks for the reference);
+    the fused kernels take no initial state."""
+    name = "naive" if config.delta_impl == "naive" else "chunk"
+    return Backend(name, "eager", name)

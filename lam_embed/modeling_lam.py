@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
-from .backends import Backend, load_triton, select_backend
+from .backends import Backend, carried_backend, load_triton, select_backend
 from .checksums import verify_checksums
 from .configuration_lam import LAMConfig
 from .inference import input_checks
@@ -199,8 +199,7 @@ class LAMModel(LAMPreTrainedModel):
         offset = past_state.offset if past_state is not None else input_ids.new_zeros(B)
         mask = attention_mask.bool()
         complete = mask.sum(1) // self.config.chunk_size  # chunks that end inside this input
-        delta_impl = "naive" if self.config.delta_impl == "naive" else "chunk"
-        backend = Backend(delta_impl, "eager", delta_impl)
+        backend = carried_backend(self.config)
         x = self.embeddings(input_ids, token_type_ids, position_offset=offset)
         states = []
         for i, layer in enumerate(self.layers):

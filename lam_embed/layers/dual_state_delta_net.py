@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import Backend, load_numba, load_triton, select_backend
+from ..backends import Backend, carried_backend, load_numba, load_triton, select_backend
 from ..configuration_lam import LAMConfig
 from ..ops import dual_state_delta_rule
 from ..ops.common import (
@@ -187,12 +187,12 @@ class DualStateDeltaNet(nn.Module):
 
         ``state``: the carried state (lam_embed/state.py) this input continues, and
         ``state_after_chunks`` (B,): also return the state after that many chunks of each
-        sample, as (output, LayerState). Both run the eager layer code."""
+        sample, as (output, LayerState); both run the eager layer code (``carried_backend``)."""
         config, H = self.config, self.num_heads
         weight, bias, conv_weight = self.stacked_weights()
-        if state is not None or state_after_chunks is not None:
-            return self._carried_forward(x, mask, weight, bias, conv_weight, state, state_after_chunks)
-        backend = backend or self.select_backend(x)
+        carried = state is not None or state_after_chunks is not None
+        # The fused kernels take no initial state: a carried forward runs the eager code.
+        backend = carried_backend(config) if carried else backend or self.select_backend(x)
         # On a GPU the code around the op is many small elementwise kernels. At inference
         # the delta-rule kernels read the input projection and apply the convolution and
         # activations themselves, and write the normed, gated output; with gradients the
@@ -209,38 +209,31 @@ class DualStateDeltaNet(nn.Module):
             return F.linear(o, self.o_proj.weight)
         compiled = backend.layer_code == "compiled"
         features, output = _compiled_layer_functions() if compiled else (delta_net_features, delta_net_output)
-        q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)
+        carry = {}
+        if carried:
+            B = x.shape[0]
+            if state is None:
+                zero = x.new_zeros(B, H, self.head_dim, self.head_dim, dtype=torch.float32)
+                state = LayerState(zero, zero, x.new_zeros(B, config.conv_size - 1, conv_weight.shape[0]))
+            if state_after_chunks is None:  # no chunk to read past: the state stays as given
+                state_after_chunks = torch.zeros(B, dtype=torch.long, device=x.device)
+            (q, k, v, output_gate, *scalars), qkv_in = features(x, mask, weight, bias, conv_weight, H,
+                                                                 conv_tail=state.conv_tail)
+            carry = {"initial_state": (state.fast, state.slow), "state_after_chunks": state_after_chunks}
+        else:
+            q, k, v, output_gate, *scalars = features(x, mask, weight, bias, conv_weight, H)
         q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
         o = dual_state_delta_rule(
             q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
             chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
-            impl=backend.delta_impl, qk_l2norm=True,
+            impl=backend.delta_impl, qk_l2norm=True, **carry,
         )  # (B, H, L, d) float32
-        return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
-
-
-    def _carried_forward(self, x, mask, weight, bias, conv_weight, state, state_after_chunks):
-        """The eager forward from a carried state; see forward."""
-        config, H = self.config, self.num_heads
-        B, K = x.shape[0], config.conv_size
-        if state is None:
-            zero = x.new_zeros(B, H, self.head_dim, self.head_dim, dtype=torch.float32)
-            state = LayerState(zero, zero, x.new_zeros(B, K - 1, conv_weight.shape[0]))
-        features, qkv_in = delta_net_features(x, mask, weight, bias, conv_weight, H, conv_tail=state.conv_tail)
-        q, k, v, output_gate, *scalars = features
-        q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow = (t.transpose(1, 2) for t in (q, k, v, *scalars))
-        impl = "naive" if config.delta_impl == "naive" else "chunk"
-        o = dual_state_delta_rule(
-            q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, self.flux,
-            chunk_size=config.chunk_size, state_dropout=config.state_dropout, training=self.training,
-            impl=impl, qk_l2norm=True, initial_state=(state.fast, state.slow), state_after_chunks=state_after_chunks,
-        )
-        if state_after_chunks is None:
-            return delta_net_output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
+        if not carried:
+            return output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
         o, (fast, slow) = o
-        out = delta_net_output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
+        out = output(o.transpose(1, 2), output_gate, self.norm_weight, self.o_proj.weight, self.eps)
         # The K - 1 projection rows before each sample's boundary; qkv_in starts with the old tail.
-        rows = (state_after_chunks * config.chunk_size)[:, None] + torch.arange(K - 1, device=x.device)
+        rows = (state_after_chunks * config.chunk_size)[:, None] + torch.arange(config.conv_size - 1, device=x.device)
         tail = qkv_in.gather(1, rows[..., None].expand(-1, -1, qkv_in.shape[-1]))
         return out, LayerState(fast, slow, tail)
 
