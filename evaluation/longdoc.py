@@ -646,6 +646,12 @@ def _parse_args(argv):
                         "many times more and report the last pass as 'docs/s warm'; 0: no warm column. LAM "
                         "captures a CUDA graph for a shape seen twice and replays it from the third time on. "
                         "Default: %(default)s"),
+    p.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                   help="replace each model's pooling with sentence-transformers' Pooling of this mode, for "
+                        "comparing poolings without training. Default: each model's own")
+    p.add_argument("--position-overflow", choices=("wrap", "clamp"), default=None,
+                   help="for LAM models, how positions past the position table read it (LAMConfig."
+                        "position_overflow). Default: each model's own")
     p.add_argument("--output", metavar="FILE.json", default=None,
                    help="write the table's figures, per-task results, settings and environment to this JSON "
                         "file. While running, finished results are kept in FILE.json.partial. Default: no file")
@@ -678,8 +684,11 @@ def _parse_args(argv):
     return p, args
 
 
-def _load_model(parser, name: str, device: str, dtype: str):
-    """SentenceTransformer of ``name`` on ``device`` in ``dtype``, or a usage error naming it."""
+def _load_model(parser, name: str, device: str, dtype: str, pooling: str | None = None,
+                position_overflow: str | None = None):
+    """SentenceTransformer of ``name`` on ``device`` in ``dtype``, or a usage error naming it;
+    with ``pooling`` its pooling module replaced by one of that mode, with ``position_overflow``
+    (LAM models) that config field set."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -696,8 +705,29 @@ def _load_model(parser, name: str, device: str, dtype: str):
         parser.error(f"--models: cannot load {name!r}{hint}: {type(err).__name__}: {err}")
     if not hasattr(model, "tokenizer") or model.tokenizer is None:
         parser.error(f"--models: {name!r} has no tokenizer; expected a text model")
+    if pooling is not None:
+        replace_pooling(parser, name, model, pooling)
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    if position_overflow is not None and getattr(config, "model_type", None) == "lam":
+        config.position_overflow = position_overflow
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     return model.eval()
+
+
+POOLING_MODES = ("mean", "max", "cls", "lasttoken")
+
+
+def replace_pooling(parser, name: str, model, mode: str) -> None:
+    """Replace ``model``'s Pooling module by sentence-transformers' Pooling of ``mode``."""
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:  # sentence-transformers < 6.3
+        from sentence_transformers.models import Pooling
+    for index, module in enumerate(model):
+        if isinstance(module, Pooling):
+            model[index] = Pooling(module.get_sentence_embedding_dimension(), pooling_mode=mode).to(model.device)
+            return
+    parser.error(f"--pooling: {name!r} has no Pooling module to replace")
 
 
 def main(argv=None) -> int:
@@ -724,12 +754,14 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as err:
         parser.error(f"--data-dir: {err}")
     model_methods = [m for m in args.methods if m != "bm25"]
-    models = {name: _load_model(parser, name, device, dtype) for name in (args.models if model_methods else [])}
+    models = {name: _load_model(parser, name, device, dtype, args.pooling, args.position_overflow)
+              for name in (args.models if model_methods else [])}
 
     settings = {"models": args.models, "methods": args.methods, "tasks": args.tasks, "lengths": args.lengths,
                 "documents_per_length": args.documents_per_length, "queries_per_length": args.queries_per_length,
                 "seed": args.seed, "max_length": args.max_length, "device": device, "dtype": dtype,
-                "batch_tokens": batch_tokens, "warm_passes": args.warm_passes, "data_dir": args.data_dir}
+                "batch_tokens": batch_tokens, "warm_passes": args.warm_passes, "data_dir": args.data_dir,
+                "pooling": args.pooling, "position_overflow": args.position_overflow}
     partial_path = Path(args.output + ".partial") if args.output else None
     done: dict[str, dict] = {}  # "model|method" -> {task: result}
     if args.resume and partial_path.is_file():

@@ -116,9 +116,16 @@ def select_backend(config, device: torch.device, dtype: torch.dtype, wants_grad:
     return Backend(name, "triton", "triton")
 
 
-def carried_backend(config) -> Backend:
+def carried_backend(config, device: torch.device, wants_grad: bool) -> Backend:
     """The backend of a forward from or to a carried state (lam_embed/state.py): eager layer
-    code around the chunked delta rule ("naive" where the config asks for the reference);
-    the fused kernels take no initial state."""
-    name = "naive" if config.delta_impl == "naive" else "chunk"
-    return Backend(name, "eager", name)
+    code (it gathers the convolution tail and the states at each sample's own chunk) around
+    the Triton kernels on CUDA at inference, which take the carried states as initial
+    states, and around the chunked form elsewhere ("naive" where the config asks for the
+    reference)."""
+    name = config.delta_impl
+    if name == "naive":
+        return Backend("naive", "eager", "naive")
+    if (device.type == "cuda" and name in ("auto", "triton") and not wants_grad and load_triton() is not None
+            and _fits_triton_tiles(config.hidden_size // config.num_attention_heads)):
+        return Backend("triton", "eager", "triton")
+    return Backend("chunk", "eager", "chunk")

@@ -6,6 +6,8 @@ from transformers import PretrainedConfig
 
 from .backends import BACKEND_NAMES
 
+POSITION_OVERFLOW = ("wrap", "clamp")
+
 
 class LAMConfig(PretrainedConfig):
     """Configuration of a LAM encoder: a BERT encoder whose self-attention is a
@@ -14,10 +16,13 @@ class LAMConfig(PretrainedConfig):
     The BERT fields keep BERT's names and meanings so that a BERT teacher's
     weights map onto LAM one to one, except ``position_table_size`` (BERT's
     ``max_position_embeddings``): it is only the size of the position table, not a
-    length limit, since positions past it wrap around (see LAMEmbeddings).
+    length limit: positions past it read the table as ``position_overflow`` says.
     The DeltaNet fields:
 
     Args:
+        position_overflow: how a position at or past position_table_size reads the
+            table: "wrap" (row p mod position_table_size) or "clamp" (the last row). The
+            token mixer is recurrent, so order is still seen either way.
         chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
         conv_size: kernel size of the causal depthwise convolutions on q, k, v.
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.
@@ -67,6 +72,7 @@ class LAMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-12,
         pad_token_id: int = 0,
+        position_overflow: str = "wrap",
         chunk_size: int = 128,
         conv_size: int = 4,
         fast_decay_init: float = 0.3,
@@ -93,6 +99,7 @@ class LAMConfig(PretrainedConfig):
         self.type_vocab_size = type_vocab_size
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
+        self.position_overflow = position_overflow
         self.chunk_size = chunk_size
         self.conv_size = conv_size
         self.fast_decay_init = fast_decay_init
@@ -143,5 +150,8 @@ class LAMConfig(PretrainedConfig):
         if not isinstance(self.graph_streams_min_tokens, int) or self.graph_streams_min_tokens < 0:
             raise ValueError(f"LAMConfig.graph_streams_min_tokens must be an integer >= 0, "
                              f"got {self.graph_streams_min_tokens!r}")
+        if self.position_overflow not in POSITION_OVERFLOW:
+            raise ValueError(f"LAMConfig.position_overflow must be one of {POSITION_OVERFLOW}, "
+                             f"got {self.position_overflow!r}")
         if self.delta_impl not in BACKEND_NAMES:
             raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {self.delta_impl!r}")

@@ -42,9 +42,10 @@ except ImportError:  # pragma: no cover - older transformers
 class LAMEmbeddings(nn.Module):
     """BERT embeddings: word + absolute position + token type, then LayerNorm.
 
-    Inputs longer than the position table reuse it cyclically (position p reads
-    row p mod position_table_size): the token mixer is recurrent, so order is
-    still seen, and every length up to the memory limit runs.
+    Inputs longer than the position table run at every length up to the memory limit:
+    position p past the table reads row p mod position_table_size ("wrap") or its last
+    row ("clamp"), as ``config.position_overflow`` says; the token mixer is recurrent,
+    so order is still seen.
     """
 
     def __init__(self, config: LAMConfig):
@@ -54,6 +55,7 @@ class LAMEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.config = config  # shared with the model: position_overflow is read at each call
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                 position_offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +63,8 @@ class LAMEmbeddings(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if position_offset is not None:
             positions = position_offset[:, None] + positions
-        positions = positions % self.position_embeddings.num_embeddings
+        table = self.position_embeddings.num_embeddings
+        positions = positions % table if self.config.position_overflow == "wrap" else positions.clamp(max=table - 1)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
@@ -70,7 +73,8 @@ class LAMEmbeddings(nn.Module):
         and types clamped to their tables."""
         return load_triton().layer.embedding_layer_norm(
             input_ids, token_type_ids, self.word_embeddings.weight, self.position_embeddings.weight,
-            self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+            self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+            wrap_positions=self.config.position_overflow == "wrap")
 
 
 class LAMLayer(nn.Module):
@@ -189,7 +193,8 @@ class LAMModel(LAMPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def _carried_forward(self, input_ids, attention_mask, token_type_ids, past_state, return_dict):
-        """forward from and to a carried state: eager layer code, chunked delta rule."""
+        """forward from and to a carried state: eager layer code around the delta rule of
+        ``carried_backend``."""
         B = input_ids.shape[0]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -199,7 +204,8 @@ class LAMModel(LAMPreTrainedModel):
         offset = past_state.offset if past_state is not None else input_ids.new_zeros(B)
         mask = attention_mask.bool()
         complete = mask.sum(1) // self.config.chunk_size  # chunks that end inside this input
-        backend = carried_backend(self.config)
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        backend = carried_backend(self.config, input_ids.device, wants_grad)
         x = self.embeddings(input_ids, token_type_ids, position_offset=offset)
         states = []
         for i, layer in enumerate(self.layers):
@@ -308,7 +314,8 @@ class LAMModel(LAMPreTrainedModel):
             # token_type_ids may stay None here: the graph's buffer of them is then zero.
             graphed = self._graphs(self, functools.partial(self._graph_forward, backend=backend),
                                    input_ids, attention_mask, token_type_ids,
-                                   changes=(optimizer_steps(), parameter_registrations()),
+                                   changes=(optimizer_steps(), parameter_registrations(),
+                                            self.config.position_overflow),
                                    chunk_size=self.config.chunk_size, tensors_read=self._graph_tensors_read)
         hidden_states = None
         if graphed is not None:

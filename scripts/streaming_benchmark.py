@@ -87,13 +87,71 @@ def measure_append(model_path: str, tokens: int, append_tokens: int, segment_tok
             "max_abs_difference": float(abs(appended - again).max())}
 
 
+def stream_ids(lam, ids: list[int], cuts: list[int]):
+    """The last hidden state of ``ids`` read piece by piece through the carried state (the
+    model's own API: past_state and use_cache), cut at ``cuts``; one row per token."""
+    import torch
+
+    state, pending, outputs, start = None, [], [], 0
+    for cut in [*cuts, len(ids)]:
+        piece = pending + ids[start:cut]
+        start = cut
+        out = lam(input_ids=torch.tensor([piece], device=lam.device), past_state=state, use_cache=True)
+        done = int(out.state.offset[0]) - (0 if state is None else int(state.offset[0]))
+        last = cut == len(ids)
+        outputs.append(out.last_hidden_state[0] if last else out.last_hidden_state[0, :done])
+        pending, state = piece[done:], out.state
+    return torch.cat(outputs)
+
+
+def measure_exactness(model_path: str, lengths: list[int], device: str, dtype: str, seed: int = 0) -> list[dict]:
+    """For documents of each length, token ids cut at random points into 1 to 20 pieces:
+    the largest difference of the streamed last hidden states and mean-pooled unit
+    embedding from one pass over the same ids."""
+    import random
+
+    import torch
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    import lam_embed  # noqa: F401  (registers LAM)
+
+    model = SentenceTransformer(model_path, device=device)
+    lam = model[0].auto_model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).eval()
+    tok = model.tokenizer
+    rng = random.Random(seed)
+    rows = []
+    for length in lengths:
+        text = " ".join(pieces(tok, length))
+        body = tok(text, add_special_tokens=False, verbose=False)["input_ids"][: max(0, length - 2)]
+        ids = ([tok.cls_token_id] + body + [tok.sep_token_id])[:length]
+        count = rng.randint(1, min(20, len(ids)))
+        cuts = sorted(rng.sample(range(1, len(ids)), count - 1)) if count > 1 else []
+        with torch.inference_mode():
+            whole = lam(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0].float()
+            streamed = stream_ids(lam, ids, cuts).float()
+        pooled = [F.normalize(h.mean(0), dim=0) for h in (whole, streamed)]
+        rows.append({"tokens": len(ids), "pieces": count,
+                     "max_abs_hidden": float((whole - streamed).abs().max()),
+                     "hidden_scale": float(whole.abs().max()),
+                     "max_abs_embedding": float((pooled[0] - pooled[1]).abs().max()),
+                     "cosine": float(pooled[0] @ pooled[1])})
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="lam", help="LAM sentence-transformers folder (scripts/assemble_lam.py makes 'lam')")
-    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 262144, 1048576], help="document lengths in tokens")
+    p.add_argument("--lengths", type=int, nargs="*", default=[32768, 262144, 1048576],
+                   help="document lengths in tokens whose memory and time are measured (none: skip)")
     p.add_argument("--segment-tokens", type=int, default=8192, help="tokens encoded per step")
     p.add_argument("--append-base", type=int, default=100_000, help="tokens of the document appended to (0: skip)")
     p.add_argument("--append-tokens", type=int, default=100, help="tokens appended")
+    p.add_argument("--exactness-lengths", type=int, nargs="*", default=[1, 5000, 40000],
+                   help="document lengths in tokens (with [CLS] and [SEP]) whose ids, cut at random points into "
+                        "1 to 20 pieces, are streamed and compared with one pass (none: skip)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights and compute dtype of the exactness comparison")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--output", default=None, help="write the figures to this JSON file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -108,6 +166,8 @@ def main(argv=None) -> dict:
         return row
     if any(n < 2 for n in args.lengths) or args.segment_tokens < 1 or args.append_tokens < 1:
         p.error("--lengths must be >= 2, --segment-tokens and --append-tokens >= 1")
+    if any(n < 1 for n in args.exactness_lengths):
+        p.error("--exactness-lengths must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     common = ["--model", args.model, "--segment-tokens", str(args.segment_tokens), "--device", args.device,
               "--append-tokens", str(args.append_tokens)]
@@ -119,6 +179,14 @@ def main(argv=None) -> dict:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     result = {"segment_tokens": args.segment_tokens, "device": args.device, "lengths": []}
+    if args.exactness_lengths:
+        result["exactness"] = {"dtype": args.dtype,
+                               "documents": measure_exactness(args.model, args.exactness_lengths, args.device,
+                                                              args.dtype)}
+        for row in result["exactness"]["documents"]:
+            print(f"{row['tokens']:>9,} tokens in {row['pieces']:>2} pieces: streamed - one pass, last hidden state "
+                  f"{row['max_abs_hidden']:.1e} (of {row['hidden_scale']:.1f}), embedding {row['max_abs_embedding']:.1e}, "
+                  f"cosine {row['cosine']:.6f}", flush=True)
     for length in args.lengths:
         row = child(f"length:{length}")
         result["lengths"].append(row)

@@ -116,6 +116,31 @@ def test_inputs_longer_than_the_position_table(lam):
     assert torch.allclose(emb[:, 600:700], shifted[:, 1112:1212])
 
 
+def test_clamped_positions_read_the_last_row_past_the_table(lam):
+    """With position_overflow "clamp" every position past the table reads its last row:
+    the embeddings equal LayerNorm(word + position[min(p, 511)] + type) computed here."""
+    ids = torch.randint(1000, 20000, (1, 1500))
+    emb = lam.embeddings
+    lam.config.position_overflow = "clamp"
+    try:
+        with torch.no_grad():
+            got = emb(ids, torch.zeros_like(ids))
+            rows = torch.arange(1500).clamp(max=511)
+            want = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(rows)
+                                 + emb.token_type_embeddings(torch.zeros_like(ids)))
+            assert torch.equal(got, want)
+            assert not torch.allclose(got[:, 600:700], emb.LayerNorm(emb.word_embeddings(ids[:, 600:700])
+                                      + emb.position_embeddings(torch.arange(600, 700) % 512)
+                                      + emb.token_type_embeddings(torch.zeros_like(ids[:, 600:700]))))
+    finally:
+        lam.config.position_overflow = "wrap"
+
+
+def test_position_overflow_is_checked():
+    with pytest.raises(ValueError, match="position_overflow must be one of"):
+        LAMConfig(position_overflow="cycle")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

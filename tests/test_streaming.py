@@ -49,10 +49,61 @@ def test_state_after_chunks_picks_each_samples_own_chunk():
             torch.testing.assert_close(fast[sample], alone[0], rtol=0, atol=1e-6)
 
 
-def test_triton_refuses_carried_states():
-    tensors, mask = op_inputs([10])
-    with pytest.raises((NotImplementedError, ValueError)):
-        dual_state_delta_rule(*tensors, mask, flux_module(), impl="triton", state_after_chunks=torch.tensor([0]))
+def cuda_device() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("triton")
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+def test_triton_carries_states_as_chunk():
+    """On CUDA the fused kernels take carried states: from given initial states (inputs of
+    several chunks, of one chunk, of one token) the output and the states after each
+    sample's own chunk (0 included: the initial ones) equal the chunked form's (fp32)."""
+    gpu = cuda_device()
+    flux = flux_module().to(gpu)
+    with torch.no_grad():
+        tensors, mask = op_inputs([300, 97, 40])
+        tensors = [t.detach().to(gpu) for t in tensors]
+        _, initial = dual_state_delta_rule(*tensors, mask.to(gpu), flux, impl="chunk", chunk_size=CHUNK,
+                                           state_after_chunks=torch.tensor([5, 2, 1], device=gpu))
+        for lengths in ([300, 97, 40], [16, 9, 1], [1, 1, 1]):
+            tensors, mask = op_inputs(lengths, seed=len(lengths) + lengths[0])
+            tensors, mask = [t.detach().to(gpu) for t in tensors], mask.to(gpu)
+            after = torch.tensor([n // CHUNK for n in lengths[:-1]] + [0], device=gpu)
+            results = {impl: dual_state_delta_rule(*tensors, mask, flux, impl=impl, chunk_size=CHUNK,
+                                                   initial_state=initial, state_after_chunks=after)
+                       for impl in ("chunk", "triton")}
+            (ref, ref_states), (out, states) = results["chunk"], results["triton"]
+            assert ((out - ref).abs() * mask[:, None, :, None]).max() <= 1e-5, lengths
+            for got, want in zip(states, ref_states):
+                assert (got - want).abs().max() <= 1e-5, lengths
+            torch.testing.assert_close(states[0][-1], initial[0][-1], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_model_cut_anywhere_equals_one_pass_on_gpu(dtype, bound, monkeypatch):
+    """The GPU path: pieces read through the Triton kernels with the carried states equal
+    one pass through the fused model (fp32 within 1e-4, bf16 within 2e-2 of the output scale)."""
+    from lam_embed import backends
+
+    gpu = cuda_device()
+    model = small_model().to(gpu, dtype)
+    chosen = []
+    select = backends.carried_backend
+    monkeypatch.setattr("lam_embed.modeling_lam.carried_backend", lambda *a: chosen.append(select(*a)) or chosen[-1])
+    rng = random.Random(2)
+    for length in [1, CHUNK, CHUNK + 1, 300, 2000]:
+        ids = torch.randint(1, 1000, (1, length), generator=torch.Generator().manual_seed(length)).to(gpu)
+        with torch.no_grad():
+            ref = model(input_ids=ids).last_hidden_state.float()
+            pieces = rng.randint(1, min(20, length))
+            cuts = sorted(rng.sample(range(1, length), pieces - 1)) if pieces > 1 else []
+            got = stream(model, ids, cuts).float()
+        assert (got - ref).abs().max() <= bound * ref.abs().max(), (length, cuts)
+    assert {b.delta_impl for b in chosen} == {"triton"}
 
 
 def small_model(seed=0, **fields) -> LAMModel:

@@ -188,6 +188,22 @@ def test_model_inference_matches_chunk(gpu, dtype, bound):
     assert (outs["triton"] - outs["chunk"]).abs().max() <= bound * outs["chunk"].abs().max()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("position_overflow", ["wrap", "clamp"])
+def test_fused_embeddings_read_positions_past_the_table_as_eager(gpu, position_overflow):
+    """The fused embedding kernel reads positions past a (small) table as LAMConfig.position_overflow says."""
+    from lam_embed import LAMConfig, LAMModel
+
+    torch.manual_seed(0)
+    config = LAMConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                       vocab_size=100, position_table_size=40, position_overflow=position_overflow)
+    emb = LAMModel(config).to(gpu).eval().embeddings
+    ids = torch.randint(1, 100, (2, 300), device=gpu)
+    with torch.no_grad():
+        torch.testing.assert_close(emb.fused(ids, torch.zeros_like(ids)), emb(ids, torch.zeros_like(ids)),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def raw_qk(tensors, dtype=torch.bfloat16, seed=5):
     """The inputs with q and k scaled per row by factors in [0.5, 4) (what the layer
     gives with qk_l2norm), q, k, v in ``dtype``."""
@@ -299,6 +315,25 @@ _INTERPRETER_CHECK = textwrap.dedent("""
             _, err = max_error(a, b, mask)
             print(lengths, err)
             assert a.dtype == torch.float32 and err <= 1e-5, (lengths, err)
+
+    # Carried states: the states after each sample's own chunk (0: none), then inputs of
+    # several chunks and of one chunk continued from them.
+    tensors, mask = make_inputs([300, 200, 50], heads=2)
+    after = torch.tensor([2, 1, 0])
+    with torch.no_grad():
+        ref, ref_states = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=128, state_after_chunks=after)
+        out, states = triton_dual_state_delta_rule(*tensors, mask, flux, chunk_size=128, launch=exact,
+                                                   state_after_chunks=after)
+        assert max_error(out, ref, mask)[1] <= 1e-5
+        assert max((a - b).abs().max() for a, b in zip(states, ref_states)) <= 1e-6
+        for lengths in ([300, 200, 50], [50, 20, 1]):
+            tensors, mask = make_inputs(lengths, heads=2, seed=3)
+            ref = chunk_dual_state_delta_rule(*tensors, mask, flux, chunk_size=128, initial_state=ref_states)
+            out = triton_dual_state_delta_rule(*tensors, mask, flux, chunk_size=128, launch=exact,
+                                               initial_state=ref_states)
+            _, err = max_error(out, ref, mask)
+            print("carried", lengths, err)
+            assert err <= 1e-5, ("carried", lengths, err)
 """)
 
 

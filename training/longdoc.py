@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-text-weight", type=float, default=1000.0,
                    help="weight of the short-text term, the mean squared error of unit embeddings over their "
                         "384 dimensions (at 384 it equals their squared distance)")
+    p.add_argument("--position-overflow", choices=("wrap", "clamp"), default=None,
+                   help="how positions past the position table read it (LAMConfig.position_overflow), set "
+                        "before training and saved with the model (default: the model's own)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
@@ -247,6 +250,8 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
         raise SystemExit(f"--model: {args.model} is not a LAM model (model_type {lam.config.model_type!r})")
     model.max_seq_length = args.max_tokens + 2  # [CLS] and [SEP]
     lam.config.delta_impl = args.delta_impl
+    if args.position_overflow is not None:
+        lam.config.position_overflow = args.position_overflow
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
     teacher.requires_grad_(False)
     tokenizer = model.tokenizer

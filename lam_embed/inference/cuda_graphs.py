@@ -138,8 +138,9 @@ class ForwardGraphs:
         then runs it eagerly).
 
         ``changes`` counts the events that a version counter does not show: optimizer
-        steps (fused optimizers update parameters without moving it) and parameters
-        registered anywhere (a parameter replaced by another); on a new count the graphs
+        steps (fused optimizers update parameters without moving it), parameters
+        registered anywhere (a parameter replaced by another) and the config fields a
+        capture bakes in (LAMConfig.position_overflow); on a new value the graphs
         go and the parameter list is read again. The addresses and version counters of the
         parameters are checked after the replay is queued, while the GPU works: as the
         first step of a call they cost 0.16 ms of host time on the H200's host, 3% of a

@@ -187,12 +187,15 @@ class DualStateDeltaNet(nn.Module):
 
         ``state``: the carried state (lam_embed/state.py) this input continues, and
         ``state_after_chunks`` (B,): also return the state after that many chunks of each
-        sample, as (output, LayerState); both run the eager layer code (``carried_backend``)."""
+        sample, as (output, LayerState); both run the eager layer code around the delta rule
+        (a backend with fused layer code is replaced by ``carried_backend``)."""
         config, H = self.config, self.num_heads
         weight, bias, conv_weight = self.stacked_weights()
         carried = state is not None or state_after_chunks is not None
-        # The fused kernels take no initial state: a carried forward runs the eager code.
-        backend = carried_backend(config) if carried else backend or self.select_backend(x)
+        if carried and (backend is None or backend.layer_code != "eager"):
+            wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            backend = carried_backend(config, x.device, wants_grad)
+        backend = backend or self.select_backend(x)
         # On a GPU the code around the op is many small elementwise kernels. At inference
         # the delta-rule kernels read the input projection and apply the convolution and
         # activations themselves, and write the normed, gated output; with gradients the

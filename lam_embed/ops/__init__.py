@@ -71,7 +71,7 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
     """Dual-state delta rule of docs/SPEC.md; returns O (B, H, L, d) in q's dtype.
 
     ``initial_state`` and ``state_after_chunks`` carry the states across inputs (see
-    ``naive_dual_state_delta_rule``; "naive", "chunk" and "compiled" only); with
+    ``naive_dual_state_delta_rule``; every implementation); with
     ``state_after_chunks`` the result is (O, (S_fast, S_slow)), the states in float32.
 
     The state math runs in float32 whatever the input dtype and autocast say.
@@ -82,8 +82,6 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
     """
     check_impl(impl, q.device)
     carried = initial_state is not None or state_after_chunks is not None
-    if carried and impl == "triton":
-        raise NotImplementedError("carried states run with impl 'naive', 'chunk' or 'compiled', not 'triton'")
     fn = IMPLEMENTATIONS[impl]
     dtype = torch.float32 if qk_l2norm else q.dtype
     length = q.shape[2]

@@ -402,8 +402,13 @@ def _add_pair(a0, a1, b0, b1):
 
 
 @triton.jit
-def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC: tl.constexpr):
+def state_recurrence_kernel(kt, stats, r_fast, r_slow, init_fast, init_slow, saved_fast, saved_slow, save_after,
+                            N, H, D: tl.constexpr, PREC: tl.constexpr, CARRY: tl.constexpr):
     """Both states of one (sample, head) over its N chunks; writes the R each chunk reads.
+
+    CARRY: the states start from init_fast, init_slow (B, H, D, D) instead of zero, and
+    the states after save_after[sample] chunks (0: the initial ones) go to saved_fast,
+    saved_slow (a carried state, lam_embed/state.py).
 
     This loop is the only sequential part of the op, so its chain of dependent steps is
     kept short: the loads of chunk n + 1 are issued before the arithmetic of chunk n,
@@ -414,10 +419,21 @@ def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC:
     o_d = tl.arange(0, D)
     p_dd = o_d[:, None] * D + o_d[None, :]
     p_ktu = o_d[:, None] * (2 * D) + o_d[None, :]
-    b_sf = tl.zeros([D, D], dtype=tl.float32)
-    b_ss = tl.zeros([D, D], dtype=tl.float32)
-    norm_f = 0.0  # Frobenius norms of b_sf, b_ss
-    norm_s = 0.0
+    if CARRY:
+        b_sf = tl.load(init_fast + i_bh * D * D + p_dd)
+        b_ss = tl.load(init_slow + i_bh * D * D + p_dd)
+        norm_f = tl.sqrt(tl.sum(tl.sum(b_sf * b_sf, 1), 0))  # Frobenius norms of b_sf, b_ss
+        norm_s = tl.sqrt(tl.sum(tl.sum(b_ss * b_ss, 1), 0))
+        save_n = tl.load(save_after + i_bh // H)
+        if save_n == 0:
+            tl.store(saved_fast + i_bh * D * D + p_dd, b_sf)
+            tl.store(saved_slow + i_bh * D * D + p_dd, b_ss)
+    else:
+        b_sf = tl.zeros([D, D], dtype=tl.float32)
+        b_ss = tl.zeros([D, D], dtype=tl.float32)
+        norm_f = 0.0
+        norm_s = 0.0
+        save_n = -1
 
     i_c = i_bh * N
     b_ktu = tl.load(kt + i_c * 2 * D * D + p_ktu)
@@ -457,6 +473,10 @@ def state_recurrence_kernel(kt, stats, r_fast, r_slow, N, D: tl.constexpr, PREC:
             b_ss = b_ns / (ns + STATE_EPS)
             norm_f = nf / (nf + STATE_EPS)
             norm_s = ns / (ns + STATE_EPS)
+        if CARRY:
+            if n + 1 == save_n:
+                tl.store(saved_fast + i_bh * D * D + p_dd, b_sf)
+                tl.store(saved_slow + i_bh * D * D + p_dd, b_ss)
 
         b_ktu, b_ktw, psi, df, ds, keep = nb_ktu, nb_ktw, n_psi, n_df, n_ds, n_keep
 
@@ -560,8 +580,12 @@ DEFAULT_LAUNCH = LaunchSettings()
 
 def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux_params, chunk_size: int,
                    qk_l2norm: bool = False, conv_taps: torch.Tensor | None = None, output_norm=None,
-                   launch: LaunchSettings = DEFAULT_LAUNCH):
+                   launch: LaunchSettings = DEFAULT_LAUNCH, initial_state=None, state_after_chunks=None):
     """Forward pass through the kernels. Returns O (B, H, L, d) float32, stored as (B, L, H, d).
+
+    ``initial_state`` (S_fast, S_slow), (B, H, d, d) each, and ``state_after_chunks`` (B,)
+    as in ``chunk_dual_state_delta_rule``: with the latter the result is (O, (S_fast, S_slow)),
+    the states after that many chunks of each sample, float32.
 
     ``conv_taps`` (3 H d, K), the layer's q, k, v convolution weights, contiguous: then
     q, k, v are the projections before the convolution and SiLU, and the five per-token
@@ -572,7 +596,8 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     """
     B, H, L, D = q.shape
     N = triton.cdiv(L, chunk_size)
-    single = N == 1
+    carried = initial_state is not None or state_after_chunks is not None
+    single = N == 1 and not carried  # zero states: no recurrence
     BT, SUB = launch.block_t, launch.sub_blocks
     BS = BT * SUB  # rows of a block of chunk_scan_kernel
     # The kernels' chunk: chunk_size rows padded to a power of two (rows past chunk_size
@@ -645,7 +670,18 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
     if not single:
         r_fast = q.new_empty(B, H, N, D, D, dtype=torch.float32)
         r_slow = torch.empty_like(r_fast)
-        state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, N, D=D, PREC=launch.state_precision,
+        if carried:
+            if initial_state is None:
+                init_fast = init_slow = q.new_zeros(B, H, D, D, dtype=torch.float32)
+            else:
+                init_fast, init_slow = (s.float().contiguous() for s in initial_state)
+            saved_fast, saved_slow = torch.empty_like(init_fast), torch.empty_like(init_slow)
+            save_after = (state_after_chunks if state_after_chunks is not None
+                          else torch.zeros(B, dtype=torch.long, device=q.device)).to(torch.int32).contiguous()
+        else:
+            init_fast = init_slow = saved_fast = saved_slow = save_after = kt  # not read
+        state_recurrence_kernel[(B * H,)](kt, stats, r_fast, r_slow, init_fast, init_slow, saved_fast, saved_slow,
+                                          save_after, N, H, D=D, PREC=launch.state_precision, CARRY=carried,
                                           num_warps=warps[2])
         rows = min(launch.output_rows, C)
         chunk_output_kernel[(H, N * (C // rows), B)](
@@ -656,7 +692,8 @@ def triton_forward(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, 
             gate.stride(0), gate.stride(1),
             C=C, D=D, ROWS=rows, PREC=prec, CONV=conv, NORM=norm, num_warps=warps[3],
         )
-    return out if norm else o
+    result = out if norm else o
+    return (result, (saved_fast, saved_slow)) if state_after_chunks is not None else result
 
 
 class DualStateDeltaRuleFunction(torch.autograd.Function):
@@ -716,28 +753,36 @@ def triton_dual_state_delta_rule(
     training: bool = False,
     qk_l2norm: bool = False,
     launch: LaunchSettings = DEFAULT_LAUNCH,
-) -> torch.Tensor:
-    """Dual-state delta rule through the fused kernels; same contract as ``chunk_dual_state_delta_rule``,
-    plus ``qk_l2norm`` (see ``lam_embed.ops.dual_state_delta_rule``).
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state_after_chunks: torch.Tensor | None = None,
+):
+    """Dual-state delta rule through the fused kernels; same contract as ``chunk_dual_state_delta_rule``
+    (carried states included), plus ``qk_l2norm`` (see ``lam_embed.ops.dual_state_delta_rule``).
 
-    Returns O (B, H, L, d) in q's dtype (float32 with qk_l2norm). The inputs may mix
-    dtypes. Falls back to the chunked implementation for state dropout while training,
-    a flux other than ResonanceFlux, or a head size that is not a power of two of at least 16.
+    Returns O (B, H, L, d) in q's dtype (float32 with qk_l2norm), and the states with
+    ``state_after_chunks``. The inputs may mix dtypes. Falls back to the chunked
+    implementation for state dropout while training, a flux other than ResonanceFlux, a
+    head size that is not a power of two of at least 16, and gradients through a carried state.
     """
     args = (q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow)
     flux_params = flux_parameters(flux)
     D = q.shape[-1]
     dtype = torch.float32 if qk_l2norm else q.dtype
-    if (training and state_dropout > 0) or flux_params is None or D < 16 or D & (D - 1):
+    carry = {"initial_state": initial_state, "state_after_chunks": state_after_chunks}
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *(flux_params or ())))
+    carried = initial_state is not None or state_after_chunks is not None
+    if ((training and state_dropout > 0) or flux_params is None or D < 16 or D & (D - 1)
+            or (carried and needs_grad)):
         # The chunked form wants float32 inputs, q and k normalised.
         args = [t.float() for t in args]
         if qk_l2norm:
             args[:2] = l2norm(q), l2norm(k)
-        return chunk_dual_state_delta_rule(*args, mask, flux, chunk_size=chunk_size,
-                                           state_dropout=state_dropout, training=training).to(dtype)
-    if q.shape[2] == 0:
+        out = chunk_dual_state_delta_rule(*args, mask, flux, chunk_size=chunk_size,
+                                          state_dropout=state_dropout, training=training, **carry)
+        return (out[0].to(dtype), out[1]) if state_after_chunks is not None else out.to(dtype)
+    if q.shape[2] == 0 and not carried:  # (lam_embed.ops.dual_state_delta_rule answers carried ones)
         return torch.zeros_like(q, dtype=dtype)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *flux_params))
     if needs_grad:
         return DualStateDeltaRuleFunction.apply(mask, flux, chunk_size, qk_l2norm, launch, *args, *flux_params)
-    return triton_forward(*args, mask, flux_params, chunk_size, qk_l2norm, launch=launch).to(dtype)
+    out = triton_forward(*args, mask, flux_params, chunk_size, qk_l2norm, launch=launch, **carry)
+    return (out[0].to(dtype), out[1]) if state_after_chunks is not None else out.to(dtype)

@@ -115,9 +115,9 @@ def residual_layer_norm(x, y, weight, bias, eps: float):
 
 @triton.jit
 def embedding_layer_norm_kernel(ids, types, word, position, token_type, weight, bias, out, R, L, N, V, P, T, eps,
-                                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out = LayerNorm(word[id] + position[t mod P] + token_type[type]) for rows of N values;
-    ids and types are clamped to their tables (see LAMModel._encode)."""
+                                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WRAP: tl.constexpr):
+    """out = LayerNorm(word[id] + position[p] + token_type[type]) for rows of N values, p = t mod P
+    (WRAP) or min(t, P - 1); ids and types are clamped to their tables (see LAMModel._encode)."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     m_r = rows < R
@@ -125,16 +125,21 @@ def embedding_layer_norm_kernel(ids, types, word, position, token_type, weight, 
     m = m_r[:, None] & m_c[None, :]
     i_w = tl.minimum(tl.maximum(tl.load(ids + rows, mask=m_r, other=0).to(tl.int64), 0), V - 1)
     i_t = tl.minimum(tl.maximum(tl.load(types + rows, mask=m_r, other=0).to(tl.int64), 0), T - 1)
-    i_p = (rows % L) % P
+    if WRAP:
+        i_p = (rows % L) % P
+    else:
+        i_p = tl.minimum(rows % L, P - 1)
     a = tl.load(word + i_w[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
     a += tl.load(position + i_p[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
     a += tl.load(token_type + i_t[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
     _store_layer_norm(a, out + rows[:, None] * N + cols[None, :], m, cols, m_c, weight, bias, N, eps)
 
 
-def embedding_layer_norm(input_ids, token_type_ids, word, position, token_type, weight, bias, eps: float):
+def embedding_layer_norm(input_ids, token_type_ids, word, position, token_type, weight, bias, eps: float,
+                         wrap_positions: bool = True):
     """BERT's embeddings at inference in one kernel (LAMEmbeddings.forward with ids and types
-    clamped to their tables, positions read cyclically; the sum is not rounded to the
+    clamped to their tables, positions past the table read cyclically, or as its last row
+    without ``wrap_positions``; the sum is not rounded to the
     tables' dtype before the LayerNorm). Replaces ten kernels: two clamps, the position
     index, three lookups, two sums and the LayerNorm. No autograd."""
     B, L = input_ids.shape
@@ -146,6 +151,6 @@ def embedding_layer_norm(input_ids, token_type_ids, word, position, token_type, 
     embedding_layer_norm_kernel[(triton.cdiv(B * L, block_r),)](
         input_ids.contiguous(), token_type_ids.contiguous(), word.contiguous(), position.contiguous(),
         token_type.contiguous(), weight, bias, out, B * L, L, N, word.shape[0], position.shape[0], token_type.shape[0],
-        eps, BLOCK_R=block_r, BLOCK_N=triton.next_power_of_2(N), num_warps=4,
+        eps, BLOCK_R=block_r, BLOCK_N=triton.next_power_of_2(N), WRAP=wrap_positions, num_warps=4,
     )
     return out
