@@ -93,8 +93,11 @@ def dual_state_delta_rule(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate
         zero = q.new_zeros(B, H, d, d, dtype=torch.float32)
         return out, (initial_state if initial_state is not None else (zero, zero))
     # An input of at most one chunk is a single chunk of its own length: padding it
-    # to chunk_size would change nothing but the cost.
-    chunk_size = min(chunk_size, length)
+    # to chunk_size would change nothing but the cost. Carried inputs (the pieces of a
+    # streamed document, of any length) keep chunk_size, so that the fused kernels see
+    # one chunk shape and are compiled once for them.
+    if not carried:
+        chunk_size = min(chunk_size, length)
     kwargs = {"chunk_size": chunk_size, "state_dropout": state_dropout, "training": training}
     if carried:
         kwargs.update(initial_state=initial_state, state_after_chunks=state_after_chunks)
