@@ -77,10 +77,10 @@ STS-B, Spearman correlation of cosine similarity (x100), CPU, float32:
 {agreement}
 ## Long inputs
 
-There is no length limit: positions past the 512 of the position table wrap around, and the
-layers carry their memories from chunk to chunk. One pass over a long document retrieves it
-better than truncating it to 512 tokens, but not yet better than averaging the teacher's
-embeddings of 512-token chunks.
+There is no length limit: positions past the 512 of the position table reuse it (the
+config's `position_overflow`), and the layers carry their memories from chunk to chunk. One
+pass over a long document retrieves it better than truncating it to 512 tokens, but not yet
+better than averaging the teacher's embeddings of 512-token chunks.
 
 ## Limits
 

@@ -27,7 +27,7 @@ def build_sentence_transformer(
 
     ``tokenizer`` is a tokenizer or a folder/hub name to load one from; ``None``
     takes the default teacher's. LAM has no hard length limit (positions past the
-    table wrap around), so ``max_seq_length`` only sets where inputs are truncated.
+    table reuse it: LAMConfig.position_overflow), so ``max_seq_length`` only sets where inputs are truncated.
     After ``st.save(folder)``, ``import lam_embed; SentenceTransformer(folder)`` loads it.
     """
     from sentence_transformers import SentenceTransformer
