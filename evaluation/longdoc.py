@@ -160,7 +160,7 @@ def needle_task(haystack: str, length: int, documents: int = 100, queries: int =
     a stretch of ``haystack`` from a random offset (wrapping around) with one needle fact at a
     random sentence boundary; each document holds another fact, a query is a fact's question."""
     if needles is None:
-        from evaluation.needles import NEEDLES as needles
+        from .needles import NEEDLES as needles
     if documents > len(needles):
         raise ValueError(f"needle: {documents} documents need as many needles, there are {len(needles)}")
     words = haystack.split()

@@ -1,13 +1,15 @@
 """LAM: a sentence encoder with linear-time dual-state DeltaNet layers.
 
 Importing this package registers the ``lam`` architecture with transformers'
-Auto classes, so ``SentenceTransformer(folder)`` loads a saved LAM model.
+Auto classes, so ``SentenceTransformer(folder)`` loads a saved LAM model;
+``lam_embed.load()`` gives the released model.
 """
 
 from transformers import AutoConfig, AutoModel
 
 from .configuration_lam import LAMConfig
 from .modeling_lam import LAMModel
+from .release import load, model_path
 from .sentence_transformer import build_sentence_transformer
 from .streaming import DocumentState, encode_document, encode_documents, start_document
 from .teacher import DEFAULT_TEACHER, from_teacher, resolve_teacher_path
@@ -24,6 +26,8 @@ __all__ = [
     "encode_document",
     "encode_documents",
     "from_teacher",
+    "load",
+    "model_path",
     "resolve_teacher_path",
     "start_document",
 ]

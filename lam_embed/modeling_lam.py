@@ -129,11 +129,34 @@ class LAMModelOutput(BaseModelOutput):
     state: LAMState | None = None
 
 
+# What a saved folder carries so that transformers' ``trust_remote_code=True`` loading finds
+# LAM in the installed lam_embed package without ``import lam_embed``: an auto_map in its
+# config.json and two files that import the classes (transformers names the package to
+# install when they cannot).
+AUTO_MAP = {"AutoConfig": "configuration_lam.LAMConfig", "AutoModel": "modeling_lam.LAMModel"}
+REMOTE_CODE_FILES = {"configuration_lam.py": "from lam_embed.configuration_lam import LAMConfig",
+                     "modeling_lam.py": "from lam_embed.modeling_lam import LAMModel"}
+REMOTE_CODE_TEMPLATE = '''"""LAM is defined in the lam_embed package (pip install lam_embed). This file lets
+transformers load this folder with trust_remote_code=True without `import lam_embed`."""
+
+{line}  # noqa: F401
+'''
+
+
 class LAMPreTrainedModel(PreTrainedModel):
     config_class = LAMConfig
     config: LAMConfig
     base_model_prefix = "lam"
     supports_gradient_checkpointing = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers' ``save_pretrained``, plus the auto_map and the two files that let
+        ``trust_remote_code=True`` load the folder where lam_embed is installed but not imported."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for name, line in REMOTE_CODE_FILES.items():
+            with open(os.path.join(str(save_directory), name), "w", encoding="utf-8") as f:
+                f.write(REMOTE_CODE_TEMPLATE.format(line=line))
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

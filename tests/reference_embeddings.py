@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-RELEASE = Path(__file__).resolve().parent.parent / "weights" / "lam-minilm-l6"
+from lam_embed.release import RELEASED as RELEASE  # noqa: E402
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference-embeddings-cpu.npz"
 
 SENTENCES = [

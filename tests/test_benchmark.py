@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from evaluation import benchmark
+from lam_embed.evaluation import benchmark
 
 SENTENCES = [
     "A man is playing a guitar.",
@@ -196,7 +196,7 @@ def test_minilm_position_table_is_tiled():
 
 
 def test_idle_gaps_between_kernels():
-    from evaluation.profile_forward import idle_gaps
+    from lam_embed.evaluation.profile_forward import idle_gaps
 
     # b overlaps a, d runs inside c: the idle stretches are a/b -> c and c -> e only.
     kernels = [(10.0, 20.0, "c"), (0.0, 5.0, "a"), (4.0, 7.0, "b"), (12.0, 15.0, "d"), (30.0, 31.0, "e")]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lam_embed.data import default_data_dir
-from training import distill
+from lam_embed.training import distill
 
 DATA = default_data_dir()
 pytestmark = pytest.mark.skipif(DATA is None or not (DATA / "corpus").is_dir(), reason="shared data folder not found")

@@ -3,7 +3,7 @@ status 2, before the teacher is loaded."""
 
 import pytest
 
-from training import distill
+from lam_embed.training import distill
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import torch
 
 from lam_embed.data import load_stsb
 from lam_embed.teacher import resolve_teacher_path
-from training import finetune
-from training.finetune import FinetuneError, PairFileError, load_pair_file
+from lam_embed.training import finetune
+from lam_embed.training.finetune import FinetuneError, PairFileError, load_pair_file
 
 
 def _tiny_lam_path(tmp: Path) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import longdoc
-from evaluation.needles import NEEDLES
+from lam_embed.evaluation import longdoc
+from lam_embed.evaluation.needles import NEEDLES
 
 # ---------------------------------------------------------------------------------------------
 # Metrics

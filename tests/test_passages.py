@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from evaluation import passages
+from lam_embed.evaluation import passages
 from lam_embed.teacher import resolve_teacher_path
 
 

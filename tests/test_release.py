@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lam_embed.data import resolve_stsb_source
 from lam_embed.release import MANIFEST_FILE, WEIGHTS_FILE, assemble, average_releases, load_release, save_release
 
-RELEASE = Path(__file__).resolve().parent.parent / "weights" / "lam-minilm-l6"
+from lam_embed.release import RELEASED as RELEASE  # noqa: E402
 
 
 def test_release_files_are_compact():
@@ -34,7 +34,7 @@ def test_released_lam_on_stsb_test(tmp_path):
         pytest.skip("the STS-B csv folder is not available (set LAM_DATA_DIR or LAM_STSB)")
     from sentence_transformers import SentenceTransformer
 
-    from evaluation.stsb import evaluate_stsb
+    from lam_embed.evaluation.stsb import evaluate_stsb
 
     assemble(RELEASE, tmp_path / "lam")
     model = SentenceTransformer(str(tmp_path / "lam"), device="cpu")

@@ -154,7 +154,7 @@ def teacher():
 
 @needs_stsb
 def test_teacher_reference_figure_on_test(teacher):
-    from evaluation.stsb import evaluate_stsb
+    from lam_embed.evaluation.stsb import evaluate_stsb
 
     results = evaluate_stsb(teacher, source=STSB_DIR, splits=("test",))
     assert set(results) == {"test"}
@@ -165,7 +165,7 @@ def test_teacher_reference_figure_on_test(teacher):
 
 @needs_stsb
 def test_evaluator_agrees_with_scipy(teacher, tmp_path):
-    from evaluation.stsb import evaluate_stsb
+    from lam_embed.evaluation.stsb import evaluate_stsb
 
     # A 150-pair slice keeps the cost low; the figures must match a direct computation.
     lines = (STSB_DIR / "sts-dev.csv").read_text(encoding="utf-8").splitlines()[:150]
@@ -184,7 +184,7 @@ def test_evaluator_agrees_with_scipy(teacher, tmp_path):
 
 
 def test_cli_writes_table_and_json(teacher, tmp_path, capsys, monkeypatch):
-    from evaluation.stsb import main
+    from lam_embed.evaluation.stsb import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rows = [
@@ -211,7 +211,7 @@ def test_cli_writes_table_and_json(teacher, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_requires_a_model():
-    from evaluation.stsb import main
+    from lam_embed.evaluation.stsb import main
 
     with pytest.raises(SystemExit) as exc:
         main([])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lam_embed.data import default_data_dir
-from training import longdoc
+from lam_embed.training import longdoc
 
 DATA = default_data_dir()
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -174,7 +174,7 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
 def test_training_texts_hold_no_evaluation_material():
     """The stage reads Wikipedia articles and SQuALITY train only: no passkey line or filler,
     no story of SQuALITY dev or test."""
-    from evaluation.longdoc import PASSKEY_FILLER
+    from lam_embed.evaluation.longdoc import PASSKEY_FILLER
 
     texts = longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="train")
     held_out = set(longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="dev")

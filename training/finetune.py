@@ -561,7 +561,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.training_args import BatchSamplers
 
-    from evaluation.stsb import evaluate_stsb
+    from ..evaluation.stsb import evaluate_stsb
 
     # 1. Everything that can be wrong with the inputs, before the (slow) model load.
     stsb_source = resolve_stsb_source(args.stsb)
