@@ -26,7 +26,9 @@ def model_card(manifest: dict, name: str = "LAM") -> str:
         agreement = (f"\nOn {passages.get('passages', 'the')} held-out passages of {passages.get('min_tokens')}-"
                      f"{passages.get('max_tokens')} tokens the mean cosine between LAM's and the teacher's "
                      f"embeddings is {passages['mean_cosine']:.3f}.\n")
-    training = manifest.get("command", "not recorded")
+    speed = _speed_section(figures.get("speed"), name)
+    command = manifest.get("command", "not recorded")
+    training = "; ".join(f"`{c}`" for c in command) if isinstance(command, list) else f"`{command}`"
     minutes = manifest.get("train_minutes")
     return f"""---
 language: en
@@ -59,11 +61,12 @@ pip install torch lam_embed
 import lam_embed  # registers the "lam" architecture with transformers
 from sentence_transformers import SentenceTransformer
 
-model = SentenceTransformer("path/to/this/folder")
+model = SentenceTransformer("path/to/this/folder")  # the released model: lam_embed.load()
 embeddings = model.encode(["A man is playing a guitar.", "Someone plays an instrument."])
 ```
 
-No `trust_remote_code` is needed once `lam_embed` is imported. Documents of any length:
+No `trust_remote_code` is needed once `lam_embed` is imported; where it is installed but not
+imported, `SentenceTransformer("path/to/this/folder", trust_remote_code=True)` loads it too. Documents of any length:
 `lam_embed.encode_document(model, text)`; a growing document: `lam_embed.start_document(model)`.
 
 ## Figures
@@ -74,7 +77,7 @@ STS-B, Spearman correlation of cosine similarity (x100), CPU, float32:
 |---|---|---|
 {rows[0]}
 {rows[1]}
-{agreement}
+{agreement}{speed}
 ## Long inputs
 
 There is no length limit: positions past the 512 of the position table reuse it (the
@@ -89,7 +92,7 @@ teacher than English sentences do.
 
 ## Training
 
-Command: `{training}`{f" ({minutes} minutes)" if minutes is not None else ""}. Data: English
+Commands: {training}{f" ({minutes} minutes)" if minutes is not None else ""}. Data: English
 sentences and passages for distillation; STS-B dev and test were used only to evaluate.
 
 ## License and citation
@@ -97,3 +100,18 @@ sentences and passages for distillation; STS-B dev and test were used only to ev
 Apache-2.0. The teacher: Reimers and Gurevych, "Sentence-BERT: Sentence Embeddings using
 Siamese BERT-Networks" (EMNLP 2019), and the all-MiniLM-L6-v2 model of sentence-transformers.
 """
+
+
+def _speed_section(speed: dict | None, name: str) -> str:
+    """Speed beside the teacher, from the manifest's figures (nothing when not recorded)."""
+    if not speed:
+        return ""
+    rows = [f"| {length} | {v['teacher'] / 1e6:.2f}M | {v['lam'] / 1e6:.2f}M | {v['lam'] / v['teacher']:.2f} |"
+            for length, v in speed.get("forward_tokens_per_s", {}).items()]
+    text = (f"\nSpeed ({speed.get('gpu', 'GPU')}; {speed.get('source', '')}):\n\n"
+            f"| tokens | all-MiniLM-L6-v2 | {name} | ratio |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    cpu = speed.get("cpu_sentences_per_s")
+    if cpu:
+        text += (f"\nCPU ({speed.get('cpu', '')}): all-MiniLM-L6-v2 {cpu['teacher']}, {name} {cpu['lam']} "
+                 f"({cpu['lam'] / cpu['teacher']:.2f}x).\n")
+    return text

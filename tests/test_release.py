@@ -120,7 +120,7 @@ def test_average_rejects_releases_of_another_architecture(tmp_path):
 def test_average_releases_cli_writes_the_runs_manifests(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("average_releases", RELEASE.parents[1] / "scripts" / "average_releases.py")
+    spec = importlib.util.spec_from_file_location("average_releases", Path(__file__).resolve().parent.parent / "scripts" / "average_releases.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     main = script.main
@@ -199,4 +199,7 @@ def test_assembled_folder_has_a_model_card_with_figures_and_loading_lines(assemb
     assert f"| LAM | {100 * manifest['figures']['stsb_cpu_fp32']['dev_spearman']:.2f} | " \
            f"{100 * manifest['figures']['stsb_cpu_fp32']['test_spearman']:.2f} |" in card
     assert "| all-MiniLM-L6-v2 (teacher) | 86.72 | 82.03 |" in card
+    speed = manifest["figures"]["speed"]["forward_tokens_per_s"]["32768"]
+    assert f"| 32768 | {speed['teacher'] / 1e6:.2f}M | {speed['lam'] / 1e6:.2f}M |" in card
+    assert "trust_remote_code=True" in card and "lam_embed.load()" in card
     assert "sentence_transformers_model_id" not in card  # not the generic template
