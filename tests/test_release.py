@@ -120,7 +120,8 @@ def test_average_rejects_releases_of_another_architecture(tmp_path):
 def test_average_releases_cli_writes_the_runs_manifests(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("average_releases", Path(__file__).resolve().parent.parent / "scripts" / "average_releases.py")
+    script_path = Path(__file__).resolve().parent.parent / "scripts" / "average_releases.py"
+    spec = importlib.util.spec_from_file_location("average_releases", script_path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     main = script.main

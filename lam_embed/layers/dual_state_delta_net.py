@@ -175,10 +175,12 @@ class DualStateDeltaNet(nn.Module):
         self.__dict__.pop("_stacked", None)
         return super().train(mode)
 
+    def _wants_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def select_backend(self, x: torch.Tensor) -> Backend:
         """The backend for a call on x outside a model forward (which selects it for all layers)."""
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return select_backend(self.config, x.device, x.dtype, wants_grad, self.training)
+        return select_backend(self.config, x.device, x.dtype, self._wants_grad(x), self.training)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None,
                 state: LayerState | None = None, state_after_chunks: torch.Tensor | None = None):
@@ -193,8 +195,7 @@ class DualStateDeltaNet(nn.Module):
         weight, bias, conv_weight = self.stacked_weights()
         carried = state is not None or state_after_chunks is not None
         if carried and (backend is None or backend.layer_code != "eager"):
-            wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-            backend = carried_backend(config, x.device, wants_grad)
+            backend = carried_backend(config, x.device, self._wants_grad(x))
         backend = backend or self.select_backend(x)
         # On a GPU the code around the op is many small elementwise kernels. At inference
         # the delta-rule kernels read the input projection and apply the convolution and
