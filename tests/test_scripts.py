@@ -23,3 +23,31 @@ def test_long_input_memory_rejects_bad_options_before_running():
     assert done.returncode == 2 and "invalid choice: 'fast'" in done.stderr
     done = run_script("scripts/long_input_memory.py", "--lengths", "0")
     assert done.returncode == 2 and "--lengths must be positive" in done.stderr
+
+
+def test_streaming_benchmark_end_to_end(tmp_path):
+    """A tiny run of scripts/streaming_benchmark.py on a small LAM: streamed equals one pass,
+    an append equals encoding the grown document again, and every section reports."""
+    import json
+
+    from conftest import small_lam_sentence_transformer
+
+    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=16)
+    model.save(str(tmp_path / "model"))
+    out = tmp_path / "streaming.json"
+    done = run_script("scripts/streaming_benchmark.py", "--model", str(tmp_path / "model"), "--lengths", "300",
+                      "--segment-tokens", "64", "--append-base", "200", "--append-tokens", "20", "--append-repeats",
+                      "2", "--exactness-lengths", "1", "150", "--output", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["tokens"] for row in result["exactness"]["documents"]] == [1, 150]
+    assert all(row["max_abs_hidden"] <= 1e-5 for row in result["exactness"]["documents"])
+    assert result["lengths"][0]["tokens"] >= 300 and result["lengths"][0]["peak_rss_mib"] > 0
+    append = result["append"]
+    assert append["appends"] == 2 and append["max_abs_difference"] <= 1e-6
+    assert result["provenance"]["command"].startswith("python scripts/streaming_benchmark.py")
+
+
+def test_streaming_benchmark_rejects_bad_options_before_running():
+    done = run_script("scripts/streaming_benchmark.py", "--append-repeats", "0")
+    assert done.returncode == 2 and "--append-repeats >= 1" in done.stderr
