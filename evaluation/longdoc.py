@@ -696,7 +696,7 @@ def _load_model(parser, name: str, device: str, dtype: str, pooling: str | None 
     from lam_embed.teacher import DEFAULT_TEACHER, resolve_teacher_path
 
     try:
-        path = resolve_teacher_path(name) if name in (DEFAULT_TEACHER, DEFAULT_TEACHER.split("/")[1]) else name
+        path = resolve_teacher_path(DEFAULT_TEACHER) if name in (DEFAULT_TEACHER, DEFAULT_TEACHER.split("/")[1]) else name
         if not os.path.isdir(path) and not looks_like_hub_name(path):
             raise FileNotFoundError(f"no folder {path}")
         model = SentenceTransformer(path, device=device)

@@ -400,3 +400,24 @@ def test_cli_rejects_an_output_in_a_missing_folder(tmp_path, capsys):
         run_cli(tmp_path, "--output", str(tmp_path / "nowhere" / "x.json"), models=["unused"])
     assert exit_info.value.code == 2
     assert "--output: the folder" in capsys.readouterr().err
+
+
+def test_the_teachers_short_name_loads_offline(minilm_path, monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = longdoc._load_model(argparse.ArgumentParser(), "all-MiniLM-L6-v2", "cpu", "fp32")
+    assert model.get_sentence_embedding_dimension() == 384
+
+
+def test_pooling_and_position_overflow_options_change_the_model(lam_folder):
+    import argparse
+
+    model = longdoc._load_model(argparse.ArgumentParser(), lam_folder, "cpu", "fp32", pooling="max",
+                                position_overflow="clamp")
+    assert model[0].auto_model.config.position_overflow == "clamp"
+    pooling = [m for m in model if type(m).__name__ == "Pooling"]
+    assert len(pooling) == 1 and "max" in str(pooling[0].get_config_dict())
+    texts = ["a short text", "another one, a little longer than the first"]
+    plain = longdoc._load_model(argparse.ArgumentParser(), lam_folder, "cpu", "fp32")
+    assert not np.allclose(model.encode(texts), plain.encode(texts))
