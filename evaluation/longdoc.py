@@ -598,6 +598,7 @@ def _positive(text: str) -> int:
 
 
 def _parse_args(argv):
+    from lam_embed.configuration_lam import POSITION_OVERFLOW
     from lam_embed.data import default_data_dir
 
     data = default_data_dir()
@@ -649,7 +650,7 @@ def _parse_args(argv):
     p.add_argument("--pooling", choices=POOLING_MODES, default=None,
                    help="replace each model's pooling with sentence-transformers' Pooling of this mode, for "
                         "comparing poolings without training. Default: each model's own")
-    p.add_argument("--position-overflow", choices=("wrap", "clamp"), default=None,
+    p.add_argument("--position-overflow", choices=POSITION_OVERFLOW, default=None,
                    help="for LAM models, how positions past the position table read it (LAMConfig."
                         "position_overflow). Default: each model's own")
     p.add_argument("--output", metavar="FILE.json", default=None,

@@ -73,8 +73,10 @@ def load_numba():
     return numba
 
 
-def _fits_triton_tiles(head_dim: int) -> bool:
-    return head_dim >= 16 and not head_dim & (head_dim - 1)  # the kernels' tiles: a power of two >= 16
+def _triton_runs(config) -> bool:
+    """Whether the fused kernels import and fit the head size (their tiles: a power of two >= 16)."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return load_triton() is not None and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
 def select_backend(config, device: torch.device, dtype: torch.dtype, wants_grad: bool, training: bool) -> Backend:
@@ -110,8 +112,7 @@ def select_backend(config, device: torch.device, dtype: torch.dtype, wants_grad:
     if name == "compiled":
         return Backend(name, "compiled", "compiled")
     # "triton"
-    if (wants_grad or (training and config.state_dropout > 0) or load_triton() is None
-            or not _fits_triton_tiles(config.hidden_size // config.num_attention_heads)):
+    if wants_grad or (training and config.state_dropout > 0) or not _triton_runs(config):
         return Backend(name, "compiled", "triton")
     return Backend(name, "triton", "triton")
 
@@ -125,7 +126,6 @@ def carried_backend(config, device: torch.device, wants_grad: bool) -> Backend:
     name = config.delta_impl
     if name == "naive":
         return Backend("naive", "eager", "naive")
-    if (device.type == "cuda" and name in ("auto", "triton") and not wants_grad and load_triton() is not None
-            and _fits_triton_tiles(config.hidden_size // config.num_attention_heads)):
+    if device.type == "cuda" and name in ("auto", "triton") and not wants_grad and _triton_runs(config):
         return Backend("triton", "eager", "triton")
     return Backend("chunk", "eager", "chunk")

@@ -66,7 +66,8 @@ embeddings = model.encode(["A man is playing a guitar.", "Someone plays an instr
 ```
 
 No `trust_remote_code` is needed once `lam_embed` is imported; where it is installed but not
-imported, `SentenceTransformer("path/to/this/folder", trust_remote_code=True)` loads it too. Documents of any length:
+imported, `SentenceTransformer("path/to/this/folder", trust_remote_code=True)` loads it too.
+Documents of any length:
 `lam_embed.encode_document(model, text)`; a growing document: `lam_embed.start_document(model)`.
 
 ## Figures

@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lam_embed.backends import BACKEND_NAMES
+from lam_embed.configuration_lam import POSITION_OVERFLOW
 from lam_embed.data import default_data_dir, read_text_lines
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-text-weight", type=float, default=1000.0,
                    help="weight of the short-text term, the mean squared error of unit embeddings over their "
                         "384 dimensions (at 384 it equals their squared distance)")
-    p.add_argument("--position-overflow", choices=("wrap", "clamp"), default=None,
+    p.add_argument("--position-overflow", choices=POSITION_OVERFLOW, default=None,
                    help="how positions past the position table read it (LAMConfig.position_overflow), set "
                         "before training and saved with the model (default: the model's own)")
     p.add_argument("--train-embeddings", action="store_true",

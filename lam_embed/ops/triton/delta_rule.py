@@ -771,18 +771,20 @@ def triton_dual_state_delta_rule(
     carry = {"initial_state": initial_state, "state_after_chunks": state_after_chunks}
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *(flux_params or ())))
     carried = initial_state is not None or state_after_chunks is not None
+
+    def in_dtype(out):  # O in the caller's dtype; the states stay float32
+        return (out[0].to(dtype), out[1]) if state_after_chunks is not None else out.to(dtype)
+
     if ((training and state_dropout > 0) or flux_params is None or D < 16 or D & (D - 1)
             or (carried and needs_grad)):
         # The chunked form wants float32 inputs, q and k normalised.
         args = [t.float() for t in args]
         if qk_l2norm:
             args[:2] = l2norm(q), l2norm(k)
-        out = chunk_dual_state_delta_rule(*args, mask, flux, chunk_size=chunk_size,
-                                          state_dropout=state_dropout, training=training, **carry)
-        return (out[0].to(dtype), out[1]) if state_after_chunks is not None else out.to(dtype)
+        return in_dtype(chunk_dual_state_delta_rule(*args, mask, flux, chunk_size=chunk_size,
+                                                    state_dropout=state_dropout, training=training, **carry))
     if q.shape[2] == 0 and not carried:  # (lam_embed.ops.dual_state_delta_rule answers carried ones)
         return torch.zeros_like(q, dtype=dtype)
     if needs_grad:
         return DualStateDeltaRuleFunction.apply(mask, flux, chunk_size, qk_l2norm, launch, *args, *flux_params)
-    out = triton_forward(*args, mask, flux_params, chunk_size, qk_l2norm, launch=launch, **carry)
-    return (out[0].to(dtype), out[1]) if state_after_chunks is not None else out.to(dtype)
+    return in_dtype(triton_forward(*args, mask, flux_params, chunk_size, qk_l2norm, launch=launch, **carry))
