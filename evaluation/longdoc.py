@@ -600,6 +600,7 @@ def _positive(text: str) -> int:
 def _parse_args(argv):
     from lam_embed.configuration_lam import POSITION_OVERFLOW
     from lam_embed.data import default_data_dir
+    from lam_embed.sentence_transformer import POOLING_MODES
 
     data = default_data_dir()
     default_data = data / "longdoc" if data is not None else None
@@ -694,6 +695,7 @@ def _load_model(parser, name: str, device: str, dtype: str, pooling: str | None 
     from sentence_transformers import SentenceTransformer
 
     from lam_embed.data import looks_like_hub_name
+    from lam_embed.sentence_transformer import set_pooling
     from lam_embed.teacher import DEFAULT_TEACHER, resolve_teacher_path
 
     try:
@@ -707,28 +709,15 @@ def _load_model(parser, name: str, device: str, dtype: str, pooling: str | None 
     if not hasattr(model, "tokenizer") or model.tokenizer is None:
         parser.error(f"--models: {name!r} has no tokenizer; expected a text model")
     if pooling is not None:
-        replace_pooling(parser, name, model, pooling)
+        try:
+            set_pooling(model, pooling)
+        except ValueError as err:
+            parser.error(f"--pooling: {name!r}: {err}")
     config = getattr(getattr(model[0], "auto_model", None), "config", None)
     if position_overflow is not None and getattr(config, "model_type", None) == "lam":
         config.position_overflow = position_overflow
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     return model.eval()
-
-
-POOLING_MODES = ("mean", "max", "cls", "lasttoken")
-
-
-def replace_pooling(parser, name: str, model, mode: str) -> None:
-    """Replace ``model``'s Pooling module by sentence-transformers' Pooling of ``mode``."""
-    try:
-        from sentence_transformers.sentence_transformer.modules import Pooling
-    except ImportError:  # sentence-transformers < 6.3
-        from sentence_transformers.models import Pooling
-    for index, module in enumerate(model):
-        if isinstance(module, Pooling):
-            model[index] = Pooling(module.get_sentence_embedding_dimension(), pooling_mode=mode).to(model.device)
-            return
-    parser.error(f"--pooling: {name!r} has no Pooling module to replace")
 
 
 def main(argv=None) -> int:

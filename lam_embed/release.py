@@ -170,7 +170,10 @@ def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str 
     from .sentence_transformer import build_sentence_transformer
 
     model = load_release(folder, teacher)
-    st = build_sentence_transformer(model, tokenizer=teacher, max_seq_length=max_seq_length, device="cpu")
+    manifest = Path(folder) / MANIFEST_FILE
+    recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    st = build_sentence_transformer(model, tokenizer=teacher, max_seq_length=max_seq_length, device="cpu",
+                                    pooling=recorded.get("pooling", "mean"))
     st.save(str(output))
     output = Path(output)
     teacher_folder = Path(resolve_teacher_path(teacher))
@@ -179,11 +182,10 @@ def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str 
             shutil.copyfile(teacher_folder / name, output / name)
     weights = sorted(p.name for p in output.glob("*.safetensors"))
     (output / CHECKSUMS_FILE).write_text(json.dumps({name: file_sha256(output / name) for name in weights}, indent=2))
-    manifest = Path(folder) / MANIFEST_FILE
     if manifest.is_file():
         (output / "lam_manifest.json").write_text(manifest.read_text())
     # A card about this model instead of sentence-transformers' generic template.
-    (output / "README.md").write_text(model_card(json.loads(manifest.read_text()) if manifest.is_file() else {}))
+    (output / "README.md").write_text(model_card(recorded))
     logger.info("assembled %s from %s", output, folder)
     return Path(output)
 

@@ -17,13 +17,44 @@ except ImportError:  # pragma: no cover - older sentence-transformers
     from sentence_transformers.models import Normalize, Pooling, Transformer
 
 
+# The sentence-transformers pooling modes a LAM model may use (all built in, so a saved
+# folder loads without trust_remote_code).
+POOLING_MODES = ("mean", "max", "cls", "lasttoken")
+
+
+def _check_pooling(mode: str) -> None:
+    if mode not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}; got {mode!r}")
+
+
+def set_pooling(st, mode: str) -> None:
+    """Replace the Pooling module of the SentenceTransformer ``st`` by one of ``mode``."""
+    _check_pooling(mode)
+    for index, module in enumerate(st):
+        if isinstance(module, Pooling):
+            st[index] = Pooling(module.get_sentence_embedding_dimension(), pooling_mode=mode).to(st.device)
+            return
+    raise ValueError("the model has no Pooling module to replace")
+
+
+def pooling_mode(st) -> str | None:
+    """The mode of ``st``'s Pooling module (None without one)."""
+    for module in st:
+        if isinstance(module, Pooling):
+            mode = getattr(module, "pooling_mode", None)  # sentence-transformers >= 6.3
+            return mode if isinstance(mode, str) else module.get_pooling_mode_str()
+    return None
+
+
 def build_sentence_transformer(
     model: LAMModel,
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
     max_seq_length: int = 512,
     device: str | None = None,
+    pooling: str = "mean",
 ):
-    """Wrap a LAMModel as ``SentenceTransformer([Transformer, mean Pooling, Normalize])``.
+    """Wrap a LAMModel as ``SentenceTransformer([Transformer, Pooling, Normalize])``, the
+    pooling of mode ``pooling`` (one of POOLING_MODES).
 
     ``tokenizer`` is a tokenizer or a folder/hub name to load one from; ``None``
     takes the default teacher's. LAM has no hard length limit (positions past the
@@ -36,6 +67,7 @@ def build_sentence_transformer(
         raise TypeError(f"model must be a LAMModel, got {type(model).__name__}")
     if max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    _check_pooling(pooling)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(resolve_teacher_path(tokenizer))
     tokenizer.padding_side = "right"  # LAM reads tokens in order; see inference/input_checks.py
@@ -46,5 +78,5 @@ def build_sentence_transformer(
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         transformer = Transformer(folder, max_seq_length=max_seq_length)
-    pooling = Pooling(model.config.hidden_size, pooling_mode="mean")
-    return SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
+    pooling_module = Pooling(model.config.hidden_size, pooling_mode=pooling)
+    return SentenceTransformer(modules=[transformer, pooling_module, Normalize()], device=device)

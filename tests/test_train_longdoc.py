@@ -145,6 +145,32 @@ def test_smoke_run_resumes_exactly(tmp_path, tiny_model):
         assert torch.equal(whole_weights[name], resumed[name]), name
 
 
+@pytest.mark.slow
+def test_pooling_option_is_trained_with_and_recorded(tmp_path, tiny_model):
+    """--pooling max: the saved model pools by max (so its embeddings are the max over the
+    tokens of the saved model's token embeddings) and the release's manifest records it."""
+    from sentence_transformers import SentenceTransformer
+
+    from lam_embed.sentence_transformer import pooling_mode
+
+    model, _ = tiny_model
+    model_dir = str(tmp_path / "start")
+    model.save(model_dir)
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts()))
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(12)) + "\n")
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "max", "--steps", "1", "--pooling", "max"))
+    manifest = json.loads((tmp_path / "max" / "release" / "manifest.json").read_text())
+    assert manifest["pooling"] == "max"
+    trained = SentenceTransformer(str(tmp_path / "max" / "sentence-transformer"), device="cpu")
+    assert pooling_mode(trained) == "max"
+    text = "alpha beta gamma delta."
+    tokens = trained.encode(text, output_value="token_embeddings", convert_to_tensor=True)
+    want = F.normalize(tokens.max(dim=0).values, dim=-1)
+    torch.testing.assert_close(trained.encode(text, convert_to_tensor=True), want, atol=1e-6, rtol=0)
+
+
 def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
     articles = tmp_path / "a.jsonl"
     articles.write_text(json.dumps({"text": "x"}) + "\n")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from lam_embed.backends import BACKEND_NAMES
 from lam_embed.configuration_lam import POSITION_OVERFLOW
 from lam_embed.data import default_data_dir, read_text_lines
+from lam_embed.sentence_transformer import POOLING_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-overflow", choices=POSITION_OVERFLOW, default=None,
                    help="how positions past the position table read it (LAMConfig.position_overflow), set "
                         "before training and saved with the model (default: the model's own)")
+    p.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                   help="sentence-transformers pooling of the trained model, set before training (the short-text "
+                        "term then teaches it to give the teacher's mean-pooled embeddings) and recorded in the "
+                        "release (default: the model's own)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
@@ -238,6 +243,7 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
 
     from lam_embed.environment import git_commit
     from lam_embed.release import save_release
+    from lam_embed.sentence_transformer import pooling_mode, set_pooling
     from lam_embed.teacher import resolve_teacher_path
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -253,6 +259,8 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
     lam.config.delta_impl = args.delta_impl
     if args.position_overflow is not None:
         lam.config.position_overflow = args.position_overflow
+    if args.pooling is not None:
+        set_pooling(model, args.pooling)
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
     teacher.requires_grad_(False)
     tokenizer = model.tokenizer
@@ -338,6 +346,7 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
         "started_from": args.model,
         "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
                  "sentences": args.sentences, "short_texts": len(sentences)},
+        "pooling": pooling_mode(model),
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
     }
