@@ -215,30 +215,76 @@ class LAMModel(LAMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _carried_forward(self, input_ids, attention_mask, token_type_ids, past_state, return_dict):
+    def _carried_forward(self, input_ids, attention_mask, token_type_ids, past_state, return_dict,
+                         state_after_tokens=None):
         """forward from and to a carried state: eager layer code around the delta rule of
-        ``carried_backend``."""
-        B = input_ids.shape[0]
+        ``carried_backend``, replayed from a CUDA graph where the fused forward would be."""
+        B, C = input_ids.shape[0], self.config.chunk_size
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if past_state is not None:
             past_state.check(self.config, B, input_ids.device)
-        input_checks.check_input_values(self.config, input_ids, attention_mask, token_type_ids)
-        offset = past_state.offset if past_state is not None else input_ids.new_zeros(B)
+        pending = input_checks.check_input_values(self.config, input_ids, attention_mask, token_type_ids)
         mask = attention_mask.bool()
-        complete = mask.sum(1) // self.config.chunk_size  # chunks that end inside this input
+        valid = mask.sum(1)
+        if state_after_tokens is not None:
+            state_after_tokens = torch.as_tensor(state_after_tokens, device=input_ids.device)
+            if state_after_tokens.shape != (B,) or bool(((state_after_tokens < 0) | (state_after_tokens > valid)).any()):
+                raise ValueError(f"state_after_tokens must hold one count per sample in 0..its valid tokens "
+                                 f"({valid.tolist()}), got {state_after_tokens.tolist()}")
+            valid = state_after_tokens
+        complete = valid // C  # chunks whose end the returned state has read
+        offset = past_state.offset if past_state is not None else input_ids.new_zeros(B)
         wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         backend = carried_backend(self.config, input_ids.device, wants_grad)
+        layer_states = past_state.layers if past_state is not None else [None] * len(self.layers)
+        graphed = None
+        if backend.delta_impl == "triton" and self.uses_cuda_graphs(input_ids, backend):
+            # A piece of a stream is launch-bound (about a hundred small kernels a layer):
+            # replaying them from a graph is what makes an append cheap.
+            install_change_hooks()
+            if past_state is None:
+                layer_states = [layer.delta_net.zero_state(B, input_ids.device, self.dtype) for layer in self.layers]
+            extras = [offset, complete] + [t for state in layer_states for t in (state.fast, state.slow, state.conv_tail)]
+            graphed = self._carried_graphs(self, functools.partial(self._carried_graph_forward, backend=backend),
+                                           input_ids, attention_mask, token_type_ids,
+                                           changes=(optimizer_steps(), parameter_registrations(),
+                                                    self.config.position_overflow),
+                                           chunk_size=C, tensors_read=self._graph_tensors_read, extras=extras)
+        if graphed is not None:
+            x, *flat = graphed
+            states = [LayerState(*(t.clone() for t in flat[i:i + 3])) for i in range(0, len(flat), 3)]
+        else:
+            x, states = self._carried_layers(input_ids, mask, token_type_ids, offset, complete, layer_states, backend,
+                                             clamp=pending is not None)
+        state = LAMState(states, offset + complete * C)
+        output = (x, state) if return_dict is False else LAMModelOutput(last_hidden_state=x, state=state)
+        if pending is not None:
+            input_checks.check_values(self.config, *pending)
+        return output
+
+    def _carried_layers(self, input_ids, mask, token_type_ids, offset, complete, layer_states, backend,
+                        clamp: bool = False):
+        """Embeddings and layers from the carried ``layer_states`` (None: none): the last
+        hidden state and each layer's state after ``complete`` chunks. ``clamp``: as in _encode."""
+        if clamp:
+            input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
+            token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
         x = self.embeddings(input_ids, token_type_ids, position_offset=offset)
         states = []
-        for i, layer in enumerate(self.layers):
-            x, layer_state = layer(x, mask, backend, state=past_state.layers[i] if past_state is not None else None,
-                                   state_after_chunks=complete)
+        for layer, state in zip(self.layers, layer_states):
+            x, layer_state = layer(x, mask, backend, state=state, state_after_chunks=complete)
             states.append(layer_state)
-        state = LAMState(states, offset + complete * self.config.chunk_size)
-        if return_dict is False:
-            return x, state
-        return LAMModelOutput(last_hidden_state=x, state=state)
+        return x, states
+
+    def _carried_graph_forward(self, input_ids, attention_mask, token_type_ids, offset, complete, *flat,
+                               backend: Backend):
+        """What a CUDA graph of a carried forward captures: the last hidden state, then each
+        layer's fast, slow and conv_tail after ``complete`` chunks."""
+        layer_states = [LayerState(*flat[i:i + 3]) for i in range(0, len(flat), 3)]
+        x, states = self._carried_layers(input_ids, attention_mask.bool(), token_type_ids, offset, complete,
+                                         layer_states, backend, clamp=True)
+        return x, *(t for state in states for t in (state.fast, state.slow, state.conv_tail))
 
     def select_backend(self, input_ids: torch.Tensor) -> Backend:
         """The backend of a forward of ``input_ids`` (lam_embed/backends.py), for every layer."""
@@ -301,13 +347,24 @@ class LAMModel(LAMPreTrainedModel):
             graphs = self.__dict__["_cuda_graphs"] = ForwardGraphs()
         return graphs
 
+    @property
+    def _carried_graphs(self) -> ForwardGraphs:
+        """The graphs of carried forwards (a stream's pieces), kept apart from the others."""
+        graphs = self.__dict__.get("_carried_cuda_graphs")
+        if graphs is None:
+            graphs = self.__dict__["_carried_cuda_graphs"] = ForwardGraphs()
+        return graphs
+
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_cuda_graphs", None)  # .to(), .half(), ...: the graphs read the old tensors
+        # .to(), .half(), ...: the graphs read the old tensors
+        self.__dict__.pop("_cuda_graphs", None)
+        self.__dict__.pop("_carried_cuda_graphs", None)
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
         if mode:  # training moves the weights: the graphs' memory is better freed now
             self.__dict__.pop("_cuda_graphs", None)
+            self.__dict__.pop("_carried_cuda_graphs", None)
         return super().train(mode)
 
     def forward(
@@ -319,17 +376,21 @@ class LAMModel(LAMPreTrainedModel):
         return_dict: bool | None = None,
         past_state: LAMState | None = None,
         use_cache: bool | None = None,
+        state_after_tokens: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
         """As BERT's forward. ``past_state`` (lam_embed/state.py): the input continues the
         documents whose chunks that state ended; ``use_cache``: also return, as ``state``,
         the state after the complete chunks of each sample (its tokens past them are to be
-        given again with the next piece). Either runs the eager layer code."""
+        given again with the next piece); ``state_after_tokens`` (B,): the state after the
+        complete chunks of each sample's first that many tokens instead (the rest, say a
+        closing [SEP], is read for the output only). These run the eager layer code."""
         input_checks.check_shapes(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if past_state is not None or use_cache:
-            return self._carried_forward(input_ids, attention_mask, token_type_ids, past_state, return_dict)
+        if past_state is not None or use_cache or state_after_tokens is not None:
+            return self._carried_forward(input_ids, attention_mask, token_type_ids, past_state, return_dict,
+                                         state_after_tokens)
         backend = self.select_backend(input_ids)
         graphed = None
         if not output_hidden_states and self.uses_cuda_graphs(input_ids, backend):

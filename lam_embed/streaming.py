@@ -7,6 +7,9 @@ own, between [CLS] and [SEP], exactly as a one-pass ``SentenceTransformer.encode
 ids would see them (without its truncation). Complete chunks are encoded once; the tokens of
 the incomplete last chunk wait for more text and are read again with it. The embedding is
 the model's own pooling (mean over all tokens, then its Normalize module if it has one).
+Ids wait until a segment's worth is pending or the embedding is read, so a document read in
+small pieces costs one forward a segment, and an append followed by reading the embedding
+one forward of the last chunk's ids, the new ones and [SEP].
 
     import lam_embed
     from sentence_transformers import SentenceTransformer
@@ -15,8 +18,8 @@ the model's own pooling (mean over all tokens, then its Normalize module if it h
     vector = lam_embed.encode_document(model, open("book.txt").read())
     doc = lam_embed.start_document(model)
     doc.append("first message")
-    doc.append("a reply")              # reads only the new tokens and the last chunk's
-    vector = doc.embedding
+    doc.append("a reply")
+    vector = doc.embedding             # reads only the new tokens and the last chunk's
     doc.save("doc.state")              # beside your index; DocumentState.load(path, model)
 """
 
@@ -95,30 +98,29 @@ def _piece_ids(tokenizer, piece) -> list[int]:
 
 
 def _advance(lam, state: LAMState | None, pending: list[list[int]], segment_tokens: int):
-    """Encode the complete chunks of every document's pending ids, ``segment_tokens`` (a
-    multiple of the chunk size) at most per document and call. Returns the new state,
-    the pending ids left (fewer than a chunk each) and the sum of the final hidden states
-    of the encoded tokens (B, D) float64 with their counts."""
-    chunk = lam.config.chunk_size
-    device = lam.device
-    sums = torch.zeros(len(pending), lam.config.hidden_size, dtype=torch.float64, device=device)
+    """Encode ``segment_tokens`` (a multiple of the chunk size) of every document that has
+    more pending ids than that, until none has. Returns the new state, the pending ids
+    left (at most ``segment_tokens`` each) and the sum of the final hidden states of the
+    encoded tokens (B, D) float64 with their counts."""
+    sums = torch.zeros(len(pending), lam.config.hidden_size, dtype=torch.float64, device=lam.device)
     counts = [0] * len(pending)
-    while True:
-        takes = [min(len(ids), segment_tokens) // chunk * chunk for ids in pending]
-        if not any(takes):
-            return state, pending, sums, counts
-        ids, mask = _batch([p[:t] for p, t in zip(pending, takes)], device)
+    while any(len(ids) > segment_tokens for ids in pending):
+        takes = [segment_tokens if len(ids) > segment_tokens else 0 for ids in pending]
+        ids, mask = _batch([p[:t] for p, t in zip(pending, takes)], lam.device, lam.config.chunk_size)
         out = lam(input_ids=ids, attention_mask=mask, past_state=state, use_cache=True)
-        hidden = out.last_hidden_state.double() * mask[..., None]
-        sums += hidden.sum(1)
+        sums += (out.last_hidden_state.double() * mask[..., None]).sum(1)
         counts = [c + t for c, t in zip(counts, takes)]
         pending = [p[t:] for p, t in zip(pending, takes)]
         state = out.state
+    return state, pending, sums, counts
 
 
-def _batch(sequences: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask (LAM reads tokens in order)."""
+def _batch(sequences: Sequence[list[int]], device, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (LAM reads tokens in order), padded to a multiple of the
+    chunk size: the forwards of a stream then see few shapes, and on a GPU a new shape
+    costs more than the padding (kernel selection for each matrix product)."""
     longest = max(1, max(len(s) for s in sequences))
+    longest = -(-longest // chunk_size) * chunk_size
     ids = torch.zeros(len(sequences), longest, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(sequences):
@@ -127,17 +129,25 @@ def _batch(sequences: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.
     return ids.to(device), mask.to(device)
 
 
-def _finish(lam, state, pending, sums, counts, sep: int, normalize: bool) -> np.ndarray:
-    """The embeddings: the pending ids and [SEP] read from the state, pooled with the rest."""
-    ids, mask = _batch([p + [sep] for p in pending], lam.device)
-    out = lam(input_ids=ids, attention_mask=mask, past_state=state, use_cache=True)
+def _finish(lam, state, pending, sums, counts, sep: int, normalize: bool):
+    """The embeddings, from one forward over each document's pending ids and [SEP]; the same
+    forward carries the state past the complete chunks of the pending ids (not [SEP]).
+    Returns (embeddings (B, D) float32, state, pending ids left, sums, counts) for them."""
+    chunk = lam.config.chunk_size
+    ids, mask = _batch([p + [sep] for p in pending], lam.device, chunk)
+    lengths = torch.tensor([len(p) for p in pending])
+    out = lam(input_ids=ids, attention_mask=mask, past_state=state, state_after_tokens=lengths.to(lam.device))
     hidden = out.last_hidden_state.double() * mask[..., None]
+    takes = [len(p) // chunk * chunk for p in pending]
+    carried = (torch.arange(ids.shape[1]) < torch.tensor(takes)[:, None]).to(lam.device)
+    encoded = (hidden * carried[..., None]).sum(1)
     total = sums + hidden.sum(1)
     count = torch.tensor([c + len(p) + 1 for c, p in zip(counts, pending)], dtype=torch.float64, device=lam.device)
     mean = total / count[:, None]
     if normalize:
         mean = torch.nn.functional.normalize(mean, dim=-1)
-    return mean.float().cpu().numpy()
+    return (mean.float().cpu().numpy(), out.state, [p[t:] for p, t in zip(pending, takes)], sums + encoded,
+            [c + t for c, t in zip(counts, takes)])
 
 
 def _check_segment(segment_tokens: int, chunk_size: int) -> int:
@@ -169,22 +179,30 @@ class DocumentState:
 
     @torch.inference_mode()
     def append(self, piece: str) -> DocumentState:
-        """Add a piece of text (tokenized on its own) and encode what completes a chunk."""
-        ids = _piece_ids(self.tokenizer, piece)
-        self.state, (self.pending,), sums, (count,) = _advance(
-            self.lam, self.state, [self.pending + ids], self.segment_tokens)
-        self.sum += sums[0].cpu()
-        self.count += count
+        """Add a piece of text (tokenized on its own). Its ids wait until more than
+        ``segment_tokens`` are pending (or the embedding is read), then whole segments are
+        encoded: a document read in small pieces costs one forward a segment."""
+        self.pending = self.pending + _piece_ids(self.tokenizer, piece)
+        if len(self.pending) > self.segment_tokens:
+            self.state, (self.pending,), sums, (count,) = _advance(
+                self.lam, self.state, [self.pending], self.segment_tokens)
+            self.sum += sums[0].cpu()
+            self.count += count
         self._embedding = None
         return self
 
     @property
     def embedding(self) -> np.ndarray:
-        """The document's embedding (float32), as the model's pooling gives it."""
+        """The document's embedding (float32), as the model's pooling gives it. Reading it
+        encodes the pending ids with [SEP] in one forward, which also carries the state
+        past their complete chunks."""
         if self._embedding is None:
             with torch.inference_mode():
-                self._embedding = _finish(self.lam, self.state, [self.pending], self.sum[None].to(self.lam.device),
-                                          [self.count], self.tokenizer.sep_token_id, self.normalize)[0]
+                embeddings, self.state, (self.pending,), sums, (self.count,) = _finish(
+                    self.lam, self.state, [self.pending], self.sum[None].to(self.lam.device), [self.count],
+                    self.tokenizer.sep_token_id, self.normalize)
+            self.sum = sums[0].cpu()
+            self._embedding = embeddings[0]
         return self._embedding
 
     def save(self, path: str | Path) -> None:
@@ -267,5 +285,5 @@ def encode_documents(model, documents: Sequence[str | Sequence[str]], batch_size
     for start in tqdm(range(0, len(ids), batch_size), desc="documents", unit="batch", disable=not show_progress_bar):
         batch = ids[start:start + batch_size]
         state, pending, sums, counts = _advance(lam, None, batch, segment_tokens)
-        out[start:start + len(batch)] = _finish(lam, state, pending, sums, counts, tokenizer.sep_token_id, normalize)
+        out[start:start + len(batch)] = _finish(lam, state, pending, sums, counts, tokenizer.sep_token_id, normalize)[0]
     return out

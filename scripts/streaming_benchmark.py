@@ -80,10 +80,12 @@ def warm_up(model, segment_tokens: int) -> float:
 
 
 def measure_append(model_path: str, tokens: int, append_tokens: int, segment_tokens: int, device: str,
-                   repeats: int = 5) -> dict:
+                   repeats: int = 5, one_pass_repeats: int = 3) -> dict:
     """Seconds to append ``append_tokens`` tokens to a document of ``tokens`` tokens and get
     its embedding (``repeats`` appends one after the other: the first and the median), against
-    encoding the grown document again."""
+    encoding the grown document again: streamed (encode_document) and, with
+    ``one_pass_repeats``, in one ``SentenceTransformer.encode`` pass (the median of that many
+    timed passes after two untimed ones; memory then grows with the length)."""
     import statistics
 
     from sentence_transformers import SentenceTransformer
@@ -108,10 +110,22 @@ def measure_append(model_path: str, tokens: int, append_tokens: int, segment_tok
     again = lam_embed.encode_document(model, [*base, *[extra] * repeats], segment_tokens=segment_tokens)
     full_seconds = time.perf_counter() - start
     median = statistics.median(seconds)
-    return {"tokens": document.tokens + 1, "appended_tokens": append_tokens, "appends": repeats,
-            "append_seconds": round(median, 4), "first_append_seconds": round(seconds[0], 4),
-            "reencode_seconds": round(full_seconds, 2), "ratio": round(median / full_seconds, 5),
-            "max_abs_difference": float(abs(appended - again).max()), "warm_up_seconds": round(cold, 2)}
+    row = {"tokens": document.tokens + 1, "appended_tokens": append_tokens, "appends": repeats,
+           "append_seconds": round(median, 4), "first_append_seconds": round(seconds[0], 4),
+           "reencode_seconds": round(full_seconds, 3), "ratio": round(median / full_seconds, 5),
+           "max_abs_difference": float(abs(appended - again).max()), "warm_up_seconds": round(cold, 2)}
+    if one_pass_repeats:
+        text = " ".join([*base, *[extra] * repeats])
+        model.max_seq_length = 2 * document.tokens  # the whole text, untruncated
+        passes = []
+        for number in range(2 + one_pass_repeats):
+            start = time.perf_counter()
+            model.encode(text)
+            if number >= 2:  # the first passes compile and capture for this length
+                passes.append(time.perf_counter() - start)
+        one_pass = statistics.median(passes)
+        row.update(one_pass_seconds=round(one_pass, 4), ratio_to_one_pass=round(median / one_pass, 5))
+    return row
 
 
 def stream_ids(lam, ids: list[int], cuts: list[int]):
@@ -176,6 +190,8 @@ def main(argv=None) -> dict:
     p.add_argument("--append-tokens", type=int, default=100, help="tokens appended at a time")
     p.add_argument("--append-repeats", type=int, default=5,
                    help="appends one after the other; the figure is their median (the first is reported too)")
+    p.add_argument("--one-pass-repeats", type=int, default=3,
+                   help="timed one-pass encodes of the grown document, for the append's second ratio (0: skip)")
     p.add_argument("--exactness-lengths", type=int, nargs="*", default=[1, 5000, 40000],
                    help="document lengths in tokens (with [CLS] and [SEP]) whose ids, cut at random points into "
                         "1 to 20 pieces, are streamed and compared with one pass (none: skip)")
@@ -191,17 +207,19 @@ def main(argv=None) -> dict:
             row = measure_length(args.model, int(value), args.segment_tokens, args.device)
         else:
             row = measure_append(args.model, int(value), args.append_tokens, args.segment_tokens, args.device,
-                                 args.append_repeats)
+                                 args.append_repeats, args.one_pass_repeats)
         print(json.dumps(row))
         return row
     if (any(n < 2 for n in args.lengths) or args.segment_tokens < 1 or args.append_tokens < 1
-            or args.append_repeats < 1):
-        p.error("--lengths must be >= 2, --segment-tokens, --append-tokens and --append-repeats >= 1")
+            or args.append_repeats < 1 or args.one_pass_repeats < 0):
+        p.error("--lengths must be >= 2, --segment-tokens, --append-tokens and --append-repeats >= 1, "
+                "--one-pass-repeats >= 0")
     if any(n < 1 for n in args.exactness_lengths):
         p.error("--exactness-lengths must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     common = ["--model", args.model, "--segment-tokens", str(args.segment_tokens), "--device", args.device,
-              "--append-tokens", str(args.append_tokens), "--append-repeats", str(args.append_repeats)]
+              "--append-tokens", str(args.append_tokens), "--append-repeats", str(args.append_repeats),
+              "--one-pass-repeats", str(args.one_pass_repeats)]
 
     def child(spec: str) -> dict:
         done = subprocess.run([sys.executable, __file__, *common, "--child", spec], capture_output=True, text=True)
@@ -228,8 +246,10 @@ def main(argv=None) -> dict:
         result["append"] = row = child(f"append:{args.append_base}")
         print(f"append {row['appended_tokens']} tokens to {args.append_base:,} ({row['appends']} times, median): "
               f"{row['append_seconds']:.3f} s (first {row['first_append_seconds']:.3f} s) against "
-              f"{row['reencode_seconds']:.1f} s to encode it again ({100 * row['ratio']:.2f}%; embeddings differ by "
-              f"{row['max_abs_difference']:.1e})")
+              f"{row['reencode_seconds']:.3f} s to encode it again ({100 * row['ratio']:.2f}%; embeddings differ by "
+              f"{row['max_abs_difference']:.1e})" + (f"; one pass over it {row['one_pass_seconds']:.3f} s "
+                                                    f"({100 * row['ratio_to_one_pass']:.2f}%)"
+                                                    if "one_pass_seconds" in row else ""))
     if args.output:
         from lam_embed.environment import write_result
 

@@ -37,11 +37,11 @@ class FakeGraph:
 
     captures = 0
 
-    def __init__(self, forward, batch, length, device, pool):
+    def __init__(self, forward, batch, length, device, pool, extras=()):
         FakeGraph.captures += 1
         self.length, self.replays = length, 0
 
-    def __call__(self, input_ids, attention_mask, token_type_ids):
+    def __call__(self, input_ids, attention_mask, token_type_ids, *extras):
         self.replays += 1
         return input_ids.float(), None
 

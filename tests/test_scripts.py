@@ -45,9 +45,12 @@ def test_streaming_benchmark_end_to_end(tmp_path):
     assert result["lengths"][0]["tokens"] >= 300 and result["lengths"][0]["peak_rss_mib"] > 0
     append = result["append"]
     assert append["appends"] == 2 and append["max_abs_difference"] <= 1e-6
+    assert append["one_pass_seconds"] > 0 and append["ratio_to_one_pass"] > 0
     assert result["provenance"]["command"].startswith("python scripts/streaming_benchmark.py")
 
 
 def test_streaming_benchmark_rejects_bad_options_before_running():
     done = run_script("scripts/streaming_benchmark.py", "--append-repeats", "0")
     assert done.returncode == 2 and "--append-repeats >= 1" in done.stderr
+    done = run_script("scripts/streaming_benchmark.py", "--one-pass-repeats", "-1")
+    assert done.returncode == 2 and "--one-pass-repeats >= 0" in done.stderr

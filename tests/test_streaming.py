@@ -106,6 +106,31 @@ def test_model_cut_anywhere_equals_one_pass_on_gpu(dtype, bound, monkeypatch):
     assert {b.delta_impl for b in chosen} == {"triton"}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_carried_pieces_replayed_from_cuda_graphs_equal_one_pass(dtype, bound):
+    """The same pieces read three times (eager, captured, replayed: a piece shape is captured
+    the second time it is seen) give the one-pass output every time, and the graphs of the
+    carried forwards were used; state_after_tokens through a graph too."""
+    gpu = cuda_device()
+    model = small_model().to(gpu, dtype)
+    ids = torch.randint(1, 1000, (1, 700), generator=torch.Generator().manual_seed(7)).to(gpu)
+    cuts = [5, 100, 130, 400, 416]
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state.float()
+        for _ in range(3):
+            got = stream(model, ids, cuts).float()
+            assert (got - ref).abs().max() <= bound * ref.abs().max()
+        assert model._carried_graphs.graphs, "no carried forward was replayed from a graph"
+        eager_state = None
+        for _ in range(3):
+            out = model(input_ids=ids[:, :300], state_after_tokens=torch.tensor([290], device=gpu))
+            assert (out.last_hidden_state.float() - ref[:, :300]).abs().max() <= bound * ref.abs().max()
+            assert out.state.offset.tolist() == [290 // CHUNK * CHUNK]
+            eager_state = eager_state or out.state
+            torch.testing.assert_close(out.state.layers[1].slow, eager_state.layers[1].slow, rtol=0, atol=1e-5)
+
+
 def small_model(seed=0, **fields) -> LAMModel:
     torch.manual_seed(seed)
     config = LAMConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
@@ -186,6 +211,26 @@ def test_a_state_that_does_not_fit_is_named():
             model(input_ids=ids, past_state=state)
 
 
+def test_state_after_tokens_carries_past_the_first_tokens_only():
+    """state_after_tokens=n: the output is the one-pass output of all the ids, and the state
+    the one a forward of the first n ids would carry (n anywhere, 0 included)."""
+    model = small_model()
+    ids = torch.randint(1, 1000, (2, 50), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+        for n in (0, 15, 16, 33, 50):
+            out = model(input_ids=ids, state_after_tokens=torch.tensor([n, n]))
+            torch.testing.assert_close(out.last_hidden_state, ref, rtol=0, atol=1e-5)
+            want = model(input_ids=ids[:, :n], use_cache=True).state if n else None
+            assert out.state.offset.tolist() == [n // CHUNK * CHUNK] * 2
+            for layer, want_layer in zip(out.state.layers, want.layers if want else [None] * len(out.state.layers)):
+                if want_layer is not None:
+                    torch.testing.assert_close(layer.fast, want_layer.fast, rtol=0, atol=1e-6)
+                    torch.testing.assert_close(layer.conv_tail, want_layer.conv_tail, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="state_after_tokens must hold one count per sample in 0..its valid"):
+            model(input_ids=ids, state_after_tokens=torch.tensor([51, 3]))
+
+
 # ------------------------------------------------------------------------- the user API
 
 
@@ -236,6 +281,21 @@ def one_pass_ids(model, pieces):
     tok = model.tokenizer
     return [tok.cls_token_id] + [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]] + [
         tok.sep_token_id]
+
+
+def test_embedding_read_between_appends_equals_one_pass_of_each_prefix(st_model):
+    """Reading the embedding carries the state past the pending ids; the appends after it
+    continue from there (pieces of 1 to ~60 tokens, a segment of two chunks)."""
+    words = TEXT.split()
+    rng = random.Random(5)
+    cuts = sorted(rng.sample(range(1, len(words)), 11))
+    pieces = [" ".join(words[a:b]) for a, b in zip([0, *cuts], [*cuts, len(words)])]
+    document = lam_embed.start_document(st_model, segment_tokens=2 * CHUNK)
+    for number, piece in enumerate(pieces, 1):
+        document.append(piece)
+        if number % 3 != 2:  # some appends are not followed by a read
+            assert np.abs(document.embedding - one_pass(st_model, pieces[:number])).max() <= 1e-5, number
+    assert document.tokens == len(one_pass_ids(st_model, pieces)) - 1
 
 
 def test_saved_state_continues_as_the_unsaved_one(st_model, tmp_path):

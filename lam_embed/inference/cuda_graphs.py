@@ -64,25 +64,28 @@ def bucket_length(length: int, chunk_size: int) -> int:
 class GraphedForward:
     """One captured forward: static input buffers, the graph, its static outputs."""
 
-    def __init__(self, forward, batch: int, length: int, device: torch.device, pool):
+    def __init__(self, forward, batch: int, length: int, device: torch.device, pool, extras=()):
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
         self.mask = torch.zeros_like(self.ids)
         self.types = torch.zeros_like(self.ids)
         self.types_zero = True  # whether self.types holds zeros only (token_type_ids None needs no copy)
+        # Inputs of fixed shape besides the token rows (a carried state), as given.
+        self.extras = [torch.zeros_like(e) for e in extras]
         # An eager run first: the Triton kernels compile for this length's specialisation
         # (a capture cannot compile), and the weights stacked by each layer are built
         # outside the graph's memory pool.
-        forward(self.ids, self.mask, self.types)
+        forward(self.ids, self.mask, self.types, *self.extras)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a DataLoader pinning memory while a
         # trainer evaluates, say) are not part of the capture and must not fail it.
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.out, self.summary = forward(self.ids, self.mask, self.types)
+            self.out, *self.rest = forward(self.ids, self.mask, self.types, *self.extras)
 
-    def __call__(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay for these inputs (``token_type_ids`` None: all zero). The inputs go into
-        the static buffers in one multi-tensor copy, and the padding after them is zeroed:
-        a longer input of this bucket left its values there."""
+    def __call__(self, input_ids, attention_mask, token_type_ids, *extras) -> tuple:
+        """Replay for these inputs (``token_type_ids`` None: all zero): (the last hidden state,
+        then forward's other outputs). The inputs go into the static buffers in one
+        multi-tensor copy, and the padding after them is zeroed: a longer input of this
+        bucket left its values there."""
         length = input_ids.shape[1]
         sources, buffers = [input_ids, attention_mask], [self.ids, self.mask]
         if token_type_ids is not None:
@@ -93,13 +96,13 @@ class GraphedForward:
             self.types.zero_()
             self.types_zero = True
         if length == self.ids.shape[1]:
-            torch._foreach_copy_(buffers, sources)
+            torch._foreach_copy_(buffers + self.extras, sources + list(extras))
         else:
-            torch._foreach_copy_([b[:, :length] for b in buffers], sources)
+            torch._foreach_copy_([b[:, :length] for b in buffers] + self.extras, sources + list(extras))
             torch._foreach_zero_([b[:, length:] for b in buffers])
         self.graph.replay()
-        # The next replay overwrites both outputs: the caller copies the summary out at once.
-        return self.out[:, :length].clone(), self.summary
+        # The next replay overwrites the other outputs: the caller copies them out at once.
+        return self.out[:, :length].clone(), *self.rest
 
 
 class ForwardGraphs:
@@ -131,11 +134,12 @@ class ForwardGraphs:
         return changed
 
     def __call__(self, model, forward, input_ids, attention_mask, token_type_ids, changes: tuple, chunk_size: int,
-                 tensors_read=None):
-        """``forward(ids, mask, types)`` -> (last hidden state, value summary) through a graph
-        for this shape; None when the shape is seen for the first time, holds more than
-        MAX_GRAPH_TOKENS tokens, or the parameters changed since the last call (the caller
-        then runs it eagerly).
+                 tensors_read=None, extras=()):
+        """``forward(ids, mask, types, *extras)`` -> (last hidden state, other outputs...)
+        through a graph for this shape; None when the shape is seen for the first time, holds
+        more than MAX_GRAPH_TOKENS tokens, or the parameters changed since the last call (the
+        caller then runs it eagerly). ``extras``: inputs whose shape follows from the batch
+        size (a carried state).
 
         ``changes`` counts the events that a version counter does not show: optimizer
         steps (fused optimizers update parameters without moving it), parameters
@@ -173,13 +177,13 @@ class ForwardGraphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             logger.debug("capturing a CUDA graph of the LAM forward for batch %d, length %d", batch, key[1])
-            graphed = GraphedForward(forward, batch, key[1], input_ids.device, self.pool)
+            graphed = GraphedForward(forward, batch, key[1], input_ids.device, self.pool, extras)
             graphed.held = tensors_read() if tensors_read is not None else [p.detach() for p in self.parameters]
             self.graphs[key] = graphed
             while len(self.graphs) > MAX_GRAPHS or self.tokens() > MAX_GRAPH_TOKENS:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        result = graphed(input_ids, attention_mask, token_type_ids)
+        result = graphed(input_ids, attention_mask, token_type_ids, *extras)
         if self._parameters_changed():
             self.clear()
             return None

@@ -182,6 +182,13 @@ class DualStateDeltaNet(nn.Module):
         """The backend for a call on x outside a model forward (which selects it for all layers)."""
         return select_backend(self.config, x.device, x.dtype, self._wants_grad(x), self.training)
 
+    def zero_state(self, batch_size: int, device, dtype: torch.dtype) -> LayerState:
+        """The state before any token: zero memories and convolution tail (``dtype``: the activations')."""
+        d, K = self.head_dim, self.config.conv_size
+        memory = torch.zeros(batch_size, self.num_heads, d, d, dtype=torch.float32, device=device)
+        tail = torch.zeros(batch_size, K - 1, 3 * self.num_heads * d, dtype=dtype, device=device)
+        return LayerState(memory, memory.clone(), tail)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None,
                 state: LayerState | None = None, state_after_chunks: torch.Tensor | None = None):
         """x: (B, L, D); mask: (B, L) bool, True on valid tokens; ``backend``: as
@@ -217,8 +224,7 @@ class DualStateDeltaNet(nn.Module):
         if carried:
             B = x.shape[0]
             if state is None:
-                zero = x.new_zeros(B, H, self.head_dim, self.head_dim, dtype=torch.float32)
-                state = LayerState(zero, zero, x.new_zeros(B, config.conv_size - 1, conv_weight.shape[0]))
+                state = self.zero_state(B, x.device, x.dtype)
             if state_after_chunks is None:  # no chunk to read past: the state stays as given
                 state_after_chunks = torch.zeros(B, dtype=torch.long, device=x.device)
             (q, k, v, output_gate, *scalars), qkv_in = features(x, mask, weight, bias, conv_weight, H,
