@@ -239,7 +239,7 @@ class LAMModel(LAMPreTrainedModel):
         backend = carried_backend(self.config, input_ids.device, wants_grad)
         layer_states = past_state.layers if past_state is not None else [None] * len(self.layers)
         graphed = None
-        if backend.delta_impl == "triton" and self.uses_cuda_graphs(input_ids, backend):
+        if backend.delta_impl == "triton" and self._graphs_allowed(input_ids):
             # A piece of a stream is launch-bound (about a hundred small kernels a layer):
             # replaying them from a graph is what makes an append cheap.
             install_change_hooks()
@@ -335,10 +335,11 @@ class LAMModel(LAMPreTrainedModel):
         """Whether a forward of ``input_ids`` replays CUDA graphs (inference/cuda_graphs.py):
         with ``config.cuda_graphs``, at inference on CUDA through the Triton layer code, not
         inside another capture."""
-        if not (self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
-                and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()):
-            return False
-        return (backend or self.select_backend(input_ids)).layer_code == "triton"
+        return self._graphs_allowed(input_ids) and (backend or self.select_backend(input_ids)).layer_code == "triton"
+
+    def _graphs_allowed(self, input_ids: torch.Tensor) -> bool:
+        return bool(self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
+                    and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing())
 
     @property
     def _graphs(self) -> ForwardGraphs:
