@@ -9,10 +9,15 @@ def _percent(value) -> str:
     return f"{100 * value:.2f}" if isinstance(value, int | float) else "-"
 
 
-def model_card(manifest: dict, name: str = "LAM") -> str:
+DISTILLATION_DATA = ("English sentences and passages for distillation; STS-B dev and test were used only "
+                     "to evaluate.")
+
+
+def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, float32", appendix: str = "",
+               data: str = DISTILLATION_DATA) -> str:
     """Markdown with a sentence-transformers front matter: what LAM is, how to load it, its
-    STS-B figures beside the teacher's (from ``manifest["figures"]``), long inputs, limits,
-    training and license."""
+    STS-B figures beside the teacher's (from ``manifest["figures"]``, measured as
+    ``stsb_setting`` says), long inputs, limits, training and license; ``appendix`` last."""
     figures = manifest.get("figures", {})
     lam, teacher = figures.get("stsb_cpu_fp32", {}), figures.get("teacher_stsb_cpu_fp32", {})
     passages = figures.get("held_out_passages_cpu", {})
@@ -72,7 +77,7 @@ Documents of any length:
 
 ## Figures
 
-STS-B, Spearman correlation of cosine similarity (x100), CPU, float32:
+STS-B, Spearman correlation of cosine similarity (x100), {stsb_setting}:
 
 | model | dev | test |
 |---|---|---|
@@ -93,14 +98,13 @@ teacher than English sentences do.
 
 ## Training
 
-Commands: {training}{f" ({minutes} minutes)" if minutes is not None else ""}. Data: English
-sentences and passages for distillation; STS-B dev and test were used only to evaluate.
+Commands: {training}{f" ({minutes} minutes)" if minutes is not None else ""}. Data: {data}
 
 ## License and citation
 
 Apache-2.0. The teacher: Reimers and Gurevych, "Sentence-BERT: Sentence Embeddings using
 Siamese BERT-Networks" (EMNLP 2019), and the all-MiniLM-L6-v2 model of sentence-transformers.
-"""
+{appendix}"""
 
 
 def _speed_section(speed: dict | None, name: str) -> str:
@@ -116,3 +120,34 @@ def _speed_section(speed: dict | None, name: str) -> str:
         text += (f"\nCPU ({speed.get('cpu', '')}): all-MiniLM-L6-v2 {cpu['teacher']}, {name} {cpu['lam']} "
                  f"({cpu['lam'] / cpu['teacher']:.2f}x).\n")
     return text
+
+
+def finetuned_model_card(base_manifest: dict, stsb: dict, command: str, setting: str, train_data: str,
+                         trainer_card: str = "") -> str:
+    """The card of a fine-tuned LAM: the base model's card (teacher figures, speed) with the
+    fine-tuned STS-B figures (``stsb``: {split: {"spearman": ...}}, measured as ``setting``
+    says), ``command`` and ``train_data``; sentence-transformers' own card of the training
+    run (``trainer_card``: losses, data, hyperparameters) follows as an appendix."""
+    figures = dict(base_manifest.get("figures", {}))
+    figures["stsb_cpu_fp32"] = {"dev_spearman": stsb.get("validation", {}).get("spearman"),
+                                "test_spearman": stsb.get("test", {}).get("spearman")}
+    if "teacher_stsb_cpu_fp32" in figures:
+        setting += "; the teacher's row is its own, as released (CPU, float32)"
+    figures.pop("held_out_passages_cpu", None)  # measured on the base model, not this one
+    manifest = {"figures": figures, "command": [*_as_list(base_manifest.get("command")), command]}
+    body = trainer_card.split("\n---\n", 1)[1] if trainer_card.startswith("---\n") else trainer_card
+    appendix = f"\n## Fine-tuning run (sentence-transformers' record)\n\n{body.strip()}\n" if body.strip() else ""
+    data = (f"English sentences and passages for distillation, then {train_data} for fine-tuning; the "
+            "checkpoint kept is the one with the best STS-B dev figure, and STS-B test was used only to evaluate.")
+    return model_card(manifest, name="LAM (fine-tuned)", stsb_setting=setting, appendix=appendix, data=data)
+
+
+def _as_list(command) -> list:
+    return command if isinstance(command, list) else [command] if command else []
+
+
+def attach_model_card(st, manifest: dict) -> None:
+    """Make ``st.save()`` write LAM's card from ``manifest`` instead of sentence-transformers'
+    generic template. sentence-transformers writes the card text it loaded with a model
+    (``_model_card_text``) unless its trainer has trained the model since; this sets that text."""
+    st._model_card_text = model_card(manifest)

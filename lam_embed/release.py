@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from .checksums import file_sha256, verify_checksums
 from .configuration_lam import LAMConfig
-from .model_card import model_card
 from .modeling_lam import LAMModel
 from .teacher import resolve_teacher_path, teacher_to_lam_state_dict
 
@@ -173,7 +172,7 @@ def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str 
     manifest = Path(folder) / MANIFEST_FILE
     recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
     st = build_sentence_transformer(model, tokenizer=teacher, max_seq_length=max_seq_length, device="cpu",
-                                    pooling=recorded.get("pooling", "mean"))
+                                    pooling=recorded.get("pooling", "mean"), manifest=recorded)
     st.save(str(output))
     output = Path(output)
     teacher_folder = Path(resolve_teacher_path(teacher))
@@ -184,8 +183,6 @@ def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str 
     (output / CHECKSUMS_FILE).write_text(json.dumps({name: file_sha256(output / name) for name in weights}, indent=2))
     if manifest.is_file():
         (output / "lam_manifest.json").write_text(manifest.read_text())
-    # A card about this model instead of sentence-transformers' generic template.
-    (output / "README.md").write_text(model_card(recorded))
     logger.info("assembled %s from %s", output, folder)
     return Path(output)
 

@@ -7,6 +7,7 @@ import tempfile
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .model_card import attach_model_card
 from .modeling_lam import LAMModel
 from .teacher import resolve_teacher_path
 
@@ -52,9 +53,12 @@ def build_sentence_transformer(
     max_seq_length: int = 512,
     device: str | None = None,
     pooling: str = "mean",
+    manifest: dict | None = None,
 ):
     """Wrap a LAMModel as ``SentenceTransformer([Transformer, Pooling, Normalize])``, the
-    pooling of mode ``pooling`` (one of POOLING_MODES).
+    pooling of mode ``pooling`` (one of POOLING_MODES). With ``manifest`` (a release's:
+    figures, commands) ``st.save()`` writes LAM's model card from it; without, the model is
+    not one LAM has trained or measured, and sentence-transformers' card describes it.
 
     ``tokenizer`` is a tokenizer or a folder/hub name to load one from; ``None``
     takes the default teacher's. LAM has no hard length limit (positions past the
@@ -79,4 +83,7 @@ def build_sentence_transformer(
         tokenizer.save_pretrained(folder)
         transformer = Transformer(folder, max_seq_length=max_seq_length)
     pooling_module = Pooling(model.config.hidden_size, pooling_mode=pooling)
-    return SentenceTransformer(modules=[transformer, pooling_module, Normalize()], device=device)
+    st = SentenceTransformer(modules=[transformer, pooling_module, Normalize()], device=device)
+    if manifest is not None:
+        attach_model_card(st, manifest)
+    return st

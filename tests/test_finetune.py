@@ -148,7 +148,15 @@ def test_smoke_results_checkpoints_and_model_card(smoke):
     )
     assert len(list(smoke.out.glob("checkpoint-*"))) <= 2
     card = (smoke.out / "final" / "README.md").read_text(encoding="utf-8")
-    assert "CoSENTLoss" in card and "sentence-transformers" in card
+    assert "CoSENTLoss" in card and "sentence-transformers" in card  # the trainer's record of the run
+    lam = json.loads((Path(smoke.model_path) / "config.json").read_text()).get("model_type") == "lam"
+    assert ("# LAM (fine-tuned): a linear-time sentence encoder" in card) == lam
+    if lam:  # LAM's own card: its fine-tuned figures, how to load it, the command that made it
+        stsb = report["stsb"]
+        assert (f"| LAM (fine-tuned) | {100 * stsb['validation']['spearman']:.2f} | "
+                f"{100 * stsb['test']['spearman']:.2f} |") in card
+        assert "import lam_embed" in card and "`python scripts/finetune.py " in card
+        assert card.index("## Fine-tuning run (sentence-transformers' record)") > card.index("## License")
 
 
 def test_existing_checkpoints_need_resume(smoke, model_path, stsb_small, train_tsv, monkeypatch):

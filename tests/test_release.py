@@ -191,6 +191,24 @@ def test_damaged_release_shard_is_an_error_naming_it(tmp_path):
         load_release(copy)
 
 
+def test_a_built_model_saves_the_card_of_its_manifest(tmp_path):
+    """build_sentence_transformer(manifest=...): st.save() writes LAM's card; without a
+    manifest (a model LAM has not trained) sentence-transformers' own."""
+    from conftest import small_lam_sentence_transformer
+
+    from lam_embed import build_sentence_transformer
+
+    model, teacher = small_lam_sentence_transformer()
+    lam = model[0].auto_model
+    manifest = {"figures": {"stsb_cpu_fp32": {"dev_spearman": 0.5, "test_spearman": 0.25}}, "command": "python x.py"}
+    build_sentence_transformer(lam, teacher, manifest=manifest).save(str(tmp_path / "with"))
+    card = (tmp_path / "with" / "README.md").read_text()
+    assert "# LAM: a linear-time sentence encoder" in card and "| LAM | 50.00 | 25.00 |" in card
+    assert "`python x.py`" in card
+    build_sentence_transformer(lam, teacher).save(str(tmp_path / "without"))
+    assert "# LAM:" not in (tmp_path / "without" / "README.md").read_text()
+
+
 def test_assembled_folder_has_a_model_card_with_figures_and_loading_lines(assembled):
     card = (assembled / "README.md").read_text()
     manifest = json.loads((RELEASE / MANIFEST_FILE).read_text())

@@ -506,7 +506,7 @@ def main(argv=None) -> dict:
                             "stsb_train_sentences": len(extra), "stsb_train_fraction": args.stsb_train_fraction,
                             "passage_crop": args.passage_crop}
         save_release(student.cpu(), out_dir / "release", manifest, teacher=teacher_path)
-        st = lam_embed.build_sentence_transformer(student, tokenizer)
+        st = lam_embed.build_sentence_transformer(student, tokenizer, manifest=manifest)
         st.save(str(out_dir / "sentence-transformer"))
         logger.info("saved the distilled model to %s and its release weights to %s",
                     out_dir / "sentence-transformer", out_dir / "release")

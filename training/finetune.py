@@ -684,7 +684,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
         model, source=stsb_source, splits=("validation", "test"), batch_size=EVAL_BATCH_SIZE, name="final"
     )
     final_dir = output_dir / "final"
-    model.save(str(final_dir))  # writes the README.md model card as well
+    model.save(str(final_dir))  # writes sentence-transformers' README.md model card as well
+    if getattr(getattr(model[0], "auto_model", None), "config", None) is not None and \
+            model[0].auto_model.config.model_type == "lam":
+        _write_lam_card(final_dir, args.model, figures, argv, cuda, train_source)
     logger.info("saved the fine-tuned model to %s", final_dir)
     report = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -719,6 +722,22 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
         results_path,
     )
     return model, report
+
+
+def _write_lam_card(folder: Path, base: str, figures: dict, argv: list[str] | None, cuda: bool, train_source) -> None:
+    """Replace sentence-transformers' card of a fine-tuned LAM by LAM's own (its figures beside the
+    teacher's, how to load it, limits), keeping the trainer's record of the run as its appendix."""
+    import torch
+
+    from lam_embed.model_card import finetuned_model_card
+
+    base_manifest = Path(base) / "lam_manifest.json"
+    card = folder / "README.md"
+    setting = f"{torch.cuda.get_device_name() if cuda else 'CPU'}, the fine-tune script's final evaluation"
+    command = "python scripts/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    card.write_text(finetuned_model_card(
+        json.loads(base_manifest.read_text()) if base_manifest.is_file() else {}, figures, command, setting,
+        f"`{train_source}`", card.read_text(encoding="utf-8") if card.is_file() else ""), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,6 +242,7 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
         from sentence_transformers import losses
 
     from lam_embed.environment import git_commit
+    from lam_embed.model_card import attach_model_card
     from lam_embed.release import save_release
     from lam_embed.sentence_transformer import pooling_mode, set_pooling
     from lam_embed.teacher import resolve_teacher_path
@@ -339,7 +340,6 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
     model.eval()
     lam.config.delta_impl = "auto"
     minutes = (elapsed + time.time() - started) / 60
-    model.save(str(out / "sentence-transformer"))
     manifest = {
         "command": "python scripts/train_longdoc.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": git_commit() or "unknown",
@@ -350,6 +350,8 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
     }
+    attach_model_card(model, manifest)  # the card of the model loaded from --model would be kept
+    model.save(str(out / "sentence-transformer"))
     save_release(lam, out / "release", manifest, teacher=resolve_teacher_path(args.teacher))
     (out / "history.json").write_text(json.dumps(history) + "\n")
     logger.info("done: %d steps in %.1f minutes; model in %s", step, minutes, out / "sentence-transformer")
