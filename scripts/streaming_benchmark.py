@@ -185,7 +185,9 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="lam", help="LAM sentence-transformers folder (scripts/assemble_lam.py makes 'lam')")
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 262144, 1048576],
                    help="document lengths in tokens whose memory and time are measured (none: skip)")
-    p.add_argument("--segment-tokens", type=int, default=8192, help="tokens encoded per step")
+    p.add_argument("--segment-tokens", type=int, default=None,
+                   help="tokens encoded per step (default: lam_embed's for the device, "
+                        "lam_embed.streaming.DEFAULT_SEGMENT_TOKENS)")
     p.add_argument("--append-base", type=int, default=100_000, help="tokens of the document appended to (0: skip)")
     p.add_argument("--append-tokens", type=int, default=100, help="tokens appended at a time")
     p.add_argument("--append-repeats", type=int, default=5,
@@ -210,6 +212,10 @@ def main(argv=None) -> dict:
                                  args.append_repeats, args.one_pass_repeats)
         print(json.dumps(row))
         return row
+    if args.segment_tokens is None:
+        from lam_embed.streaming import DEFAULT_SEGMENT_TOKENS
+
+        args.segment_tokens = DEFAULT_SEGMENT_TOKENS["cuda" if args.device.startswith("cuda") else "cpu"]
     if (any(n < 2 for n in args.lengths) or args.segment_tokens < 1 or args.append_tokens < 1
             or args.append_repeats < 1 or args.one_pass_repeats < 0):
         p.error("--lengths must be >= 2, --segment-tokens, --append-tokens and --append-repeats >= 1, "
