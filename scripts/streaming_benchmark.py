@@ -37,6 +37,20 @@ def pieces(tokenizer, tokens: int, piece_tokens: int = 2000):
         yield " ".join(piece)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image, so a
+    child does not inherit the parent's peak as getrusage's ru_maxrss does across fork and
+    exec (the parent's one-pass exactness check would otherwise set every child's figure)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def measure_length(model_path: str, tokens: int, segment_tokens: int, device: str) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
@@ -48,7 +62,7 @@ def measure_length(model_path: str, tokens: int, segment_tokens: int, device: st
     cold = warm_up(model, segment_tokens)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = peak_rss_mib()
     start = time.perf_counter()
     document = lam_embed.start_document(model, segment_tokens)
     for piece in text_pieces:
@@ -57,8 +71,7 @@ def measure_length(model_path: str, tokens: int, segment_tokens: int, device: st
     seconds = time.perf_counter() - start
     row = {"tokens": document.tokens + 1, "seconds": round(seconds, 2),
            "microseconds_per_token": round(1e6 * seconds / (document.tokens + 1), 2),
-           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "rss_before_mib": round(rss_before / 1024, 1), "norm": float((embedding ** 2).sum() ** 0.5),
+           "peak_rss_mib": round(peak_rss_mib(), 1), "rss_before_mib": round(rss_before, 1), "norm": float((embedding ** 2).sum() ** 0.5),
            "warm_up_seconds": round(cold, 2)}
     if device.startswith("cuda"):
         row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -26,3 +26,16 @@ def small_lam_sentence_transformer(delta_net_noise: float = 0.0, **config):
                 if "delta_net" in name:
                     p.add_(delta_net_noise * torch.randn_like(p))
     return lam_embed.build_sentence_transformer(lam), path
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(tmp_path_factory):
+    """The teacher exported to ONNX (fp32 and int8) once for the session: {peer: path}."""
+    pytest.importorskip("onnxruntime")
+    import lam_embed
+    from lam_embed.evaluation.onnx_peers import export_minilm
+
+    return export_minilm(lam_embed.resolve_teacher_path(), tmp_path_factory.mktemp("onnx"))

@@ -22,7 +22,7 @@ SENTENCES = [
 def _write_tiny_stsb(folder):
     # load_stsb reads the original tab-separated layout: 4 fields, score, sentence1, sentence2.
     lines = [
-        "\t".join(["main-captions", "MSRvid", "2012test", f"{i:04d}", "2.5", a, b])
+        "\t".join(["main-captions", "MSRvid", "2012test", f"{i:04d}", f"{i + 0.5}", a, b])
         for i, (a, b) in enumerate(zip(SENTENCES, reversed(SENTENCES)))
     ]
     (folder / "sts-test.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -30,15 +30,16 @@ def _write_tiny_stsb(folder):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One tiny CPU run shared by the tests below (loading the models dominates its time)."""
+def tiny_run(tmp_path_factory, minilm_onnx):
+    """One tiny CPU run shared by the tests below (loading the models dominates its time),
+    with the ONNX peers (exported once for the session)."""
     tmp = tmp_path_factory.mktemp("bench")
     stsb = _write_tiny_stsb(tmp)
     output = tmp / "out" / "bench.json"
     argv = [
         "--device", "cpu", "--lengths", "128", "--cpu-tokens", "128", "--repeats", "1", "--warmup", "1",
         "--impls", "chunk", "triton", "--sentences", "6", "--batch-size", "4", "--stsb", str(stsb),
-        "--output", str(output), "--log-level", "WARNING",
+        "--onnx-dir", str(minilm_onnx["onnx-fp32"].parent), "--output", str(output), "--log-level", "WARNING",
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -87,6 +88,18 @@ def test_op_and_encode_figures(tiny_run):
     assert enc["minilm"]["sentences_per_s"] > 0
     assert enc["lam"]["chunk"]["sentences_per_s"] > 0
     assert enc["ratio"]["chunk"] > 0
+    for peer in ("onnx-fp32", "onnx-int8"):  # MiniLM in ONNX Runtime, beside the others
+        assert enc["peers"][peer]["sentences_per_s"] > 0
+        assert enc["ratio"][peer] == pytest.approx(enc["peers"][peer]["sentences_per_s"] / enc["minilm"]["sentences_per_s"])
+    # Every row's STS-B test Spearman (all 4 tiny pairs); fp32 ONNX gives MiniLM's own embeddings.
+    stsb = enc["stsb_test_spearman"]
+    assert set(stsb) == {"minilm", "onnx-fp32", "onnx-int8", "chunk"}  # triton: not on CPU
+    assert stsb["onnx-fp32"] == pytest.approx(stsb["minilm"], abs=1e-9)
+
+
+def test_the_table_shows_the_peers_and_stsb(tiny_run):
+    text = benchmark.format_tables(tiny_run[0])
+    assert "MiniLM onnx-int8" in text and "STS-B test" in text
 
 
 def test_encode_rounds_pool_every_timed_call(tmp_path):
@@ -96,7 +109,7 @@ def test_encode_rounds_pool_every_timed_call(tmp_path):
     output = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--sections", "encode", "--repeats", "2", "--warmup", "1", "--impls", "chunk",
             "--sentences", "4", "--batch-size", "4", "--encode-rounds", "2", "--stsb", str(stsb),
-            "--output", str(output), "--log-level", "WARNING"]
+            "--no-onnx-peers", "--output", str(output), "--log-level", "WARNING"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         assert benchmark.main(argv) == 0
