@@ -165,8 +165,9 @@ def _check_segment(segment_tokens: int | None, lam) -> int:
 
 
 class DocumentState:
-    """A document encoded so far: the carried state, the ids of its incomplete last chunk and
-    the pooled sum of the rest. ``append`` adds text, ``embedding`` is the document's vector,
+    """A document encoded so far: the carried state, the ids not yet encoded into it (at most
+    a segment; after reading the embedding, those of the incomplete last chunk) and the
+    pooled sum of the rest. ``append`` adds text, ``embedding`` is the document's vector,
     ``save`` / ``load`` keep it beside an index. Build one with ``start_document``."""
 
     def __init__(self, model, segment_tokens: int | None = None):

@@ -685,8 +685,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
     )
     final_dir = output_dir / "final"
     model.save(str(final_dir))  # writes sentence-transformers' README.md model card as well
-    if getattr(getattr(model[0], "auto_model", None), "config", None) is not None and \
-            model[0].auto_model.config.model_type == "lam":
+    if getattr(getattr(getattr(model[0], "auto_model", None), "config", None), "model_type", None) == "lam":
         _write_lam_card(final_dir, args.model, figures, argv, cuda, train_source)
     logger.info("saved the fine-tuned model to %s", final_dir)
     report = {
