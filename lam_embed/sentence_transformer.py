@@ -33,7 +33,9 @@ def set_pooling(st, mode: str) -> None:
     _check_pooling(mode)
     for index, module in enumerate(st):
         if isinstance(module, Pooling):
-            st[index] = Pooling(module.get_sentence_embedding_dimension(), pooling_mode=mode).to(st.device)
+            # get_embedding_dimension from sentence-transformers 6.3 on; the old name before
+            dimension = getattr(module, "get_embedding_dimension", None) or module.get_sentence_embedding_dimension
+            st[index] = Pooling(dimension(), pooling_mode=mode).to(st.device)
             return
     raise ValueError("the model has no Pooling module to replace")
 
