@@ -40,13 +40,15 @@ def set_pooling(st, mode: str) -> None:
     raise ValueError("the model has no Pooling module to replace")
 
 
+def module_pooling_mode(pooling) -> str:
+    """The mode of a Pooling module."""
+    mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers >= 6.3
+    return mode if isinstance(mode, str) else pooling.get_pooling_mode_str()
+
+
 def pooling_mode(st) -> str | None:
     """The mode of ``st``'s Pooling module (None without one)."""
-    for module in st:
-        if isinstance(module, Pooling):
-            mode = getattr(module, "pooling_mode", None)  # sentence-transformers >= 6.3
-            return mode if isinstance(mode, str) else module.get_pooling_mode_str()
-    return None
+    return next((module_pooling_mode(m) for m in st if isinstance(m, Pooling)), None)
 
 
 def build_sentence_transformer(

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .sentence_transformer import Normalize, Pooling, module_pooling_mode
 from .state import LAMState
 
 # Tokens a forward reads, by device: on a GPU a forward costs a fixed launch time, so larger
@@ -47,31 +48,18 @@ FORMAT = "lam-document-state/1"
 def _parts(model):
     """The LAM model, tokenizer and whether the embedding is normalised, or a ValueError
     saying why ``model`` cannot be streamed."""
-    try:  # sentence-transformers >= 6.3 keeps its modules under sentence_transformer
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
-    except ImportError:
-        from sentence_transformers.models import Normalize, Pooling
-
     modules = list(model)
     lam = getattr(modules[0], "auto_model", None) if modules else None
     if getattr(getattr(lam, "config", None), "model_type", None) != "lam":
         raise ValueError("model must be a LAM SentenceTransformer (import lam_embed; SentenceTransformer(folder))")
     pooling = [m for m in modules[1:] if isinstance(m, Pooling)]
-    if len(pooling) != 1 or _pooling_mode(pooling[0]) != "mean":
+    if len(pooling) != 1 or module_pooling_mode(pooling[0]) != "mean":
         raise ValueError("streaming computes mean pooling; this model's pooling is "
-                         f"{[_pooling_mode(p) for p in pooling] or 'missing'}")
+                         f"{[module_pooling_mode(p) for p in pooling] or 'missing'}")
     others = [m for m in modules[1:] if not isinstance(m, Pooling | Normalize)]
     if others:
         raise ValueError(f"streaming knows Pooling and Normalize only; this model also has {type(others[0]).__name__}")
     return lam, model.tokenizer, any(isinstance(m, Normalize) for m in modules)
-
-
-def _pooling_mode(pooling) -> str | None:
-    mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers >= 6.3
-    if isinstance(mode, str):
-        return mode
-    getter = getattr(pooling, "get_pooling_mode_str", None)
-    return getter() if callable(getter) else None
 
 
 def model_fingerprint(lam) -> str:
