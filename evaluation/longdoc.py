@@ -597,6 +597,11 @@ def _positive(text: str) -> int:
     return value
 
 
+def _repeat_cap(text: str):
+    """--token-repeat-cap: 'none' (off, returned as 0) or a positive count."""
+    return 0 if text.lower() == "none" else _positive(text)
+
+
 def _parse_args(argv):
     from lam_embed.configuration_lam import POSITION_OVERFLOW
     from lam_embed.data import default_data_dir
@@ -654,6 +659,9 @@ def _parse_args(argv):
     p.add_argument("--position-overflow", choices=POSITION_OVERFLOW, default=None,
                    help="for LAM models, how positions past the position table read it (LAMConfig."
                         "position_overflow). Default: each model's own")
+    p.add_argument("--token-repeat-cap", type=_repeat_cap, default=None, metavar="N|none",
+                   help="for LAM models, the token repeat cap of mean pooling (LAMConfig.token_repeat_cap: no "
+                        "token id weighs more than N occurrences); 'none' turns it off. Default: each model's own")
     p.add_argument("--output", metavar="FILE.json", default=None,
                    help="write the table's figures, per-task results, settings and environment to this JSON "
                         "file. While running, finished results are kept in FILE.json.partial. Default: no file")
@@ -687,10 +695,10 @@ def _parse_args(argv):
 
 
 def _load_model(parser, name: str, device: str, dtype: str, pooling: str | None = None,
-                position_overflow: str | None = None):
+                position_overflow: str | None = None, token_repeat_cap: int | None = None):
     """SentenceTransformer of ``name`` on ``device`` in ``dtype``, or a usage error naming it;
     with ``pooling`` its pooling module replaced by one of that mode, with ``position_overflow``
-    (LAM models) that config field set."""
+    and ``token_repeat_cap`` (LAM models; a cap of 0 turns it off) those config fields set."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -716,6 +724,8 @@ def _load_model(parser, name: str, device: str, dtype: str, pooling: str | None 
     config = getattr(getattr(model[0], "auto_model", None), "config", None)
     if position_overflow is not None and getattr(config, "model_type", None) == "lam":
         config.position_overflow = position_overflow
+    if token_repeat_cap is not None and getattr(config, "model_type", None) == "lam":
+        config.token_repeat_cap = token_repeat_cap or None
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     return model.eval()
 
@@ -744,14 +754,16 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as err:
         parser.error(f"--data-dir: {err}")
     model_methods = [m for m in args.methods if m != "bm25"]
-    models = {name: _load_model(parser, name, device, dtype, args.pooling, args.position_overflow)
+    models = {name: _load_model(parser, name, device, dtype, args.pooling, args.position_overflow,
+                                 args.token_repeat_cap)
               for name in (args.models if model_methods else [])}
 
     settings = {"models": args.models, "methods": args.methods, "tasks": args.tasks, "lengths": args.lengths,
                 "documents_per_length": args.documents_per_length, "queries_per_length": args.queries_per_length,
                 "seed": args.seed, "max_length": args.max_length, "device": device, "dtype": dtype,
                 "batch_tokens": batch_tokens, "warm_passes": args.warm_passes, "data_dir": args.data_dir,
-                "pooling": args.pooling, "position_overflow": args.position_overflow}
+                "pooling": args.pooling, "position_overflow": args.position_overflow,
+                "token_repeat_cap": args.token_repeat_cap}
     partial_path = Path(args.output + ".partial") if args.output else None
     done: dict[str, dict] = {}  # "model|method" -> {task: result}
     if args.resume and partial_path.is_file():

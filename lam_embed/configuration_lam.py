@@ -23,6 +23,16 @@ class LAMConfig(PretrainedConfig):
         position_overflow: how a position at or past position_table_size reads the
             table: "wrap" (row p mod position_table_size) or "clamp" (the last row). The
             token mixer is recurrent, so order is still seen either way.
+        token_repeat_cap: None (plain outputs) or a positive count: in the last hidden state,
+            the rows of a token id that occurs more than this many times in a sample are
+            scaled by cap / occurrences, and every valid row then by valid tokens / summed
+            weights, so that sentence-transformers' mean pooling gives a weighted mean in
+            which no token id weighs more than ``token_repeat_cap`` occurrences. A long
+            document repeats its frequent tokens thousands of times; without the cap their
+            mean drowns a line that occurs once. Samples whose ids repeat at most cap times
+            are unchanged. Only the plain forward applies it (not a forward that carries a
+            state; streaming applies it over the whole document), and ``hidden_states``
+            stay unweighted.
         chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
         conv_size: kernel size of the causal depthwise convolutions on q, k, v.
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.
@@ -73,6 +83,7 @@ class LAMConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-12,
         pad_token_id: int = 0,
         position_overflow: str = "wrap",
+        token_repeat_cap: int | None = None,
         chunk_size: int = 128,
         conv_size: int = 4,
         fast_decay_init: float = 0.3,
@@ -100,6 +111,7 @@ class LAMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
         self.position_overflow = position_overflow
+        self.token_repeat_cap = token_repeat_cap
         self.chunk_size = chunk_size
         self.conv_size = conv_size
         self.fast_decay_init = fast_decay_init
@@ -153,5 +165,8 @@ class LAMConfig(PretrainedConfig):
         if self.position_overflow not in POSITION_OVERFLOW:
             raise ValueError(f"LAMConfig.position_overflow must be one of {POSITION_OVERFLOW}, "
                              f"got {self.position_overflow!r}")
+        cap = self.token_repeat_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"LAMConfig.token_repeat_cap must be None or a positive integer, got {cap!r}")
         if self.delta_impl not in BACKEND_NAMES:
             raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {self.delta_impl!r}")

@@ -39,6 +39,27 @@ except ImportError:  # pragma: no cover - older transformers
     init = nn.init
 
 
+def repeat_cap_weights(occurrences: torch.Tensor, cap: int) -> torch.Tensor:
+    """The weight of one occurrence of a token id that occurs ``occurrences`` times:
+    min(1, cap / occurrences), so that the id weighs at most ``cap`` occurrences in all."""
+    return (cap / occurrences.clamp(min=1)).clamp(max=1.0)
+
+
+def cap_repeated_tokens(x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        cap: int, vocab_size: int) -> torch.Tensor:
+    """``x`` (B, L, D) with each valid row of a sample scaled by the weight of its id
+    (repeat_cap_weights over the sample's valid tokens) times valid / summed weights:
+    mean pooling of the result is the weighted mean (LAMConfig.token_repeat_cap).
+    Padded rows are left as they are."""
+    valid = attention_mask.to(torch.float32)
+    ids = input_ids.clamp(0, vocab_size - 1)
+    occurrences = torch.zeros(ids.shape[0], vocab_size, device=ids.device).scatter_add_(1, ids, valid)
+    weights = repeat_cap_weights(occurrences.gather(1, ids), cap) * valid
+    weights = weights * (valid.sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1e-12))
+    weights = torch.where(valid > 0, weights, torch.ones_like(weights))
+    return x * weights[..., None].to(x.dtype)
+
+
 class LAMEmbeddings(nn.Module):
     """BERT embeddings: word + absolute position + token type, then LayerNorm.
 
@@ -417,6 +438,8 @@ class LAMModel(LAMPreTrainedModel):
                 hidden_states = []
             x = self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, hidden_states,
                              clamp=pending is not None)
+        if self.config.token_repeat_cap is not None:
+            x = cap_repeated_tokens(x, input_ids, attention_mask, self.config.token_repeat_cap, self.config.vocab_size)
         # The output is built before the check waits for the GPU (on CUDA the forward pass is
         # still running), and returned only after it: bad input gives the error, never a result.
         if return_dict is False:
