@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-overflow", choices=POSITION_OVERFLOW, default=None,
                    help="how positions past the position table read it (LAMConfig.position_overflow), set "
                         "before training and saved with the model (default: the model's own)")
+    p.add_argument("--token-repeat-cap", type=_repeat_cap, default=None, metavar="N|none",
+                   help="no token id weighs more than N occurrences in mean pooling (LAMConfig.token_repeat_cap; "
+                        "'none': off), set before training and saved with the model (default: the model's own)")
     p.add_argument("--pooling", choices=POOLING_MODES, default=None,
                    help="sentence-transformers pooling of the trained model, set before training (the short-text "
                         "term then teaches it to give the teacher's mean-pooled embeddings) and recorded in the "
@@ -190,6 +193,11 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _repeat_cap(text: str) -> int:
+    """--token-repeat-cap: 'none' (off, returned as 0) or a positive count."""
+    return 0 if text.lower() == "none" else _positive(text)
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
@@ -260,6 +268,8 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
     lam.config.delta_impl = args.delta_impl
     if args.position_overflow is not None:
         lam.config.position_overflow = args.position_overflow
+    if args.token_repeat_cap is not None:
+        lam.config.token_repeat_cap = args.token_repeat_cap or None
     if args.pooling is not None:
         set_pooling(model, args.pooling)
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
@@ -346,7 +356,7 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
         "started_from": args.model,
         "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
                  "sentences": args.sentences, "short_texts": len(sentences)},
-        "pooling": pooling_mode(model),
+        "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
     }
