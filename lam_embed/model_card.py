@@ -35,6 +35,11 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
     command = manifest.get("command", "not recorded")
     training = "; ".join(f"`{c}`" for c in command) if isinstance(command, list) else f"`{command}`"
     minutes = manifest.get("train_minutes")
+    cap = manifest.get("token_repeat_cap")
+    cap_text = (f", in which no token id weighs more than {cap} occurrences (`token_repeat_cap` in the config: a long "
+                "document's frequent tokens would otherwise drown a line that occurs once)" if cap else "")
+    long_figures = figures.get("long_documents")
+    stage = ", then on long documents (a sentence from anywhere in a document as the query)" if long_figures else ""
     return f"""---
 language: en
 license: apache-2.0
@@ -52,9 +57,9 @@ tags:
 
 {name} is all-MiniLM-L6-v2 with each softmax self-attention replaced by a dual-state DeltaNet
 layer (two delta-rule memories with learned decays, gates and a coupling between them, in
-chunks of 128 tokens), so time and memory grow linearly with the input length. Tokenizer,
-embeddings, feed-forward layers and mean pooling are the teacher's; the layers were trained by
-distillation from {TEACHER}. 384-dimensional normalised embeddings.
+chunks of 128 tokens), so time and memory grow linearly with the input length. Tokenizer and
+embeddings are the teacher's; the layers were trained by distillation from {TEACHER}{stage}.
+Mean pooling{cap_text}. 384-dimensional normalised embeddings.
 
 ## Load
 
@@ -87,10 +92,8 @@ STS-B, Spearman correlation of cosine similarity (x100), {stsb_setting}:
 ## Long inputs
 
 There is no length limit: positions past the 512 of the position table reuse it (the
-config's `position_overflow`), and the layers carry their memories from chunk to chunk. One
-pass over a long document retrieves it better than truncating it to 512 tokens, but not yet
-better than averaging the teacher's embeddings of 512-token chunks.
-
+config's `position_overflow`), and the layers carry their memories from chunk to chunk.
+{_long_document_section(long_figures, name)}
 ## Limits
 
 English only, like the teacher. Short texts and non-English texts agree less with the
@@ -105,6 +108,20 @@ Commands: {training}{f" ({minutes} minutes)" if minutes is not None else ""}. Da
 Apache-2.0. The teacher: Reimers and Gurevych, "Sentence-BERT: Sentence Embeddings using
 Siamese BERT-Networks" (EMNLP 2019), and the all-MiniLM-L6-v2 model of sentence-transformers.
 {appendix}"""
+
+
+def _long_document_section(long_figures: dict | None, name: str) -> str:
+    """One pass over long documents beside the teacher's chunk-mean (or what is known without figures)."""
+    if not long_figures:
+        return ("One pass over a long document retrieves it better than truncating it to 512 tokens, but not\n"
+                "yet better than averaging the teacher's embeddings of 512-token chunks.\n")
+    columns = long_figures["columns"]
+    return (f"Long-document retrieval ({long_figures.get('setting', '')}; QMSum and SQuALITY nDCG@10, passkey and "
+            f"needle Acc@1 over 256-32,768 tokens; {long_figures.get('source', '')}):\n\n"
+            f"| model | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}\n"
+            f"| {name}, one pass | {' | '.join(f'{v:.1f}' for v in long_figures['lam_full'])} |\n"
+            f"| all-MiniLM-L6-v2, mean of 512-token chunks | "
+            f"{' | '.join(f'{v:.1f}' for v in long_figures['teacher_chunk_mean'])} |\n")
 
 
 def _speed_section(speed: dict | None, name: str) -> str:
@@ -133,8 +150,10 @@ def finetuned_model_card(base_manifest: dict, stsb: dict, command: str, setting:
                                 "test_spearman": stsb.get("test", {}).get("spearman")}
     if "teacher_stsb_cpu_fp32" in figures:
         setting += "; the teacher's row is its own, as released (CPU, float32)"
-    figures.pop("held_out_passages_cpu", None)  # measured on the base model, not this one
-    manifest = {"figures": figures, "command": [*_as_list(base_manifest.get("command")), command]}
+    for measured_on_the_base in ("held_out_passages_cpu", "long_documents"):
+        figures.pop(measured_on_the_base, None)
+    manifest = {"figures": figures, "command": [*_as_list(base_manifest.get("command")), command],
+                "token_repeat_cap": base_manifest.get("token_repeat_cap")}
     body = trainer_card.split("\n---\n", 1)[1] if trainer_card.startswith("---\n") else trainer_card
     appendix = f"\n## Fine-tuning run (sentence-transformers' record)\n\n{body.strip()}\n" if body.strip() else ""
     data = (f"English sentences and passages for distillation, then {train_data} for fine-tuning; the "

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .modeling_lam import repeat_cap_weights
 from .sentence_transformer import Normalize, Pooling, module_pooling_mode
 from .state import LAMState
 
@@ -42,7 +43,54 @@ from .state import LAMState
 # segments are faster; on a CPU the time a token is flat from 1,024 to 4,096 tokens and peak
 # memory grows with the segment (807 MiB at 1,024, 851 at 2,048, 1,125 at 8,192 on 32k tokens).
 DEFAULT_SEGMENT_TOKENS = {"cuda": 8192, "cpu": 2048}
-FORMAT = "lam-document-state/1"
+FORMAT = "lam-document-state/2"
+FORMAT_SINGLE_SUM = "lam-document-state/1"  # before the per-id sums: one sum, no token repeat cap
+
+
+class PooledSums:
+    """The pooled part of a document: float64 sums of final hidden states and their counts,
+    by token id where the model caps repeated tokens (LAMConfig.token_repeat_cap: the
+    weight of an id depends on its count in the whole document, known only at the end),
+    else in one bucket (id 0)."""
+
+    def __init__(self, hidden_size: int, device, cap: int | None):
+        self.cap = cap
+        self.ids = torch.zeros(0, dtype=torch.long, device=device)
+        self.sums = torch.zeros(0, hidden_size, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(0, dtype=torch.float64, device=device)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.counts.sum().item())
+
+    def add(self, ids: torch.Tensor, hidden: torch.Tensor) -> PooledSums:
+        """A new PooledSums with the rows ``hidden`` (T, D) of the token ids ``ids`` (T,) added."""
+        out = PooledSums(self.sums.shape[1], self.sums.device, self.cap)
+        buckets = ids.to(self.ids.device) if self.cap is not None else torch.zeros_like(ids, device=self.ids.device)
+        out.ids, inverse = torch.unique(torch.cat([self.ids, buckets]), return_inverse=True)
+        out.sums = torch.zeros(len(out.ids), self.sums.shape[1], dtype=torch.float64, device=self.sums.device)
+        out.sums.index_add_(0, inverse, torch.cat([self.sums, hidden.to(self.sums)]))
+        out.counts = torch.zeros(len(out.ids), dtype=torch.float64, device=self.sums.device)
+        out.counts.index_add_(0, inverse, torch.cat([self.counts, torch.ones(len(buckets)).to(self.counts)]))
+        return out
+
+    def mean(self) -> torch.Tensor:
+        """The pooled vector (D,): the mean, each id weighted as the model's one pass weighs it."""
+        weights = repeat_cap_weights(self.counts, self.cap) if self.cap is not None else torch.ones_like(self.counts)
+        return (weights[:, None] * self.sums).sum(0) / (weights * self.counts).sum()
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"pooled_ids": self.ids.cpu(), "pooled_sums": self.sums.cpu(), "pooled_counts": self.counts.cpu()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], device, cap: int | None) -> PooledSums:
+        pooled = cls(tensors["pooled_sums"].shape[1], device, cap)
+        pooled.ids = tensors["pooled_ids"].to(device=device, dtype=torch.long)
+        pooled.sums = tensors["pooled_sums"].to(device=device, dtype=torch.float64)
+        pooled.counts = tensors["pooled_counts"].to(device=device, dtype=torch.float64)
+        if pooled.sums.shape[0] != len(pooled.ids) or pooled.counts.shape != pooled.ids.shape:
+            raise ValueError("pooled sums, ids and counts differ in length")
+        return pooled
 
 
 def _parts(model):
@@ -88,22 +136,23 @@ def _piece_ids(tokenizer, piece) -> list[int]:
     return tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _advance(lam, state: LAMState | None, pending: list[list[int]], segment_tokens: int):
+def _new_pooled(lam) -> PooledSums:
+    return PooledSums(lam.config.hidden_size, lam.device, lam.config.token_repeat_cap)
+
+
+def _advance(lam, state: LAMState | None, pending: list[list[int]], pooled: list[PooledSums], segment_tokens: int):
     """Encode ``segment_tokens`` (a multiple of the chunk size) of every document that has
     more pending ids than that, until none has. Returns the new state, the pending ids
-    left (at most ``segment_tokens`` each) and the sum of the final hidden states of the
-    encoded tokens (B, D) float64 with their counts."""
-    sums = torch.zeros(len(pending), lam.config.hidden_size, dtype=torch.float64, device=lam.device)
-    counts = [0] * len(pending)
+    left (at most ``segment_tokens`` each) and ``pooled`` with the encoded tokens added."""
     while any(len(ids) > segment_tokens for ids in pending):
         takes = [segment_tokens if len(ids) > segment_tokens else 0 for ids in pending]
         ids, mask = _batch([p[:t] for p, t in zip(pending, takes)], lam.device, lam.config.chunk_size)
         out = lam(input_ids=ids, attention_mask=mask, past_state=state, use_cache=True)
-        sums += (out.last_hidden_state.double() * mask[..., None]).sum(1)
-        counts = [c + t for c, t in zip(counts, takes)]
+        pooled = [p.add(ids[row, :t], out.last_hidden_state[row, :t].double()) if t else p
+                  for row, (p, t) in enumerate(zip(pooled, takes))]
         pending = [p[t:] for p, t in zip(pending, takes)]
         state = out.state
-    return state, pending, sums, counts
+    return state, pending, pooled
 
 
 def _batch(sequences: Sequence[list[int]], device, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,25 +169,26 @@ def _batch(sequences: Sequence[list[int]], device, chunk_size: int) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def _finish(lam, state, pending, sums, counts, sep: int, normalize: bool):
+def _finish(lam, state, pending, pooled: list[PooledSums], sep: int, normalize: bool):
     """The embeddings, from one forward over each document's pending ids and [SEP]; the same
     forward carries the state past the complete chunks of the pending ids (not [SEP]).
-    Returns (embeddings (B, D) float32, state, pending ids left, sums, counts) for them."""
+    Returns (embeddings (B, D) float32, state, pending ids left, pooled) for them, ``pooled``
+    with the tokens carried into the state added."""
     chunk = lam.config.chunk_size
     ids, mask = _batch([p + [sep] for p in pending], lam.device, chunk)
     lengths = torch.tensor([len(p) for p in pending])
     out = lam(input_ids=ids, attention_mask=mask, past_state=state, state_after_tokens=lengths.to(lam.device))
-    hidden = out.last_hidden_state.double() * mask[..., None]
+    hidden = out.last_hidden_state.double()
     takes = [len(p) // chunk * chunk for p in pending]
-    carried = (torch.arange(ids.shape[1]) < torch.tensor(takes)[:, None]).to(lam.device)
-    encoded = (hidden * carried[..., None]).sum(1)
-    total = sums + hidden.sum(1)
-    count = torch.tensor([c + len(p) + 1 for c, p in zip(counts, pending)], dtype=torch.float64, device=lam.device)
-    mean = total / count[:, None]
+    means, carried = [], []
+    for row, (p, t) in enumerate(zip(pooled, takes)):
+        valid = len(pending[row]) + 1
+        means.append(p.add(ids[row, :valid], hidden[row, :valid]).mean())
+        carried.append(p.add(ids[row, :t], hidden[row, :t]) if t else p)
+    mean = torch.stack(means)
     if normalize:
         mean = torch.nn.functional.normalize(mean, dim=-1)
-    return (mean.float().cpu().numpy(), out.state, [p[t:] for p, t in zip(pending, takes)], sums + encoded,
-            [c + t for c, t in zip(counts, takes)])
+    return mean.float().cpu().numpy(), out.state, [p[t:] for p, t in zip(pending, takes)], carried
 
 
 def _check_segment(segment_tokens: int | None, lam) -> int:
@@ -155,7 +205,7 @@ def _check_segment(segment_tokens: int | None, lam) -> int:
 class DocumentState:
     """A document encoded so far: the carried state, the ids not yet encoded into it (at most
     a segment; after reading the embedding, those of the incomplete last chunk) and the
-    pooled sum of the rest. ``append`` adds text, ``embedding`` is the document's vector,
+    pooled sums of the rest (PooledSums). ``append`` adds text, ``embedding`` is the document's vector,
     ``save`` / ``load`` keep it beside an index. Build one with ``start_document``."""
 
     def __init__(self, model, segment_tokens: int | None = None):
@@ -164,14 +214,13 @@ class DocumentState:
         self.segment_tokens = _check_segment(segment_tokens, self.lam)
         self.state: LAMState | None = None
         self.pending: list[int] = [self.tokenizer.cls_token_id]
-        self.sum = torch.zeros(self.lam.config.hidden_size, dtype=torch.float64)
-        self.count = 0
+        self.pooled = _new_pooled(self.lam)
         self._embedding = None
 
     @property
     def tokens(self) -> int:
         """Tokens of the document so far, [CLS] included ([SEP] is added by ``embedding``)."""
-        return self.count + len(self.pending)
+        return self.pooled.tokens + len(self.pending)
 
     @torch.inference_mode()
     def append(self, piece: str) -> DocumentState:
@@ -180,10 +229,8 @@ class DocumentState:
         encoded: a document read in small pieces costs one forward a segment."""
         self.pending = self.pending + _piece_ids(self.tokenizer, piece)
         if len(self.pending) > self.segment_tokens:
-            self.state, (self.pending,), sums, (count,) = _advance(
-                self.lam, self.state, [self.pending], self.segment_tokens)
-            self.sum += sums[0].cpu()
-            self.count += count
+            self.state, (self.pending,), (self.pooled,) = _advance(
+                self.lam, self.state, [self.pending], [self.pooled], self.segment_tokens)
         self._embedding = None
         return self
 
@@ -194,19 +241,17 @@ class DocumentState:
         past their complete chunks."""
         if self._embedding is None:
             with torch.inference_mode():
-                embeddings, self.state, (self.pending,), sums, (self.count,) = _finish(
-                    self.lam, self.state, [self.pending], self.sum[None].to(self.lam.device), [self.count],
-                    self.tokenizer.sep_token_id, self.normalize)
-            self.sum = sums[0].cpu()
+                embeddings, self.state, (self.pending,), (self.pooled,) = _finish(
+                    self.lam, self.state, [self.pending], [self.pooled], self.tokenizer.sep_token_id, self.normalize)
             self._embedding = embeddings[0]
         return self._embedding
 
     def save(self, path: str | Path) -> None:
         """Write the state to ``path`` (safetensors; the model is not saved, only its fingerprint)."""
         tensors = {} if self.state is None else {k: v.contiguous().cpu() for k, v in self.state.to_dict().items()}
-        tensors["sum"] = self.sum
+        tensors.update(self.pooled.to_tensors())
         metadata = {"format": FORMAT, "model": model_fingerprint(self.lam), "pending": json.dumps(self.pending),
-                    "count": str(self.count), "segment_tokens": str(self.segment_tokens)}
+                    "segment_tokens": str(self.segment_tokens)}
         metadata["checksum"] = _checksum(tensors, metadata)
         save_file(tensors, str(path), metadata=metadata)
 
@@ -221,7 +266,7 @@ class DocumentState:
             tensors = load_file(str(path))
         except Exception as err:  # a truncated or foreign file: safetensors raises several kinds
             raise ValueError(f"{path} is not a saved LAM document state ({type(err).__name__}: {err})") from None
-        if metadata.get("format") != FORMAT:
+        if metadata.get("format") not in (FORMAT, FORMAT_SINGLE_SUM):
             raise ValueError(f"{path} is not a saved LAM document state (format {metadata.get('format')!r})")
         checksum = metadata.pop("checksum", None)
         if checksum != _checksum(tensors, metadata):
@@ -231,8 +276,15 @@ class DocumentState:
             raise ValueError(f"{path} was saved with another model or config; its state does not apply to this one")
         try:
             document.pending = [int(i) for i in json.loads(metadata["pending"])]
-            document.count = int(metadata["count"])
-            document.sum = tensors.pop("sum").to(torch.float64)
+            if metadata["format"] == FORMAT_SINGLE_SUM:  # one sum: the pooled sums' single bucket
+                if document.lam.config.token_repeat_cap is not None:
+                    raise ValueError("it holds one sum, not the per-id sums a token repeat cap needs")
+                tensors["pooled_ids"] = torch.zeros(1, dtype=torch.long)
+                tensors["pooled_sums"] = tensors.pop("sum")[None]
+                tensors["pooled_counts"] = torch.tensor([float(metadata["count"])])
+            document.pooled = PooledSums.from_tensors(
+                {k: tensors.pop(k) for k in ("pooled_ids", "pooled_sums", "pooled_counts")},
+                document.lam.device, document.lam.config.token_repeat_cap)
             if tensors:
                 document.state = LAMState.from_dict({k: v.to(document.lam.device) for k, v in tensors.items()})
                 document.state.check(document.lam.config, 1, document.lam.device)
@@ -280,6 +332,6 @@ def encode_documents(model, documents: Sequence[str | Sequence[str]], batch_size
     out = np.zeros((len(ids), lam.config.hidden_size), dtype=np.float32)
     for start in tqdm(range(0, len(ids), batch_size), desc="documents", unit="batch", disable=not show_progress_bar):
         batch = ids[start:start + batch_size]
-        state, pending, sums, counts = _advance(lam, None, batch, segment_tokens)
-        out[start:start + len(batch)] = _finish(lam, state, pending, sums, counts, tokenizer.sep_token_id, normalize)[0]
+        state, pending, pooled = _advance(lam, None, batch, [_new_pooled(lam) for _ in batch], segment_tokens)
+        out[start:start + len(batch)] = _finish(lam, state, pending, pooled, tokenizer.sep_token_id, normalize)[0]
     return out

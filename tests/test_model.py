@@ -136,6 +136,48 @@ def test_clamped_positions_read_the_last_row_past_the_table(lam):
         lam.config.position_overflow = "wrap"
 
 
+def weighted_mean_reference(hidden, ids, cap):
+    """The mean of ``hidden`` rows in which no id weighs more than ``cap`` occurrences,
+    written out id by id (an independent computation of LAMConfig.token_repeat_cap)."""
+    from collections import Counter
+
+    occurrences = Counter(ids)
+    total, weight_sum = 0.0, 0.0
+    for row, token in zip(hidden, ids):
+        weight = min(1.0, cap / occurrences[token])
+        total = total + weight * row.double()
+        weight_sum += weight
+    return total / weight_sum
+
+
+@pytest.mark.parametrize("cap", [1, 2, 5])
+def test_token_repeat_cap_gives_the_weighted_mean(st, cap):
+    """Mean pooling of a model with the cap equals the weighted mean of the uncapped hidden
+    states, per sample of a padded batch; samples whose ids repeat at most cap times are
+    unchanged bit for bit."""
+    lam = st[0].auto_model
+    rng = random.Random(cap)
+    texts = [sentence(rng, 40), "the cat and the dog and the house", sentence(rng, 3), "music"]
+    features = st.tokenize(texts)
+    with torch.no_grad():
+        plain = lam(**features).last_hidden_state
+        lam.config.token_repeat_cap = cap
+        try:
+            capped = lam(**features).last_hidden_state
+            pooled = st.encode(texts, convert_to_tensor=True, normalize_embeddings=True, batch_size=4)
+        finally:
+            lam.config.token_repeat_cap = None
+    for i, mask in enumerate(features["attention_mask"].bool()):
+        ids = features["input_ids"][i][mask].tolist()
+        want = weighted_mean_reference(plain[i][mask], ids, cap)
+        torch.testing.assert_close(capped[i][mask].double().mean(0), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pooled[i].double(), torch.nn.functional.normalize(want, dim=0), rtol=1e-5, atol=1e-6)
+        if max(ids.count(t) for t in ids) <= cap:
+            assert torch.equal(capped[i][mask], plain[i][mask]), texts[i]
+        else:
+            assert not torch.allclose(capped[i][mask], plain[i][mask]), texts[i]
+
+
 def test_position_overflow_is_checked():
     with pytest.raises(ValueError, match="position_overflow must be one of"):
         LAMConfig(position_overflow="cycle")
@@ -192,6 +234,8 @@ def test_bad_inputs_on_gpu_raise_and_cuda_stays_usable():
         ({"graph_streams_min_tokens": -1}, "graph_streams_min_tokens"),
         ({"gelu_epilogue": "yes"}, "gelu_epilogue must be True or False"),
         ({"fuse_layer_code": 1}, "fuse_layer_code must be True or False"),
+        ({"token_repeat_cap": 0}, "token_repeat_cap must be None or a positive integer, got 0"),
+        ({"token_repeat_cap": 2.5}, "token_repeat_cap must be None or a positive integer, got 2.5"),
     ],
 )
 def test_inconsistent_config_is_rejected(kwargs, message):

@@ -234,12 +234,14 @@ def test_state_after_tokens_carries_past_the_first_tokens_only():
 # ------------------------------------------------------------------------- the user API
 
 
-@pytest.fixture(scope="module")
-def st_model():
-    """A small LAM sentence-transformer (mean pooling, Normalize) with chunks of 16 tokens."""
+@pytest.fixture(scope="module", params=[None, 2], ids=["no-cap", "repeat-cap-2"])
+def st_model(request):
+    """A small LAM sentence-transformer (mean pooling, Normalize) with chunks of 16 tokens,
+    without and with a token repeat cap (TEXT repeats each of its words 12 times or more)."""
     from conftest import small_lam_sentence_transformer
 
-    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=CHUNK)
+    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=CHUNK,
+                                              token_repeat_cap=request.param)
     model.max_seq_length = 100_000
     return model.eval()
 
@@ -309,6 +311,32 @@ def test_saved_state_continues_as_the_unsaved_one(st_model, tmp_path):
     assert np.abs(document.embedding - one_pass(st_model, [TEXT, "And then the rain came."])).max() <= 1e-5
 
 
+def test_state_saved_in_the_single_sum_format_continues(st_model, tmp_path):
+    """A state saved before the per-id sums (one sum and its count) loads for a model without
+    a repeat cap and continues as the unsaved one; with a cap it is a clear error."""
+    from safetensors.torch import save_file
+
+    from lam_embed import streaming
+
+    document = lam_embed.start_document(st_model, segment_tokens=32).append(TEXT)
+    pooled = document.pooled
+    tensors = {k: v.contiguous() for k, v in document.state.to_dict().items()}
+    tensors["sum"] = pooled.sums.sum(0)
+    metadata = {"format": streaming.FORMAT_SINGLE_SUM, "model": streaming.model_fingerprint(document.lam),
+                "pending": __import__("json").dumps(document.pending), "count": str(pooled.tokens),
+                "segment_tokens": str(document.segment_tokens)}
+    metadata["checksum"] = streaming._checksum(tensors, metadata)
+    save_file(tensors, str(tmp_path / "old.state"), metadata=metadata)
+    if st_model[0].auto_model.config.token_repeat_cap is not None:
+        with pytest.raises(ValueError, match="holds one sum, not the per-id sums a token repeat cap needs"):
+            lam_embed.DocumentState.load(tmp_path / "old.state", st_model)
+        return
+    loaded = lam_embed.DocumentState.load(tmp_path / "old.state", st_model)
+    for d in (document, loaded):
+        d.append("And then the rain came.")
+    assert np.abs(loaded.embedding - document.embedding).max() <= 1e-6
+
+
 def test_encode_documents_batches_documents_of_other_lengths(st_model):
     documents = [TEXT, "A short one.", [TEXT[:300], TEXT[300:700]]]
     got = lam_embed.encode_documents(st_model, documents, batch_size=2, segment_tokens=32)
@@ -327,6 +355,7 @@ def test_bad_input_is_named(st_model, tmp_path):
     with pytest.raises(ValueError, match="segment_tokens must be an integer of at least the chunk size 16"):
         lam_embed.start_document(st_model, segment_tokens=8)
     document.append(TEXT)
+    document.embedding  # encodes the text: the saved file then holds the state's tensors
     path = tmp_path / "doc.state"
     document.save(path)
     other = lam_embed.build_sentence_transformer(lam_embed.from_teacher(num_hidden_layers=2, chunk_size=CHUNK))

@@ -171,6 +171,29 @@ def test_pooling_option_is_trained_with_and_recorded(tmp_path, tiny_model):
     torch.testing.assert_close(trained.encode(text, convert_to_tensor=True), want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
+def test_token_repeat_cap_option_is_trained_with_and_recorded(tmp_path, tiny_model):
+    """--token-repeat-cap 2: the saved model and the release's config carry the cap, the
+    manifest records it, and 'none' turns a cap off."""
+    from sentence_transformers import SentenceTransformer
+
+    model, _ = tiny_model
+    model_dir = str(tmp_path / "start")
+    model.save(model_dir)
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts()))
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(12)) + "\n")
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "cap", "--steps", "1", "--token-repeat-cap", "2"))
+    assert json.loads((tmp_path / "cap" / "release" / "manifest.json").read_text())["token_repeat_cap"] == 2
+    assert json.loads((tmp_path / "cap" / "release" / "config.json").read_text())["token_repeat_cap"] == 2
+    trained = SentenceTransformer(str(tmp_path / "cap" / "sentence-transformer"), device="cpu")
+    assert trained[0].auto_model.config.token_repeat_cap == 2
+    longdoc.main(_smoke_args(tmp_path, str(tmp_path / "cap" / "sentence-transformer"), articles, sentences, "off",
+                             "--steps", "1", "--token-repeat-cap", "none"))
+    assert json.loads((tmp_path / "off" / "release" / "config.json").read_text())["token_repeat_cap"] is None
+
+
 def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
     articles = tmp_path / "a.jsonl"
     articles.write_text(json.dumps({"text": "x"}) + "\n")
