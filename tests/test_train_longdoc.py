@@ -145,6 +145,18 @@ def test_smoke_run_resumes_exactly(tmp_path, tiny_model):
         assert torch.equal(whole_weights[name], resumed[name]), name
 
 
+def _saved_model_and_data(tmp_path, tiny_model):
+    """The tiny model saved as a folder, an articles file and a sentences file."""
+    model, _ = tiny_model
+    model_dir = str(tmp_path / "start")
+    model.save(model_dir)
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts()))
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(12)) + "\n")
+    return model_dir, articles, sentences
+
+
 @pytest.mark.slow
 def test_pooling_option_is_trained_with_and_recorded(tmp_path, tiny_model):
     """--pooling max: the saved model pools by max (so its embeddings are the max over the
@@ -153,13 +165,7 @@ def test_pooling_option_is_trained_with_and_recorded(tmp_path, tiny_model):
 
     from lam_embed.sentence_transformer import pooling_mode
 
-    model, _ = tiny_model
-    model_dir = str(tmp_path / "start")
-    model.save(model_dir)
-    articles = tmp_path / "articles.jsonl"
-    articles.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts()))
-    sentences = tmp_path / "sentences.txt"
-    sentences.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(12)) + "\n")
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
     longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "max", "--steps", "1", "--pooling", "max"))
     manifest = json.loads((tmp_path / "max" / "release" / "manifest.json").read_text())
     assert manifest["pooling"] == "max"
@@ -177,13 +183,7 @@ def test_token_repeat_cap_option_is_trained_with_and_recorded(tmp_path, tiny_mod
     manifest records it, and 'none' turns a cap off."""
     from sentence_transformers import SentenceTransformer
 
-    model, _ = tiny_model
-    model_dir = str(tmp_path / "start")
-    model.save(model_dir)
-    articles = tmp_path / "articles.jsonl"
-    articles.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts()))
-    sentences = tmp_path / "sentences.txt"
-    sentences.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(12)) + "\n")
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
     longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "cap", "--steps", "1", "--token-repeat-cap", "2"))
     assert json.loads((tmp_path / "cap" / "release" / "manifest.json").read_text())["token_repeat_cap"] == 2
     assert json.loads((tmp_path / "cap" / "release" / "config.json").read_text())["token_repeat_cap"] == 2
