@@ -160,8 +160,9 @@ def stream_ids(lam, ids: list[int], cuts: list[int]):
 
 def measure_exactness(model_path: str, lengths: list[int], device: str, dtype: str, seed: int = 0) -> list[dict]:
     """For documents of each length, token ids cut at random points into 1 to 20 pieces:
-    the largest difference of the streamed last hidden states and mean-pooled unit
-    embedding from one pass over the same ids."""
+    the largest difference of the streamed last hidden states (before the token repeat
+    cap's weights, which a carried forward does not apply) and of the pooled unit embedding
+    (with the model's cap) from one pass over the same ids."""
     import random
 
     import torch
@@ -169,6 +170,7 @@ def measure_exactness(model_path: str, lengths: list[int], device: str, dtype: s
     from sentence_transformers import SentenceTransformer
 
     import lam_embed  # noqa: F401  (registers LAM)
+    from lam_embed.modeling_lam import cap_repeated_tokens
 
     model = SentenceTransformer(model_path, device=device)
     lam = model[0].auto_model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).eval()
@@ -181,10 +183,21 @@ def measure_exactness(model_path: str, lengths: list[int], device: str, dtype: s
         ids = ([tok.cls_token_id] + body + [tok.sep_token_id])[:length]
         count = rng.randint(1, min(20, len(ids)))
         cuts = sorted(rng.sample(range(1, len(ids)), count - 1)) if count > 1 else []
+        ids_tensor = torch.tensor([ids], device=device)
         with torch.inference_mode():
-            whole = lam(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0].float()
+            pooled_whole = lam(input_ids=ids_tensor).last_hidden_state[0].float().mean(0)
+            cap, lam.config.token_repeat_cap = lam.config.token_repeat_cap, None
+            try:  # a carried forward gives the hidden states before the cap's weights
+                whole = lam(input_ids=ids_tensor).last_hidden_state[0].float()
+            finally:
+                lam.config.token_repeat_cap = cap
             streamed = stream_ids(lam, ids, cuts).float()
-        pooled = [F.normalize(h.mean(0), dim=0) for h in (whole, streamed)]
+            if cap is not None:
+                streamed_pooled = cap_repeated_tokens(streamed[None], ids_tensor, torch.ones_like(ids_tensor), cap,
+                                                      lam.config.vocab_size)[0].mean(0)
+            else:
+                streamed_pooled = streamed.mean(0)
+        pooled = [F.normalize(h, dim=0) for h in (pooled_whole, streamed_pooled)]
         rows.append({"tokens": len(ids), "pieces": count,
                      "max_abs_hidden": float((whole - streamed).abs().max()),
                      "hidden_scale": float(whole.abs().max()),

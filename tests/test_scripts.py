@@ -26,13 +26,14 @@ def test_long_input_memory_rejects_bad_options_before_running():
 
 
 def test_streaming_benchmark_end_to_end(tmp_path):
-    """A tiny run of scripts/streaming_benchmark.py on a small LAM: streamed equals one pass,
-    an append equals encoding the grown document again, and every section reports."""
+    """A tiny run of scripts/streaming_benchmark.py on a small LAM with a token repeat cap (as
+    the released one): streamed equals one pass, an append equals encoding the grown document
+    again, and every section reports."""
     import json
 
     from conftest import small_lam_sentence_transformer
 
-    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=16)
+    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=16, token_repeat_cap=2)
     model.save(str(tmp_path / "model"))
     out = tmp_path / "streaming.json"
     done = run_script("scripts/streaming_benchmark.py", "--model", str(tmp_path / "model"), "--lengths", "300",
@@ -42,6 +43,7 @@ def test_streaming_benchmark_end_to_end(tmp_path):
     result = json.loads(out.read_text())
     assert [row["tokens"] for row in result["exactness"]["documents"]] == [1, 150]
     assert all(row["max_abs_hidden"] <= 1e-5 for row in result["exactness"]["documents"])
+    assert all(row["max_abs_embedding"] <= 1e-6 for row in result["exactness"]["documents"])
     assert result["lengths"][0]["tokens"] >= 300 and result["lengths"][0]["peak_rss_mib"] > 0
     append = result["append"]
     assert append["appends"] == 2 and append["max_abs_difference"] <= 1e-6
