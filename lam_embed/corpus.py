@@ -85,7 +85,8 @@ def encode_corpus(model, input_path: str | os.PathLike, output_dir: str | os.Pat
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     input_path, output_dir = Path(input_path), Path(output_dir)
     texts = read_lines(input_path)
-    dimension = model.get_sentence_embedding_dimension()
+    # get_embedding_dimension from sentence-transformers 6.3 on; the old name before.
+    dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     settings = _settings(input_path, len(texts), model_name, shard_size, dtype, normalize, dimension)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = output_dir / MANIFEST
