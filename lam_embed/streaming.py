@@ -183,8 +183,8 @@ def _finish(lam, state, pending, pooled: list[PooledSums], sep: int, normalize: 
     means, carried = [], []
     for row, (p, t) in enumerate(zip(pooled, takes)):
         valid = len(pending[row]) + 1
-        means.append(p.add(ids[row, :valid], hidden[row, :valid]).mean())
         carried.append(p.add(ids[row, :t], hidden[row, :t]) if t else p)
+        means.append(carried[-1].add(ids[row, t:valid], hidden[row, t:valid]).mean())
     mean = torch.stack(means)
     if normalize:
         mean = torch.nn.functional.normalize(mean, dim=-1)
