@@ -25,6 +25,8 @@ import contextlib
 import copy
 import datetime
 import gc
+import gzip
+import json
 import inspect
 import logging
 import math
@@ -47,13 +49,14 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # LAM variants: a delta_impl, or "triton-eager", delta_impl "triton" with config.cuda_graphs
-# off (each kernel launched from Python), to show what the CUDA graphs save. "auto" is what
-# a user gets: on CPU the numba kernel (lam_embed/ops/numba.py), on CUDA the same as
-# "triton".
-IMPLS = ("auto", "chunk", "compiled", "triton", "triton-eager")
-GPU_IMPLS, CPU_IMPLS = IMPLS[1:], ("auto", "chunk")  # the defaults
+# off (each kernel launched from Python), to show what the CUDA graphs save, or
+# "auto-padded", "auto" with config.packed_inference off (on CPU the numba kernel then runs
+# the padding too), to show what packing saves. "auto" is what a user gets: on CPU the
+# numba kernel (lam_embed/ops/numba.py) on packed batches, on CUDA the same as "triton".
+IMPLS = ("auto", "auto-padded", "chunk", "compiled", "triton", "triton-eager")
+GPU_IMPLS, CPU_IMPLS = IMPLS[2:], ("auto", "auto-padded", "chunk")  # the defaults
 OP_IMPLS = ("chunk", "compiled", "triton")  # the op alone has no graphs
-SECTIONS = ("forward", "op", "encode")
+SECTIONS = ("forward", "op", "encode", "documents")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUM_HEADS, HEAD_DIM = 12, 32  # the layer shapes of LAM (hidden 384 = 12 heads x 32)
 
@@ -66,6 +69,10 @@ GPU_BATCH, CPU_BATCH = 128, 32
 # runs warm-up + repeats times for MiniLM and each LAM impl; a sample keeps the default
 # run short. (LAM pads a batch only to its longest input: one chunk of that length.)
 CPU_SENTENCES = 256
+# The documents section: this many Wikipedia articles cut at DOCUMENT_TOKENS tokens, embedded
+# in batches of at most DOCUMENT_BATCH_TOKENS padded tokens.
+GPU_DOCUMENTS, CPU_DOCUMENTS = 64, 8
+DOCUMENT_TOKENS, DOCUMENT_BATCH_TOKENS = 4096, 16384
 
 # --------------------------------------------------------------------------------------
 # options
@@ -109,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  op       ms per call of the token-mixing op alone on (B, 12, L, 32): LAM's\n"
             "           dual_state_delta_rule per delta_impl, fla's chunk_delta_rule (if fla\n"
             "           imports) and torch scaled_dot_product_attention;\n"
-            "  encode   SentenceTransformer.encode sentences/s on the STS-B test sentences.\n"
+            "  encode   SentenceTransformer.encode sentences/s on the STS-B test sentences;\n"
+            "  documents documents/s on Wikipedia articles cut at --document-tokens tokens: LAM in\n"
+            "           one pass against MiniLM's mean of 512-token chunk embeddings.\n"
             "Warm-up calls are excluded; each figure is the median of --repeats timed calls.\n"
             "Prints tables on stdout and writes everything to a JSON file."
         ),
@@ -197,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: $LAM_STSB, else <data dir>/stsb, else the hub dataset.",
     )
     parser.add_argument(
+        "--documents", type=_positive_int, default=None,
+        help=f"articles in the documents section. Default: {GPU_DOCUMENTS} on CUDA, {CPU_DOCUMENTS} on CPU.",
+    )
+    parser.add_argument(
+        "--document-tokens", type=_positive_int, default=DOCUMENT_TOKENS,
+        help="tokens of each document, special tokens included (articles shorter than this are passed over). "
+        f"Default: {DOCUMENT_TOKENS}.",
+    )
+    parser.add_argument(
+        "--articles", metavar="FILE", default=None,
+        help="JSON lines with a \"text\" field (.jsonl or .jsonl.gz) for the documents section. "
+        "Default: $LAM_DATA_DIR/longdoc/wiki_articles.jsonl.gz.",
+    )
+    parser.add_argument(
         "--model", metavar="PATH", default=None,
         help="a trained LAM SentenceTransformer folder. Default: LAM made by lam_embed.from_teacher() "
         "(teacher weights, random DeltaNet weights: the same speed).",
@@ -209,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--onnx-peers", action=argparse.BooleanOptionalAction, default=None,
         help="also time all-MiniLM-L6-v2 in ONNX Runtime, fp32 and dynamically quantised int8 (exported by "
-        "this run from --teacher; needs onnxruntime, onnx and onnxscript), in the encode section, and give "
-        "every row of that section its STS-B test Spearman. Default: on for --device cpu.",
+        "this run from --teacher; needs onnxruntime, onnx and onnxscript), in the encode and documents "
+        "sections, and give every row of the encode section its STS-B test Spearman. Default: on for "
+        "--device cpu.",
     )
     parser.add_argument(
         "--onnx-dir", metavar="FOLDER", default=None,
@@ -267,6 +291,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.onnx_peers and gpu:
         parser.error("--onnx-peers runs ONNX Runtime on the CPU: use it with --device cpu")
     args.sections = list(dict.fromkeys(args.sections))
+    args.documents = args.documents or (GPU_DOCUMENTS if gpu else CPU_DOCUMENTS)
+    if "documents" in args.sections:
+        if args.articles is None:
+            from lam_embed.data import default_data_dir
+
+            data = default_data_dir()
+            if data is None:
+                parser.error("--articles is needed for the documents section: no data folder found (set "
+                             "LAM_DATA_DIR, give --articles, or leave the section out with --sections)")
+            args.articles = str(data / "longdoc" / "wiki_articles.jsonl.gz")
+        if not os.path.isfile(args.articles):
+            parser.error(f"--articles: no file {args.articles}")
+        if args.document_tokens < 3:
+            parser.error(f"--document-tokens must be at least 3 (two special tokens and a word), got {args.document_tokens}")
     if "encode" in args.sections and args.stsb is not None:
         from lam_embed.data import looks_like_hub_name
 
@@ -454,8 +492,9 @@ def _check_impl(impl: str, device: torch.device) -> None:
 def _configure_lam(lam, impl: str, device: torch.device) -> None:
     """Set the LAM model's delta_impl and CUDA-graph switch for the variant ``impl`` (IMPLS)."""
     _check_impl(impl, device)
-    lam.config.delta_impl = impl.removesuffix("-eager")
+    lam.config.delta_impl = impl.removesuffix("-eager").removesuffix("-padded")
     lam.config.cuda_graphs = not impl.endswith("-eager")
+    lam.config.packed_inference = not impl.endswith("-padded")
 
 
 def _rate(record: dict, key: str, work: float) -> dict:
@@ -744,7 +783,8 @@ def stsb_spearman(encode: Callable[[list[str]], np.ndarray], pairs: tuple) -> fl
     return float(spearmanr(cosine, pairs[2]).statistic)
 
 
-def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam, save, result: dict) -> None:
+def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam, peers: dict, save,
+               result: dict) -> None:
     section = result["encode"]
     try:
         pairs = load_stsb_test(args)
@@ -758,7 +798,7 @@ def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam,
     sentences = sentences[: args.sentences] if args.sentences else sentences
     section.update(num_sentences=len(sentences), batch_size=args.batch_size, minilm={}, lam={}, ratio={})
     warm_sentences = sentences[: 4 * args.batch_size]
-    peers = _onnx_peers(args, minilm_st, section) if args.onnx_peers else {}
+    section["peers"] = {}
 
     def timed(encode):
         """The call ``measure`` times: the first warm-up call is a full pass, so every batch shape a
@@ -816,24 +856,109 @@ def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam,
         save()
 
 
-def _onnx_peers(args, minilm_st, section: dict) -> dict:
-    """The ONNX Runtime encoders of MiniLM (name -> OnnxEncoder); none, with the reason recorded,
-    where the optional packages are missing or the export fails."""
+def onnx_peers(args, minilm_st, result: dict) -> dict:
+    """The ONNX Runtime encoders of MiniLM (name -> OnnxEncoder); none, with the reason recorded
+    in ``result``, where the optional packages are missing or the export fails."""
     import tempfile
 
     import lam_embed
 
     from .onnx_peers import OnnxEncoder, export_minilm
 
-    section["peers"] = {}
     try:
         folder = args.onnx_dir or tempfile.mkdtemp(prefix="lam-onnx-")
         paths = export_minilm(lam_embed.resolve_teacher_path(args.teacher), folder)
         return {name: OnnxEncoder(path, minilm_st.tokenizer, minilm_st.max_seq_length) for name, path in paths.items()}
     except Exception as err:  # noqa: BLE001 - the peers are optional; the other rows still run
-        logger.error("encode: no ONNX peers (%s: %s)", type(err).__name__, err)
-        section["peers_unavailable"] = f"{type(err).__name__}: {str(err)[:300]}"
+        logger.error("no ONNX peers (%s: %s)", type(err).__name__, err)
+        result["peers_unavailable"] = f"{type(err).__name__}: {str(err)[:300]}"
         return {}
+
+
+def load_documents(args, tokenizer) -> list[list[int]]:
+    """Token ids (no special tokens) of the first --documents articles that reach
+    --document-tokens tokens with the special tokens, cut there."""
+    from .longdoc import special_tokens, tokenize
+
+    prefix, suffix = special_tokens(tokenizer)
+    room = args.document_tokens - len(prefix) - len(suffix)
+    opener = gzip.open if args.articles.endswith(".gz") else open
+    documents = []
+    with opener(args.articles, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{args.articles}, line {number}: expected a JSON object with a \"text\" "
+                                 f"string ({type(err).__name__})") from None
+            ids = tokenize(tokenizer, [text])[0]
+            if len(ids) >= room:
+                documents.append(ids[:room])
+                if len(documents) == args.documents:
+                    return documents
+    raise ValueError(f"{args.articles}: only {len(documents)} texts reach {args.document_tokens} tokens; "
+                     f"--documents asks for {args.documents}")
+
+
+def run_documents(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam, peers: dict, save,
+                  result: dict) -> None:
+    """documents/s of LAM's one pass over each document (every impl) against MiniLM's mean of
+    512-token chunk embeddings (in PyTorch and in the ONNX Runtime peers), from token ids: both
+    tokenize the same text, so tokenizing is left out."""
+    from .longdoc import WINDOW, DocumentView, embed_sequences, view_sequences
+
+    section = result["documents"]
+    try:
+        documents = load_documents(args, minilm_st.tokenizer)
+    except (OSError, ValueError) as err:
+        logger.error("documents: %s", err)
+        section.update(status="unavailable", reason=str(err))
+        save()
+        return
+    whole, _ = view_sequences(lam_st.tokenizer, documents, DocumentView("truncate", args.document_tokens))
+    chunks, owner = view_sequences(minilm_st.tokenizer, documents, DocumentView("chunks", WINDOW))
+    section.update(num_documents=len(documents), tokens_per_document=args.document_tokens,
+                   chunks_per_document=len(chunks) / len(documents), batch_tokens=DOCUMENT_BATCH_TOKENS,
+                   lam={}, peers={}, ratio={})
+    count = len(documents)
+
+    def chunk_mean(embed):
+        """A call giving each document's normalised mean of its normalised chunk embeddings."""
+        def call():
+            summed = np.zeros((count, lam.config.hidden_size))
+            np.add.at(summed, owner, embed(chunks))
+            return summed / np.linalg.norm(summed, axis=1, keepdims=True)
+        return call
+
+    def setup_minilm():
+        _place(minilm_st, args, device)
+        return chunk_mean(lambda seqs: embed_sequences(minilm_st, seqs, DOCUMENT_BATCH_TOKENS,
+                                                       show_progress_bar=False))
+
+    def measured(setup, label, cleanup=None):
+        record = measure(setup, device=device, warmup=1, repeats=args.repeats, clock=clock,
+                         label=f"documents {label} n={count}", cleanup=cleanup)
+        return _rate(record, "documents_per_s", count)
+
+    section["minilm"] = measured(setup_minilm, "MiniLM chunk-mean", lambda: _offload(minilm_st, device))
+    save()
+    for name, encoder in peers.items():
+        section["peers"][name] = measured(
+            lambda encoder=encoder: chunk_mean(lambda seqs: encoder.embed_sequences(seqs, DOCUMENT_BATCH_TOKENS)),
+            f"MiniLM {name} chunk-mean")
+        section["ratio"][name] = _ratio(section["peers"][name], section["minilm"], "documents_per_s")
+        save()
+    for impl in args.impls:
+        def setup_lam(impl=impl):
+            _configure_lam(lam, impl, device)
+            _place(lam_st, args, device)
+            return lambda: embed_sequences(lam_st, whole, DOCUMENT_BATCH_TOKENS, show_progress_bar=False)
+
+        section["lam"][impl] = measured(setup_lam, f"LAM[{impl}] one pass", lambda: _offload(lam_st, device))
+        section["ratio"][impl] = _ratio(section["lam"][impl], section["minilm"], "documents_per_s")
+        save()
 
 
 def _stsb_of_rows(args, device, pairs, minilm_st, lam_st, lam, peers: dict, section: dict) -> None:
@@ -940,27 +1065,49 @@ def format_tables(result: dict) -> str:
         if enc.get("status") == "unavailable":
             parts.append(f"\nEncode: unavailable ({enc.get('reason')})")
         elif "minilm" in enc:
-            rows = [["MiniLM", _cell(enc["minilm"], "sentences_per_s", lambda x: f"{x:.0f}"),
-                     "1.00" if enc["minilm"].get("status") == "ok" else "-", _mem(enc["minilm"])]]
-            named = [(f"MiniLM {name}", rec, name) for name, rec in enc.get("peers", {}).items()]
+            fp32 = enc.get("peers", {}).get("onnx-fp32")
+            named = [("MiniLM", enc["minilm"], "minilm")]
+            named += [(f"MiniLM {name}", rec, name) for name, rec in enc.get("peers", {}).items()]
             named += [(f"LAM {impl}", rec, impl) for impl, rec in enc["lam"].items()]
+            rows = []
             for label, rec, key in named:
-                ratio = enc["ratio"].get(key)
+                ratio = 1.0 if key == "minilm" and rec.get("status") == "ok" else enc["ratio"].get(key)
+                to_onnx = _ratio(rec, fp32, "sentences_per_s") if fp32 else None
                 rows.append([label, _cell(rec, "sentences_per_s", lambda x: f"{x:.0f}"),
-                             "-" if ratio is None else f"{ratio:.2f}", _mem(rec)])
-            headers = ["model", "sentences/s", "x MiniLM", "peak MiB"]
+                             "-" if ratio is None else f"{ratio:.2f}", "-" if to_onnx is None else f"{to_onnx:.2f}",
+                             _mem(rec)])
+            headers = ["model", "sentences/s", "x MiniLM", "x ONNX fp32", "peak MiB"]
             stsb = enc.get("stsb_test_spearman")
             if stsb:
-                keys = ["minilm"] + [key for _, _, key in named]
-                rows = [row + [f"{100 * stsb[key]:.2f}" if key in stsb else "-"] for row, key in zip(rows, keys)]
+                rows = [row + [f"{100 * stsb[key]:.2f}" if key in stsb else "-"] for row, (_, _, key) in zip(rows, named)]
                 headers.append("STS-B test")
             rounds = enc.get("rounds", 1)
             interleaved = f", {rounds} interleaved rounds" if rounds > 1 else ""
             parts.append(f"\nencode, STS-B test ({enc['num_sentences']} sentences, batch "
                          f"{enc['batch_size']}{interleaved}; MiniLM in PyTorch is SentenceTransformer.encode)\n"
                          + _table(headers, rows, (0,)))
-            if enc.get("peers_unavailable"):
-                parts.append(f"ONNX peers unavailable: {enc['peers_unavailable']}")
+    docs = result.get("documents")
+    if docs:
+        if docs.get("status") == "unavailable":
+            parts.append(f"\nDocuments: unavailable ({docs.get('reason')})")
+        else:
+            rate = lambda x: f"{x:.2f}"  # noqa: E731
+            named = [("MiniLM chunk-mean", docs["minilm"], None)]
+            named += [(f"MiniLM {name} chunk-mean", rec, name) for name, rec in docs["peers"].items()]
+            named += [(f"LAM {impl} one pass", rec, impl) for impl, rec in docs["lam"].items()]
+            fp32 = docs["peers"].get("onnx-fp32")
+            rows = []
+            for label, rec, key in named:
+                ratio = 1.0 if key is None else docs["ratio"].get(key)
+                to_onnx = _ratio(rec, fp32, "documents_per_s") if fp32 else None
+                rows.append([label, _cell(rec, "documents_per_s", rate), "-" if ratio is None else f"{ratio:.2f}",
+                             "-" if to_onnx is None else f"{to_onnx:.2f}", _mem(rec)])
+            parts.append(f"\ndocuments of {docs['tokens_per_document']} tokens ({docs['num_documents']} Wikipedia "
+                         f"articles, {docs['chunks_per_document']:.1f} chunks of 512 tokens each for MiniLM; from "
+                         "token ids)\n" + _table(["model", "documents/s", "x MiniLM", "x ONNX fp32", "peak MiB"], rows,
+                                                  (0,)))
+    if result.get("peers_unavailable"):
+        parts.append(f"ONNX peers unavailable: {result['peers_unavailable']}")
     return "\n".join(parts)
 
 
@@ -996,6 +1143,9 @@ def main(argv=None) -> int:
             "warmup": args.warmup,
             "encode_batch_size": args.batch_size,
             "sentences": args.sentences,
+            "documents": args.documents,
+            "document_tokens": args.document_tokens,
+            "articles": args.articles,
             "onnx_peers": args.onnx_peers,
             "lam_model": args.model or "lam_embed.from_teacher() (random DeltaNet weights)",
             "teacher": args.teacher or "lam_embed.resolve_teacher_path()",
@@ -1014,13 +1164,16 @@ def main(argv=None) -> int:
     save()
     # Models are loaded (on CPU) before inference mode: see _place.
     lam_st = lam = bert = minilm_st = None
-    if "forward" in args.sections or "encode" in args.sections:
+    if any(section in args.sections for section in ("forward", "encode", "documents")):
         lam_st, lam = load_lam(args)
     if "forward" in args.sections:
         bert = load_minilm_bert(args)
         result["settings"]["minilm_attention"] = getattr(bert.config, "_attn_implementation", None)
-    if "encode" in args.sections:
+    peers = {}
+    if "encode" in args.sections or "documents" in args.sections:
         minilm_st = load_minilm_st(args)
+        if args.onnx_peers:
+            peers = onnx_peers(args, minilm_st, result)
     with torch.inference_mode():
         if "forward" in args.sections:
             result["forward"] = []
@@ -1030,7 +1183,10 @@ def main(argv=None) -> int:
             run_op(args, device, clock, save, result["op"])
         if "encode" in args.sections:
             result["encode"] = {}
-            run_encode(args, device, clock, lam_st, minilm_st, lam, save, result)
+            run_encode(args, device, clock, lam_st, minilm_st, lam, peers, save, result)
+        if "documents" in args.sections:
+            result["documents"] = {}
+            run_documents(args, device, clock, lam_st, minilm_st, lam, peers, save, result)
     result["complete"] = True
     save()
     logger.info("wrote %s (%.0f s in all)", output, clock.elapsed())

@@ -77,6 +77,23 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
 
+    def embed_sequences(self, sequences: list[list[int]], batch_tokens: int) -> np.ndarray:
+        """Embeddings of token-id sequences (special tokens included), batched as
+        ``longdoc.embed_sequences`` batches them: longest first, at most ``batch_tokens``
+        padded tokens a batch."""
+        from .longdoc import token_batches
+
+        out = np.empty((len(sequences), self.session.get_outputs()[0].shape[-1]), dtype=np.float32)
+        for batch in token_batches([len(s) for s in sequences], batch_tokens):
+            longest = len(sequences[batch[0]])
+            ids = np.zeros((len(batch), longest), dtype=np.int64)
+            mask = np.zeros((len(batch), longest), dtype=np.int64)
+            for row, i in enumerate(batch):
+                ids[row, : len(sequences[i])] = sequences[i]
+                mask[row, : len(sequences[i])] = 1
+            out[batch] = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return out
+
     def encode(self, sentences: list[str], batch_size: int = 64) -> np.ndarray:
         order = np.argsort([-len(s) for s in sentences], kind="stable")
         out = np.empty((len(sentences), self.session.get_outputs()[0].shape[-1]), dtype=np.float32)

@@ -51,6 +51,11 @@ class LAMConfig(PretrainedConfig):
             torch.compile; on CPU with "numba" (or "auto") at float32 inference as one
             numba kernel (ops/numba.py). False: eager everywhere (debugging, or where
             neither works).
+        packed_inference: at float32 inference on CPU through the numba kernel, run a
+            right-padded batch on its valid tokens only (lam_embed/inference/packing.py):
+            the padding that sentence-transformers adds to each batch is never computed.
+            The outputs on valid tokens equal the padded forward's to float32 rounding;
+            padded rows of the last hidden state are zero. False: the padded forward.
         gelu_epilogue: at 16-bit inference on CUDA through the Triton layer code, the
             FFN's first product, bias and GELU as one cuBLASLt call with a GELU epilogue
             (the separate GELU kernel took 0.43 ms of a 4.8 ms forward of 32,768 tokens
@@ -93,6 +98,7 @@ class LAMConfig(PretrainedConfig):
         delta_impl: str = "auto",
         cuda_graphs: bool = True,
         fuse_layer_code: bool = True,
+        packed_inference: bool = True,
         gelu_epilogue: bool = True,
         graph_streams: int = 2,
         graph_streams_min_tokens: int = 16384,
@@ -121,6 +127,7 @@ class LAMConfig(PretrainedConfig):
         self.delta_impl = delta_impl
         self.cuda_graphs = cuda_graphs
         self.fuse_layer_code = fuse_layer_code
+        self.packed_inference = packed_inference
         self.gelu_epilogue = gelu_epilogue
         self.graph_streams = graph_streams
         self.graph_streams_min_tokens = graph_streams_min_tokens
@@ -156,7 +163,7 @@ class LAMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"LAMConfig.{name} must lie in [0, 1), got {value!r}")
-        for name in ("cuda_graphs", "fuse_layer_code", "gelu_epilogue"):
+        for name in ("cuda_graphs", "fuse_layer_code", "packed_inference", "gelu_epilogue"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LAMConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.graph_streams_min_tokens, int) or self.graph_streams_min_tokens < 0:

@@ -21,6 +21,7 @@ from .checksums import verify_checksums
 from .configuration_lam import LAMConfig
 from .inference import input_checks
 from .inference.cuda_graphs import ForwardGraphs, layers_on_streams
+from .inference.packing import PackedBatch
 from .layers.dual_state_delta_net import (
     CausalDepthwiseConv,
     DualStateDeltaNet,
@@ -79,11 +80,13 @@ class LAMEmbeddings(nn.Module):
         self.config = config  # shared with the model: position_overflow is read at each call
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
-                position_offset: torch.Tensor | None = None) -> torch.Tensor:
-        """``position_offset`` (B,): the position of each sample's first token (a continuation)."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        if position_offset is not None:
-            positions = position_offset[:, None] + positions
+                position_offset: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_offset`` (B,): the position of each sample's first token (a continuation);
+        ``positions``: each token's position, of ids of any shape (a packed batch's rows)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if position_offset is not None:
+                positions = position_offset[:, None] + positions
         table = self.position_embeddings.num_embeddings
         positions = positions % table if self.config.position_overflow == "wrap" else positions.clamp(max=table - 1)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
@@ -327,6 +330,15 @@ class LAMModel(LAMPreTrainedModel):
             if clamp:
                 input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
                 token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
+            packed = None
+            if backend.layer_code == "numba" and self.config.packed_inference and hidden_states is None:
+                packed = PackedBatch.from_mask(mask)
+            if packed is not None:
+                # The valid tokens only, one sample after another (inference/packing.py).
+                x = self.embeddings(packed.pack(input_ids), packed.pack(token_type_ids), positions=packed.positions)
+                for layer in self.layers:
+                    x = layer(x, packed, backend)
+                return packed.unpack(x)
             x = self.embeddings(input_ids, token_type_ids)
         if parts > 1:
             return layers_on_streams(self.layers, x, mask, parts, backend)

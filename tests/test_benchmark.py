@@ -29,6 +29,14 @@ def _write_tiny_stsb(folder):
     return folder
 
 
+def _write_tiny_articles(folder):
+    """Three texts, two of them long enough for documents of 60 tokens."""
+    texts = [" ".join(SENTENCES * 4), "Too short.", " ".join(reversed(SENTENCES * 4))]
+    path = folder / "articles.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, minilm_onnx):
     """One tiny CPU run shared by the tests below (loading the models dominates its time),
@@ -39,6 +47,7 @@ def tiny_run(tmp_path_factory, minilm_onnx):
     argv = [
         "--device", "cpu", "--lengths", "128", "--cpu-tokens", "128", "--repeats", "1", "--warmup", "1",
         "--impls", "chunk", "triton", "--sentences", "6", "--batch-size", "4", "--stsb", str(stsb),
+        "--documents", "2", "--document-tokens", "60", "--articles", str(_write_tiny_articles(tmp)),
         "--onnx-dir", str(minilm_onnx["onnx-fp32"].parent), "--output", str(output), "--log-level", "WARNING",
     ]
     with pytest.MonkeyPatch.context() as mp:
@@ -59,7 +68,7 @@ def test_json_has_the_expected_keys(tiny_run):
     settings = result["settings"]
     assert settings["dtype"] == "fp32" and settings["lengths"] == [128] and settings["impls"] == ["chunk", "triton"]
     assert settings["tokens_per_batch"] == 128
-    assert set(result) >= {"forward", "op", "encode"}
+    assert set(result) >= {"forward", "op", "encode", "documents"}
 
 
 def test_forward_throughputs_are_positive(tiny_run):
@@ -95,6 +104,33 @@ def test_op_and_encode_figures(tiny_run):
     stsb = enc["stsb_test_spearman"]
     assert set(stsb) == {"minilm", "onnx-fp32", "onnx-int8", "chunk"}  # triton: not on CPU
     assert stsb["onnx-fp32"] == pytest.approx(stsb["minilm"], abs=1e-9)
+
+
+def test_documents_figures(tiny_run):
+    """LAM's one pass and MiniLM's chunk-mean (PyTorch and ONNX Runtime) over the same two
+    documents of 60 tokens (the short article passed over), 512-token chunks: one each."""
+    docs = tiny_run[0]["documents"]
+    assert docs["num_documents"] == 2 and docs["tokens_per_document"] == 60 and docs["chunks_per_document"] == 1
+    for record in (docs["minilm"], docs["lam"]["chunk"], *docs["peers"].values()):
+        assert record["status"] == "ok" and record["documents_per_s"] > 0
+    assert set(docs["peers"]) == {"onnx-fp32", "onnx-int8"}
+    assert docs["ratio"]["chunk"] == pytest.approx(docs["lam"]["chunk"]["documents_per_s"]
+                                                   / docs["minilm"]["documents_per_s"])
+    assert docs["lam"]["triton"]["status"] == "unavailable"
+    assert "documents of 60 tokens" in benchmark.format_tables(tiny_run[0])
+
+
+def test_documents_need_enough_long_articles(tmp_path):
+    """Fewer long articles than --documents asks for: the section says so, the run still ends."""
+    output = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--sections", "documents", "--impls", "chunk", "--documents", "3",
+            "--document-tokens", "60", "--articles", str(_write_tiny_articles(tmp_path)), "--no-onnx-peers",
+            "--output", str(output), "--log-level", "ERROR"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert benchmark.main(argv) == 0
+    docs = json.loads(output.read_text())["documents"]
+    assert docs["status"] == "unavailable" and "only 2 texts reach 60 tokens" in docs["reason"]
 
 
 def test_the_table_shows_the_peers_and_stsb(tiny_run):
@@ -139,6 +175,8 @@ def test_table_is_printed(tiny_run):
         (["--cpu-tokens", "-1"], "must be a positive integer"),
         (["--sections", "train"], "invalid choice"),
         (["--dtype", "fp8"], "invalid choice"),
+        (["--sections", "documents", "--articles", "/nonexistent.jsonl"], "--articles: no file /nonexistent.jsonl"),
+        (["--documents", "0"], "must be a positive integer"),
     ],
 )
 def test_bad_options_are_argparse_errors(argv, message, capsys):
@@ -154,6 +192,8 @@ def test_cpu_defaults():
     assert args.tokens_per_batch == benchmark.CPU_TOKENS
     assert args.dtype == "fp32" and args.repeats == benchmark.CPU_REPEATS
     assert "triton" not in args.impls and "naive" not in args.impls
+    assert args.impls[:2] == ["auto", "auto-padded"]  # packed batches, and what packing saves
+    assert args.documents == benchmark.CPU_DOCUMENTS
 
 
 def test_default_output_names_the_device():

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..backends import Backend, carried_backend, load_numba, load_triton, select_backend
 from ..configuration_lam import LAMConfig
+from ..inference.packing import PackedBatch
 from ..ops import dual_state_delta_rule
 from ..ops.common import (
     PROJECTION_SCALARS,
@@ -214,10 +215,19 @@ class DualStateDeltaNet(nn.Module):
             return load_triton().layer.delta_net_from_projection(
                 projected, mask, conv_weight, self.flux, self.norm_weight, self.o_proj.weight, self.eps, H,
                 config.chunk_size)
+        packed = mask if isinstance(mask, PackedBatch) else None
         if backend.layer_code == "numba":
-            features = delta_net_features(x, mask, weight, bias, conv_weight, H)
-            o = load_numba().delta_rule_layer(*features, mask, self.flux, self.norm_weight, self.eps, config.chunk_size)
+            if packed is None:
+                features = delta_net_features(x, mask, weight, bias, conv_weight, H)
+                o = load_numba().delta_rule_layer(*features, mask, self.flux, self.norm_weight, self.eps,
+                                                  config.chunk_size)
+            else:
+                features = delta_net_features(x, None, weight, bias, conv_weight, H, packed_positions=packed.positions)
+                o = load_numba().delta_rule_layer(*features, None, self.flux, self.norm_weight, self.eps,
+                                                  config.chunk_size, segments=(packed.starts, packed.lengths))
             return F.linear(o, self.o_proj.weight)
+        if packed is not None:
+            raise ValueError(f"a packed batch runs through the numba layer code only, not {backend.layer_code!r}")
         compiled = backend.layer_code == "compiled"
         features, output = _compiled_layer_functions() if compiled else (delta_net_features, delta_net_output)
         carry = {}
@@ -248,7 +258,7 @@ class DualStateDeltaNet(nn.Module):
         return out, LayerState(fast, slow, tail)
 
 
-def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_tail=None):
+def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_tail=None, packed_positions=None):
     """The inputs of the delta rule from the layer input x (B, L, D): q, k, v =
     SiLU(conv(x W)) per head, (B, L, H, d) (the delta rule normalises q and k:
     qk_l2norm); the output gate sigmoid(x W_g), (B, L, D); the sigmoids of beta, the two
@@ -258,17 +268,25 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_
     q, k, v convolutions stacked (3D, 1, K). ``conv_tail`` (B, K - 1, 3D): the projection
     rows before x that the convolution reads (a carried state); the result then ends with
     those rows and x's, (B, K - 1 + L, 3D), for the next state.
+
+    A packed batch (inference/packing.py; CPU inference with numba): x is its valid rows
+    (N, D), ``mask`` None and ``packed_positions`` (N,) each row's position in its sample;
+    the results have N rows.
     """
     D, H = x.shape[-1], num_heads
     columns = projection_columns(D, H)
     # Padding is zeroed before the projections (q, k, v have no bias), so it is zero
     # in the convolution and never reaches a valid token. Beta, decays and gates of
     # padded positions are never read (the delta rule masks them).
-    projected = F.linear(x * mask[..., None].to(x.dtype), weight, bias)
+    projected = F.linear(x if mask is None else x * mask[..., None].to(x.dtype), weight, bias)
     qkv_in = projected[..., columns["q"].start : columns["v"].stop]
     if conv_tail is not None:
         qkv_in = torch.cat([conv_tail.to(qkv_in.dtype), qkv_in], 1)
-    qkv = causal_depthwise_conv(qkv_in, conv_weight)
+    if packed_positions is not None:
+        # q, k, v are the first columns (projection_columns): the kernel reads them in place.
+        qkv = load_numba().packed_causal_conv(projected, conv_weight, packed_positions)
+    else:
+        qkv = causal_depthwise_conv(qkv_in, conv_weight)
     if conv_tail is not None:
         qkv = qkv[:, conv_tail.shape[1]:]
     # q, k and v each in a buffer of its own, all three with the same (B, L, H, d)
@@ -277,7 +295,7 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_
     q, k, v = (F.silu(qkv[..., i * D : (i + 1) * D]).unflatten(-1, (H, -1)) for i in range(3))
     # The output gate and the five scalars are adjacent columns: one sigmoid for all.
     gates = torch.sigmoid(projected[..., columns["output_gate"].start : columns[PROJECTION_SCALARS[-1]].stop])
-    scalars = gates[..., D:].unflatten(-1, (len(PROJECTION_SCALARS), H)).unbind(2)
+    scalars = gates[..., D:].unflatten(-1, (len(PROJECTION_SCALARS), H)).unbind(-2)
     features = (q, k, v, gates[..., :D], *scalars)
     return features if conv_tail is None else (features, qkv_in)
 
