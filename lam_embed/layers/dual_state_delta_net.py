@@ -192,8 +192,10 @@ class DualStateDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, backend: Backend | None = None,
                 state: LayerState | None = None, state_after_chunks: torch.Tensor | None = None):
-        """x: (B, L, D); mask: (B, L) bool, True on valid tokens; ``backend``: as
-        LAMModel selects it for the whole forward (else selected here for x).
+        """x: (B, L, D); mask: (B, L) bool, True on valid tokens; or, with the numba layer
+        code, x the (N, D) rows of a packed batch and mask its PackedBatch
+        (inference/packing.py); ``backend``: as LAMModel selects it for the whole forward
+        (else selected here for x).
 
         ``state``: the carried state (lam_embed/state.py) this input continues, and
         ``state_after_chunks`` (B,): also return the state after that many chunks of each
