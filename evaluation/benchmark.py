@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"LAM variants to measure, from {', '.join(IMPLS)}: a delta_impl, or 'triton-eager', delta_impl "
         "'triton' without CUDA graphs (each kernel launched from Python; 'triton' replays a graph per "
         "shape, see lam_embed/inference/cuda_graphs.py). The triton variants are recorded as unavailable when the "
-        "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel, on CUDA "
-        "triton. The op section measures the delta_impls only. Default: "
+        "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel on packed "
+        "batches, on CUDA triton; 'auto-padded' is 'auto' with LAMConfig.packed_inference off (on CPU the "
+        "padding is computed too). The op section measures the delta_impls only. Default: "
         f"{' '.join(GPU_IMPLS)} on CUDA, {' '.join(CPU_IMPLS)} on CPU.",
     )
     parser.add_argument(
