@@ -155,3 +155,124 @@ def test_passage_crop_takes_runs_of_consecutive_words():
 def test_passage_crop_must_be_a_fraction(tmp_path):
     with pytest.raises(SystemExit, match="--passage-crop must be in"):
         run(tmp_path, "--passage-crop", "-0.1")
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return ["scripts/distill.py", "--output-dir", str(out), "--max-sentences", "200", "--max-passages", "20",
+            "--batch-size", "4", "--passage-batch-size", "2", "--passage-every", "2", "--max-dev-pairs", "8",
+            "--eval-every", "0", "--save-every", "100", "--log-every", "1", "--device", "cpu", *extra]
+
+
+def _run_processes(out: Path, processes: int, *extra: str) -> tuple[list[dict], dict]:
+    """scripts/distill.py in ``processes`` processes (torchrun, gloo), one thread each: the
+    per-step records of its summary and the saved weights."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*launcher, *_command(out, *extra)], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [r for r in summary["history"] if "loss" in r]
+    weights = load_file(out / "model" / "model.safetensors") if summary["finished"] else {}
+    return steps, weights
+
+
+def _same_steps(a: list[dict], b: list[dict]) -> None:
+    """The same losses and gradient norms, step by step: to float rounding at the first
+    step, and within 1e-4 once the weights have taken AdamW's rounding-sized differences."""
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) > 0
+    for n, (x, y) in enumerate(zip(a, b)):
+        for key in ("loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=2e-6 if n == 0 else 1e-4, abs=2e-6), (x, y)
+
+
+def test_two_processes_follow_one_process(tmp_path):
+    """torchrun with two CPU processes (gloo): each takes half of every batch (sentences and
+    passages), its losses are shares of the whole batch's and the gradients are summed, so
+    every step of both stages (the similarity term over the whole batch included) has the
+    loss and gradient norm of one process on the whole batch. The weights agree to the
+    order of the learning rate times a few 1e-3: AdamW's first steps divide each gradient
+    component by its own size, so a component near zero whose sign float rounding flips (two
+    half-batch sums against one) moves the other way. A two-process checkpoint resumes in
+    one process on the same path."""
+    options = ("--stage1-steps", "2", "--stage2-steps", "3", "--similarity-weight", "1.0")
+    one, one_weights = _run_processes(tmp_path / "one", 1, *options)
+    two, two_weights = _run_processes(tmp_path / "two", 2, *options)
+    assert len(one) == 5
+    _same_steps(one, two)
+    assert one_weights.keys() == two_weights.keys()
+    for name in one_weights:
+        assert (one_weights[name] - two_weights[name]).abs().max() <= 1e-3, name
+    _run_processes(tmp_path / "mixed", 2, *options, "--stop-after-minutes", "0.00001")
+    resumed, _ = _run_processes(tmp_path / "mixed", 1, *options, "--resume")
+    _same_steps(one, resumed)
+
+
+def test_shares_of_a_batch_add_up_to_its_gradient():
+    """The losses of two shares of a batch, as two processes compute them (the similarity
+    term with the other share's rows as constants), have gradients that sum to the whole
+    batch's loss's, in both stages."""
+    import lam_embed
+    from transformers import AutoTokenizer
+
+    from lam_embed.training.distributed import Processes
+
+    torch.manual_seed(0)
+    path = lam_embed.resolve_teacher_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = distill.Teacher(path, torch.device("cpu"))
+    student = lam_embed.from_teacher(path, delta_impl="chunk")
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    texts = ["A man is playing a guitar on stage.", "Dogs run.", "Stocks fell sharply on Monday after the report.", "Hi"]
+    batch = dict(tokenizer(texts, padding=True, pad_to_multiple_of=16, return_tensors="pt"))
+    shares = [slice(0, 2), slice(2, 4)]
+    tokens = batch["attention_mask"].sum()
+
+    def gradient(loss):
+        student.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    def part(rows):
+        return {k: v[rows] for k, v in batch.items()}
+
+    with torch.no_grad():
+        student_rows = [distill.mean_pool(student(**part(s)).last_hidden_state, part(s)["attention_mask"]) for s in shares]
+        teacher_rows = [teacher(part(s))[2] for s in shares]
+
+    class Share(Processes):  # what gather_rows gives in process ``rank`` of two
+        def gather_rows(self, local):
+            rows = student_rows if local.requires_grad else teacher_rows
+            return torch.cat([local if i == self.rank else rows[i] for i in range(self.world)])
+
+    def stage_loss(stage, features, processes=Processes(), count=None):
+        hidden, attention, embedding = teacher(features)
+        if stage == 1:
+            return distill.stage1_loss(student, hidden, attention, features["attention_mask"].bool(), count)
+        return distill.stage2_loss(student, features, hidden, embedding, 0.1, 1.0, processes, count)[0]
+
+    student.train()
+    for stage in (1, 2):
+        whole = gradient(stage_loss(stage, batch))
+        summed = None
+        for rank, rows in enumerate(shares):
+            g = gradient(stage_loss(stage, part(rows), Share(rank, 2), tokens))
+            summed = g if summed is None else {k: summed[k] + g[k] for k in summed}
+        assert summed.keys() == whole.keys()
+        for name in whole:
+            assert (summed[name] - whole[name]).abs().max() <= 1e-5 * whole[name].abs().max() + 1e-12, (stage, name)
+
+
+def test_batches_must_divide_among_the_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        run(tmp_path)
+    assert "--batch-size 4 does not divide among the 3 processes" in capsys.readouterr().err

@@ -26,6 +26,11 @@ the README's "Distillation" gives the commands).
 Checkpoints go to ``--output-dir`` every ``--save-every`` steps and when the time
 budget (``--stop-after-minutes``) runs out; ``--resume`` continues from the last one
 and, with the same seed, sees the same batches as an uninterrupted run.
+
+Under ``torchrun --nproc-per-node N`` the run is shared by N processes
+(``training/distributed.py``): each takes an equal share of every batch, its losses are
+shares of the whole batch's (the similarity term is computed over the whole batch in each),
+and the gradients are summed before the step; the first process evaluates, logs and writes.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ import lam_embed
 from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines
 from lam_embed.environment import git_commit
 from lam_embed.release import save_release
+
+from .distributed import Processes, start, stop
 
 logger = logging.getLogger("distill")
 
@@ -86,9 +93,11 @@ class Teacher:
         return hidden, attention, mean_pool(hidden[-1], batch["attention_mask"])
 
 
-def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the valid tokens; ``tokens``: the count to divide by when it
+    is not this batch's (the global batch's, when this process holds a share of it)."""
     m = mask[..., None].to(a.dtype)
-    return ((a - b).pow(2) * m).sum() / (m.sum() * a.shape[-1])
+    return ((a - b).pow(2) * m).sum() / ((m.sum() if tokens is None else tokens) * a.shape[-1])
 
 
 @dataclass
@@ -157,13 +166,15 @@ class Batches:
             chosen += self._take(2, self.extra, n_extra, index)
         return chosen, self.max_length
 
-    def __call__(self, step: int, device: torch.device) -> dict:
+    def __call__(self, step: int, device: torch.device, share: slice | None = None) -> dict:
+        """Batch ``step``, tokenised; ``share``: only these rows of it (one process's share),
+        padded as the whole batch is."""
         texts, max_length = self.texts(step)
         # Lengths rounded up to a multiple of 16: few distinct shapes, so the GPU libraries'
         # per-shape set-up (kernel selection) is paid a few times, not at every step.
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                                pad_to_multiple_of=16, return_tensors="pt")
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: (v if share is None else v[share]).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -216,28 +227,35 @@ def make_optimizer(model, stage: int, args, steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def stage1_loss(student, teacher_hidden, teacher_attention, mask):
-    """Each student attention block, fed the teacher's layer input, against the teacher's block output."""
+def stage1_loss(student, teacher_hidden, teacher_attention, mask, tokens=None):
+    """Each student attention block, fed the teacher's layer input, against the teacher's
+    block output (``tokens``: as masked_mse)."""
     losses = [
-        masked_mse(layer.mix(teacher_hidden[i], mask), teacher_attention[i], mask)
+        masked_mse(layer.mix(teacher_hidden[i], mask), teacher_attention[i], mask, tokens)
         for i, layer in enumerate(student.layers)
     ]
     return torch.stack(losses).mean()
 
 
-def stage2_loss(student, batch, teacher_hidden, teacher_embedding, hidden_weight: float, similarity_weight: float):
+def stage2_loss(student, batch, teacher_hidden, teacher_embedding, hidden_weight: float, similarity_weight: float,
+                processes: Processes = Processes(), tokens=None):
     """Cosine to the teacher's embedding, plus the in-batch similarity matrix against the
     teacher's (what STS measures: how sentences relate, not only where each one lies),
-    plus the hidden states. Returns (loss, cosine term, similarity term)."""
+    plus the hidden states. Returns (loss, cosine term, hidden term, similarity term).
+
+    With several processes (``tokens``: the global batch's valid tokens) the cosine and
+    hidden terms are this process's share of the global batch's, and the similarity term is
+    the global batch's matrix with this process's rows attached to its graph."""
     out = student(**batch, output_hidden_states=True)
     mask = batch["attention_mask"]
     embedding = mean_pool(out.last_hidden_state.float(), mask)
-    cosine = (1 - (embedding * teacher_embedding).sum(-1)).mean()
-    similarity = F.mse_loss(embedding @ embedding.T, teacher_embedding @ teacher_embedding.T)
+    cosine = (1 - (embedding * teacher_embedding).sum(-1)).sum() / (embedding.shape[0] * processes.world)
+    everyone, teachers = processes.gather_rows(embedding), processes.gather_rows(teacher_embedding)
+    similarity = F.mse_loss(everyone @ everyone.T, teachers @ teachers.T)
     hidden = torch.stack([
-        masked_mse(s.float(), t, mask.bool()) for s, t in zip(out.hidden_states[1:], teacher_hidden[1:])
+        masked_mse(s.float(), t, mask.bool(), tokens) for s, t in zip(out.hidden_states[1:], teacher_hidden[1:])
     ]).mean()
-    return cosine + similarity_weight * similarity + hidden_weight * hidden, cosine, similarity
+    return cosine + similarity_weight * similarity + hidden_weight * hidden, cosine, hidden, similarity
 
 
 def make_ema(student, decay: float):
@@ -308,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of each stage's steps spent warming up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--delta-impl", default="chunk", choices=lam_embed.backends.BACKEND_NAMES, help="implementation of the DeltaNet while training ('triton' recomputes its backward with 'chunk', so 'chunk' trains fastest)")
+    p.add_argument("--log-every", type=int, default=50, help="record the loss and gradient norm every N steps")
     p.add_argument("--eval-every", type=int, default=500, help="log STS-B dev Spearman every N steps (0: only at the end)")
     p.add_argument("--save-every", type=int, default=1000, help="save a checkpoint every N steps")
     p.add_argument("--stop-after-minutes", type=float, default=0, help="save and stop after this much training time (0: no limit); --resume continues")
@@ -360,7 +379,7 @@ def main(argv=None) -> dict:
     for name, value in (("--sentences", args.sentences), ("--stsb", args.stsb)):
         if not value:
             parser.error(f"{name} is required: no data folder found (set LAM_DATA_DIR or pass the path)")
-    positive = ("batch_size", "passage_batch_size", "max_length", "passage_max_length", "save_every")
+    positive = ("batch_size", "passage_batch_size", "max_length", "passage_max_length", "save_every", "log_every")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -376,7 +395,28 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.stage1_steps < 0 or args.stage2_steps < 0 or args.stage1_steps + args.stage2_steps == 0:
         raise SystemExit("--stage1-steps and --stage2-steps must be >= 0 and not both 0")
-    device = torch.device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("batch_size", "passage_batch_size"):
+        if getattr(args, name) % world:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} does not divide among the {world} "
+                         "processes: each takes an equal share of every batch")
+    # The data first: a missing or empty file is an error before any model loads.
+    try:
+        data = read_training_data(args)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    processes, device = start(args.device)
+    try:
+        return train(args, data, processes, device, argv)
+    finally:
+        stop(processes)
+
+
+def train(args, data: tuple, processes: Processes, device: torch.device, argv=None) -> dict:
+    """The run of ``main`` in this process (one of ``processes``; the first writes the
+    files): ``data`` as read_training_data returns it."""
+    if not processes.main:
+        logger.setLevel(logging.WARNING)
     if device.type == "cuda" and not args.no_tf32:
         # The delta rule's float32 products dominate a step; TF32 makes them several times
         # faster, and training does not need their last bits (inference keeps full fp32).
@@ -386,11 +426,7 @@ def main(argv=None) -> dict:
     checkpoint_path = out_dir / "checkpoint.pt"
     torch.manual_seed(args.seed)
 
-    # The data first: a missing or empty file is an error before the teacher loads.
-    try:
-        sentences, passages, dev, extra = read_training_data(args)
-    except (OSError, ValueError) as err:
-        parser.error(str(err))
+    sentences, passages, dev, extra = data
     teacher_path = lam_embed.resolve_teacher_path(args.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     tokenizer.padding_side = "right"
@@ -399,6 +435,8 @@ def main(argv=None) -> dict:
     for module in student.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = args.dropout
+    if not processes.main:
+        torch.manual_seed(args.seed + 1_000_003 * processes.rank)  # dropout: other masks for other rows
 
     logger.info("data: %d sentences, %d passages, %d STS-B train sentences, %d dev pairs",
                 len(sentences), len(passages), len(extra), len(dev[0]))
@@ -434,7 +472,7 @@ def main(argv=None) -> dict:
     use_bf16 = device.type == "cuda"
     start = time.time() - elapsed
     session_start = time.time()
-    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", dynamic_ncols=True, disable=not processes.main)
     stopped_early = False
     while step < total:
         if stage == 1 and step >= args.stage1_steps:
@@ -443,35 +481,47 @@ def main(argv=None) -> dict:
             ema = make_ema(student, args.ema_decay) if args.ema_decay else None
             bar.set_description("stage 2")
         student.train()
-        batch = batches(step, device)
+        if processes.world == 1:
+            batch, tokens = batches(step, device), None
+        else:  # this process's rows; the losses divide by the whole batch's valid tokens
+            batch = batches(step, device, processes.share(len(batches.texts(step)[0])))
+            tokens = processes.sum(batch["attention_mask"].sum())
         mask = batch["attention_mask"].bool()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             hidden, attention, teacher_embedding = teacher(batch)
             if stage == 1:
-                loss = stage1_loss(student, hidden, attention, mask)
+                loss = stage1_loss(student, hidden, attention, mask, tokens)
                 cosine = similarity = None
+                logged = processes.sum(loss)
             else:
-                loss, cosine, similarity = stage2_loss(student, batch, hidden, teacher_embedding,
-                                                       args.hidden_weight, args.similarity_weight)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+                loss, cosine, hidden_term, similarity = stage2_loss(
+                    student, batch, hidden, teacher_embedding, args.hidden_weight, args.similarity_weight,
+                    processes, tokens)
+                # The shares summed over the processes; the similarity term is whole in each.
+                cosine, hidden_term = processes.sum(torch.stack([cosine, hidden_term]))
+                logged = cosine + args.similarity_weight * similarity.detach() + args.hidden_weight * hidden_term
+        if not torch.isfinite(logged):
+            raise RuntimeError(f"loss became {logged.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
+        trained = [p for g in optimizer.param_groups for p in g["params"]]
+        processes.sum_gradients(trained)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(student)
         step += 1
         bar.update(1)
-        if step % 50 == 0:
-            record = {"step": step, "stage": stage, "loss": round(loss.item(), 6), "minutes": round((time.time() - start) / 60, 2)}
+        if step % args.log_every == 0:
+            record = {"step": step, "stage": stage, "loss": round(logged.item(), 6),
+                      "grad_norm": round(grad_norm.item(), 6), "minutes": round((time.time() - start) / 60, 2)}
             if cosine is not None:
                 record["cosine_loss"] = round(cosine.item(), 6)
                 record["similarity_loss"] = round(similarity.item(), 7)
             bar.set_postfix(loss=record["loss"])
             history.append(record)
-        if (args.eval_every and step % args.eval_every == 0) or step == total:
+        if processes.main and ((args.eval_every and step % args.eval_every == 0) or step == total):
             rho = stsb_spearman(student, tokenizer, dev, device)
             record = {"step": step, "stage": stage, "stsb_dev_spearman": round(rho, 5)}
             if ema is not None:
@@ -482,13 +532,18 @@ def main(argv=None) -> dict:
             logger.info("step %d: STS-B dev Spearman %.4f%s", step, record["stsb_dev_spearman"],
                         f" (last weights {rho:.4f})" if ema is not None else "")
         out_of_time = args.stop_after_minutes and time.time() - session_start > args.stop_after_minutes * 60
-        if step % args.save_every == 0 or step == total or out_of_time:
+        if processes.world > 1:  # every process stops at the same step
+            out_of_time = bool(processes.sum(torch.tensor(float(bool(out_of_time)))))
+        if (step % args.save_every == 0 or step == total or out_of_time) and processes.main:
             save_checkpoint(checkpoint_path, student, optimizer, scheduler, step, stage, history, time.time() - start, ema)
         if out_of_time and step < total:
             logger.info("time budget reached at step %d; run again with --resume to continue", step)
             stopped_early = True
             break
     bar.close()
+    processes.barrier()  # the checkpoint is written before any process returns
+    if not processes.main:
+        return {"step": step, "total_steps": total, "finished": not stopped_early, "rank": processes.rank}
     summary = {"step": step, "total_steps": total, "finished": not stopped_early,
                "train_minutes": round((time.time() - start) / 60, 2), "history": history,
                "args": vars(args), "commit": git_commit() or "unknown", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
