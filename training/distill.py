@@ -533,7 +533,7 @@ def train(args, data: tuple, processes: Processes, device: torch.device, argv=No
                         f" (last weights {rho:.4f})" if ema is not None else "")
         out_of_time = args.stop_after_minutes and time.time() - session_start > args.stop_after_minutes * 60
         if processes.world > 1:  # every process stops at the same step
-            out_of_time = bool(processes.sum(torch.tensor(float(bool(out_of_time)))))
+            out_of_time = bool(processes.sum(torch.tensor(float(bool(out_of_time)), device=device)))
         if (step % args.save_every == 0 or step == total or out_of_time) and processes.main:
             save_checkpoint(checkpoint_path, student, optimizer, scheduler, step, stage, history, time.time() - start, ema)
         if out_of_time and step < total:
