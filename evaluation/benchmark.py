@@ -25,8 +25,6 @@ import contextlib
 import copy
 import datetime
 import gc
-import gzip
-import json
 import inspect
 import logging
 import math
@@ -879,26 +877,19 @@ def onnx_peers(args, minilm_st, result: dict) -> dict:
 def load_documents(args, tokenizer) -> list[list[int]]:
     """Token ids (no special tokens) of the first --documents articles that reach
     --document-tokens tokens with the special tokens, cut there."""
-    from .longdoc import special_tokens, tokenize
+    from .longdoc import read_json_lines, special_tokens, tokenize
 
     prefix, suffix = special_tokens(tokenizer)
     room = args.document_tokens - len(prefix) - len(suffix)
-    opener = gzip.open if args.articles.endswith(".gz") else open
     documents = []
-    with opener(args.articles, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{args.articles}, line {number}: expected a JSON object with a \"text\" "
-                                 f"string ({type(err).__name__})") from None
-            ids = tokenize(tokenizer, [text])[0]
-            if len(ids) >= room:
-                documents.append(ids[:room])
-                if len(documents) == args.documents:
-                    return documents
+    for number, record in enumerate(read_json_lines(args.articles), 1):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{args.articles}, record {number}: expected an object with a \"text\" string")
+        ids = tokenize(tokenizer, [record["text"]])[0]
+        if len(ids) >= room:
+            documents.append(ids[:room])
+            if len(documents) == args.documents:
+                return documents
     raise ValueError(f"{args.articles}: only {len(documents)} texts reach {args.document_tokens} tokens; "
                      f"--documents asks for {args.documents}")
 

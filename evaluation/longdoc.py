@@ -183,9 +183,11 @@ def needle_task(haystack: str, length: int, documents: int = 100, queries: int =
     )
 
 
-def _read_json_lines(path: Path) -> list[dict]:
+def read_json_lines(path: str | os.PathLike) -> list[dict]:
+    """The JSON value of each non-empty line of a .jsonl or .jsonl.gz file."""
+    path = Path(path)
     rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
                 try:
@@ -213,7 +215,7 @@ def qmsum_task(path: str | os.PathLike) -> RetrievalTask:
 def squality_task(path: str | os.PathLike, split: str) -> RetrievalTask:
     """SQuALITY summary -> story retrieval among the stories of ``split`` (every response is a query)."""
     path = Path(path)
-    stories = [row for row in _read_json_lines(path) if row.get("split") == split]
+    stories = [row for row in read_json_lines(path) if row.get("split") == split]
     if not stories:
         raise ValueError(f"{path}: no story of split {split!r}")
     queries, relevant = [], []
@@ -232,7 +234,7 @@ def read_haystack(path: str | os.PathLike) -> str:
     """The essays of ``pg_essays.jsonl.gz`` concatenated, in file order."""
     path = Path(path)
     try:
-        return "\n".join(row["text"] for row in _read_json_lines(path))
+        return "\n".join(row["text"] for row in read_json_lines(path))
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: expected lines {{'name', 'text'}} ({err!r})") from None
 

@@ -166,15 +166,16 @@ class Batches:
             chosen += self._take(2, self.extra, n_extra, index)
         return chosen, self.max_length
 
-    def __call__(self, step: int, device: torch.device, share: slice | None = None) -> dict:
-        """Batch ``step``, tokenised; ``share``: only these rows of it (one process's share),
-        padded as the whole batch is."""
+    def __call__(self, step: int, device: torch.device, processes: Processes = Processes()) -> dict:
+        """Batch ``step``, tokenised: this process's share of its rows, padded as the whole
+        batch is."""
         texts, max_length = self.texts(step)
         # Lengths rounded up to a multiple of 16: few distinct shapes, so the GPU libraries'
         # per-shape set-up (kernel selection) is paid a few times, not at every step.
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                                pad_to_multiple_of=16, return_tensors="pt")
-        return {k: (v if share is None else v[share]).to(device, non_blocking=True) for k, v in batch.items()}
+        rows = processes.share(len(texts))
+        return {k: v[rows].to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -481,11 +482,9 @@ def train(args, data: tuple, processes: Processes, device: torch.device, argv=No
             ema = make_ema(student, args.ema_decay) if args.ema_decay else None
             bar.set_description("stage 2")
         student.train()
-        if processes.world == 1:
-            batch, tokens = batches(step, device), None
-        else:  # this process's rows; the losses divide by the whole batch's valid tokens
-            batch = batches(step, device, processes.share(len(batches.texts(step)[0])))
-            tokens = processes.sum(batch["attention_mask"].sum())
+        batch = batches(step, device, processes)
+        # With several processes the losses divide by the whole batch's valid tokens.
+        tokens = processes.sum(batch["attention_mask"].sum()) if processes.world > 1 else None
         mask = batch["attention_mask"].bool()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             hidden, attention, teacher_embedding = teacher(batch)

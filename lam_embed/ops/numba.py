@@ -267,6 +267,12 @@ def _start_thread_pool() -> None:
     torch.set_num_threads(threads)
 
 
+def _use_torch_threads() -> None:
+    """numba keeps its own thread pool: start it, and use as many threads as torch is told to."""
+    _start_thread_pool()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
 def delta_rule_layer(q, k, v, output_gate, beta, decay_fast, decay_slow, gate_fast, gate_slow, mask, flux,
                      norm_weight, eps: float, chunk_size: int, segments=None) -> torch.Tensor:
     """RMSNorm(o) * norm_weight * output_gate, float32: what ``delta_net_output`` gives
@@ -289,9 +295,7 @@ def delta_rule_layer(q, k, v, output_gate, beta, decay_fast, decay_slow, gate_fa
         valid = np.ones(q.shape[0], dtype=np.bool_)
     rows = (lambda t: t.flatten(0, 1)) if segments is None else (lambda t: t)  # (B, L, ...) -> (B * L, ...)
     out = torch.empty(valid.shape[0], H * d)
-    _start_thread_pool()
-    # numba keeps its own thread pool: use as many threads as torch is told to.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _use_torch_threads()
     as_array = lambda t: t.detach().float().numpy()
     with _launch_lock:
         _delta_rule_layer(
@@ -325,8 +329,7 @@ def packed_causal_conv(x: torch.Tensor, weight: torch.Tensor, positions: torch.T
     row reads the sample before it. (N, C) float32. x is read in place when contiguous,
     as the input projection gives it: a column slice of it would not vectorise."""
     y = torch.empty(x.shape[0], weight.shape[0])
-    _start_thread_pool()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _use_torch_threads()
     with _launch_lock:
         _packed_causal_conv(x.detach().float().contiguous().numpy(),
                             weight.detach()[:, 0].t().contiguous().float().numpy(), positions.numpy(), y.numpy())
