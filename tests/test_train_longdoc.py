@@ -94,20 +94,25 @@ def test_stage_loss_equals_an_independent_computation(tiny_model):
     positives = ["we saw the red house by the road", "a quiet river ran below", "seven blue birds sang"]
     negatives = ["we saw it by the road", "it ran below the hill", "they sang all day"]
     short = ["a short text", "another one"]
-    target = torch.tensor(teacher.encode(short))
+    passages = ["a longer passage of several words, as a corpus passage would be", "and one more of them"]
+    target, passage_target = torch.tensor(teacher.encode(short)), torch.tensor(teacher.encode(passages))
     feats = [model.tokenize(x) for x in (queries, positives, negatives)]
     with torch.no_grad():
-        loss, rank, keep = longdoc.stage_loss(losses.MultipleNegativesRankingLoss(model, scale=20.0),
-                                              losses.MSELoss(model), feats, model.tokenize(short), target, 7.0)
+        loss, rank, keep = longdoc.stage_loss(
+            losses.MultipleNegativesRankingLoss(model, scale=20.0), losses.MSELoss(model), feats,
+            [(model.tokenize(short), target), (model.tokenize(passages), passage_target)], 7.0)
         q, p, n = (model(f)["sentence_embedding"] for f in feats)
         s = model(model.tokenize(short))["sentence_embedding"]
+        s_passages = model(model.tokenize(passages))["sentence_embedding"]
     # InfoNCE over [documents; negatives]: query i's positive is column i.
     scores = 20.0 * F.normalize(q, dim=-1) @ F.normalize(torch.cat([p, n]), dim=-1).T
     want_rank = F.cross_entropy(scores, torch.arange(3))
     want_keep = ((s - target) ** 2).mean()
+    want_passages = ((s_passages - passage_target) ** 2).mean()
     torch.testing.assert_close(rank, want_rank, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(keep, want_keep, rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(loss, want_rank + 7.0 * want_keep, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(keep[0], want_keep, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(keep[1], want_passages, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(loss, want_rank + 7.0 * (want_keep + want_passages), rtol=1e-5, atol=1e-6)
 
 
 def _smoke_args(tmp_path: Path, model_dir: str, articles: Path, sentences: Path, out: str, *extra: str) -> list[str]:
@@ -217,6 +222,42 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         longdoc.main(base + ["--sentences", str(empty)])
     assert "--sentences: no lines" in capsys.readouterr().err
+
+
+def test_passage_term_never_reads_the_held_out_passages(tmp_path, monkeypatch, capsys):
+    articles = tmp_path / "a.jsonl"
+    articles.write_text(json.dumps({"text": "x"}) + "\n")
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("a\n")
+    passages = tmp_path / "p.txt"
+    passages.write_text("".join(f"passage {i}\n" for i in range(10)))
+    seen = {}
+    monkeypatch.setattr(longdoc, "train", lambda args, texts, sentences, passages, argv: seen.update(p=passages))
+    base = ["--articles", str(articles), "--sentences", str(sentences), "--squality", "", "--output-dir",
+            str(tmp_path / "o"), "--passages", str(passages), "--passage-holdout", "3"]
+    longdoc.main(base + ["--passage-batch-size", "2"])
+    assert seen["p"] == [f"passage {i}" for i in range(7)]
+    longdoc.main(base)  # no term, nothing read
+    assert seen["p"] == []
+    for extra, message in [(["--passage-batch-size", "2", "--passage-holdout", "10"], "no lines in"),
+                           (["--passage-batch-size", "-1"], "must not be negative"),
+                           (["--passage-batch-size", "2", "--passages", str(tmp_path / "none.txt")], "--passages: no file")]:
+        with pytest.raises(SystemExit):
+            longdoc.main(base + extra)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_run_with_the_passage_term(tmp_path, tiny_model):
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
+    passages = tmp_path / "passages.txt"
+    passages.write_text("".join(" ".join(WORDS[i:]) + ".\n" for i in range(8)))
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "p", "--steps", "2", "--passages",
+                             str(passages), "--passage-batch-size", "2", "--passage-holdout", "2"))
+    history = json.loads((tmp_path / "p" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2] and all(h["passage_loss"] > 0 for h in history)
+    manifest = json.loads((tmp_path / "p" / "release" / "manifest.json").read_text())
+    assert manifest["data"]["passage_texts"] == 6
 
 
 @pytest.mark.skipif(DATA is None or not (DATA / "longdoc").is_dir(), reason="shared data folder not found")

@@ -8,7 +8,8 @@ This writes two folders that each fit in one call:
   ``<out>/teacher`` beside the configuration and tokenizer, the others in
   ``<out>/teacher-2`` ... ``<out>/teacher-N`` (each with the index), for when the working
   tree leaves less than 43 MiB to a call;
-- ``<out>/data``: the corpus files and the STS-B csv files (about 45 MiB when whole).
+- ``<out>/data``: the corpus files and the STS-B csv files (about 45 MiB when whole);
+- ``<out>/longdoc``: the long-document files (about 27 MiB), with ``--longdoc``.
 
 Carry ``<out>/data`` in one call that copies it to /tmp on the machine, then each teacher
 folder in the next calls (copying all parts into one folder), while the machine is still warm.
@@ -43,11 +44,15 @@ def main(argv=None):
                    help="copy only the first N training passages, plus the held-out ones (0: the whole file; default: 0)")
     p.add_argument("--holdout", type=int, default=1_000,
                    help="held-out passages kept at the end of the file, as in the original (default: 1000)")
+    p.add_argument("--longdoc", action="store_true",
+                   help="also copy the long-document folder (training articles and evaluation sets) to <out>/longdoc")
     p.add_argument("--teacher-parts", type=int, default=1,
                    help="split the teacher's weights over this many folders, one shard each (default: 1)")
     args = p.parse_args(argv)
     if args.teacher_parts < 1:
         p.error(f"--teacher-parts must be at least 1, got {args.teacher_parts}")
+    if not args.data_dir or not Path(args.data_dir).is_dir():
+        p.error(f"--data-dir: no folder {args.data_dir} (pass it, or set LAM_DATA_DIR)")
     out = Path(args.out)
     data_dir = Path(args.data_dir)
 
@@ -88,7 +93,11 @@ def main(argv=None):
     else:
         shutil.copyfile(data_dir / "corpus/passages.txt.gz", corpus / "passages.txt.gz")
     shutil.copytree(data_dir / "stsb", out / "data" / "stsb", dirs_exist_ok=True)
-    for folder in (*teachers, out / "data"):
+    folders = [*teachers, out / "data"]
+    if args.longdoc:
+        shutil.copytree(data_dir / "longdoc", out / "longdoc", dirs_exist_ok=True)
+        folders.append(out / "longdoc")
+    for folder in folders:
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         print(f"{size / 2**20:8.2f} MiB  {folder}")
 

@@ -12,7 +12,10 @@ one line: the document embedding has to keep every sentence, wherever it is, ins
 averaging it away. Nothing favours the start of a document.
 
 To keep short texts as they were, every step also matches LAM's embeddings of a batch of
-corpus sentences to the teacher's (MSELoss with the teacher's embeddings as labels).
+corpus sentences to the teacher's (MSELoss with the teacher's embeddings as labels), and,
+with ``--passage-batch-size``, of a batch of corpus passages (up to 512 tokens, the
+teacher's limit; the held-out end of the file is never read) in a second term of the same
+kind: the teacher's plain mean over a passage is what users of short inputs compare with.
 """
 
 from __future__ import annotations
@@ -124,14 +127,15 @@ class DocumentQueryExamples:
 # training
 
 
-def stage_loss(ranking, keep_short, triples: list[dict], short: dict, target, short_text_weight: float):
+def stage_loss(ranking, keep_short, triples: list[dict], short: list[tuple[dict, object]], short_text_weight: float):
     """The loss of a step: ``ranking`` (MultipleNegativesRankingLoss) of the queries against
     the documents and the hard negatives (``triples``: their tokenised features), plus
-    ``short_text_weight`` times ``keep_short`` (MSELoss) of the short texts' embeddings
-    against the teacher's (``target``). Returns (loss, ranking term, short-text term)."""
+    ``short_text_weight`` times the sum of ``keep_short`` (MSELoss) over ``short``, pairs of
+    (tokenised short texts, the teacher's embeddings of them): sentences, and passages when
+    they are trained. Returns (loss, ranking term, [each short-text term])."""
     rank_loss = ranking(triples, None)
-    short_loss = keep_short([short], target)
-    return rank_loss + short_text_weight * short_loss, rank_loss, short_loss
+    short_losses = [keep_short([features], target) for features, target in short]
+    return rank_loss + short_text_weight * sum(short_losses), rank_loss, short_losses
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", default=str(data / "corpus" / "sentences.txt.gz") if data else None,
                    help="short texts for the term that keeps LAM close to the teacher on them")
     p.add_argument("--max-sentences", type=_positive, default=200_000, help="sentences read from --sentences")
+    p.add_argument("--passages", default=str(data / "corpus" / "passages.txt.gz") if data else None,
+                   help="passages for a second short-text term (read only with --passage-batch-size)")
+    p.add_argument("--passage-holdout", type=int, default=1000,
+                   help="passages at the end of --passages that are never read (the held-out evaluation set)")
+    p.add_argument("--passage-batch-size", type=int, default=0,
+                   help="passages a step in the second short-text term, at most 512 tokens each (0: no such term)")
     p.add_argument("--output-dir", required=True, help="folder for the checkpoint, the model and the release")
     p.add_argument("--steps", type=_positive, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive, default=16, help="(query, document, negative) triples a step")
@@ -210,6 +220,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{option}: no file {path}")
     if args.squality and not Path(args.squality).is_file():
         parser.error(f"--squality: no file {args.squality}")
+    if args.passage_batch_size < 0 or args.passage_holdout < 0:
+        parser.error("--passage-batch-size and --passage-holdout must not be negative")
+    if args.passage_batch_size and not (args.passages and Path(args.passages).is_file()):
+        parser.error(f"--passages: no file {args.passages} (needed by --passage-batch-size)")
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens ({args.min_tokens}) must not exceed --max-tokens ({args.max_tokens})")
     if not 0 <= args.warmup < 1:
@@ -232,14 +246,23 @@ def main(argv=None) -> dict:
         if args.squality:
             texts += read_long_texts(args.squality, split="train")
         sentences = read_text_lines(args.sentences, limit=args.max_sentences)
+        passages = []
+        if args.passage_batch_size:
+            passages = read_text_lines(args.passages)
+            passages = passages[: len(passages) - args.passage_holdout]
     except (ValueError, UnicodeDecodeError) as err:
         parser.error(str(err))
     if not sentences:
         parser.error(f"--sentences: no lines in {args.sentences}")
-    return train(args, texts, sentences, argv)
+    if args.passage_batch_size and not passages:
+        parser.error(f"--passages: no lines in {args.passages} before its last {args.passage_holdout}")
+    return train(args, texts, sentences, passages, argv)
 
 
-def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
+PASSAGE_TOKENS = 512  # the teacher's position table ends here
+
+
+def train(args, texts: list[str], sentences: list[str], passages: list[str] = (), argv=None) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import batch_to_device
@@ -307,6 +330,19 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
     def features(texts_: list[str]) -> dict:
         return batch_to_device(model.tokenize(texts_), device)
 
+    def passage_features(texts_: list[str]) -> dict:
+        return batch_to_device(dict(tokenizer(texts_, padding=True, truncation=True, max_length=PASSAGE_TOKENS,
+                                              return_tensors="pt")), device)
+
+    def teacher_embeddings(texts_: list[str], max_length: int | None = None):
+        saved = teacher.max_seq_length
+        teacher.max_seq_length = max_length or saved
+        try:
+            # encode runs in inference mode; a clone is a tensor autograd may read.
+            return teacher.encode(texts_, convert_to_tensor=True, batch_size=len(texts_)).float().clone()
+        finally:
+            teacher.max_seq_length = saved
+
     def save(finished: bool) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": step, "history": history,
@@ -322,24 +358,28 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
     while step < args.steps:
         queries, positives, negatives = examples.batch(step, args.batch_size)
         sentence_rng.seed(args.seed * 7919 + step)
-        short = sentence_rng.sample(sentences, min(args.sentence_batch_size, len(sentences)))
-        with torch.no_grad():
-            # encode runs in inference mode; a clone is a tensor autograd may read.
-            target = teacher.encode(short, convert_to_tensor=True, batch_size=len(short)).float().clone()
+        short_texts = sentence_rng.sample(sentences, min(args.sentence_batch_size, len(sentences)))
+        short = [(features(short_texts), teacher_embeddings(short_texts))]
+        if passages:
+            passage_texts = sentence_rng.sample(passages, min(args.passage_batch_size, len(passages)))
+            short.append((passage_features(passage_texts), teacher_embeddings(passage_texts, PASSAGE_TOKENS)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, rank_loss, short_loss = stage_loss(
+            loss, rank_loss, short_losses = stage_loss(
                 ranking, keep_short, [features(queries), features(positives), features(negatives)],
-                features(short), target, args.short_text_weight)
+                short, args.short_text_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
-        history.append({"step": step, "ranking_loss": round(rank_loss.item(), 5),
-                        "short_text_loss": round(short_loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
+        record = {"step": step, "ranking_loss": round(rank_loss.item(), 5),
+                  "short_text_loss": round(short_losses[0].item(), 6), "lr": scheduler.get_last_lr()[0]}
+        if passages:
+            record["passage_loss"] = round(short_losses[1].item(), 6)
+        history.append(record)
         progress.update(1)
-        progress.set_postfix(rank=f"{rank_loss.item():.3f}", short=f"{short_loss.item():.4f}")
+        progress.set_postfix(rank=f"{rank_loss.item():.3f}", short=f"{short_losses[0].item():.4f}")
         stop = args.stop_after_minutes is not None and time.time() - started > 60 * args.stop_after_minutes
         if step % args.save_every == 0 or stop or step == args.steps:
             save(step == args.steps)
@@ -355,7 +395,8 @@ def train(args, texts: list[str], sentences: list[str], argv=None) -> dict:
         "commit": git_commit() or "unknown",
         "started_from": args.model,
         "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
-                 "sentences": args.sentences, "short_texts": len(sentences)},
+                 "sentences": args.sentences, "short_texts": len(sentences),
+                 "passages": args.passages if passages else None, "passage_texts": len(passages)},
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
