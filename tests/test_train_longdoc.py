@@ -143,6 +143,9 @@ def test_smoke_run_resumes_exactly(tmp_path, tiny_model):
     assert not first["finished"] and first["step"] == 1
     second = longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "parts", "--resume"))
     assert second["finished"] and second["step"] == 3
+    # The resumed run records the command of the whole run.
+    resumed_manifest = json.loads((tmp_path / "parts" / "release" / "manifest.json").read_text())
+    assert resumed_manifest["command"] == manifest["command"].replace(str(tmp_path / "whole"), str(tmp_path / "parts"))
     whole_weights = load_file(tmp_path / "whole" / "release" / "lam_weights.safetensors")
     resumed = load_file(tmp_path / "parts" / "release" / "lam_weights.safetensors")
     assert whole_weights.keys() == resumed.keys()

@@ -236,6 +236,22 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 CHECKPOINT = "checkpoint.pt"
 
 
+def run_arguments(argv: list[str]) -> list[str]:
+    """The arguments of the whole run, without those that only split it over processes
+    (--resume, --stop-after-minutes): a resumed run records the command that reproduces it."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume" or arg.startswith("--stop-after-minutes="):
+            continue
+        elif arg == "--stop-after-minutes":
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -391,7 +407,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     lam.config.delta_impl = "auto"
     minutes = (elapsed + time.time() - started) / 60
     manifest = {
-        "command": "python scripts/train_longdoc.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python scripts/train_longdoc.py " + " ".join(run_arguments(sys.argv[1:] if argv is None else argv)),
         "commit": git_commit() or "unknown",
         "started_from": args.model,
         "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
