@@ -141,13 +141,43 @@ def test_kept_graphs_hold_at_most_max_graph_tokens(fake_graphs, monkeypatch):
     from lam_embed.inference import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPH_TOKENS", 1000)
+    monkeypatch.setattr(cuda_graphs, "MAX_SHAPE_TOKENS", 900)
     graphs, _, call = fake_graphs
     for batch in (2, 3, 4):
         call(batch, 200), call(batch, 200)  # 400, 600 and 800 tokens (bucket 208: 416, 624, 832)
     assert [key[0] for key in graphs.graphs] == [4]
     # A shape above the limit on its own runs eagerly every time, and the kept graphs stay.
-    assert call(1, 2000) is None and call(1, 2000) is None and call(1, 2000) is None
+    assert call(1, 1000) is None and call(1, 1000) is None and call(1, 1000) is None
     assert [key[0] for key in graphs.graphs] == [4] and FakeGraph.captures == 3
+
+
+def test_a_shape_pushed_out_runs_eagerly_instead_of_being_captured_again(fake_graphs, monkeypatch):
+    """Passes over more shapes than the graphs hold: each shape is captured once; those
+    pushed out run eagerly on later passes rather than pushing out the others in turn."""
+    from lam_embed.inference import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPH_TOKENS", 1000)
+    graphs, _, call = fake_graphs
+    shapes = [(2, 200), (3, 200), (4, 200)]  # 416, 624 and 832 tokens: one graph fits at a time
+    for _ in range(4):
+        results = [call(*shape) for shape in shapes]
+    assert FakeGraph.captures == 3  # once each, on the second pass
+    assert [r is not None for r in results] == [False, False, True]  # only the one kept replays
+    assert [key[0] for key in graphs.graphs] == [4]
+    graphs.clear()  # new parameters, say: every shape may be captured again
+    call(2, 200), call(2, 200)
+    assert FakeGraph.captures == 4
+
+
+def test_shapes_over_max_shape_tokens_run_eagerly(fake_graphs):
+    from lam_embed.inference.cuda_graphs import MAX_GRAPH_TOKENS, MAX_SHAPE_TOKENS
+
+    assert 4 * MAX_SHAPE_TOKENS <= MAX_GRAPH_TOKENS
+    graphs, _, call = fake_graphs
+    for _ in range(3):
+        assert call(MAX_SHAPE_TOKENS // 512 + 1, 512) is None
+    assert call(MAX_SHAPE_TOKENS // 512, 512) is None and call(MAX_SHAPE_TOKENS // 512, 512) is not None
+    assert FakeGraph.captures == 1
 
 
 def test_inference_mode_and_autocast_have_graphs_of_their_own(fake_graphs):

@@ -17,7 +17,8 @@ forward. Graphs are dropped when any parameter changes (an optimizer step, an
 in-place update, a replaced or moved tensor; a replay that read changed parameters is
 thrown away and the forward runs eagerly), and the oldest when more than
 ``MAX_GRAPHS`` are kept or their static buffers hold more than ``MAX_GRAPH_TOKENS``
-tokens; a shape of more tokens than that runs eagerly. All graphs of a model share one
+tokens; a shape of more than ``MAX_SHAPE_TOKENS`` tokens runs eagerly, and so does a
+shape whose graph was pushed out (see ForwardGraphs.evicted). All graphs of a model share one
 memory pool: they replay one at a time on one stream, and each output is copied out
 before the next replay. Inside a graph the batch may run in parts on several streams
 (LAMConfig.graph_streams): the capture records them as parallel branches.
@@ -37,11 +38,15 @@ logger = logging.getLogger(__name__)
 LENGTH_STEP = 16
 MAX_GRAPHS = 32
 # Each kept graph holds its input and output buffers (an output of 32,768 tokens is 25 MB
-# in bfloat16): past this many tokens in all, the oldest graphs go. A larger shape runs
-# eagerly: its kernels outlast the launch work by far (35 to 50 ms of GPU work against
-# a few ms of host work on an H200), and a capture, which follows an eager run, would
-# hold a second copy of its working memory in the graphs' pool.
+# in bfloat16): past this many tokens in all, the oldest graphs go.
 MAX_GRAPH_TOKENS = 1 << 18
+# Shapes above this run eagerly: their kernels outlast the launch work (8 ms of GPU work
+# or more against a few ms of host work on an H200), a capture, which follows an eager
+# run, would hold a second copy of their working memory in the graphs' pool, and at least
+# four of the largest graphs fit in MAX_GRAPH_TOKENS: with fewer, a pass over long
+# documents in batches of ~130k tokens kept capturing shapes that pushed each other out
+# (a capture costs about two forwards), and its warm passes ran slower than its first.
+MAX_SHAPE_TOKENS = MAX_GRAPH_TOKENS // 4
 MAX_SEEN = 4096  # shapes remembered as seen once; past it, the memory starts again
 
 _data_ptr = torch.Tensor.data_ptr
@@ -111,6 +116,10 @@ class ForwardGraphs:
     def __init__(self):
         self.graphs: OrderedDict = OrderedDict()
         self.seen: set = set()
+        # Keys whose graph went to make room: run eagerly from then on. A workload of more
+        # shapes than the graphs hold would otherwise capture each of them again on every
+        # pass, paying a capture for each replay it saves.
+        self.evicted: set = set()
         self.pool = None
         self.changes = None
         self.parameters: list[torch.Tensor] = []
@@ -119,6 +128,7 @@ class ForwardGraphs:
     def clear(self) -> None:
         self.graphs.clear()
         self.seen.clear()
+        self.evicted.clear()
         self.pool = None
 
     def tokens(self) -> int:
@@ -137,8 +147,8 @@ class ForwardGraphs:
                  tensors_read=None, extras=()):
         """``forward(ids, mask, types, *extras)`` -> (last hidden state, other outputs...)
         through a graph for this shape; None when the shape is seen for the first time, holds
-        more than MAX_GRAPH_TOKENS tokens, or the parameters changed since the last call (the
-        caller then runs it eagerly). ``extras``: inputs whose shape follows from the batch
+        more than MAX_SHAPE_TOKENS tokens, had its graph pushed out by others, or the
+        parameters changed since the last call (the caller then runs it eagerly). ``extras``: inputs whose shape follows from the batch
         size (a carried state).
 
         ``changes`` counts the events that a version counter does not show: optimizer
@@ -161,12 +171,14 @@ class ForwardGraphs:
             self.clear()
         batch, length = input_ids.shape
         bucket = bucket_length(length, chunk_size)
-        if batch * bucket > MAX_GRAPH_TOKENS:
+        if batch * bucket > MAX_SHAPE_TOKENS:
             return None
         key = (batch, bucket, input_ids.device, torch.is_inference_mode_enabled(),
                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         graphed = self.graphs.get(key)
         if graphed is None:
+            if key in self.evicted:
+                return None
             if key not in self.seen:
                 if len(self.seen) >= MAX_SEEN:
                     self.seen.clear()
@@ -174,6 +186,7 @@ class ForwardGraphs:
                 return None
             if self._parameters_changed():
                 self.graphs.clear()  # captured from other values; this capture reads the current ones
+                self.evicted.clear()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             logger.debug("capturing a CUDA graph of the LAM forward for batch %d, length %d", batch, key[1])
@@ -181,7 +194,7 @@ class ForwardGraphs:
             graphed.held = tensors_read() if tensors_read is not None else [p.detach() for p in self.parameters]
             self.graphs[key] = graphed
             while len(self.graphs) > MAX_GRAPHS or self.tokens() > MAX_GRAPH_TOKENS:
-                self.graphs.popitem(last=False)
+                self.evicted.add(self.graphs.popitem(last=False)[0])
         self.graphs.move_to_end(key)
         result = graphed(input_ids, attention_mask, token_type_ids, *extras)
         if self._parameters_changed():
