@@ -8,6 +8,7 @@ Auto classes, so ``SentenceTransformer(folder)`` loads a saved LAM model;
 from transformers import AutoConfig, AutoModel
 
 from .configuration_lam import LAMConfig
+from .inference.pipeline import encode_texts
 from .modeling_lam import LAMModel
 from .release import load, model_path
 from .sentence_transformer import build_sentence_transformer
@@ -25,6 +26,7 @@ __all__ = [
     "build_sentence_transformer",
     "encode_document",
     "encode_documents",
+    "encode_texts",
     "from_teacher",
     "load",
     "model_path",

@@ -1,0 +1,231 @@
+"""Corpus-scale encoding: the embeddings of ``SentenceTransformer.encode``, with the host's
+work kept out of the accelerator's way.
+
+``SentenceTransformer.encode`` tokenizes each batch through the tokenizer's Python front
+end in the main thread and brings each batch's embeddings to the host before it starts the
+next, so a GPU that embeds a batch in a fraction of the time it takes to tokenize it waits
+on the host for most of the run. ``encode_texts``:
+
+- tokenizes with the tokenizer's Rust backend (``encode_batch_fast``: ids only, no offsets),
+  block by block in a background thread that runs ahead of the model (the backend releases
+  the GIL while it works); the ids of a few texts are checked against the module's own
+  tokenization first, and any difference sends the whole call through the module's own;
+- orders texts by length and forms batches by a token budget: a batch of texts of padded
+  length ``n`` holds ``batch_tokens // n`` of them, so short texts come many to a batch and
+  long ones few, padding stays small, and each length bucket has one batch size (for LAM,
+  whose CUDA graphs are kept per shape, that means few shapes, each seen many times);
+- copies each batch to the device from pinned memory without waiting, and keeps the
+  embeddings on the device, in input order, until the end: one transfer to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+BLOCK_TEXTS = 4096  # texts tokenized at a time in the background
+PREFETCH_BLOCKS = 2  # blocks the tokenizer may run ahead of the model
+CHECK_TEXTS = 16  # texts whose fast-path ids are compared with the module's tokenization
+
+
+def _check_arguments(texts, batch_tokens: int, max_batch_size: int) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a string, got {type(text).__name__}")
+    for name, value in (("batch_tokens", batch_tokens), ("max_batch_size", max_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return list(texts)
+
+
+def _first_module(model):
+    module = model[0]
+    if not hasattr(module, "tokenizer") or not hasattr(module, "max_seq_length"):
+        raise TypeError(f"the model's first module must be a text Transformer module, got {type(module).__name__}")
+    return module
+
+
+class FastTokenizer:
+    """The backend of a fast tokenizer, set to truncate at ``max_length`` with no padding, on a
+    copy so that the module's own tokenizer is left as it was."""
+
+    def __init__(self, tokenizer, max_length: int):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_padding()
+        self.backend.enable_truncation(max_length)
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
+
+
+def module_features(model, texts: list[str]) -> dict:
+    """The model's own tokenization of ``texts`` (``preprocess`` from sentence-transformers 6.3
+    on, ``tokenize`` before)."""
+    return (getattr(model, "preprocess", None) or model.tokenize)(texts)
+
+
+def _module_ids(model, texts: list[str]) -> list[list[int]]:
+    """Token ids as the model's own tokenization gives them, padding removed."""
+    features = module_features(model, texts)
+    ids, mask = features["input_ids"], features["attention_mask"]
+    return [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
+
+
+def select_tokenizer(model, texts: list[str]):
+    """A function texts -> ids: the fast backend when the tokenizer has one and it gives the
+    module's own ids on the first CHECK_TEXTS texts (and on a text longer than the limit),
+    else the module's own tokenization."""
+    module = _first_module(model)
+    tokenizer = module.tokenizer
+    if getattr(tokenizer, "is_fast", False):
+        fast = FastTokenizer(tokenizer, module.max_seq_length)
+        sample = texts[:CHECK_TEXTS] + [" ".join(["word"] * (2 * module.max_seq_length))]
+        if fast(sample) == _module_ids(model, sample):
+            return fast
+        logger.warning("the tokenizer's fast backend gives other ids than the model's tokenization; "
+                       "encoding through the model's own (slower)")
+    return lambda batch: _module_ids(model, batch)
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int,
+                         round_to: int = 16) -> list[np.ndarray]:
+    """Positions (into ``lengths``) of each batch: by length, longest first; a batch whose
+    longest text has ``n`` tokens (rounded up to ``round_to``) holds at most
+    ``batch_tokens // n`` texts and at most ``max_batch_size``, and at least one."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = -(-int(lengths[order[start]]) // round_to) * round_to
+        size = max(1, min(max_batch_size, batch_tokens // max(longest, 1)))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def _blocks(texts: list[str], order: np.ndarray, tokenize) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
+    for start in range(0, len(order), BLOCK_TEXTS):
+        indices = order[start:start + BLOCK_TEXTS]
+        yield indices, tokenize([texts[i] for i in indices])
+
+
+def _prefetched(iterator: Iterator, depth: int) -> Iterator:
+    """The items of ``iterator``, produced by a background thread at most ``depth`` ahead; an
+    exception there is raised here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            items.put(err)
+
+    thread = threading.Thread(target=produce, name="lam-tokenize", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _features(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The module's feature dict for these ids: every tensor entry of the template replaced."""
+    features = {}
+    for key, value in template.items():
+        if key == "input_ids":
+            features[key] = ids
+        elif key == "attention_mask":
+            features[key] = mask
+        elif key == "token_type_ids":
+            features[key] = torch.zeros_like(ids)
+        elif not isinstance(value, torch.Tensor):
+            features[key] = value  # such as the modality of newer sentence-transformers
+    return features
+
+
+def encode_texts(model, texts: str | Sequence[str], batch_tokens: int = 65536, max_batch_size: int = 1024,
+                 normalize_embeddings: bool = False, convert_to_numpy: bool = True,
+                 show_progress_bar: bool | None = None):
+    """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
+    order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
+    ``convert_to_numpy=False``; one row for a single string).
+
+    ``batch_tokens``: padded tokens a batch holds at most (a text longer than that is a batch
+    of its own); ``max_batch_size``: texts a batch holds at most. Texts are cut at the model's
+    ``max_seq_length`` tokens, as ``encode`` cuts them."""
+    single = isinstance(texts, str)
+    texts = _check_arguments(texts, batch_tokens, max_batch_size)
+    module = _first_module(model)
+    device = model.device
+    dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
+    out = torch.empty(len(texts), dimension, dtype=torch.float32, device=device)
+    if not texts:
+        return out.cpu().numpy() if convert_to_numpy else out
+    tokenize = select_tokenizer(model, texts)
+    template = module_features(model, texts[:1])
+    pin = device.type == "cuda"
+    # By characters first, as encode orders them: a block then holds texts of similar length.
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    if show_progress_bar is None:
+        show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
+    progress = tqdm(total=len(texts), desc="encode", unit="text", disable=not show_progress_bar)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for indices, ids in _prefetched(_blocks(texts, order, tokenize), PREFETCH_BLOCKS):
+                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                for batch in token_budget_batches(lengths, batch_tokens, max_batch_size):
+                    rows = np.zeros((len(batch), int(lengths[batch].max())), dtype=np.int64)
+                    for row, position in zip(rows, batch):
+                        row[: lengths[position]] = ids[position]
+                    host_ids = torch.from_numpy(rows)
+                    host_lengths = torch.from_numpy(lengths[batch])
+                    host_rows = torch.from_numpy(indices[batch].astype(np.int64))
+                    if pin:
+                        host_ids, host_lengths, host_rows = (t.pin_memory() for t in (host_ids, host_lengths, host_rows))
+                    batch_ids = host_ids.to(device, non_blocking=True)
+                    batch_lengths = host_lengths.to(device, non_blocking=True)
+                    mask = (torch.arange(rows.shape[1], device=device) < batch_lengths[:, None]).long()
+                    embeddings = model(_features(template, batch_ids, mask))["sentence_embedding"]
+                    out[host_rows.to(device, non_blocking=True)] = embeddings.float()
+                    progress.update(len(batch))
+    finally:
+        progress.close()
+        model.train(was_training)
+    if normalize_embeddings:
+        out = torch.nn.functional.normalize(out, dim=-1)
+    if single:
+        out = out[0]
+    return out.cpu().numpy() if convert_to_numpy else out

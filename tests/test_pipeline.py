@@ -1,0 +1,125 @@
+"""lam_embed.encode_texts (inference/pipeline.py): the embeddings of SentenceTransformer.encode,
+in input order, through the fast tokenizer, token-budget batches and a background thread."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from lam_embed.inference import pipeline
+
+WORDS = "the a river house blue seven quiet old road bird sang ran below over hill".split()
+
+
+def mixed_texts(n=70, seed=0):
+    """Texts of 0 to ~200 words, an empty one, duplicates, and one far over 64 tokens."""
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 40)))) for _ in range(n)]
+    texts[3] = ""
+    texts[10] = texts[11]
+    texts[20] = " ".join(rng.choice(WORDS, size=200))
+    texts[30] = "Ünïcödé, punctuation -- and    spaces!"
+    return texts
+
+
+@pytest.fixture(scope="module")
+def models():
+    from conftest import small_lam_sentence_transformer
+    from sentence_transformers import SentenceTransformer
+
+    lam, teacher_path = small_lam_sentence_transformer(delta_net_noise=0.02)
+    lam.max_seq_length = 64  # the long text is cut, as encode cuts it
+    return lam.eval(), SentenceTransformer(teacher_path, device="cpu").eval()
+
+
+@pytest.mark.parametrize("which", ["lam", "minilm"])
+def test_same_embeddings_in_the_same_order_as_encode(models, which):
+    model = models[0] if which == "lam" else models[1]
+    texts = mixed_texts()
+    want = model.encode(texts, batch_size=8)
+    # A budget small enough for many batches of several sizes, blocks of a few texts.
+    got = pipeline.encode_texts(model, texts, batch_tokens=256, max_batch_size=16, show_progress_bar=False)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(got[10], got[11], atol=1e-7, rtol=0)
+
+
+def test_blocks_and_prefetching_keep_the_order(models, monkeypatch):
+    monkeypatch.setattr(pipeline, "BLOCK_TEXTS", 7)
+    model = models[0]
+    texts = mixed_texts(50, seed=1)
+    got = pipeline.encode_texts(model, texts, batch_tokens=128, show_progress_bar=False)
+    np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
+
+
+def test_single_text_tensors_and_normalisation(models):
+    model = models[1]
+    text = "a quiet river ran below the old road"
+    one = pipeline.encode_texts(model, text, show_progress_bar=False)
+    assert one.shape == (384,)
+    np.testing.assert_allclose(one, model.encode(text), atol=2e-6, rtol=0)
+    tensor = pipeline.encode_texts(model, [text, ""], convert_to_numpy=False, normalize_embeddings=True,
+                                   show_progress_bar=False)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (2, 384)
+    torch.testing.assert_close(tensor.norm(dim=-1), torch.ones(2))
+    assert pipeline.encode_texts(model, [], show_progress_bar=False).shape == (0, 384)
+
+
+def test_token_budget_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500)
+    batches = pipeline.token_budget_batches(lengths, batch_tokens=2048, max_batch_size=64)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(500))  # every text once
+    assert np.all(np.diff(lengths[flat]) <= 0)  # longest first
+    sizes_by_bucket = {}
+    for batch in batches:
+        bucket = -(-int(lengths[batch].max()) // 16) * 16
+        assert len(batch) * bucket <= 2048 and len(batch) <= 64
+        sizes_by_bucket.setdefault(bucket, set()).add(len(batch))
+    # One batch size a bucket, besides a bucket's last, smaller batch.
+    assert all(len(sizes) <= 2 for sizes in sizes_by_bucket.values())
+    # A text over the budget is a batch of its own.
+    assert [len(b) for b in pipeline.token_budget_batches(np.array([5000, 10, 10]), 1024, 8)] == [1, 2]
+
+
+def test_fast_tokenizer_gives_the_module_ids(models):
+    model = models[0]
+    texts = mixed_texts()
+    fast = pipeline.FastTokenizer(model.tokenizer, model.max_seq_length)
+    assert fast(texts) == pipeline._module_ids(model, texts)
+    assert max(map(len, fast(texts))) == 64
+
+
+def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
+    model = models[0]
+    texts = mixed_texts(40)
+    monkeypatch.setattr(pipeline.FastTokenizer, "__call__", lambda self, batch: [[101, 102] for _ in batch])
+    with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+        got = pipeline.encode_texts(model, texts, show_progress_bar=False)
+    assert "gives other ids" in caplog.text
+    np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
+
+
+def test_an_error_in_the_tokenizing_thread_reaches_the_caller(models, monkeypatch):
+    model = models[0]
+
+    def fail(texts, order, tokenize):
+        yield from ()
+        raise RuntimeError("tokenizer broke")
+
+    monkeypatch.setattr(pipeline, "_blocks", fail)
+    with pytest.raises(RuntimeError, match="tokenizer broke"):
+        pipeline.encode_texts(model, ["a", "b"], show_progress_bar=False)
+
+
+def test_bad_arguments_are_named(models):
+    model = models[0]
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a string, got int"):
+        pipeline.encode_texts(model, ["a", 3])
+    with pytest.raises(TypeError, match="texts must be a string or a sequence"):
+        pipeline.encode_texts(model, 5)
+    for name in ("batch_tokens", "max_batch_size"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+            pipeline.encode_texts(model, ["a"], **{name: 0})
