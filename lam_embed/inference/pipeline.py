@@ -159,7 +159,7 @@ def _prefetched(iterator: Iterator, depth: int) -> Iterator:
         thread.join()
 
 
-def _features(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+def features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     """The module's feature dict for these ids: every tensor entry of the template replaced."""
     features = {}
     for key, value in template.items():
@@ -218,7 +218,7 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int = 65536, m
                     batch_ids = host_ids.to(device, non_blocking=True)
                     batch_lengths = host_lengths.to(device, non_blocking=True)
                     mask = (torch.arange(rows.shape[1], device=device) < batch_lengths[:, None]).long()
-                    embeddings = model(_features(template, batch_ids, mask))["sentence_embedding"]
+                    embeddings = model(features_for(template, batch_ids, mask))["sentence_embedding"]
                     out[host_rows.to(device, non_blocking=True)] = embeddings.float()
                     progress.update(len(batch))
     finally:
