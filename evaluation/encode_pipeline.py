@@ -116,11 +116,10 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _first_call_main(argv: list[str]) -> None:
+def _first_call_main(args) -> None:
     """The child of ``first_call``: load, run once, print the seconds."""
     import torch
 
-    args = build_parser().parse_args(argv)
     set_name, method, model_path, max_seq_length = args.first_call
     texts = load_set(Path(args.data_dir), set_name, getattr(args, set_name))
     model = load_model(model_path, args.device, args.dtype, int(max_seq_length) or None)
@@ -279,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The options with the device-dependent defaults filled; usage errors exit 2."""
     import torch
 
-    argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -292,11 +291,19 @@ def main(argv=None) -> int:
     for option in ("sentences", "passages", "documents", "document_tokens", "batch_size", "batch_tokens", "repeats"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be a positive integer, got {getattr(args, option)}")
-    if args.first_call:
-        _first_call_main(argv)
-        return 0
-    if not Path(args.lam).is_dir():
+    if not args.first_call and not Path(args.lam).is_dir():
         p.error(f"--lam: no folder {args.lam} (python scripts/assemble_lam.py writes 'lam')")
+    return args
+
+
+def main(argv=None) -> int:
+    import torch
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.first_call:
+        _first_call_main(args)
+        return 0
     from lam_embed import resolve_teacher_path
 
     args.minilm = args.minilm or resolve_teacher_path()

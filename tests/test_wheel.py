@@ -42,7 +42,7 @@ def test_the_wheel_carries_the_release_and_no_top_level_training_or_evaluation(w
     assert "lam_embed/training/distill.py" in names and "lam_embed/evaluation/longdoc.py" in names
     entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
     for command in ("lam-assemble", "lam-distill", "lam-finetune", "lam-eval-stsb", "lam-eval-longdoc",
-                    "lam-benchmark", "lam-encode-corpus"):
+                    "lam-benchmark", "lam-benchmark-encode", "lam-encode-corpus"):
         assert command in entry_points
 
 
