@@ -399,3 +399,57 @@ def test_freeze_token_mixer_trains_everything_else(model_path, stsb_small, train
 def test_freeze_token_mixer_needs_a_token_mixer():
     with pytest.raises(FinetuneError, match="no token-mixer parameters"):
         finetune.freeze_token_mixer(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def _finetune_processes(model: str, stsb: Path, train: Path, out: Path, processes: int, loss: str):
+    """scripts/finetune.py in ``processes`` processes (torchrun, gloo), one thread each, on a
+    global batch of 8: the saved model's weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    argv = ["scripts/finetune.py", "--model", model, "--stsb", str(stsb), "--train", str(train), "--output-dir", str(out),
+            "--score-range", "0", "5", "--max-steps", "3", "--eval-steps", "3", "--batch-size", "8", "--lr", "2e-5",
+            "--max-seq-length", "32", "--loss", loss]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*launcher, *argv], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["cosent", "angle"])
+def test_two_processes_train_as_one_on_the_global_batch(stsb_small, train_tsv, tmp_path, loss):
+    """torchrun with two CPU processes: each embeds half of every batch of 8, the scored-pair
+    loss is taken over the gathered batch, and the weights after three steps equal those of
+    one process on the whole batch (dropout off, so that the random masks cannot differ). A
+    small learning rate: AdamW's first steps turn gradient rounding into weight differences
+    of the order of the learning rate times the rounding."""
+    import lam_embed
+
+    torch.manual_seed(0)  # the same DeltaNet initialisation whichever tests ran before
+    lam = lam_embed.from_teacher(num_hidden_layers=2, hidden_dropout_prob=0.0)
+    model = lam_embed.build_sentence_transformer(lam, max_seq_length=64)
+    model.save(str(tmp_path / "tiny"))
+    one = _finetune_processes(str(tmp_path / "tiny"), stsb_small, train_tsv, tmp_path / "one", 1, loss)
+    two = _finetune_processes(str(tmp_path / "tiny"), stsb_small, train_tsv, tmp_path / "two", 2, loss)
+    start = model[0].auto_model.state_dict()
+    assert one.keys() == two.keys()
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
+    assert moved > 1e-5  # the runs trained
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"{loss}: moved {moved:.2e}, largest difference {worst:.2e}")
+    assert worst < 1e-6, worst
+
+
+def test_batch_size_must_divide_among_the_processes(stsb_small, train_tsv, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(FinetuneError, match="--batch-size 8 does not divide among 3 processes"):
+        finetune.run(finetune.parse_args(["--model", "x", "--stsb", str(stsb_small), "--train", str(train_tsv),
+                                          "--score-range", "0", "5", "--batch-size", "8",
+                                          "--output-dir", str(tmp_path / "o")]))

@@ -49,12 +49,15 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 
 # Importing lam_embed registers the LAM architecture with transformers, so LAM model
 # folders load with SentenceTransformer(folder) like any other model.
 import lam_embed  # noqa: F401
 from lam_embed.data import load_stsb, looks_like_hub_name, resolve_stsb_source
 from lam_embed.environment import library_versions, write_result
+
+from .distributed import Processes
 
 logger = logging.getLogger(__name__)
 
@@ -491,18 +494,63 @@ def freeze_token_mixer(model) -> int:
     return frozen
 
 
-def _build_loss(name: str, model):
+class GatheredScoredLoss(torch.nn.Module):
+    """A scored-pair loss (CoSENT, AnglE) over the global batch of a torchrun run: each
+    process embeds its share, the embeddings and scores of all shares are gathered (the
+    process's own rows keep their graph), and each process takes the loss of the whole batch.
+    The gradient is scaled by the number of processes, so that DDP's mean of the processes'
+    gradients is the gradient of the whole batch's loss, as one process on that batch has
+    it; the value stays the whole batch's loss. ``model`` is read through this wrapper so
+    that the trainer can swap in its DDP-wrapped model."""
+
+    def __init__(self, loss, processes):
+        super().__init__()
+        self.loss = loss
+        self.model = loss.model
+        self.processes = processes
+
+    def forward(self, sentence_features, labels):
+        embeddings = [self.processes.gather_rows(self.model(f)["sentence_embedding"]) for f in sentence_features]
+        loss = self.loss.compute_loss_from_embeddings(embeddings, self.processes.gather_rows(labels))
+        return loss + (self.processes.world - 1) * (loss - loss.detach())
+
+
+def _share_metrics_callback():
+    """A TrainerCallback that gives every process the first process's evaluation metrics.
+
+    sentence-transformers runs the evaluator on the first process; where its metrics do not
+    reach the others (seen with gloo on CPU), the trainer's choice of the best checkpoint
+    fails there for want of the metric. The metrics dict is updated in place, as the
+    trainer reads it after the callback."""
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class ShareMetrics(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if metrics is None or not dist.is_initialized() or dist.get_world_size() == 1:
+                return
+            shared = [dict(metrics) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            metrics.clear()
+            metrics.update(shared[0])
+
+    return ShareMetrics()
+
+
+def _build_loss(name: str, model, processes=None):
+    """The loss ``name``; under torchrun (``processes.world`` > 1) one over the global batch."""
     # sentence-transformers >= 6 keeps losses and evaluators under sentence_transformer;
     # the old top-level modules still work there but warn.
     try:
         from sentence_transformers.sentence_transformer import losses
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers import losses
-    if name == "cosent":
-        return losses.CoSENTLoss(model)
-    if name == "angle":
-        return losses.AnglELoss(model)
-    return losses.MultipleNegativesRankingLoss(model)
+    several = processes is not None and processes.world > 1
+    if name in ("cosent", "angle"):
+        loss = losses.CoSENTLoss(model) if name == "cosent" else losses.AnglELoss(model)
+        return GatheredScoredLoss(loss, processes) if several else loss
+    # In-batch negatives from every process's share (sentence-transformers gathers them).
+    return losses.MultipleNegativesRankingLoss(model, gather_across_devices=several)
 
 
 def _dev_evaluator(dev: datasets.Dataset):
@@ -587,6 +635,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
     if args.max_train_samples is not None and args.max_train_samples < len(train):
         train = train.select(range(args.max_train_samples))
     batch_size = args.batch_size or (16 if scored else 64)
+    # Under torchrun each process takes an equal share of every batch of --batch-size.
+    processes = Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    if batch_size % processes.world:
+        raise FinetuneError(f"--batch-size {batch_size} does not divide among {processes.world} processes")
     dev = _load_stsb_checked("validation", stsb_source)
 
     output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args.model)
@@ -625,7 +677,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
         model.max_seq_length = args.max_seq_length
     if args.freeze_token_mixer:
         freeze_token_mixer(model)
-    loss = _build_loss(loss_name, model)
+    loss = _build_loss(loss_name, model, processes)
     dev_evaluator = _dev_evaluator(dev)
     # The untrained model's dev score tells whether fine-tuning helped.
     dev_before = float(dev_evaluator(model)[f"{DEV_EVALUATOR_NAME}_spearman_cosine"])
@@ -635,7 +687,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=batch_size // processes.world,
         per_device_eval_batch_size=batch_size,
         learning_rate=args.lr,
         # transformers 5 has no warmup_ratio; a warmup_steps value below 1 is a fraction of the steps.
@@ -656,6 +708,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
         # In-batch negatives: a duplicate text in the batch would be a false negative.
         batch_sampler=BatchSamplers.NO_DUPLICATES if loss_name == "mnrl" else BatchSamplers.BATCH_SAMPLER,
         dataloader_pin_memory=cuda,  # pinning only helps copies to a GPU; on CPU it warns
+        use_cpu=not cuda,  # without it, torchrun processes on a CPU each train alone (accelerate's MULTI_CPU)
         report_to="none",
         run_name=output_dir.name,
     )
@@ -665,6 +718,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
         train_dataset=train,
         loss=loss,
         evaluator=dev_evaluator,
+        callbacks=[_share_metrics_callback()] if processes.world > 1 else None,
     )
 
     # 3. Train; the trainer reloads the best dev checkpoint at the end.
@@ -673,6 +727,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
     train_seconds = time.perf_counter() - start
     trainer.save_state()  # trainer_state.json in the output folder: loss and dev history
     model = trainer.model
+    if not trainer.is_world_process_zero():
+        return model, None  # the first process evaluates and writes
     logger.info(
         "kept the checkpoint with the best dev Spearman (%s): %s",
         f"{trainer.state.best_metric:.4f}" if trainer.state.best_metric is not None else "n/a",

@@ -92,8 +92,10 @@ def select_tokenizer(model, texts: list[str]):
     module = _first_module(model)
     tokenizer = module.tokenizer
     if getattr(tokenizer, "is_fast", False):
-        fast = FastTokenizer(tokenizer, module.max_seq_length)
-        sample = texts[:CHECK_TEXTS] + [" ".join(["word"] * (2 * module.max_seq_length))]
+        # A module without max_seq_length truncates at the tokenizer's own limit.
+        limit = module.max_seq_length or tokenizer.model_max_length
+        fast = FastTokenizer(tokenizer, limit)
+        sample = texts[:CHECK_TEXTS] + [" ".join(["word"] * min(2 * limit, 20_000))]
         if fast(sample) == _module_ids(model, sample):
             return fast
         logger.warning("the tokenizer's fast backend gives other ids than the model's tokenization; "
