@@ -276,3 +276,22 @@ def test_batches_must_divide_among_the_processes(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path)
     assert "--batch-size 4 does not divide among the 3 processes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_weights_of_one_within_1e_6(tmp_path):
+    """At learning rates 1/400 of the recipe's, where AdamW's rounding-sized sign flips
+    stay under 1e-6, two processes give the weights of one process on the whole batch within
+    1e-6 after both stages, while the weights move by more than ten times that."""
+    options = ("--stage1-steps", "2", "--stage2-steps", "3", "--similarity-weight", "1.0",
+               "--lr-stage1", "5e-6", "--lr-stage2", "1.25e-6")
+    import lam_embed
+
+    _, one = _run_processes(tmp_path / "one", 1, *options)
+    _, two = _run_processes(tmp_path / "two", 2, *options)
+    torch.manual_seed(42)  # the script's default seed: its initial student
+    start = lam_embed.from_teacher(lam_embed.resolve_teacher_path()).state_dict()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
+    print(f"moved {moved:.2e}, largest difference {worst:.2e}")
+    assert moved > 1e-5 and worst <= 1e-6, (moved, worst)
