@@ -109,7 +109,8 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
     command = [sys.executable, "-m", "lam_embed.evaluation.encode_pipeline", "--first-call", set_name, method,
                model_path, str(max_seq_length or 0), "--data-dir", str(args.data_dir), "--device", args.device,
                "--dtype", args.dtype, "--sentences", str(args.sentences), "--passages", str(args.passages),
-               "--documents", str(args.documents), "--batch-tokens", str(args.batch_tokens)]
+               "--documents", str(args.documents), "--batch-tokens", str(args.batch_tokens),
+               "--document-tokens", str(args.document_tokens)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"first call of {method} on {set_name} failed:\n{done.stderr[-2000:]}")
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=65536, help="padded tokens a batch of encode_texts and of chunk-mean")
     p.add_argument("--repeats", type=int, default=2, help="timed warm calls (the fastest is kept)")
     p.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time each method's first call in a fresh process")
+                   help="also time the first call of LAM's encode_texts and of MiniLM (its largest batch, chunk-mean) in a fresh process each")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--output", default=None, help="JSON file for the figures")
