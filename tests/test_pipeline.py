@@ -123,3 +123,13 @@ def test_bad_arguments_are_named(models):
     for name in ("batch_tokens", "max_batch_size"):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
             pipeline.encode_texts(model, ["a"], **{name: 0})
+
+
+def test_the_default_budget_follows_the_device(models, monkeypatch):
+    seen = []
+    real = pipeline.token_budget_batches
+    monkeypatch.setattr(pipeline, "token_budget_batches",
+                        lambda lengths, batch_tokens, max_batch_size: seen.append(batch_tokens) or real(
+                            lengths, batch_tokens, max_batch_size))
+    pipeline.encode_texts(models[0], ["a short text"], show_progress_bar=False)
+    assert seen == [pipeline.CPU_BATCH_TOKENS]

@@ -176,7 +176,14 @@ def features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     return features
 
 
-def encode_texts(model, texts: str | Sequence[str], batch_tokens: int = 65536, max_batch_size: int = 1024,
+# Padded tokens a batch holds by default: large batches keep a GPU busy; on a CPU, batches
+# past a few thousand tokens ran slower (STS-B sentences on 2 cores: 2,048 tokens as fast as
+# encode's 32 sentences, 65,536 tokens 15% slower).
+GPU_BATCH_TOKENS = 65536
+CPU_BATCH_TOKENS = 2048
+
+
+def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
                  show_progress_bar: bool | None = None):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
@@ -184,12 +191,15 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int = 65536, m
     ``convert_to_numpy=False``; one row for a single string).
 
     ``batch_tokens``: padded tokens a batch holds at most (a text longer than that is a batch
-    of its own); ``max_batch_size``: texts a batch holds at most. Texts are cut at the model's
+    of its own; default GPU_BATCH_TOKENS on CUDA, CPU_BATCH_TOKENS elsewhere);
+    ``max_batch_size``: texts a batch holds at most. Texts are cut at the model's
     ``max_seq_length`` tokens, as ``encode`` cuts them."""
     single = isinstance(texts, str)
+    device = model.device
+    if batch_tokens is None:
+        batch_tokens = GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
     texts = _check_arguments(texts, batch_tokens, max_batch_size)
     module = _first_module(model)
-    device = model.device
     dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     out = torch.empty(len(texts), dimension, dtype=torch.float32, device=device)
     if not texts:
