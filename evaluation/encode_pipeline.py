@@ -97,11 +97,11 @@ def load_model(path: str, device: str, dtype: str, max_seq_length: int | None = 
     return model.eval()
 
 
-def valid_tokens(model, texts: list[str]) -> int:
-    """Tokens of ``texts`` as the model reads them (special tokens included, cut at its limit)."""
+def token_ids(model, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` as the model reads them (special tokens included, cut at its limit)."""
     from lam_embed.inference.pipeline import FastTokenizer
 
-    return sum(map(len, FastTokenizer(model.tokenizer, model.max_seq_length)(texts)))
+    return FastTokenizer(model.tokenizer, model.max_seq_length)(texts)
 
 
 def first_call(args, set_name: str, method: str, model_path: str, max_seq_length: int | None) -> float:
@@ -133,41 +133,33 @@ def _first_call_main(args) -> None:
     print(time.perf_counter() - start)
 
 
-def warm_seconds(call, device, repeats: int) -> float:
-    """The fastest of ``repeats`` calls after one untimed call."""
+def warm_seconds(call, device, repeats: int):
+    """The fastest of ``repeats`` calls after one untimed call, and the last call's result."""
     call()
     synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        call()
+        result = call()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times), result
 
 
-def forward_seconds(model, texts: list[str], batch_tokens: int, device, repeats: int) -> float:
-    """The LAM forward alone over encode_texts' batches of ``texts``, tokenized beforehand."""
-    import torch
+def forward_seconds(model, texts: list[str], ids: list[list[int]], batch_tokens: int, device, repeats: int) -> float:
+    """The LAM forward alone over encode_texts' batches of ``texts`` (token ``ids`` given)."""
+    from lam_embed.inference.pipeline import batch_features, module_features, token_budget_batches
 
-    from lam_embed.inference.pipeline import FastTokenizer, features_for, module_features, token_budget_batches
-
-    ids = FastTokenizer(model.tokenizer, model.max_seq_length)(texts)
     lengths = np.array([len(x) for x in ids])
     template = module_features(model, texts[:1])
-    batches = []
-    for batch in token_budget_batches(lengths, batch_tokens, 1024):
-        rows = torch.zeros(len(batch), int(lengths[batch].max()), dtype=torch.long)
-        for row, i in zip(rows, batch):
-            row[: lengths[i]] = torch.tensor(ids[i])
-        mask = (torch.arange(rows.shape[1]) < torch.from_numpy(lengths[batch])[:, None]).long()
-        batches.append(features_for(template, rows.to(device), mask.to(device)))
+    batches = [batch_features(template, ids, lengths, batch, device)
+               for batch in token_budget_batches(lengths, batch_tokens, 1024)]
 
     def call():
         for features in batches:
             model(features)
 
-    return warm_seconds(call, device, repeats)
+    return warm_seconds(call, device, repeats)[0]
 
 
 def run(args, save=lambda result: None) -> dict:
@@ -188,7 +180,8 @@ def run(args, save=lambda result: None) -> dict:
             methods["minilm chunk-mean"] = (minilm, args.minilm)
         else:
             methods.update({f"minilm encode@{b}": (minilm, args.minilm) for b in args.minilm_batch_sizes})
-        tokens = valid_tokens(lam, texts)
+        ids = token_ids(lam, texts)
+        tokens = sum(map(len, ids))
         entry = {"texts": len(texts), "tokens": tokens, "rows": {}}
         result["sets"][name] = entry
         reference = None
@@ -201,8 +194,8 @@ def run(args, save=lambda result: None) -> dict:
                     row["first_call_s"] = first_call(args, name, method, path,
                                                      lam.max_seq_length if model is lam else None)
                 call = method_call(method, model, texts, args)
-                row["warm_s"] = warm_seconds(call, device, args.repeats)
-                embeddings = np.asarray(call(), dtype=np.float32)
+                row["warm_s"], embeddings = warm_seconds(call, device, args.repeats)
+                embeddings = np.asarray(embeddings, dtype=np.float32)
                 if method.startswith("lam"):
                     if reference is None:
                         reference = embeddings
@@ -214,7 +207,7 @@ def run(args, save=lambda result: None) -> dict:
                         row[key.replace("_s", "_tokens_per_s")] = tokens / row[key]
                 entry["rows"][method] = row
                 logger.info("%s %s: %s", name, method, {k: round(v, 4) for k, v in row.items()})
-            entry["lam_forward_tokens_per_s"] = tokens / forward_seconds(lam, texts, args.batch_tokens, device,
+            entry["lam_forward_tokens_per_s"] = tokens / forward_seconds(lam, texts, ids, args.batch_tokens, device,
                                                                          args.repeats)
         summarise(entry)
         save(result)

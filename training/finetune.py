@@ -50,6 +50,8 @@ from typing import Any
 
 import datasets
 import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
 
 # Importing lam_embed registers the LAM architecture with transformers, so LAM model
 # folders load with SentenceTransformer(folder) like any other model.
@@ -515,26 +517,21 @@ class GatheredScoredLoss(torch.nn.Module):
         return loss + (self.processes.world - 1) * (loss - loss.detach())
 
 
-def _share_metrics_callback():
-    """A TrainerCallback that gives every process the first process's evaluation metrics.
+class ShareMetrics(TrainerCallback):
+    """Gives every process the first process's evaluation metrics.
 
     sentence-transformers runs the evaluator on the first process; where its metrics do not
     reach the others (seen with gloo on CPU), the trainer's choice of the best checkpoint
     fails there for want of the metric. The metrics dict is updated in place, as the
     trainer reads it after the callback."""
-    import torch.distributed as dist
-    from transformers import TrainerCallback
 
-    class ShareMetrics(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if metrics is None or not dist.is_initialized() or dist.get_world_size() == 1:
-                return
-            shared = [dict(metrics) if dist.get_rank() == 0 else None]
-            dist.broadcast_object_list(shared, src=0)
-            metrics.clear()
-            metrics.update(shared[0])
-
-    return ShareMetrics()
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is None or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        shared = [dict(metrics) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        metrics.clear()
+        metrics.update(shared[0])
 
 
 def _build_loss(name: str, model, processes=None):
@@ -718,7 +715,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None):
         train_dataset=train,
         loss=loss,
         evaluator=dev_evaluator,
-        callbacks=[_share_metrics_callback()] if processes.world > 1 else None,
+        callbacks=[ShareMetrics()] if processes.world > 1 else None,
     )
 
     # 3. Train; the trainer reloads the best dev checkpoint at the end.

@@ -18,8 +18,8 @@ in-place update, a replaced or moved tensor; a replay that read changed paramete
 thrown away and the forward runs eagerly), and the oldest when more than
 ``MAX_GRAPHS`` are kept or their static buffers hold more than ``MAX_GRAPH_TOKENS``
 tokens; a shape of more than ``MAX_SHAPE_TOKENS`` tokens runs eagerly, and so does a
-shape whose graph was pushed out (see ForwardGraphs.evicted). All graphs of a model share one
-memory pool: they replay one at a time on one stream, and each output is copied out
+shape whose graph was pushed out (see ForwardGraphs.evicted). All graphs of a model share
+one memory pool: they replay one at a time on one stream, and each output is copied out
 before the next replay. Inside a graph the batch may run in parts on several streams
 (LAMConfig.graph_streams): the capture records them as parallel branches.
 """
@@ -148,8 +148,8 @@ class ForwardGraphs:
         """``forward(ids, mask, types, *extras)`` -> (last hidden state, other outputs...)
         through a graph for this shape; None when the shape is seen for the first time, holds
         more than MAX_SHAPE_TOKENS tokens, had its graph pushed out by others, or the
-        parameters changed since the last call (the caller then runs it eagerly). ``extras``: inputs whose shape follows from the batch
-        size (a carried state).
+        parameters changed since the last call (the caller then runs it eagerly).
+        ``extras``: inputs whose shape follows from the batch size (a carried state).
 
         ``changes`` counts the events that a version counter does not show: optimizer
         steps (fused optimizers update parameters without moving it), parameters

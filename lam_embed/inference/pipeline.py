@@ -161,7 +161,7 @@ def _prefetched(iterator: Iterator, depth: int) -> Iterator:
         thread.join()
 
 
-def features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+def _features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     """The module's feature dict for these ids: every tensor entry of the template replaced."""
     features = {}
     for key, value in template.items():
@@ -174,6 +174,26 @@ def features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
         elif not isinstance(value, torch.Tensor):
             features[key] = value  # such as the modality of newer sentence-transformers
     return features
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; to CUDA through pinned memory, without waiting for the copy."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def batch_features(template: dict, ids: list[list[int]], lengths: np.ndarray, batch: np.ndarray,
+                   device: torch.device) -> dict:
+    """The module's features of the texts at ``batch`` (positions into ``ids`` and
+    ``lengths``), right-padded to the longest, on ``device``; ``template``: the module's
+    features of any text (for the keys it expects)."""
+    rows = np.zeros((len(batch), int(lengths[batch].max())), dtype=np.int64)
+    for row, position in zip(rows, batch):
+        row[: lengths[position]] = ids[position]
+    batch_lengths = _to_device(torch.from_numpy(lengths[batch]), device)
+    mask = (torch.arange(rows.shape[1], device=device) < batch_lengths[:, None]).long()
+    return _features_for(template, _to_device(torch.from_numpy(rows), device), mask)
 
 
 # Padded tokens a batch holds by default: large batches keep a GPU busy; on a CPU, batches
@@ -206,7 +226,6 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
         return out.cpu().numpy() if convert_to_numpy else out
     tokenize = select_tokenizer(model, texts)
     template = module_features(model, texts[:1])
-    pin = device.type == "cuda"
     # By characters first, as encode orders them: a block then holds texts of similar length.
     order = np.argsort([-len(t) for t in texts], kind="stable")
     if show_progress_bar is None:
@@ -219,19 +238,8 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
             for indices, ids in _prefetched(_blocks(texts, order, tokenize), PREFETCH_BLOCKS):
                 lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                 for batch in token_budget_batches(lengths, batch_tokens, max_batch_size):
-                    rows = np.zeros((len(batch), int(lengths[batch].max())), dtype=np.int64)
-                    for row, position in zip(rows, batch):
-                        row[: lengths[position]] = ids[position]
-                    host_ids = torch.from_numpy(rows)
-                    host_lengths = torch.from_numpy(lengths[batch])
-                    host_rows = torch.from_numpy(indices[batch].astype(np.int64))
-                    if pin:
-                        host_ids, host_lengths, host_rows = (t.pin_memory() for t in (host_ids, host_lengths, host_rows))
-                    batch_ids = host_ids.to(device, non_blocking=True)
-                    batch_lengths = host_lengths.to(device, non_blocking=True)
-                    mask = (torch.arange(rows.shape[1], device=device) < batch_lengths[:, None]).long()
-                    embeddings = model(features_for(template, batch_ids, mask))["sentence_embedding"]
-                    out[host_rows.to(device, non_blocking=True)] = embeddings.float()
+                    embeddings = model(batch_features(template, ids, lengths, batch, device))["sentence_embedding"]
+                    out[_to_device(torch.from_numpy(indices[batch].astype(np.int64)), device)] = embeddings.float()
                     progress.update(len(batch))
     finally:
         progress.close()
