@@ -49,10 +49,11 @@ SCHEMA_VERSION = 1
 # LAM variants: a delta_impl, or "triton-eager", delta_impl "triton" with config.cuda_graphs
 # off (each kernel launched from Python), to show what the CUDA graphs save, or
 # "auto-padded", "auto" with config.packed_inference off (on CPU the numba kernel then runs
-# the padding too), to show what packing saves. "auto" is what a user gets: on CPU the
+# the padding too), to show what packing saves, or "auto-int8", "auto" with config.cpu_int8
+# (int8 products on CPU). "auto" is what a user gets: on CPU the
 # numba kernel (lam_embed/ops/numba.py) on packed batches, on CUDA the same as "triton".
-IMPLS = ("auto", "auto-padded", "chunk", "compiled", "triton", "triton-eager")
-GPU_IMPLS, CPU_IMPLS = IMPLS[2:], ("auto", "auto-padded", "chunk")  # the defaults
+IMPLS = ("auto", "auto-padded", "auto-int8", "chunk", "compiled", "triton", "triton-eager")
+GPU_IMPLS, CPU_IMPLS = IMPLS[3:], ("auto", "auto-padded", "auto-int8", "chunk")  # the defaults
 OP_IMPLS = ("chunk", "compiled", "triton")  # the op alone has no graphs
 SECTIONS = ("forward", "op", "encode", "documents")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "shape, see lam_embed/inference/cuda_graphs.py). The triton variants are recorded as unavailable when the "
         "kernel is absent; they need CUDA. 'auto' is the model's default: on CPU the numba kernel on packed "
         "batches, on CUDA triton; 'auto-padded' is 'auto' with LAMConfig.packed_inference off (on CPU the "
-        "padding is computed too). The op section measures the delta_impls only. Default: "
+        "padding is computed too); 'auto-int8' is 'auto' with LAMConfig.cpu_int8 (int8 matrix products, CPU "
+        "only). The op section measures the delta_impls only. Default: "
         f"{' '.join(GPU_IMPLS)} on CUDA, {' '.join(CPU_IMPLS)} on CPU.",
     )
     parser.add_argument(
@@ -486,12 +488,15 @@ def _check_impl(impl: str, device: torch.device) -> None:
     """Raise NotImplementedError (recorded as "unavailable") for an impl that cannot run on ``device``."""
     if impl.startswith("triton") and device.type != "cuda":
         raise NotImplementedError("delta_impl='triton' runs on CUDA only")
+    if impl.endswith("-int8") and device.type != "cpu":
+        raise NotImplementedError("LAMConfig.cpu_int8 applies on CPU only")
 
 
 def _configure_lam(lam, impl: str, device: torch.device) -> None:
-    """Set the LAM model's delta_impl and CUDA-graph switch for the variant ``impl`` (IMPLS)."""
+    """Set the LAM model's delta_impl, CUDA-graph, packing and int8 switches for the variant ``impl`` (IMPLS)."""
     _check_impl(impl, device)
-    lam.config.delta_impl = impl.removesuffix("-eager").removesuffix("-padded")
+    lam.config.delta_impl = impl.removesuffix("-eager").removesuffix("-padded").removesuffix("-int8")
+    lam.config.cpu_int8 = impl.endswith("-int8")
     lam.config.cuda_graphs = not impl.endswith("-eager")
     lam.config.packed_inference = not impl.endswith("-padded")
 
@@ -773,13 +778,23 @@ def load_stsb_test(args) -> tuple[list[str], list[str], list[float]]:
     return list(ds["sentence1"]), list(ds["sentence2"]), list(ds["score"])
 
 
-def stsb_spearman(encode: Callable[[list[str]], np.ndarray], pairs: tuple) -> float:
-    """Spearman correlation of the cosine of the pairs' embeddings with the gold scores."""
+def stsb_spearman(first: np.ndarray, second: np.ndarray, gold) -> float:
+    """Spearman correlation of the cosine of the pairs' embeddings (rows of ``first`` and
+    ``second``) with the gold scores."""
     from scipy.stats import spearmanr
 
-    first, second = (np.asarray(encode(texts), dtype=np.float64) for texts in pairs[:2])
+    first, second = (np.asarray(e, dtype=np.float64) for e in (first, second))
     cosine = (first * second).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
-    return float(spearmanr(cosine, pairs[2]).statistic)
+    return float(spearmanr(cosine, gold).statistic)
+
+
+def embedding_agreement(embeddings: np.ndarray, reference: np.ndarray) -> dict:
+    """Cosine of each row of ``embeddings`` with the same row of ``reference``: its minimum,
+    first percentile and mean, and the share of rows at 0.99 or more."""
+    a, b = (np.asarray(e, dtype=np.float64) for e in (embeddings, reference))
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"min_cosine": float(cosine.min()), "p1_cosine": float(np.percentile(cosine, 1)),
+            "mean_cosine": float(cosine.mean()), "share_at_least_0.99": float((cosine >= 0.99).mean())}
 
 
 def run_encode(args, device: torch.device, clock: Clock, lam_st, minilm_st, lam, peers: dict, save,
@@ -953,19 +968,33 @@ def run_documents(args, device: torch.device, clock: Clock, lam_st, minilm_st, l
         save()
 
 
+# Rows whose embeddings approximate another row's: their per-sentence cosine with it is recorded.
+APPROXIMATES = {"onnx-int8": "onnx-fp32", "auto-int8": "auto"}
+
+
 def _stsb_of_rows(args, device, pairs, minilm_st, lam_st, lam, peers: dict, section: dict) -> None:
-    """STS-B test Spearman of every row of the encode section (all test pairs, untimed)."""
+    """STS-B test Spearman of every row of the encode section (all test pairs, untimed), and
+    for an int8 row the cosine of its embeddings with its float32 row's (APPROXIMATES)."""
     def st_encode(st):
         return lambda texts: st.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
 
-    figures = {"minilm": stsb_spearman(st_encode(minilm_st), pairs)}
-    figures.update({name: stsb_spearman(lambda texts, e=encoder: e.encode(texts, args.batch_size), pairs)
-                    for name, encoder in peers.items()})
-    for impl in args.impls:
-        if section["lam"].get(impl, {}).get("status") == "ok":  # not the variants this device cannot run
-            _configure_lam(lam, impl, device)
-            figures[impl] = stsb_spearman(st_encode(lam_st), pairs)
+    encoders = {"minilm": st_encode(minilm_st)}
+    encoders.update({name: (lambda texts, e=encoder: e.encode(texts, args.batch_size)) for name, encoder in peers.items()})
+    embeddings, figures = {}, {}
+    for name in (*encoders, *args.impls):
+        if name in args.impls:
+            if section["lam"].get(name, {}).get("status") != "ok":  # not the variants this device cannot run
+                continue
+            _configure_lam(lam, name, device)
+            encode = st_encode(lam_st)
+        else:
+            encode = encoders[name]
+        first, second = encode(pairs[0]), encode(pairs[1])
+        embeddings[name] = np.concatenate([first, second])
+        figures[name] = stsb_spearman(first, second, pairs[2])
     section["stsb_test_spearman"] = figures
+    section["agreement"] = {name: {"reference": reference, **embedding_agreement(embeddings[name], embeddings[reference])}
+                            for name, reference in APPROXIMATES.items() if name in embeddings and reference in embeddings}
 
 
 def _merge_rounds(records: list[dict]) -> dict:
@@ -1057,22 +1086,27 @@ def format_tables(result: dict) -> str:
         if enc.get("status") == "unavailable":
             parts.append(f"\nEncode: unavailable ({enc.get('reason')})")
         elif "minilm" in enc:
-            fp32 = enc.get("peers", {}).get("onnx-fp32")
+            fp32, int8 = (enc.get("peers", {}).get(name) for name in ("onnx-fp32", "onnx-int8"))
             named = [("MiniLM", enc["minilm"], "minilm")]
             named += [(f"MiniLM {name}", rec, name) for name, rec in enc.get("peers", {}).items()]
             named += [(f"LAM {impl}", rec, impl) for impl, rec in enc["lam"].items()]
             rows = []
             for label, rec, key in named:
                 ratio = 1.0 if key == "minilm" and rec.get("status") == "ok" else enc["ratio"].get(key)
-                to_onnx = _ratio(rec, fp32, "sentences_per_s") if fp32 else None
+                to_onnx = [_ratio(rec, peer, "sentences_per_s") if peer else None for peer in (fp32, int8)]
                 rows.append([label, _cell(rec, "sentences_per_s", lambda x: f"{x:.0f}"),
-                             "-" if ratio is None else f"{ratio:.2f}", "-" if to_onnx is None else f"{to_onnx:.2f}",
-                             _mem(rec)])
-            headers = ["model", "sentences/s", "x MiniLM", "x ONNX fp32", "peak MiB"]
+                             "-" if ratio is None else f"{ratio:.2f}",
+                             *("-" if r is None else f"{r:.2f}" for r in to_onnx), _mem(rec)])
+            headers = ["model", "sentences/s", "x MiniLM", "x ONNX fp32", "x ONNX int8", "peak MiB"]
             stsb = enc.get("stsb_test_spearman")
             if stsb:
                 rows = [row + [f"{100 * stsb[key]:.2f}" if key in stsb else "-"] for row, (_, _, key) in zip(rows, named)]
                 headers.append("STS-B test")
+            agreement = enc.get("agreement")
+            if agreement:
+                rows = [row + [f"{a['min_cosine']:.3f} / {a['mean_cosine']:.3f} ({a['reference']})" if a else "-"]
+                        for row, (_, _, key) in zip(rows, named) for a in [agreement.get(key)]]
+                headers.append("cosine with float32: min / mean")
             rounds = enc.get("rounds", 1)
             interleaved = f", {rounds} interleaved rounds" if rounds > 1 else ""
             parts.append(f"\nencode, STS-B test ({enc['num_sentences']} sentences, batch "

@@ -41,11 +41,14 @@ class Backend:
         and residual LayerNorms) or "numba" (the delta rule, output norm and gate in the
         numba kernel).
     delta_impl: the op of lam_embed.ops that "eager" and "compiled" layer code calls.
+    int8_products: the numba layer code runs the layers' matrix products in int8
+        (LAMConfig.cpu_int8, lam_embed/inference/int8.py).
     """
 
     name: str
     layer_code: str
     delta_impl: str
+    int8_products: bool = False
 
 
 @functools.cache
@@ -73,6 +76,17 @@ def load_numba():
     return numba
 
 
+@functools.cache
+def _int8_runs() -> bool:
+    from .inference import int8
+
+    if not int8.supported():
+        logger.warning("LAMConfig.cpu_int8: this torch has no fbgemm int8 kernels (%s); the products stay float32",
+                       ", ".join(torch.backends.quantized.supported_engines))
+        return False
+    return True
+
+
 def _triton_runs(config) -> bool:
     """Whether the fused kernels import and fit the head size (their tiles: a power of two >= 16)."""
     head_dim = config.hidden_size // config.num_attention_heads
@@ -87,7 +101,8 @@ def select_backend(config, device: torch.device, dtype: torch.dtype, wants_grad:
     in each case: docs/performance.md). ``config.fuse_layer_code`` False keeps the layer
     code eager whatever the backend. The fused inference paths have no autograd and no
     state dropout, so with ``wants_grad`` (or state dropout while training) "triton"
-    runs its layer code under torch.compile and "numba" becomes "chunk".
+    runs its layer code under torch.compile and "numba" becomes "chunk". ``config.cpu_int8``
+    runs the matrix products of the "numba" layer code in int8.
     """
     name = config.delta_impl
     if name not in BACKEND_NAMES:
@@ -106,7 +121,9 @@ def select_backend(config, device: torch.device, dtype: torch.dtype, wants_grad:
     if name == "numba":
         usable = (fused and dtype == torch.float32 and not wants_grad and not torch.is_autocast_enabled("cpu")
                   and not (training and config.state_dropout > 0) and load_numba() is not None)
-        return Backend("numba", "numba", "chunk") if usable else Backend("chunk", "eager", "chunk")
+        if not usable:
+            return Backend("chunk", "eager", "chunk")
+        return Backend("numba", "numba", "chunk", int8_products=config.cpu_int8 and _int8_runs())
     if name in ("naive", "chunk") or not fused or device.type != "cuda":
         return Backend(name, "eager", name)
     if name == "compiled":

@@ -56,6 +56,13 @@ class LAMConfig(PretrainedConfig):
             the padding that sentence-transformers adds to each batch is never computed.
             The outputs on valid tokens equal the padded forward's to float32 rounding;
             padded rows of the last hidden state are zero. False: the padded forward.
+        cpu_int8: at float32 inference on CPU through the numba kernel, the layers' matrix
+            products (the token mixer's input and output projections, the FFNs) in int8:
+            weights quantised per output row once, activations per call (dynamic
+            quantisation, lam_embed/inference/int8.py). Faster where int8 products are
+            (x86 CPUs), and no longer float32's embeddings: the cosine with them is about
+            0.99 per sentence (docs/performance.md). Off by default; embeddings, the delta
+            rule and the norms stay float32 either way.
         gelu_epilogue: at 16-bit inference on CUDA through the Triton layer code, the
             FFN's first product, bias and GELU as one cuBLASLt call with a GELU epilogue
             (the separate GELU kernel took 0.43 ms of a 4.8 ms forward of 32,768 tokens
@@ -99,6 +106,7 @@ class LAMConfig(PretrainedConfig):
         cuda_graphs: bool = True,
         fuse_layer_code: bool = True,
         packed_inference: bool = True,
+        cpu_int8: bool = False,
         gelu_epilogue: bool = True,
         graph_streams: int = 2,
         graph_streams_min_tokens: int = 16384,
@@ -128,6 +136,7 @@ class LAMConfig(PretrainedConfig):
         self.cuda_graphs = cuda_graphs
         self.fuse_layer_code = fuse_layer_code
         self.packed_inference = packed_inference
+        self.cpu_int8 = cpu_int8
         self.gelu_epilogue = gelu_epilogue
         self.graph_streams = graph_streams
         self.graph_streams_min_tokens = graph_streams_min_tokens
@@ -163,7 +172,7 @@ class LAMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"LAMConfig.{name} must lie in [0, 1), got {value!r}")
-        for name in ("cuda_graphs", "fuse_layer_code", "packed_inference", "gelu_epilogue"):
+        for name in ("cuda_graphs", "fuse_layer_code", "packed_inference", "cpu_int8", "gelu_epilogue"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LAMConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.graph_streams_min_tokens, int) or self.graph_streams_min_tokens < 0:

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .backends import Backend, carried_backend, load_triton, select_backend
 from .checksums import verify_checksums
 from .configuration_lam import LAMConfig
-from .inference import input_checks
+from .inference import input_checks, int8
 from .inference.cuda_graphs import ForwardGraphs, layers_on_streams
 from .inference.packing import PackedBatch
 from .layers.dual_state_delta_net import (
@@ -28,6 +28,7 @@ from .layers.dual_state_delta_net import (
     ResonanceFlux,
 )
 from .parameter_changes import (
+    KeepsDerivedWeights,
     install_change_hooks,
     optimizer_steps,
     parameter_registrations,
@@ -101,7 +102,7 @@ class LAMEmbeddings(nn.Module):
             wrap_positions=self.config.position_overflow == "wrap")
 
 
-class LAMLayer(nn.Module):
+class LAMLayer(KeepsDerivedWeights):
     """Post-LayerNorm encoder layer, as BERT's, with the DeltaNet as token mixer."""
 
     def __init__(self, config: LAMConfig):
@@ -122,7 +123,14 @@ class LAMLayer(nn.Module):
         return norm(x + self.dropout(y))
 
     def feed_forward(self, h: torch.Tensor, backend: Backend) -> torch.Tensor:
-        """ffn_out(GELU(ffn_in(h))); see LAMConfig.gelu_epilogue for the 16-bit CUDA inference path."""
+        """ffn_out(GELU(ffn_in(h))); see LAMConfig.gelu_epilogue for the 16-bit CUDA inference path
+        and LAMConfig.cpu_int8 for int8 products on CPU."""
+        if backend.int8_products:
+            sources = (self.attention_norm.weight, self.attention_norm.bias, self.ffn_in.weight, self.ffn_in.bias,
+                       self.ffn_out.weight, self.ffn_out.bias)
+            inner, outer = self.kept("int8", sources,
+                                     lambda: int8.pack_feed_forward(self.attention_norm, self.ffn_in, self.ffn_out))
+            return int8.int8_linear(self.activation(int8.int8_linear(h, inner)), outer)
         if (self.delta_net.config.gelu_epilogue and h.dtype in (torch.bfloat16, torch.float16) and self.gelu_activation
                 and not self.training and backend.layer_code == "triton"):
             inner = torch._addmm_activation(self.ffn_in.bias, h.flatten(0, -2), self.ffn_in.weight.t(), use_gelu=True)

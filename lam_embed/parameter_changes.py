@@ -57,3 +57,34 @@ def optimizer_steps() -> int:
 def parameter_registrations() -> int:
     """Parameters registered on any module since install_change_hooks."""
     return _parameter_registrations
+
+
+class KeepsDerivedWeights(torch.nn.Module):
+    """A module that keeps tensors derived from its parameters between inference calls (the
+    stacked input projection, int8 copies of weights): ``kept`` builds one again when a
+    source parameter moves or changes in place (its version counter) or after any optimizer
+    step. All are dropped on ``.to()``, ``.half()``, ... and when training starts."""
+
+    def kept(self, name: str, sources, build):
+        """``build()``, kept under ``name`` until one of ``sources`` (tensors) changes."""
+        install_change_hooks()
+        key = (optimizer_steps(), version_sum(sources), *((p.data_ptr(), p.dtype) for p in sources))
+        store = self.__dict__.setdefault("_kept", {})
+        cached = store.get(name)
+        if cached is None or cached[0] != key:
+            cached = store[name] = (key, build())
+        return cached[1]
+
+    def kept_value(self, name: str):
+        """What ``kept`` holds under ``name`` now, or None."""
+        cached = self.__dict__.get("_kept", {}).get(name)
+        return None if cached is None else cached[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_kept", None)  # never keep copies of the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        if mode:  # training moves the weights; eval() (each encode call) keeps them
+            self.__dict__.pop("_kept", None)
+        return super().train(mode)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..backends import Backend, carried_backend, load_numba, load_triton, select_backend
 from ..configuration_lam import LAMConfig
+from ..inference import int8
 from ..inference.packing import PackedBatch
 from ..ops import dual_state_delta_rule
 from ..ops.common import (
@@ -21,7 +22,7 @@ from ..ops.common import (
     PSI_MIN,
     projection_columns,
 )
-from ..parameter_changes import install_change_hooks, optimizer_steps, version_sum
+from ..parameter_changes import KeepsDerivedWeights
 from ..state import LayerState
 
 
@@ -91,7 +92,7 @@ class CausalDepthwiseConv(nn.Conv1d):
         return causal_depthwise_conv(x, self.weight)
 
 
-class DualStateDeltaNet(nn.Module):
+class DualStateDeltaNet(KeepsDerivedWeights):
     """The token mixer of a LAM layer (docs/SPEC.md section 2)."""
 
     def __init__(self, config: LAMConfig):
@@ -144,37 +145,37 @@ class DualStateDeltaNet(nn.Module):
         a layer (3 to 12% of an encode of short sentences on 2 cores). They are rebuilt when
         a parameter moves or changes in place (its version counter), after any torch
         optimizer step (fused optimizers change parameters without moving the counter)
-        and on .to() or train(); only a write through ``param.data``, or in place to a
+        and on .to() or when training starts; only a write through ``param.data``, or in place to a
         parameter made under ``torch.inference_mode`` (it has no version counter), goes
         unseen."""
         convs = (self.q_conv.weight, self.k_conv.weight, self.v_conv.weight)
         if torch.is_grad_enabled():
             return (*self.input_projection(), torch.cat(convs))
-        install_change_hooks()
-        sources = (
+        return self.kept("stacked", self._projection_sources(),
+                         lambda: (*self.input_projection(), torch.cat(convs)))
+
+    def _projection_sources(self) -> tuple[torch.Tensor, ...]:
+        return (
             self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight, self.beta_proj.weight,
             self.fast_decay_proj.weight, self.fast_decay_proj.bias, self.slow_decay_proj.weight,
-            self.slow_decay_proj.bias, self.fast_gate_proj.weight, self.slow_gate_proj.weight, *convs,
+            self.slow_decay_proj.bias, self.fast_gate_proj.weight, self.slow_gate_proj.weight,
+            self.q_conv.weight, self.k_conv.weight, self.v_conv.weight,
         )
-        key = (optimizer_steps(), version_sum(sources), *((p.data_ptr(), p.dtype) for p in sources))
-        cached = self.__dict__.get("_stacked")
-        if cached is None or cached[0] != key:
-            cached = self._stacked = (key, (*self.input_projection(), torch.cat(convs)))
-        return cached[1]
 
     def kept_stacked_weights(self) -> tuple:
         """The weights stacked_weights keeps between calls (none before the first call
         without gradients, or after a change that drops them)."""
-        cached = self.__dict__.get("_stacked")
-        return cached[1] if cached is not None else ()
+        return self.kept_value("stacked") or ()
 
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_stacked", None)  # .to(), .half(), ...: never keep copies of the old tensors
-        return super()._apply(fn, *args, **kwargs)
-
-    def train(self, mode: bool = True):
-        self.__dict__.pop("_stacked", None)
-        return super().train(mode)
+    def int8_weights(self) -> tuple:
+        """The stacked input projection and the output projection packed for int8 products
+        (LAMConfig.cpu_int8, inference/int8.py), kept as stacked_weights is. The output
+        projection's input is the per-head RMSNorm times a gate below 1: its channels' sizes
+        follow the norm's weight."""
+        weight, bias, _ = self.stacked_weights()
+        return self.kept("int8", (*self._projection_sources(), self.o_proj.weight, self.norm_weight),
+                         lambda: (int8.pack_linear(weight, bias), int8.pack_linear(
+                             self.o_proj.weight, input_scale=self.norm_weight.detach().abs().repeat(self.num_heads))))
 
     def _wants_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -219,14 +220,22 @@ class DualStateDeltaNet(nn.Module):
                 config.chunk_size)
         packed = mask if isinstance(mask, PackedBatch) else None
         if backend.layer_code == "numba":
+            if backend.int8_products:
+                projection, output = self.int8_weights()
+                project, output_projection = functools.partial(int8.int8_linear, packed=projection), output
+            else:
+                project = output_projection = None
             if packed is None:
-                features = delta_net_features(x, mask, weight, bias, conv_weight, H)
+                features = delta_net_features(x, mask, weight, bias, conv_weight, H, project=project)
                 o = load_numba().delta_rule_layer(*features, mask, self.flux, self.norm_weight, self.eps,
                                                   config.chunk_size)
             else:
-                features = delta_net_features(x, None, weight, bias, conv_weight, H, packed_positions=packed.positions)
+                features = delta_net_features(x, None, weight, bias, conv_weight, H, packed_positions=packed.positions,
+                                              project=project)
                 o = load_numba().delta_rule_layer(*features, None, self.flux, self.norm_weight, self.eps,
                                                   config.chunk_size, segments=(packed.starts, packed.lengths))
+            if output_projection is not None:
+                return int8.int8_linear(o, output_projection)
             return F.linear(o, self.o_proj.weight)
         if packed is not None:
             raise ValueError(f"a packed batch runs through the numba layer code only, not {backend.layer_code!r}")
@@ -260,7 +269,8 @@ class DualStateDeltaNet(nn.Module):
         return out, LayerState(fast, slow, tail)
 
 
-def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_tail=None, packed_positions=None):
+def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_tail=None, packed_positions=None,
+                       project=None):
     """The inputs of the delta rule from the layer input x (B, L, D): q, k, v =
     SiLU(conv(x W)) per head, (B, L, H, d) (the delta rule normalises q and k:
     qk_l2norm); the output gate sigmoid(x W_g), (B, L, D); the sigmoids of beta, the two
@@ -273,14 +283,16 @@ def delta_net_features(x, mask, weight, bias, conv_weight, num_heads: int, conv_
 
     A packed batch (inference/packing.py; CPU inference with numba): x is its valid rows
     (N, D), ``mask`` None and ``packed_positions`` (N,) each row's position in its sample;
-    the results have N rows.
+    the results have N rows. ``project``: computes ``F.linear(x, weight, bias)`` another
+    way (int8 products: inference/int8.py).
     """
     D, H = x.shape[-1], num_heads
     columns = projection_columns(D, H)
     # Padding is zeroed before the projections (q, k, v have no bias), so it is zero
     # in the convolution and never reaches a valid token. Beta, decays and gates of
     # padded positions are never read (the delta rule masks them).
-    projected = F.linear(x if mask is None else x * mask[..., None].to(x.dtype), weight, bias)
+    x = x if mask is None else x * mask[..., None].to(x.dtype)
+    projected = F.linear(x, weight, bias) if project is None else project(x)
     qkv_in = projected[..., columns["q"].start : columns["v"].stop]
     if conv_tail is not None:
         qkv_in = torch.cat([conv_tail.to(qkv_in.dtype), qkv_in], 1)

@@ -334,3 +334,46 @@ def packed_causal_conv(x: torch.Tensor, weight: torch.Tensor, positions: torch.T
         _packed_causal_conv(x.detach().float().contiguous().numpy(),
                             weight.detach()[:, 0].t().contiguous().float().numpy(), positions.numpy(), y.numpy())
     return y
+
+
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _rows_to_unit(x, column_scale, out, magnitude):
+    """out[i] = x[i] * column_scale / magnitude[i], magnitude[i] = max_j |x[i, j] * column_scale[j]|."""
+    for i in numba.prange(x.shape[0]):
+        row, largest = x[i], np.float32(1e-30)
+        for j in range(row.shape[0]):
+            largest = max(largest, abs(row[j] * column_scale[j]))
+        magnitude[i] = largest
+        inverse = np.float32(1) / largest
+        for j in range(row.shape[0]):
+            out[i, j] = row[j] * column_scale[j] * inverse
+
+
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _scale_rows(y, magnitude, bias):
+    """y[i] = y[i] * magnitude[i] + bias, in place."""
+    for i in numba.prange(y.shape[0]):
+        row, scale = y[i], magnitude[i]
+        for j in range(row.shape[0]):
+            row[j] = row[j] * scale + bias[j]
+
+
+def rows_to_unit(x: torch.Tensor, column_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x (N, C) times ``column_scale`` (C,) (or 1) and divided by its largest
+    magnitude after that: (rows, magnitudes (N,)), float32, in one pass over x."""
+    x = x.detach().float().contiguous()
+    scale = torch.ones(x.shape[1]) if column_scale is None else column_scale.float().contiguous()
+    out, magnitude = torch.empty_like(x), torch.empty(x.shape[0])
+    _use_torch_threads()
+    with _launch_lock:
+        _rows_to_unit(x.numpy(), scale.numpy(), out.numpy(), magnitude.numpy())
+    return out, magnitude
+
+
+def scale_rows(y: torch.Tensor, magnitude: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y (N, C) float32, contiguous, in place: row i times magnitude[i], plus ``bias`` (C,) (or 0)."""
+    bias = torch.zeros(y.shape[1]) if bias is None else bias.float().contiguous()
+    _use_torch_threads()
+    with _launch_lock:
+        _scale_rows(y.numpy(), magnitude.numpy(), bias.numpy())
+    return y

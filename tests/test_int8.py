@@ -1,0 +1,156 @@
+"""int8 matrix products on CPU (LAMConfig.cpu_int8, lam_embed/inference/int8.py): the kernel
+path against an exact simulation of its quantisation, row independence, the released
+model's embeddings against float32's, and the switch itself."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lam_embed.backends import Backend, select_backend
+from lam_embed.configuration_lam import LAMConfig
+from lam_embed.inference import int8
+
+pytestmark = pytest.mark.skipif(not int8.supported(), reason="this torch has no fbgemm int8 kernels")
+
+
+def simulated_int8_linear(x, weight, bias, input_scale):
+    """What int8_linear computes, in float64 from the description in int8.py: smoothing,
+    weights rounded per output row to [-63, 63], each row of x scaled to [-1, 1] and rounded
+    to 255 levels around 128, exact sums, scales applied back."""
+    x, weight = x.double(), weight.double()
+    if input_scale is not None:
+        smoothing = (input_scale.double().clamp(min=1e-5) ** 0.5 / weight.abs().amax(0).clamp(min=1e-5) ** 0.5)
+        x, weight = x / smoothing, weight * smoothing
+    weight_scale = weight.abs().amax(1, keepdim=True) / 63
+    weight_levels = torch.round(weight / weight_scale)
+    magnitude = x.abs().amax(1, keepdim=True)
+    x_levels = torch.clamp(torch.round(x / magnitude * 127) + 128, 0, 255) - 128
+    y = (x_levels @ weight_levels.t()) * (magnitude / 127) * weight_scale.t()
+    return y if bias is None else y + bias.double()
+
+
+def outlier_inputs(seed=0, rows=300, columns=384, outputs=640):
+    """Rows and channels far larger than the rest, as a LayerNorm output has them, and
+    weights whose large values would saturate 8-bit pairs on CPUs without VNNI."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, columns, generator=g)
+    x[:, :3] *= 15
+    x[::37] *= 4
+    weight = torch.randn(outputs, columns, generator=g) * 0.05
+    weight[:, 5] *= 10
+    bias = torch.randn(outputs, generator=g)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_int8_linear_equals_a_simulation_of_its_quantisation(smoothed):
+    x, weight, bias = outlier_inputs()
+    scale = x.abs().amax(0) if smoothed else None
+    got = int8.int8_linear(x, int8.pack_linear(weight, bias, input_scale=scale))
+    expected = simulated_int8_linear(x, weight, bias, scale)
+    exact = F.linear(x, weight, bias).double()
+    # A value at a rounding boundary may land one level apart in float32: a few 1e-4 at most.
+    # Saturated int16 sums or another rounding would be off by the quantisation error itself.
+    assert (got.double() - expected).norm() <= 1e-3 * expected.norm()
+    assert (got.double() - exact).norm() <= 0.05 * exact.norm()
+    assert (got.double() - exact).norm() >= 10 * (got.double() - expected).norm()  # int8 indeed
+
+
+def test_smoothing_with_the_channel_sizes_lowers_the_error():
+    x, weight, bias = outlier_inputs(seed=1)
+    exact = F.linear(x, weight, bias)
+    plain = int8.int8_linear(x, int8.pack_linear(weight, bias))
+    smoothed = int8.int8_linear(x, int8.pack_linear(weight, bias, input_scale=x.abs().amax(0)))
+    assert (smoothed - exact).norm() < 0.8 * (plain - exact).norm()
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows():
+    x, weight, bias = outlier_inputs(seed=2, rows=64)
+    packed = int8.pack_linear(weight, bias)
+    batch = int8.int8_linear(x.reshape(4, 16, -1), packed)
+    assert batch.shape == (4, 16, weight.shape[0])
+    for i in (0, 9, 37, 63):
+        alone = int8.int8_linear(x[i:i + 1], packed)[0]
+        torch.testing.assert_close(batch.reshape(64, -1)[i], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_int8_selects_int8_products_at_float32_cpu_inference_only():
+    config = LAMConfig(cpu_int8=True)
+    cpu = torch.device("cpu")
+    assert select_backend(config, cpu, torch.float32, False, False) == Backend("numba", "numba", "chunk", True)
+    # Gradients, another dtype, or the option off: float32 products.
+    assert select_backend(config, cpu, torch.float32, True, False) == Backend("chunk", "eager", "chunk")
+    assert select_backend(config, cpu, torch.float64, False, False) == Backend("chunk", "eager", "chunk")
+    config.cpu_int8 = False
+    assert select_backend(config, cpu, torch.float32, False, False) == Backend("numba", "numba", "chunk")
+
+
+def test_cpu_int8_must_be_a_bool():
+    with pytest.raises(ValueError, match="LAMConfig.cpu_int8 must be True or False"):
+        LAMConfig(cpu_int8="yes")
+
+
+def test_int8_weights_follow_parameter_changes():
+    """The packed int8 weights are kept between calls, and rebuilt when a parameter changes:
+    after an in-place change the output equals a fresh model's with the same weights."""
+    from conftest import small_lam_sentence_transformer
+
+    st, _ = small_lam_sentence_transformer(delta_net_noise=0.02, cpu_int8=True)
+    lam = st[0].auto_model.eval()
+    features = st.tokenize(["a first sentence to encode", "and a second, a little longer, one"])
+    inputs = {k: features[k] for k in ("input_ids", "attention_mask")}
+
+    def forward(model):
+        with torch.no_grad():
+            return model(**inputs).last_hidden_state
+
+    before = forward(lam)
+    torch.testing.assert_close(forward(lam), before, rtol=0, atol=0)
+    with torch.no_grad():
+        lam.layers[0].ffn_in.weight.mul_(1.5)
+        lam.layers[1].delta_net.o_proj.weight.mul_(0.5)
+        lam.layers[1].attention_norm.weight.add_(0.3)
+    after = forward(lam)
+    assert (after - before).abs().max() > 1e-2
+    fresh = type(lam)(lam.config).eval()
+    fresh.load_state_dict(lam.state_dict())
+    # Float32 rounding apart (1e-7); a stale int8 weight would be off by the change (1e-2).
+    torch.testing.assert_close(after, forward(fresh), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_released_model_in_int8_keeps_float32s_embeddings(tmp_path):
+    """The released model with cpu_int8: every text's embedding has a cosine of at least
+    0.99 with the float32 one, on mixed lengths from one word to several chunks of 128
+    tokens, in one batch and with the texts encoded one at a time."""
+    from sentence_transformers import SentenceTransformer
+
+    from lam_embed.release import RELEASED, assemble
+
+    assemble(RELEASED, tmp_path / "lam")
+    float32 = SentenceTransformer(str(tmp_path / "lam"), device="cpu")
+    quantised = SentenceTransformer(str(tmp_path / "lam"), device="cpu", config_kwargs={"cpu_int8": True})
+    assert quantised[0].auto_model.config.cpu_int8
+    float32.max_seq_length = quantised.max_seq_length = 512
+    sentences = [
+        "Tea.", "A man is playing a guitar on the street.", "The committee postponed its vote until spring.",
+        "Two dogs run across a snowy field while a child watches from the fence.",
+        "Stock markets fell sharply on Monday after the central bank raised interest rates again.",
+        "How do I reset the password of my router without losing the network settings?",
+    ]
+    paragraph = (
+        "The river rises in the hills north of the town and runs south through farmland. In the nineteenth "
+        "century mills were built along its banks, and the town grew around them. Most closed after the war, "
+        "when the railway brought cheaper goods from the coast. Today the old buildings hold a museum, a "
+        "library and several small workshops, and a footpath follows the water for twelve miles. "
+    )
+    texts = sentences + [paragraph, paragraph * 3, " ".join(reversed(sentences)) + " " + paragraph * 5]
+    assert quantised.preprocess(texts)["input_ids"].shape[1] > 3 * 128
+    reference = float32.encode(texts, normalize_embeddings=True, convert_to_tensor=True)
+    batched = quantised.encode(texts, batch_size=16, normalize_embeddings=True, convert_to_tensor=True)
+    alone = torch.cat([quantised.encode([t], normalize_embeddings=True, convert_to_tensor=True) for t in texts])
+    for got in (batched, alone):
+        cosine = (got * reference).sum(1)
+        assert cosine.min() >= 0.99, cosine
+        assert (got - reference).abs().max() > 1e-4  # the int8 products did run
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
