@@ -71,10 +71,9 @@ def int8_linear(x: torch.Tensor, packed: tuple) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., in) float32 on CPU, with ``packed`` from
     ``pack_linear(weight, bias, ...)``, computed in int8 with a scale per row of x. The
     scaling before and after the kernel is a numba pass each (lam_embed/ops/numba.py)."""
-    from ..backends import load_numba
+    from ..ops import numba as kernels  # loaded already: the int8 products run with the numba layer code only
 
     weight, bias, inverse_smoothing = packed
-    kernels = load_numba()
     rows, magnitude = kernels.rows_to_unit(x.reshape(-1, x.shape[-1]), inverse_smoothing)
     product = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1 / 127, 128, weight)
     y = kernels.scale_rows(product, magnitude, bias)
