@@ -62,7 +62,8 @@ class LAMConfig(PretrainedConfig):
             (lam_embed/inference/int8.py). Faster where int8 products are (x86 CPUs), and no
             longer float32's embeddings: their cosine with them was at least 0.99 on every
             STS-B sentence (docs/performance.md). Off by default; embeddings, the delta rule
-            and the norms stay float32 either way.
+            and the norms stay float32 either way, and so does streaming (a forward that
+            carries a state runs the eager layer code).
         gelu_epilogue: at 16-bit inference on CUDA through the Triton layer code, the
             FFN's first product, bias and GELU as one cuBLASLt call with a GELU epilogue
             (the separate GELU kernel took 0.43 ms of a 4.8 ms forward of 32,768 tokens

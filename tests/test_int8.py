@@ -118,6 +118,26 @@ def test_int8_weights_follow_parameter_changes():
     torch.testing.assert_close(after, forward(fresh), rtol=0, atol=1e-5)
 
 
+def test_packed_and_padded_batches_give_the_same_int8_rows():
+    """With a scale per token, a valid row's int8 products do not see the padding: the padded
+    forward (packed_inference off) equals the packed one on valid rows."""
+    from conftest import small_lam_sentence_transformer
+
+    st, _ = small_lam_sentence_transformer(delta_net_noise=0.02, cpu_int8=True)
+    lam = st[0].auto_model.eval()
+    texts = ["short", "a sentence of middling length for the batch", "word " * 150]
+    features = st.tokenize(texts)
+    inputs = {k: features[k] for k in ("input_ids", "attention_mask")}
+    mask = inputs["attention_mask"].bool()
+    outputs = {}
+    for packed in (True, False):
+        lam.config.packed_inference = packed
+        with torch.no_grad():
+            outputs[packed] = lam(**inputs).last_hidden_state[mask]
+    lam.config.packed_inference = True
+    torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_released_model_in_int8_keeps_float32s_embeddings(tmp_path):
     """The released model with cpu_int8: every text's embedding has a cosine of at least
