@@ -186,8 +186,10 @@ def test_bad_options_are_argparse_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cpu_defaults():
-    args = benchmark.parse_args(["--device", "cpu"])
+def test_cpu_defaults(tmp_path):
+    articles = tmp_path / "articles.jsonl"  # the documents section's file, wherever the data folder is
+    articles.write_text('{"text": "an article"}\n')
+    args = benchmark.parse_args(["--device", "cpu", "--articles", str(articles)])
     assert args.lengths == list(benchmark.CPU_LENGTHS)
     assert args.tokens_per_batch == benchmark.CPU_TOKENS
     assert args.dtype == "fp32" and args.repeats == benchmark.CPU_REPEATS
