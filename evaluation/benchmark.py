@@ -778,21 +778,24 @@ def load_stsb_test(args) -> tuple[list[str], list[str], list[float]]:
     return list(ds["sentence1"]), list(ds["sentence2"]), list(ds["score"])
 
 
+def _row_cosines(first, second) -> np.ndarray:
+    """The cosine of each row of ``first`` with the same row of ``second``, in float64."""
+    a, b = (np.asarray(e, dtype=np.float64) for e in (first, second))
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def stsb_spearman(first: np.ndarray, second: np.ndarray, gold) -> float:
     """Spearman correlation of the cosine of the pairs' embeddings (rows of ``first`` and
     ``second``) with the gold scores."""
     from scipy.stats import spearmanr
 
-    first, second = (np.asarray(e, dtype=np.float64) for e in (first, second))
-    cosine = (first * second).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
-    return float(spearmanr(cosine, gold).statistic)
+    return float(spearmanr(_row_cosines(first, second), gold).statistic)
 
 
 def embedding_agreement(embeddings: np.ndarray, reference: np.ndarray) -> dict:
     """Cosine of each row of ``embeddings`` with the same row of ``reference``: its minimum,
     first percentile and mean, and the share of rows at 0.99 or more."""
-    a, b = (np.asarray(e, dtype=np.float64) for e in (embeddings, reference))
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cosine = _row_cosines(embeddings, reference)
     return {"min_cosine": float(cosine.min()), "p1_cosine": float(np.percentile(cosine, 1)),
             "mean_cosine": float(cosine.mean()), "share_at_least_0.99": float((cosine >= 0.99).mean())}
 
@@ -978,17 +981,18 @@ def _stsb_of_rows(args, device, pairs, minilm_st, lam_st, lam, peers: dict, sect
     def st_encode(st):
         return lambda texts: st.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
 
+    def lam_encode(impl):
+        def encode(texts):
+            _configure_lam(lam, impl, device)
+            return st_encode(lam_st)(texts)
+        return encode
+
     encoders = {"minilm": st_encode(minilm_st)}
     encoders.update({name: (lambda texts, e=encoder: e.encode(texts, args.batch_size)) for name, encoder in peers.items()})
+    # Not the variants this device cannot run.
+    encoders.update({impl: lam_encode(impl) for impl in args.impls if section["lam"].get(impl, {}).get("status") == "ok"})
     embeddings, figures = {}, {}
-    for name in (*encoders, *args.impls):
-        if name in args.impls:
-            if section["lam"].get(name, {}).get("status") != "ok":  # not the variants this device cannot run
-                continue
-            _configure_lam(lam, name, device)
-            encode = st_encode(lam_st)
-        else:
-            encode = encoders[name]
+    for name, encode in encoders.items():
         first, second = encode(pairs[0]), encode(pairs[1])
         embeddings[name] = np.concatenate([first, second])
         figures[name] = stsb_spearman(first, second, pairs[2])
@@ -1104,8 +1108,11 @@ def format_tables(result: dict) -> str:
                 headers.append("STS-B test")
             agreement = enc.get("agreement")
             if agreement:
-                rows = [row + [f"{a['min_cosine']:.3f} / {a['mean_cosine']:.3f} ({a['reference']})" if a else "-"]
-                        for row, (_, _, key) in zip(rows, named) for a in [agreement.get(key)]]
+                def cosines(key):
+                    a = agreement.get(key)
+                    return f"{a['min_cosine']:.3f} / {a['mean_cosine']:.3f} ({a['reference']})" if a else "-"
+
+                rows = [row + [cosines(key)] for row, (_, _, key) in zip(rows, named)]
                 headers.append("cosine with float32: min / mean")
             rounds = enc.get("rounds", 1)
             interleaved = f", {rounds} interleaved rounds" if rounds > 1 else ""

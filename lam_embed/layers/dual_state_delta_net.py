@@ -172,9 +172,8 @@ class DualStateDeltaNet(KeepsDerivedWeights):
         (LAMConfig.cpu_int8, inference/int8.py), kept as stacked_weights is. The output
         projection's input is the per-head RMSNorm times a gate below 1: its channels' sizes
         follow the norm's weight."""
-        weight, bias, _ = self.stacked_weights()
         return self.kept("int8", (*self._projection_sources(), self.o_proj.weight, self.norm_weight),
-                         lambda: (int8.pack_linear(weight, bias), int8.pack_linear(
+                         lambda: (int8.pack_linear(*self.stacked_weights()[:2]), int8.pack_linear(
                              self.o_proj.weight, input_scale=self.norm_weight.detach().abs().repeat(self.num_heads))))
 
     def _wants_grad(self, x: torch.Tensor) -> bool:
