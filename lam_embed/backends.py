@@ -81,8 +81,8 @@ def _int8_runs() -> bool:
     from .inference import int8
 
     if not int8.supported():
-        logger.warning("LAMConfig.cpu_int8: this torch has no fbgemm int8 kernels (%s); the products stay float32",
-                       ", ".join(torch.backends.quantized.supported_engines))
+        logger.warning("LAMConfig.cpu_int8: this torch (%s) has no oneDNN int8 products; the products stay float32",
+                       torch.__version__)
         return False
     return True
 

@@ -114,6 +114,7 @@ class LAMLayer(KeepsDerivedWeights):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.activation = ACT2FN[config.hidden_act]
         self.gelu_activation = config.hidden_act in ("gelu", "gelu_new", "gelu_pytorch_tanh")
+        self.exact_gelu = config.hidden_act == "gelu"  # erf's, not a tanh approximation
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def residual_norm(self, norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor, backend: Backend) -> torch.Tensor:
@@ -130,7 +131,7 @@ class LAMLayer(KeepsDerivedWeights):
                        self.ffn_out.weight, self.ffn_out.bias)
             inner, outer = self.kept("int8", sources,
                                      lambda: int8.pack_feed_forward(self.attention_norm, self.ffn_in, self.ffn_out))
-            return int8.int8_linear(self.activation(int8.int8_linear(h, inner)), outer)
+            return int8.int8_feed_forward(h, inner, outer, self.activation, exact_gelu=self.exact_gelu)
         if (self.delta_net.config.gelu_epilogue and h.dtype in (torch.bfloat16, torch.float16) and self.gelu_activation
                 and not self.training and backend.layer_code == "triton"):
             inner = torch._addmm_activation(self.ffn_in.bias, h.flatten(0, -2), self.ffn_in.weight.t(), use_gelu=True)

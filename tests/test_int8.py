@@ -10,7 +10,7 @@ from lam_embed.backends import Backend, select_backend
 from lam_embed.configuration_lam import LAMConfig
 from lam_embed.inference import int8
 
-pytestmark = pytest.mark.skipif(not int8.supported(), reason="this torch has no fbgemm int8 kernels")
+pytestmark = pytest.mark.skipif(not int8.supported(), reason="this torch has no oneDNN int8 products")
 
 
 def simulated_int8_linear(x, weight, bias, input_scale):

@@ -1,17 +1,18 @@
 """int8 matrix products for float32 inference on CPU (``LAMConfig.cpu_int8``).
 
-``int8_linear`` computes ``F.linear(x, weight, bias)`` in fbgemm's int8 kernels (uint8
-activations times int8 weights, int32 sums), the kernels behind
-``torch.ao.quantization.quantize_dynamic``; LAM's layer stacks its input projections into one
-matrix, so it calls them itself. Three choices keep the embeddings close to float32's, each
-measured on STS-B dev sentences (docs/performance.md):
+``int8_linear`` computes ``F.linear(x, weight, bias)`` in oneDNN's int8 kernels (uint8
+activations times int8 weights, int32 sums), those torch's x86 quantisation backend runs;
+LAM's layer stacks its input projections into one matrix, so it calls them itself. Three
+choices keep the embeddings close to float32's, each measured on STS-B dev sentences
+(docs/performance.md):
 
-- A scale per token. Each row of x is divided by its largest magnitude (a numba pass), the
-  kernel quantises [-1, 1] to uint8 with a fixed scale, and the product's rows are multiplied
-  back. A few tokens ([CLS] most) carry activations several times larger than the rest;
-  with one scale for the whole batch, as dynamic quantisation picks it, the other rows kept a
-  handful of levels and a sentence's embedding depended on the batch it came in. With fixed
-  parameters a row's result does not depend on the other rows at all.
+- A scale per token. Each row of x is divided by its largest magnitude and written as uint8
+  levels (a numba pass), the kernel takes them with a fixed scale and zero point, and the
+  product's rows are multiplied back. A few tokens ([CLS] most) carry activations several
+  times larger than the rest; with one scale for the whole batch, as dynamic quantisation
+  picks it, the other rows kept a handful of levels and a sentence's embedding depended on
+  the batch it came in. With fixed parameters a row's result does not depend on the other
+  rows at all.
 - Weights in [-63, 63] per output row. On CPUs without VNNI the kernels multiply uint8 by
   int8 in pairs summed into int16, which saturates when both are large; with 7-bit weights
   no pair reaches the limit, and the kernel equals an exact simulation of the quantisation.
@@ -20,33 +21,51 @@ measured on STS-B dev sentences (docs/performance.md):
   per-head RMSNorm's), channel j is divided by s_j and the weight's column multiplied by it,
   s_j = sqrt(channel size / largest |weight| in the column), so that a few outlier channels
   do not set every row's scale.
+
+Between the FFN's two products one numba pass scales the rows back, adds the bias, applies
+GELU and writes the next product's levels (``int8_feed_forward``).
 """
 
 from __future__ import annotations
 
-import warnings
+import functools
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 WEIGHT_LEVELS = 63
+# uint8 levels of a row scaled to [-1, 1]: round(127 x) + 128.
+INPUT_SCALE, INPUT_ZERO_POINT = 1 / 127, 128
 SMOOTHING_ALPHA = 0.5
 # A LayerNorm output or a pre-activation reaches about this many of its standard deviations.
 TYPICAL_DEVIATIONS = 4.0
 _TINY = torch.finfo(torch.float32).tiny
 
 
+class Int8Linear(NamedTuple):
+    """A linear layer prepared for ``int8_linear`` by ``pack_linear``."""
+
+    weight: torch.Tensor  # int8 levels, in oneDNN's packed layout
+    weight_scale: torch.Tensor  # (out,) float32: a weight is its level times its row's scale
+    weight_zero_point: torch.Tensor  # (out,) int32 zeros: symmetric levels
+    bias: torch.Tensor | None  # (out,) float32
+    inverse_smoothing: torch.Tensor | None  # (in,): 1 / s_j, what each input channel is multiplied by
+
+
+@functools.cache
 def supported() -> bool:
-    """Whether this torch has the fbgemm int8 kernels (x86 builds do; ARM builds do not)."""
+    """Whether this torch runs oneDNN's int8 products (x86 builds do)."""
     try:
-        torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    except (AttributeError, RuntimeError):
+        levels = torch.full((1, 4), INPUT_ZERO_POINT, dtype=torch.uint8)
+        _product(levels, pack_linear(torch.ones(2, 4)))
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
-    return bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines))
+    return True
 
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                input_scale: torch.Tensor | None = None) -> tuple:
+                input_scale: torch.Tensor | None = None) -> Int8Linear:
     """``weight`` (out, in) and ``bias`` (out,) or None, prepared for ``int8_linear``.
     ``input_scale`` (in,): the typical size of each input channel, for smoothing."""
     weight = weight.detach().float()
@@ -56,28 +75,45 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
         smoothing = (input_scale.detach().float().clamp(min=1e-5) ** SMOOTHING_ALPHA
                      / column ** (1 - SMOOTHING_ALPHA)).clamp(min=1e-5)
         weight, inverse_smoothing = weight * smoothing, 1 / smoothing
-    scale = (weight.abs().amax(1) / WEIGHT_LEVELS).clamp(min=_TINY).double()
-    with warnings.catch_warnings():
-        # torch marks the quantized tensor types deprecated; the fbgemm kernels they feed
-        # are the only int8 products torch runs fast on CPU (torch._int_mm is 30x slower here).
-        warnings.simplefilter("ignore")
-        quantized = torch.quantize_per_channel(weight, scale, torch.zeros(len(scale), dtype=torch.long), 0,
-                                               torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(quantized, None)
-    return packed, None if bias is None else bias.detach().float(), inverse_smoothing
+    scale = (weight.abs().amax(1) / WEIGHT_LEVELS).clamp(min=_TINY)
+    levels = torch.round(weight / scale[:, None]).clamp(-WEIGHT_LEVELS, WEIGHT_LEVELS).to(torch.int8)
+    return Int8Linear(torch.ops.onednn.qlinear_prepack(levels, None), scale,
+                      torch.zeros(len(scale), dtype=torch.int32), None if bias is None else bias.detach().float(),
+                      inverse_smoothing)
 
 
-def int8_linear(x: torch.Tensor, packed: tuple) -> torch.Tensor:
+def _product(levels: torch.Tensor, packed: Int8Linear) -> torch.Tensor:
+    """(levels - 128) times the weight's levels and scales, float32, without bias and row scales."""
+    return torch.ops.onednn.qlinear_pointwise(levels, INPUT_SCALE, INPUT_ZERO_POINT, packed.weight,
+                                              packed.weight_scale, packed.weight_zero_point, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
+
+
+def int8_linear(x: torch.Tensor, packed: Int8Linear) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., in) float32 on CPU, with ``packed`` from
     ``pack_linear(weight, bias, ...)``, computed in int8 with a scale per row of x. The
     scaling before and after the kernel is a numba pass each (lam_embed/ops/numba.py)."""
     from ..ops import numba as kernels  # loaded already: the int8 products run with the numba layer code only
 
-    weight, bias, inverse_smoothing = packed
-    rows, magnitude = kernels.rows_to_unit(x.reshape(-1, x.shape[-1]), inverse_smoothing)
-    product = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1 / 127, 128, weight)
-    y = kernels.scale_rows(product, magnitude, bias)
+    levels, magnitude = kernels.rows_to_levels(x.reshape(-1, x.shape[-1]), packed.inverse_smoothing)
+    y = kernels.scale_rows(_product(levels, packed), magnitude, packed.bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def int8_feed_forward(h: torch.Tensor, inner: Int8Linear, outer: Int8Linear, activation,
+                      exact_gelu: bool) -> torch.Tensor:
+    """``outer(activation(inner(h)))`` with both products in int8 (``pack_feed_forward``).
+    ``exact_gelu``: the activation is erf's GELU, which the pass between the products
+    computes (to 3e-7 of erf) while it scales the rows back and writes the next levels."""
+    from ..ops import numba as kernels
+
+    if not exact_gelu:
+        return int8_linear(activation(int8_linear(h, inner)), outer)
+    levels, magnitude = kernels.rows_to_levels(h.reshape(-1, h.shape[-1]), inner.inverse_smoothing)
+    levels, magnitude = kernels.gelu_rows_to_levels(_product(levels, inner), magnitude, inner.bias,
+                                                    outer.inverse_smoothing)
+    y = kernels.scale_rows(_product(levels, outer), magnitude, outer.bias)
+    return y.reshape(*h.shape[:-1], y.shape[-1])
 
 
 def layer_norm_scale(norm: nn.LayerNorm) -> torch.Tensor:
