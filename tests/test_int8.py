@@ -56,6 +56,67 @@ def test_int8_linear_equals_a_simulation_of_its_quantisation(smoothed):
     assert (got.double() - exact).norm() >= 10 * (got.double() - expected).norm()  # int8 indeed
 
 
+def reference_levels(rows):
+    """uint8 levels of each row of ``rows`` scaled to [-1, 1]: round(127 x / max |x|) + 128, and the maxima."""
+    magnitude = rows.abs().amax(1)
+    return torch.round(rows / magnitude[:, None] * 127) + 128, magnitude
+
+
+def assert_levels_match(levels, magnitude, rows):
+    """Levels as reference_levels gives them for float64 ``rows``: a value within float32
+    rounding of a level boundary may land one level away, nothing further."""
+    expected, expected_magnitude = reference_levels(rows)
+    torch.testing.assert_close(magnitude.double(), expected_magnitude, rtol=1e-5, atol=0)
+    difference = (levels.double() - expected).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3
+
+
+def test_rows_to_levels_against_float64():
+    from lam_embed.ops import numba as kernels
+
+    x, _, _ = outlier_inputs(seed=3)
+    column_scale = torch.rand(x.shape[1]) + 0.5
+    levels, magnitude = kernels.rows_to_levels(x, column_scale)
+    assert levels.dtype == torch.uint8 and levels.min() >= 1
+    assert_levels_match(levels, magnitude, x.double() * column_scale.double())
+
+
+def test_gelu_pass_against_float64():
+    """The pass between the FFN's products: rows scaled back, bias, GELU (erf's, through a
+    polynomial), column scale, levels; on values from -300 to 300, where the polynomial
+    overflows to inf and erf must come out as +-1, and near 0."""
+    from lam_embed.ops import numba as kernels
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(200, 1536, generator=g)
+    y[0, :6] = torch.tensor([0.0, 1e-6, -1e-6, 60.0, -80.0, 300.0])
+    y[1] *= 50
+    magnitude_in, bias = torch.rand(200, generator=g) * 4 + 0.1, torch.randn(1536, generator=g)
+    column_scale = torch.rand(1536, generator=g) + 0.5
+    pre_activation = y.double() * magnitude_in.double()[:, None] + bias.double()
+    gelu = F.gelu(pre_activation)
+    levels, magnitude = kernels.gelu_rows_to_levels(y.clone(), magnitude_in, bias, column_scale)
+    assert_levels_match(levels, magnitude, gelu * column_scale.double())
+    # The GELU itself, read back from the overwritten rows: erf's to its 3e-7.
+    written = y.clone()
+    kernels.gelu_rows_to_levels(written, magnitude_in, bias, column_scale)
+    torch.testing.assert_close(written.double(), gelu, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_feed_forward_equals_its_two_products():
+    """The fused GELU pass gives what the two int8 products with GELU between them give."""
+    x, weight, bias = outlier_inputs(seed=5, outputs=1536)
+    weight_out, bias_out = torch.randn(384, 1536) * 0.03, torch.randn(384)
+    inner = int8.pack_linear(weight, bias, input_scale=x.abs().amax(0))
+    outer = int8.pack_linear(weight_out, bias_out, input_scale=torch.rand(1536) + 0.5)
+    fused = int8.int8_feed_forward(x.reshape(3, 100, -1), inner, outer, F.gelu, exact_gelu=True)
+    assert fused.shape == (3, 100, 384)
+    unfused = int8.int8_feed_forward(x, inner, outer, F.gelu, exact_gelu=False)
+    torch.testing.assert_close(fused.reshape(300, -1), unfused, rtol=0, atol=1e-3 * unfused.abs().max().item())
+    exact = F.linear(F.gelu(F.linear(x, weight, bias)), weight_out, bias_out)
+    assert (fused.reshape(300, -1) - exact).norm() <= 0.05 * exact.norm()
+
+
 def test_smoothing_with_the_channel_sizes_lowers_the_error():
     x, weight, bias = outlier_inputs(seed=1)
     exact = F.linear(x, weight, bias)
