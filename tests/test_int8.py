@@ -103,6 +103,23 @@ def test_gelu_pass_against_float64():
     torch.testing.assert_close(written.double(), gelu, rtol=1e-5, atol=1e-6)
 
 
+def test_a_nan_shows_in_its_row_only():
+    """A NaN in a row of the input makes that row of the output NaN (the levels cannot carry
+    it), in both passes; the other rows keep their values."""
+    x, weight, bias = outlier_inputs(seed=6, rows=8, outputs=1536)
+    x[3, 10] = float("nan")
+    inner = int8.pack_linear(weight, bias)
+    outer = int8.pack_linear(torch.randn(384, 1536) * 0.03, torch.randn(384))
+    clean = x.clone()
+    clean[3] = 0
+    for exact_gelu in (True, False):
+        y = int8.int8_feed_forward(x, inner, outer, F.gelu, exact_gelu=exact_gelu)
+        assert y[3].isnan().all()
+        rows = torch.arange(8) != 3
+        torch.testing.assert_close(y[rows], int8.int8_feed_forward(clean, inner, outer, F.gelu,
+                                                                   exact_gelu=exact_gelu)[rows])
+
+
 def test_int8_feed_forward_equals_its_two_products():
     """The fused GELU pass gives what the two int8 products with GELU between them give."""
     x, weight, bias = outlier_inputs(seed=5, outputs=1536)
