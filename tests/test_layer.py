@@ -353,14 +353,16 @@ def test_numba_layer_matches_reference():
     """CPU inference runs the numba kernel (ops/numba.py); its outputs on valid tokens
     equal the plain form's: one chunk and several, padding inside a chunk and at the end,
     a chunk without valid tokens in the middle (the states pass it unchanged) and at the
-    start (they stay zero)."""
+    start (they stay zero). With one thread too: the kernel's (sample, head) tasks then share
+    fewer scratch buffers, one after another, long and short ones."""
     pytest.importorskip("numba")
+    threads = torch.get_num_threads()
     for hidden, heads in ((64, 2), (48, 3)):  # head sizes 32 and 16
         net = make_layer(hidden_size=hidden, num_heads=heads)
         net.config.delta_impl = "auto"
         C = net.config.chunk_size
         g = torch.Generator().manual_seed(3)
-        lengths = [3 * C - 40, 3 * C - 40, C + 1, C, 40, 1]
+        lengths = [3 * C - 40, 3 * C - 40, C + 1, C, 40, 1, 2 * C + 5, 2 * C + 5]
         x = torch.randn(len(lengths), max(lengths), hidden, generator=g)
         mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
         mask[0, 5:9] = False  # a hole: its tokens are not read, the ones after it are
@@ -368,9 +370,14 @@ def test_numba_layer_matches_reference():
         mask[2, :C] = False  # the first chunk empty
         with torch.no_grad():
             assert layer_code(net, x) == "numba"
-            out = net(x, mask) * mask[..., None]
             ref = reference_forward(net, x, mask) * mask[..., None]
-        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (hidden, heads)
+            for thread_count in (threads, 1):
+                torch.set_num_threads(thread_count)
+                try:
+                    out = net(x, mask) * mask[..., None]
+                finally:
+                    torch.set_num_threads(threads)
+                assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (hidden, heads, thread_count)
 
 
 def test_numba_layer_only_where_it_applies():
