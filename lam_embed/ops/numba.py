@@ -423,8 +423,9 @@ def _scale_rows(y, magnitude, bias):
             row[j] = row[j] * scale + bias[j]
 
 
-def _column_scale(column_scale: torch.Tensor | None, columns: int) -> np.ndarray:
-    return (torch.ones(columns) if column_scale is None else column_scale.float().contiguous()).numpy()
+def _vector(values: torch.Tensor | None, columns: int, default: float) -> np.ndarray:
+    """``values`` (columns,) as a float32 array, or ``default`` in every column where None."""
+    return (torch.full((columns,), default) if values is None else values.float().contiguous()).numpy()
 
 
 def rows_to_levels(x: torch.Tensor, column_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +436,7 @@ def rows_to_levels(x: torch.Tensor, column_scale: torch.Tensor | None) -> tuple[
     out, magnitude = torch.empty(x.shape, dtype=torch.uint8), torch.empty(x.shape[0])
     _use_torch_threads()
     with _launch_lock:
-        _rows_to_levels(x.numpy(), _column_scale(column_scale, x.shape[1]), out.numpy(), magnitude.numpy())
+        _rows_to_levels(x.numpy(), _vector(column_scale, x.shape[1], 1.0), out.numpy(), magnitude.numpy())
     return out, magnitude
 
 
@@ -443,19 +444,17 @@ def gelu_rows_to_levels(y: torch.Tensor, magnitude: torch.Tensor, bias: torch.Te
                         column_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows_to_levels(GELU(scale_rows(y, magnitude, bias)), column_scale)`` in one pass,
     for y (N, C) float32, contiguous, which it overwrites. GELU to 3e-7 of erf's value."""
-    bias = torch.zeros(y.shape[1]) if bias is None else bias.float().contiguous()
     out, new_magnitude = torch.empty(y.shape, dtype=torch.uint8), torch.empty(y.shape[0])
     _use_torch_threads()
     with _launch_lock:
-        _gelu_rows_to_levels(y.numpy(), magnitude.numpy(), bias.numpy(), _column_scale(column_scale, y.shape[1]),
-                             out.numpy(), new_magnitude.numpy())
+        _gelu_rows_to_levels(y.numpy(), magnitude.numpy(), _vector(bias, y.shape[1], 0.0),
+                             _vector(column_scale, y.shape[1], 1.0), out.numpy(), new_magnitude.numpy())
     return out, new_magnitude
 
 
 def scale_rows(y: torch.Tensor, magnitude: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y (N, C) float32, contiguous, in place: row i times magnitude[i], plus ``bias`` (C,) (or 0)."""
-    bias = torch.zeros(y.shape[1]) if bias is None else bias.float().contiguous()
     _use_torch_threads()
     with _launch_lock:
-        _scale_rows(y.numpy(), magnitude.numpy(), bias.numpy())
+        _scale_rows(y.numpy(), magnitude.numpy(), _vector(bias, y.shape[1], 0.0))
     return y
