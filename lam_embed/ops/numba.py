@@ -23,6 +23,10 @@ The math is that of ``chunk_dual_state_delta_rule`` and ``delta_net_output`` in
   tokens leaves them as they were);
 - output RMSNorm(o) * norm_weight * output gate.
 
+Also here: the causal convolution of packed batches, and the passes around the int8
+products of ``LAMConfig.cpu_int8`` (inference/int8.py): rows to uint8 levels, the FFN's
+scale-back, GELU and levels in one pass, rows scaled back.
+
 numba compiles the kernel on first use (about 20 s) and caches the machine code on disk
 (``cache=True``), so later processes load it at once.
 """
