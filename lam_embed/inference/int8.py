@@ -89,15 +89,27 @@ def _product(levels: torch.Tensor, packed: Int8Linear) -> torch.Tensor:
                                               torch.float32, "none", [], "")
 
 
+def _levels(x: torch.Tensor, packed: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x (..., in), smoothed for ``packed``, as uint8 levels and their magnitudes."""
+    from ..ops import numba as kernels  # loaded already: the int8 products run with the numba layer code only
+
+    return kernels.rows_to_levels(x.reshape(-1, x.shape[-1]), packed.inverse_smoothing)
+
+
+def _scaled_product(levels: torch.Tensor, magnitude: torch.Tensor, packed: Int8Linear,
+                    shape: torch.Size) -> torch.Tensor:
+    """``packed``'s product of the levels, rows scaled back and bias added, in ``shape``'s leading dimensions."""
+    from ..ops import numba as kernels
+
+    y = kernels.scale_rows(_product(levels, packed), magnitude, packed.bias)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
 def int8_linear(x: torch.Tensor, packed: Int8Linear) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., in) float32 on CPU, with ``packed`` from
     ``pack_linear(weight, bias, ...)``, computed in int8 with a scale per row of x. The
     scaling before and after the kernel is a numba pass each (lam_embed/ops/numba.py)."""
-    from ..ops import numba as kernels  # loaded already: the int8 products run with the numba layer code only
-
-    levels, magnitude = kernels.rows_to_levels(x.reshape(-1, x.shape[-1]), packed.inverse_smoothing)
-    y = kernels.scale_rows(_product(levels, packed), magnitude, packed.bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _scaled_product(*_levels(x, packed), packed, x.shape)
 
 
 def int8_feed_forward(h: torch.Tensor, inner: Int8Linear, outer: Int8Linear, activation,
@@ -109,11 +121,10 @@ def int8_feed_forward(h: torch.Tensor, inner: Int8Linear, outer: Int8Linear, act
 
     if not exact_gelu:
         return int8_linear(activation(int8_linear(h, inner)), outer)
-    levels, magnitude = kernels.rows_to_levels(h.reshape(-1, h.shape[-1]), inner.inverse_smoothing)
+    levels, magnitude = _levels(h, inner)
     levels, magnitude = kernels.gelu_rows_to_levels(_product(levels, inner), magnitude, inner.bias,
                                                     outer.inverse_smoothing)
-    y = kernels.scale_rows(_product(levels, outer), magnitude, outer.bias)
-    return y.reshape(*h.shape[:-1], y.shape[-1])
+    return _scaled_product(levels, magnitude, outer, h.shape)
 
 
 def layer_norm_scale(norm: nn.LayerNorm) -> torch.Tensor:

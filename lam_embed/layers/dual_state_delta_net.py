@@ -219,11 +219,10 @@ class DualStateDeltaNet(KeepsDerivedWeights):
                 config.chunk_size)
         packed = mask if isinstance(mask, PackedBatch) else None
         if backend.layer_code == "numba":
+            project = output_projection = None
             if backend.int8_products:
-                projection, output = self.int8_weights()
-                project, output_projection = functools.partial(int8.int8_linear, packed=projection), output
-            else:
-                project = output_projection = None
+                projection, output_projection = self.int8_weights()
+                project = functools.partial(int8.int8_linear, packed=projection)
             if packed is None:
                 features = delta_net_features(x, mask, weight, bias, conv_weight, H, project=project)
                 o = load_numba().delta_rule_layer(*features, mask, self.flux, self.norm_weight, self.eps,

@@ -375,19 +375,18 @@ def _gelu(x):
 
 
 @numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _row_to_levels(row, column_scale, out, largest):
-    """out = round(127 row column_scale / largest) + 128 as uint8, for |row column_scale| <=
-    largest: 1 to 255."""
+def _write_levels(row, column_scale, out):
+    """out = round(127 row column_scale / m) + 128 as uint8 (1 to 255), m = max |row column_scale|;
+    returns m, or NaN where the row holds a NaN: the maximum passes NaNs over and the levels
+    cannot hold one, so the magnitude carries it to the output."""
+    largest, total = np.float32(1e-30), np.float32(0.0)
+    for j in range(row.shape[0]):
+        largest = max(largest, abs(row[j] * column_scale[j]))
+        total += row[j]
     factor = np.float32(127.0) / largest
     for j in range(row.shape[0]):
         # The sum is at least 1.5: truncation rounds it (half up).
         out[j] = np.uint8(np.int32(np.float32(128.5) + row[j] * column_scale[j] * factor))
-
-
-@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _nan_if_nan(largest, total):
-    """The row's magnitude, or NaN where its sum is (a NaN in the row): the maximum passes
-    NaNs over, and the levels cannot hold one, so the magnitude carries it to the output."""
     return largest if total == total else np.float32(np.nan)
 
 
@@ -395,12 +394,7 @@ def _nan_if_nan(largest, total):
 def _rows_to_levels(x, column_scale, out, magnitude):
     """Row i of x times column_scale, as uint8 levels of its largest magnitude (magnitude[i])."""
     for i in numba.prange(x.shape[0]):
-        row, largest, total = x[i], np.float32(1e-30), np.float32(0.0)
-        for j in range(row.shape[0]):
-            largest = max(largest, abs(row[j] * column_scale[j]))
-            total += row[j]
-        magnitude[i] = _nan_if_nan(largest, total)
-        _row_to_levels(row, column_scale, out[i], largest)
+        magnitude[i] = _write_levels(x[i], column_scale, out[i])
 
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -408,14 +402,11 @@ def _gelu_rows_to_levels(y, magnitude_in, bias, column_scale, out, magnitude):
     """GELU(y[i] magnitude_in[i] + bias) times column_scale, as uint8 levels of its largest
     magnitude (magnitude[i]); y is overwritten."""
     for i in numba.prange(y.shape[0]):
-        row, scale, largest, total = y[i], magnitude_in[i], np.float32(1e-30), np.float32(0.0)
+        row, scale = y[i], magnitude_in[i]
+        # A loop of its own: with the maximum in the same loop it does not vectorise.
         for j in range(row.shape[0]):
             row[j] = _gelu(row[j] * scale + bias[j])
-        for j in range(row.shape[0]):  # a loop of its own: in the one above the maximum does not vectorise
-            largest = max(largest, abs(row[j] * column_scale[j]))
-            total += row[j]
-        magnitude[i] = _nan_if_nan(largest, total)
-        _row_to_levels(row, column_scale, out[i], largest)
+        magnitude[i] = _write_levels(row, column_scale, out[i])
 
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
