@@ -354,7 +354,8 @@ def test_numba_layer_matches_reference():
     equal the plain form's: one chunk and several, padding inside a chunk and at the end,
     a chunk without valid tokens in the middle (the states pass it unchanged) and at the
     start (they stay zero). With one thread too: the kernel's (sample, head) tasks then share
-    fewer scratch buffers, one after another, long and short ones."""
+    fewer scratch buffers, one after another, long and short ones. And one sample alone: its
+    few (sample, head) tasks, fewer than the threads' blocks, are each run once."""
     pytest.importorskip("numba")
     threads = torch.get_num_threads()
     for hidden, heads in ((64, 2), (48, 3)):  # head sizes 32 and 16
@@ -370,14 +371,15 @@ def test_numba_layer_matches_reference():
         mask[2, :C] = False  # the first chunk empty
         with torch.no_grad():
             assert layer_code(net, x) == "numba"
-            ref = reference_forward(net, x, mask) * mask[..., None]
-            for thread_count in (threads, 1):
-                torch.set_num_threads(thread_count)
-                try:
-                    out = net(x, mask) * mask[..., None]
-                finally:
-                    torch.set_num_threads(threads)
-                assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (hidden, heads, thread_count)
+            for rows in (slice(None), slice(6, 7)):
+                ref = reference_forward(net, x[rows], mask[rows]) * mask[rows, :, None]
+                for thread_count in (threads, 1):
+                    torch.set_num_threads(thread_count)
+                    try:
+                        out = net(x[rows], mask[rows]) * mask[rows, :, None]
+                    finally:
+                        torch.set_num_threads(threads)
+                    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (hidden, heads, rows, thread_count)
 
 
 def test_numba_layer_only_where_it_applies():

@@ -141,11 +141,11 @@ def _state_step(state_fast, state_slow, read_fast, read_slow, ktuw, decay_fast, 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slow, output_gate, valid, starts,
                       lengths, chunk_size, bilinear, temperature, w_hidden, b_hidden, w_out, b_out, norm_weight, rms_eps,
-                      qk_eps, state_eps, out, blocks):
+                      qk_eps, state_eps, out, threads):
     """Rows of tokens, sample b's from starts[b] to starts[b] + lengths[b]: q, k, v (N, H, d)
     before the q/k norms; beta, the decays, the gates (N, H) and output_gate (N, H * d)
     after their sigmoids; valid (N,) bool; the flux parameters; out (N, H * d) is written
-    on the samples' rows. The (sample, head) tasks run in ``blocks`` blocks."""
+    on the samples' rows. The (sample, head) tasks are spread over ``threads`` threads."""
     H, d = q.shape[1], q.shape[2]
     tasks = starts.shape[0] * H
     longest = 1
@@ -153,10 +153,14 @@ def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slo
         longest = max(longest, lengths[b])
     # Scratch buffers once per block of tasks, not per (sample, head): for a short sentence,
     # allocating and zeroing a dozen buffers from both threads at once cost as much as the
-    # arithmetic (15% of the layer's time on STS-B sentences). Each thread takes a few blocks,
-    # each block every blocks-th task, so that long and short samples spread evenly.
-    blocks = max(1, min(tasks, blocks))
-    for block in numba.prange(blocks):
+    # arithmetic (15% of the layer's time on STS-B sentences). Task bh goes to thread
+    # bh % threads: one long document's 12 heads split 6 and 6 on two threads (prange hands
+    # each thread a contiguous range of blocks, so blocks taking every blocks-th task gave
+    # one thread 8 heads and the other 4). Within a thread, a few blocks.
+    threads = max(1, min(tasks, threads))
+    per_thread = max(1, min(4, tasks // threads))
+    for block in numba.prange(threads * per_thread):
+        thread, part = block // per_thread, block % per_thread
         qh_rows = np.empty((longest, d), np.float32)
         kh_rows = np.empty((longest, d), np.float32)
         uw_rows = np.empty((longest, 2 * d), np.float32)  # [v | k], overwritten by [U | W]
@@ -170,7 +174,7 @@ def _delta_rule_layer(q, k, v, beta, decay_fast, decay_slow, gate_fast, gate_slo
         mean_u = np.empty(d, np.float32)
         acc = np.empty(2 * d, np.float32)
         o = np.empty(d, np.float32)
-        for bh in range(block, tasks, blocks):
+        for bh in range(thread + threads * part, tasks, threads * per_thread):
             b, h = bh // H, bh % H
             s0, L = starts[b], lengths[b]
             # This head's rows, contiguous: every product below reads them many times.
