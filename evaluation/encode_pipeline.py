@@ -111,7 +111,10 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
                "--dtype", args.dtype, "--sentences", str(args.sentences), "--passages", str(args.passages),
                "--documents", str(args.documents), "--batch-tokens", str(args.batch_tokens),
                "--document-tokens", str(args.document_tokens)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # PYTHONSAFEPATH (python -P): the working directory stays off sys.path, so that a source
+    # checkout's lam_embed/ (it holds no evaluation/ package) does not shadow the installed one.
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"first call of {method} on {set_name} failed:\n{done.stderr[-2000:]}")
     return float(done.stdout.strip().splitlines()[-1])
