@@ -45,12 +45,47 @@ def test_same_embeddings_in_the_same_order_as_encode(models, which):
     np.testing.assert_allclose(got[10], got[11], atol=1e-7, rtol=0)
 
 
-def test_blocks_and_prefetching_keep_the_order(models, monkeypatch):
-    monkeypatch.setattr(pipeline, "BLOCK_TEXTS", 7)
+@pytest.mark.parametrize("limit", [("BLOCK_TEXTS", 7), ("BLOCK_CHARACTERS", 300)])
+def test_blocks_and_prefetching_keep_the_order(models, monkeypatch, limit):
+    monkeypatch.setattr(pipeline, *limit)
     model = models[0]
     texts = mixed_texts(50, seed=1)
     got = pipeline.encode_texts(model, texts, batch_tokens=128, show_progress_bar=False)
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
+
+
+def test_blocks_are_bounded_in_texts_and_characters(monkeypatch):
+    monkeypatch.setattr(pipeline, "BLOCK_TEXTS", 4)
+    monkeypatch.setattr(pipeline, "BLOCK_CHARACTERS", 10)
+    texts = ["x" * n for n in (25, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0)]
+    blocks = list(pipeline._blocks(texts, np.arange(len(texts)), lambda batch: [len(t) for t in batch]))
+    # The 25-character text alone (over the limit, a block of its own), then blocks of at
+    # most 10 characters and 4 texts.
+    assert [b[0].tolist() for b in blocks] == [[0], [1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert [b[1] for b in blocks][2] == [5, 4]
+
+
+def test_the_tokenizer_is_checked_once_per_model_and_limit(models, monkeypatch):
+    """The fast backend is built and checked against the module's tokenization at a model's
+    first call, not at every call; a new max_seq_length makes a new check (and a backend
+    that cuts at the new limit)."""
+    model = models[0]
+    monkeypatch.setattr(pipeline, "_selected_tokenizers", pipeline.weakref.WeakKeyDictionary())
+    checks = []
+    real = pipeline._module_ids
+    monkeypatch.setattr(pipeline, "_module_ids", lambda m, batch: checks.append(len(batch)) or real(m, batch))
+    texts = mixed_texts(40)
+    first = pipeline.encode_texts(model, texts, show_progress_bar=False)
+    second = pipeline.encode_texts(model, texts[::-1], show_progress_bar=False)
+    assert len(checks) == 1
+    np.testing.assert_array_equal(first, second[::-1])
+    model.max_seq_length = 16
+    try:
+        got = pipeline.encode_texts(model, texts, show_progress_bar=False)
+        assert len(checks) == 2
+        np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
+    finally:
+        model.max_seq_length = 64
 
 
 def test_single_text_tensors_and_normalisation(models):
@@ -95,6 +130,7 @@ def test_fast_tokenizer_gives_the_module_ids(models):
 def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
     model = models[0]
     texts = mixed_texts(40)
+    monkeypatch.setattr(pipeline, "_selected_tokenizers", pipeline.weakref.WeakKeyDictionary())
     monkeypatch.setattr(pipeline.FastTokenizer, "__call__", lambda self, batch: [[101, 102] for _ in batch])
     with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
         got = pipeline.encode_texts(model, texts, show_progress_bar=False)

@@ -8,8 +8,11 @@ on the host for most of the run. ``encode_texts``:
 
 - tokenizes with the tokenizer's Rust backend (``encode_batch_fast``: ids only, no offsets),
   block by block in a background thread that runs ahead of the model (the backend releases
-  the GIL while it works); the ids of a few texts are checked against the module's own
-  tokenization first, and any difference sends the whole call through the module's own;
+  the GIL while it works); blocks are bounded in texts and in characters, so that the model
+  starts after a small first block and long documents overlap their tokenization with the
+  model's work; the ids of a few texts are checked against the module's own tokenization
+  at a model's first call (and again when its tokenizer or length limit changes), and any
+  difference sends its calls through the module's own;
 - orders texts by length and forms batches by a token budget: a batch of texts of padded
   length ``n`` holds ``batch_tokens // n`` of them, so short texts come many to a batch and
   long ones few, padding stays small, and each length bucket has one batch size (for LAM,
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -31,7 +35,8 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-BLOCK_TEXTS = 4096  # texts tokenized at a time in the background
+BLOCK_TEXTS = 4096  # texts tokenized at a time in the background, at most
+BLOCK_CHARACTERS = 500_000  # and characters at a time, at most (a text longer than this is a block)
 PREFETCH_BLOCKS = 2  # blocks the tokenizer may run ahead of the model
 CHECK_TEXTS = 16  # texts whose fast-path ids are compared with the module's tokenization
 
@@ -85,22 +90,33 @@ def _module_ids(model, texts: list[str]) -> list[list[int]]:
     return [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
 
 
+# The choice of select_tokenizer for each first module: (tokenizer, limit, FastTokenizer or None).
+# Building the backend and checking it cost as much as tokenizing a few hundred passages
+# (the check pads its texts to the longest), so it is made once per module, not per call.
+_selected_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def select_tokenizer(model, texts: list[str]):
     """A function texts -> ids: the fast backend when the tokenizer has one and it gives the
     module's own ids on the first CHECK_TEXTS texts (and on a text longer than the limit),
-    else the module's own tokenization."""
+    else the module's own tokenization. Chosen at a module's first call, and again when its
+    tokenizer or its max_seq_length changes."""
     module = _first_module(model)
     tokenizer = module.tokenizer
-    if getattr(tokenizer, "is_fast", False):
-        # A module without max_seq_length truncates at the tokenizer's own limit.
-        limit = module.max_seq_length or tokenizer.model_max_length
-        fast = FastTokenizer(tokenizer, limit)
-        sample = texts[:CHECK_TEXTS] + [" ".join(["word"] * min(2 * limit, 20_000))]
-        if fast(sample) == _module_ids(model, sample):
-            return fast
-        logger.warning("the tokenizer's fast backend gives other ids than the model's tokenization; "
-                       "encoding through the model's own (slower)")
-    return lambda batch: _module_ids(model, batch)
+    # A module without max_seq_length truncates at the tokenizer's own limit.
+    limit = module.max_seq_length or tokenizer.model_max_length
+    chosen = _selected_tokenizers.get(module)
+    if chosen is None or chosen[0] is not tokenizer or chosen[1] != limit:
+        fast = None
+        if getattr(tokenizer, "is_fast", False):
+            fast = FastTokenizer(tokenizer, limit)
+            sample = texts[:CHECK_TEXTS] + [" ".join(["word"] * min(2 * limit, 20_000))]
+            if fast(sample) != _module_ids(model, sample):
+                logger.warning("the tokenizer's fast backend gives other ids than the model's tokenization; "
+                               "encoding through the model's own (slower)")
+                fast = None
+        chosen = _selected_tokenizers[module] = (tokenizer, limit, fast)
+    return chosen[2] if chosen[2] is not None else (lambda batch: _module_ids(model, batch))
 
 
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int,
@@ -119,9 +135,18 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size:
 
 
 def _blocks(texts: list[str], order: np.ndarray, tokenize) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
-    for start in range(0, len(order), BLOCK_TEXTS):
-        indices = order[start:start + BLOCK_TEXTS]
+    """(positions, ids) of consecutive blocks of ``order``: at most BLOCK_TEXTS texts and
+    BLOCK_CHARACTERS characters each, and at least one text."""
+    start = 0
+    while start < len(order):
+        end, characters = start + 1, len(texts[order[start]])
+        while (end < len(order) and end - start < BLOCK_TEXTS
+               and characters + len(texts[order[end]]) <= BLOCK_CHARACTERS):
+            characters += len(texts[order[end]])
+            end += 1
+        indices = order[start:end]
         yield indices, tokenize([texts[i] for i in indices])
+        start = end
 
 
 def _prefetched(iterator: Iterator, depth: int) -> Iterator:
