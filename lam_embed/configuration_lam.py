@@ -33,6 +33,16 @@ class LAMConfig(PretrainedConfig):
             are unchanged. Only the plain forward applies it (not a forward that carries a
             state; streaming applies it over the whole document), and ``hidden_states``
             stay unweighted.
+        token_weights_min_tokens: None (off) or a token count: samples with more valid
+            tokens than this weigh each row in mean pooling also by the model's
+            ``token_weights`` (one weight per token id, a buffer saved with the weights;
+            ``lam_embed.token_weights`` computes it from a corpus), on top of the repeat cap
+            and in the same way (rows scaled, then renormalised). Rare ids then weigh more
+            than frequent ones in a long document, where the one line that sets it apart
+            is otherwise averaged away; shorter samples are unchanged. The weights fade in:
+            weight ** s with s = log(n / min_tokens) / log(4) for a sample of n tokens,
+            clipped to [0, 1], in full from 4 * min_tokens on. Only the plain forward
+            applies it; streaming does not support it.
         chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
         conv_size: kernel size of the causal depthwise convolutions on q, k, v.
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.
@@ -97,6 +107,7 @@ class LAMConfig(PretrainedConfig):
         pad_token_id: int = 0,
         position_overflow: str = "wrap",
         token_repeat_cap: int | None = None,
+        token_weights_min_tokens: int | None = None,
         chunk_size: int = 128,
         conv_size: int = 4,
         fast_decay_init: float = 0.3,
@@ -127,6 +138,7 @@ class LAMConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.position_overflow = position_overflow
         self.token_repeat_cap = token_repeat_cap
+        self.token_weights_min_tokens = token_weights_min_tokens
         self.chunk_size = chunk_size
         self.conv_size = conv_size
         self.fast_decay_init = fast_decay_init
@@ -185,5 +197,8 @@ class LAMConfig(PretrainedConfig):
         cap = self.token_repeat_cap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(f"LAMConfig.token_repeat_cap must be None or a positive integer, got {cap!r}")
+        least = self.token_weights_min_tokens
+        if least is not None and (isinstance(least, bool) or not isinstance(least, int) or least < 0):
+            raise ValueError(f"LAMConfig.token_weights_min_tokens must be None or an integer >= 0, got {least!r}")
         if self.delta_impl not in BACKEND_NAMES:
             raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {self.delta_impl!r}")

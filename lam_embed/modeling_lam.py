@@ -41,22 +41,39 @@ except ImportError:  # pragma: no cover - older transformers
     init = nn.init
 
 
+# LAMConfig.token_weights_min_tokens: the token weights apply in full from this many times
+# that length on, and in part between.
+TOKEN_WEIGHTS_RAMP = 4.0
+
+
 def repeat_cap_weights(occurrences: torch.Tensor, cap: int) -> torch.Tensor:
     """The weight of one occurrence of a token id that occurs ``occurrences`` times:
     min(1, cap / occurrences), so that the id weighs at most ``cap`` occurrences in all."""
     return (cap / occurrences.clamp(min=1)).clamp(max=1.0)
 
 
-def cap_repeated_tokens(x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        cap: int, vocab_size: int) -> torch.Tensor:
+def weight_rows_for_pooling(x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        cap: int | None, vocab_size: int, id_weights: torch.Tensor | None = None,
+                        min_tokens: int = 0) -> torch.Tensor:
     """``x`` (B, L, D) with each valid row of a sample scaled by the weight of its id
-    (repeat_cap_weights over the sample's valid tokens) times valid / summed weights:
-    mean pooling of the result is the weighted mean (LAMConfig.token_repeat_cap).
-    Padded rows are left as they are."""
+    (repeat_cap_weights over the sample's valid tokens, 1 without a cap; times
+    ``id_weights[id]`` in samples of more than ``min_tokens`` valid tokens, in full from
+    TOKEN_WEIGHTS_RAMP times that on) times valid /
+    summed weights: mean pooling of the result is the weighted mean
+    (LAMConfig.token_repeat_cap, LAMConfig.token_weights_min_tokens). Padded rows are
+    left as they are."""
     valid = attention_mask.to(torch.float32)
     ids = input_ids.clamp(0, vocab_size - 1)
-    occurrences = torch.zeros(ids.shape[0], vocab_size, device=ids.device).scatter_add_(1, ids, valid)
-    weights = repeat_cap_weights(occurrences.gather(1, ids), cap) * valid
+    weights = valid
+    if cap is not None:
+        occurrences = torch.zeros(ids.shape[0], vocab_size, device=ids.device).scatter_add_(1, ids, valid)
+        weights = repeat_cap_weights(occurrences.gather(1, ids), cap) * valid
+    if id_weights is not None:
+        # The id weights fade in between min_tokens and TOKEN_WEIGHTS_RAMP * min_tokens valid
+        # tokens (as id_weight ** share), so that no one length changes a text's embedding by a jump.
+        tokens = valid.sum(1, keepdim=True).clamp(min=1)
+        share = torch.log(tokens / max(min_tokens, 1e-9)) / math.log(TOKEN_WEIGHTS_RAMP)
+        weights = weights * id_weights.float()[ids] ** share.clamp(0.0, 1.0)
     weights = weights * (valid.sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1e-12))
     weights = torch.where(valid > 0, weights, torch.ones_like(weights))
     return x * weights[..., None].to(x.dtype)
@@ -240,6 +257,9 @@ class LAMModel(LAMPreTrainedModel):
         super().__init__(config)
         self.embeddings = LAMEmbeddings(config)
         self.layers = nn.ModuleList(LAMLayer(config) for _ in range(config.num_hidden_layers))
+        if config.token_weights_min_tokens is not None:
+            # One pooling weight per token id (LAMConfig.token_weights_min_tokens), saved with the weights.
+            self.register_buffer("token_weights", torch.ones(config.vocab_size))
         self.post_init()
 
     def get_input_embeddings(self):
@@ -432,6 +452,9 @@ class LAMModel(LAMPreTrainedModel):
         closing [SEP], is read for the output only). These run the eager layer code, on CUDA
         replayed from CUDA graphs."""
         input_checks.check_shapes(input_ids, attention_mask, token_type_ids)
+        if self.config.token_weights_min_tokens is not None and getattr(self, "token_weights", None) is None:
+            raise ValueError("config.token_weights_min_tokens is set but the model has no token_weights: "
+                             "set both with lam_embed.token_weights.set_token_weights")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if past_state is not None or use_cache or state_after_tokens is not None:
@@ -459,8 +482,10 @@ class LAMModel(LAMPreTrainedModel):
                 hidden_states = []
             x = self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, hidden_states,
                              clamp=pending is not None)
-        if self.config.token_repeat_cap is not None:
-            x = cap_repeated_tokens(x, input_ids, attention_mask, self.config.token_repeat_cap, self.config.vocab_size)
+        id_weights = self.token_weights if self.config.token_weights_min_tokens is not None else None
+        if self.config.token_repeat_cap is not None or id_weights is not None:
+            x = weight_rows_for_pooling(x, input_ids, attention_mask, self.config.token_repeat_cap, self.config.vocab_size,
+                                    id_weights, self.config.token_weights_min_tokens or 0)
         # The output is built before the check waits for the GPU (on CUDA the forward pass is
         # still running), and returned only after it: bad input gives the error, never a result.
         if return_dict is False:

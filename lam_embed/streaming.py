@@ -100,6 +100,9 @@ def _parts(model):
     lam = getattr(modules[0], "auto_model", None) if modules else None
     if getattr(getattr(lam, "config", None), "model_type", None) != "lam":
         raise ValueError("model must be a LAM SentenceTransformer (import lam_embed; SentenceTransformer(folder))")
+    if lam.config.token_weights_min_tokens is not None:
+        raise ValueError("streaming does not support token weights (config.token_weights_min_tokens is set); "
+                         "encode the document in one pass")
     pooling = [m for m in modules[1:] if isinstance(m, Pooling)]
     if len(pooling) != 1 or module_pooling_mode(pooling[0]) != "mean":
         raise ValueError("streaming computes mean pooling; this model's pooling is "

@@ -170,7 +170,7 @@ def measure_exactness(model_path: str, lengths: list[int], device: str, dtype: s
     from sentence_transformers import SentenceTransformer
 
     import lam_embed  # noqa: F401  (registers LAM)
-    from lam_embed.modeling_lam import cap_repeated_tokens
+    from lam_embed.modeling_lam import weight_rows_for_pooling
 
     model = SentenceTransformer(model_path, device=device)
     lam = model[0].auto_model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).eval()
@@ -193,8 +193,8 @@ def measure_exactness(model_path: str, lengths: list[int], device: str, dtype: s
                 lam.config.token_repeat_cap = cap
             streamed = stream_ids(lam, ids, cuts).float()
             if cap is not None:
-                streamed_pooled = cap_repeated_tokens(streamed[None], ids_tensor, torch.ones_like(ids_tensor), cap,
-                                                      lam.config.vocab_size)[0].mean(0)
+                streamed_pooled = weight_rows_for_pooling(streamed[None], ids_tensor, torch.ones_like(ids_tensor), cap,
+                                                          lam.config.vocab_size)[0].mean(0)
             else:
                 streamed_pooled = streamed.mean(0)
         pooled = [F.normalize(h, dim=0) for h in (pooled_whole, streamed_pooled)]
