@@ -10,6 +10,7 @@ tokens by rarity", has the measurements that chose them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import numpy as np
@@ -21,19 +22,13 @@ from .configuration_lam import LAMConfig
 def corpus_token_counts(tokenizer, texts: Iterable[str], vocab_size: int, batch_size: int = 10_000) -> np.ndarray:
     """How often each token id occurs in ``texts`` (special tokens not added), int64 (vocab_size,)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    batch: list[str] = []
-
-    def add(texts_batch):
-        for ids in tokenizer(texts_batch, add_special_tokens=False)["input_ids"]:
-            np.add.at(counts, np.asarray(ids, dtype=np.int64), 1)
-
-    for text in texts:
-        batch.append(text)
-        if len(batch) == batch_size:
-            add(batch)
-            batch = []
-    if batch:
-        add(batch)
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, batch_size)):
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        found = np.bincount(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64), minlength=vocab_size)
+        if len(found) > vocab_size:
+            raise ValueError(f"the tokenizer gives id {len(found) - 1}, past the vocabulary of {vocab_size}")
+        counts += found
     return counts
 
 
