@@ -1,6 +1,7 @@
 """The long-document stage (training/longdoc.py): its examples, its loss against a
 computation of its own, a CPU smoke run that resumes exactly, and its usage errors."""
 
+import copy
 import gzip
 import json
 from pathlib import Path
@@ -51,6 +52,54 @@ def test_examples_are_deterministic_within_budget_and_differ_by_the_query_only()
     # Queries come from every part of the documents, not only their start.
     assert min(positions) < 0.2 and max(positions) > 0.8 and 0.35 < sum(positions) / len(positions) < 0.65
     assert examples.batch(2, 3) == tuple(map(list, zip(*(examples.example(6 + i) for i in range(3)))))
+
+
+def _sourced_texts(n=6, sentences=40):
+    """Texts whose sentences each start with the name of their text ("text3 ...")."""
+    return ["\n".join(f"text{i} " + " ".join(WORDS[(i + j) % 10:(i + j) % 10 + 6]) + "." for j in range(sentences))
+            for i in range(n)]
+
+
+def _source(sentence: str) -> str:
+    return sentence.split()[0]
+
+
+def test_inserted_examples_hold_a_foreign_sentence_in_a_window_of_one_text():
+    """--inserted-share 1: the query is a sentence of another text inserted into a window of
+    one text; the negative is a window of the same text with another foreign sentence."""
+    examples = longdoc.DocumentQueryExamples(_sourced_texts(), words_count, min_tokens=30, max_tokens=120, seed=1,
+                                             inserted_share=1.0)
+    positions, offsets_differ = [], 0
+    for number in range(200):
+        query, positive, negative = examples.example(number)
+        assert len(positive.split()) <= 120 and len(negative.split()) <= 120
+        documents = [longdoc.split_sentences(d) for d in (positive, negative)]
+        assert query in documents[0] and query not in documents[1]
+        owners = []
+        for sentences in documents:
+            sources = [_source(s) for s in sentences]
+            owner = max(set(sources), key=sources.count)
+            foreign = [s for s in sentences if _source(s) != owner]
+            assert len(foreign) == 1 and len(sentences) >= 2
+            owners.append((owner, foreign[0]))
+        assert owners[0][0] == owners[1][0]  # both windows of one text
+        assert owners[0][1] == query and owners[1][1] != query
+        offsets_differ += [s for s in documents[0] if s != query] != [s for s in documents[1] if s != owners[1][1]]
+        positions.append(documents[0].index(query) / (len(documents[0]) - 1))
+    assert offsets_differ > 150  # the negative is cut elsewhere in the text, mostly
+    assert min(positions) < 0.2 and max(positions) > 0.8 and 0.35 < sum(positions) / len(positions) < 0.65
+
+
+def test_inserted_share_mixes_the_two_kinds():
+    texts = _sourced_texts()
+    examples = longdoc.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=2,
+                                             inserted_share=0.5)
+    inserted = 0
+    for number in range(200):
+        query, positive, _ = examples.example(number)
+        others = [s for s in longdoc.split_sentences(positive) if s != query]
+        inserted += _source(query) != _source(others[0])
+    assert 70 < inserted < 130
 
 
 def test_examples_fail_clearly_when_no_window_fits():
@@ -202,6 +251,33 @@ def test_token_repeat_cap_option_is_trained_with_and_recorded(tmp_path, tiny_mod
     assert json.loads((tmp_path / "off" / "release" / "config.json").read_text())["token_repeat_cap"] is None
 
 
+@pytest.mark.slow
+def test_token_weights_stay_as_set_through_the_stage_and_are_released(tmp_path, tiny_model):
+    """A model with token weights trains with them (they are not parameters: the trained model
+    and its release hold them unchanged), and the manifest records them and --inserted-share."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from lam_embed.token_weights import set_token_weights
+
+    model, _ = tiny_model
+    weighted = copy.deepcopy(model)
+    weights = torch.linspace(0.2, 1.0, weighted[0].auto_model.config.vocab_size)
+    set_token_weights(weighted[0].auto_model, weights, 8)
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
+    weighted.save(str(tmp_path / "weighted"))
+    longdoc.main(_smoke_args(tmp_path, str(tmp_path / "weighted"), articles, sentences, "w", "--steps", "2",
+                             "--inserted-share", "1"))
+    manifest = json.loads((tmp_path / "w" / "release" / "manifest.json").read_text())
+    assert manifest["token_weights_min_tokens"] == 8 and manifest["inserted_share"] == 1.0
+    assert json.loads((tmp_path / "w" / "release" / "config.json").read_text())["token_weights_min_tokens"] == 8
+    released = load_file(tmp_path / "w" / "release" / "lam_weights.safetensors")["token_weights"]
+    torch.testing.assert_close(released.float(), weights, atol=1e-3, rtol=1e-3)  # fp16 in the release
+    trained = SentenceTransformer(str(tmp_path / "w" / "sentence-transformer"), device="cpu")
+    assert torch.equal(trained[0].auto_model.token_weights, weights)
+    assert trained[0].auto_model.config.token_weights_min_tokens == 8
+
+
 def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
     articles = tmp_path / "a.jsonl"
     articles.write_text(json.dumps({"text": "x"}) + "\n")
@@ -214,6 +290,7 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--min-tokens", "500", "--max-tokens", "100"], "--min-tokens (500) must not exceed --max-tokens (100)"),
         (["--resume"], "--resume: no checkpoint"),
         (["--steps", "0"], "must be a positive integer, got 0"),
+        (["--inserted-share", "1.5"], "--inserted-share must lie in [0, 1], got 1.5"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -77,17 +77,27 @@ def read_long_texts(path: str | Path, split: str | None = None) -> list[str]:
 
 @dataclass
 class DocumentQueryExamples:
-    """A deterministic stream of (query, document, document without the query) triples:
-    batch n is always the same, so a resumed run sees what an uninterrupted one saw.
+    """A deterministic stream of (query, document, hard negative) triples: batch n is always
+    the same, so a resumed run sees what an uninterrupted one saw.
 
     texts: the long texts; count_tokens: tokens of a list of sentences (the model's
-    tokenizer, without special tokens), called once per text and kept."""
+    tokenizer, without special tokens), called once per text and kept.
+
+    Two kinds of example, ``inserted_share`` of them the second:
+    - own sentence: a window of one text is the document, one of its sentences the query,
+      the window without that sentence the hard negative;
+    - inserted sentence: a sentence of another text is inserted at a random sentence
+      boundary of the window and is the query; the hard negative is a window of the same
+      text from another random offset with a sentence of yet another text inserted. Documents
+      then differ by where their text was cut as well as by one sentence that is not about
+      their text, and the document embedding has to keep that sentence against both."""
 
     texts: list[str]
     count_tokens: object
     min_tokens: int
     max_tokens: int
     seed: int
+    inserted_share: float = 0.0
     _sentences: dict = field(default_factory=dict)
 
     def sentences(self, index: int) -> tuple[list[str], list[int]]:
@@ -96,20 +106,45 @@ class DocumentQueryExamples:
             self._sentences[index] = (sentences, self.count_tokens(sentences))
         return self._sentences[index]
 
+    @staticmethod
+    def _window(rng: random.Random, tokens: list[int], target: float) -> tuple[int, int]:
+        """(start, end) of consecutive sentences from a random start, at most ``target`` tokens."""
+        start = rng.randrange(len(tokens))
+        end, total = start, 0
+        while end < len(tokens) and total + tokens[end] <= target:
+            total += tokens[end]
+            end += 1
+        # Near the text's end the window grows backwards to its length.
+        while start > 0 and total + tokens[start - 1] <= target:
+            start -= 1
+            total += tokens[start]
+        return start, end
+
+    def _query_sentence(self, rng: random.Random, avoid: int) -> tuple[str, int] | None:
+        """A query-length sentence of a random text other than ``avoid``, and its tokens."""
+        index = rng.randrange(len(self.texts))
+        if index == avoid:
+            index = (index + 1) % len(self.texts)
+        sentences, tokens = self.sentences(index)
+        candidates = [i for i, s in enumerate(sentences) if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]]
+        if index == avoid or not candidates:
+            return None
+        pick = rng.choice(candidates)
+        return sentences[pick], tokens[pick]
+
     def example(self, number: int) -> tuple[str, str, str]:
         rng = random.Random(self.seed * 1_000_003 + number)
+        inserted = self.inserted_share > 0 and rng.random() < self.inserted_share
         for _ in range(100):
-            sentences, tokens = self.sentences(rng.randrange(len(self.texts)))
+            index = rng.randrange(len(self.texts))
+            sentences, tokens = self.sentences(index)
             target = math.exp(rng.uniform(math.log(self.min_tokens), math.log(self.max_tokens)))
-            start = rng.randrange(len(sentences))
-            end, total = start, 0
-            while end < len(sentences) and total + tokens[end] <= target:
-                total += tokens[end]
-                end += 1
-            # Near the text's end the window grows backwards to its length.
-            while start > 0 and total + tokens[start - 1] <= target:
-                start -= 1
-                total += tokens[start]
+            if inserted:
+                triple = self._inserted_example(rng, index, target)
+                if triple is not None:
+                    return triple
+                continue
+            start, end = self._window(rng, tokens, target)
             window = sentences[start:end]
             candidates = [i for i, s in enumerate(window) if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]]
             if len(window) >= 2 and candidates:
@@ -117,6 +152,21 @@ class DocumentQueryExamples:
                 return window[pick], " ".join(window), " ".join(window[:pick] + window[pick + 1:])
         raise ValueError("no text has two sentences within the token budget and a query-length sentence; "
                          "raise --min-tokens or check the texts")
+
+    def _inserted_example(self, rng: random.Random, index: int, target: float) -> tuple[str, str, str] | None:
+        sentences, tokens = self.sentences(index)
+        query, other = self._query_sentence(rng, index), self._query_sentence(rng, index)
+        if query is None or other is None or query[0] == other[0]:
+            return None
+        documents = []
+        for sentence, length in (query, other):
+            start, end = self._window(rng, tokens, target - length)
+            window = sentences[start:end]
+            if not window:
+                return None
+            at = rng.randint(0, len(window))
+            documents.append(" ".join(window[:at] + [sentence] + window[at:]))
+        return query[0], documents[0], documents[1]
 
     def batch(self, step: int, size: int) -> tuple[list[str], list[str], list[str]]:
         queries, positives, negatives = zip(*(self.example(step * size + i) for i in range(size)))
@@ -165,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentence-batch-size", type=_positive, default=64, help="short texts a step")
     p.add_argument("--min-tokens", type=_positive, default=256, help="shortest document, in tokens")
     p.add_argument("--max-tokens", type=_positive, default=4096, help="longest document, in tokens")
+    p.add_argument("--inserted-share", type=float, default=0.0,
+                   help="share of the examples whose query is a sentence of another text inserted into the "
+                        "document, against a window of the same text from elsewhere with another inserted "
+                        "sentence (the rest: a sentence of the document, against the document without it)")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
     p.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     p.add_argument("--scale", type=float, default=20.0, help="scale of the cosine scores in the ranking loss")
@@ -226,6 +280,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--passages: no file {args.passages} (needed by --passage-batch-size)")
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens ({args.min_tokens}) must not exceed --max-tokens ({args.max_tokens})")
+    if not 0 <= args.inserted_share <= 1:
+        parser.error(f"--inserted-share must lie in [0, 1], got {args.inserted_share}")
     if not 0 <= args.warmup < 1:
         parser.error(f"--warmup must lie in [0, 1), got {args.warmup}")
     checkpoint = Path(args.output_dir) / CHECKPOINT
@@ -318,7 +374,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     def count_tokens(batch: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]]
 
-    examples = DocumentQueryExamples(texts, count_tokens, args.min_tokens, args.max_tokens, args.seed)
+    examples = DocumentQueryExamples(texts, count_tokens, args.min_tokens, args.max_tokens, args.seed,
+                                     args.inserted_share)
     if not args.train_embeddings:
         lam.embeddings.requires_grad_(False)
     ranking = losses.MultipleNegativesRankingLoss(model, scale=args.scale)
@@ -414,6 +471,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
                  "sentences": args.sentences, "short_texts": len(sentences),
                  "passages": args.passages if passages else None, "passage_texts": len(passages)},
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
+        "token_weights_min_tokens": lam.config.token_weights_min_tokens, "inserted_share": args.inserted_share,
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
     }
