@@ -43,6 +43,18 @@ class LAMConfig(PretrainedConfig):
             weight ** s with s = log(n / min_tokens) / log(4) for a sample of n tokens,
             clipped to [0, 1], in full from 4 * min_tokens on. Only the plain forward
             applies it; streaming does not support it.
+        outlier_pooling_temperature: None (off) or a temperature t > 0: in samples of more
+            than ``outlier_pooling_min_tokens`` valid tokens, each row's pooling weight (after
+            the cap and the token weights) is also multiplied by exp(-t * cos(row, m)), m the
+            sample's weighted mean row, and the rows renormalised as for the cap. Rows far
+            from what the document says on the whole (the one line about something else)
+            then weigh more than the thousands that agree with it, which a mean averages the
+            line away under. The factor fades in as the token weights do: t * s, s =
+            log(n / min_tokens) / log(4) clipped to [0, 1]. Shorter samples are unchanged.
+            Only the plain forward applies it; streaming does not support it (the mean of
+            the whole document must be known before any row is weighted).
+        outlier_pooling_min_tokens: the length above which ``outlier_pooling_temperature``
+            applies (in full from 4 times this on).
         chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
         conv_size: kernel size of the causal depthwise convolutions on q, k, v.
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.
@@ -108,6 +120,8 @@ class LAMConfig(PretrainedConfig):
         position_overflow: str = "wrap",
         token_repeat_cap: int | None = None,
         token_weights_min_tokens: int | None = None,
+        outlier_pooling_temperature: float | None = None,
+        outlier_pooling_min_tokens: int = 512,
         chunk_size: int = 128,
         conv_size: int = 4,
         fast_decay_init: float = 0.3,
@@ -139,6 +153,8 @@ class LAMConfig(PretrainedConfig):
         self.position_overflow = position_overflow
         self.token_repeat_cap = token_repeat_cap
         self.token_weights_min_tokens = token_weights_min_tokens
+        self.outlier_pooling_temperature = outlier_pooling_temperature
+        self.outlier_pooling_min_tokens = outlier_pooling_min_tokens
         self.chunk_size = chunk_size
         self.conv_size = conv_size
         self.fast_decay_init = fast_decay_init
@@ -200,5 +216,13 @@ class LAMConfig(PretrainedConfig):
         least = self.token_weights_min_tokens
         if least is not None and (isinstance(least, bool) or not isinstance(least, int) or least < 0):
             raise ValueError(f"LAMConfig.token_weights_min_tokens must be None or an integer >= 0, got {least!r}")
+        temperature = self.outlier_pooling_temperature
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                        or not 0 < temperature < float("inf")):
+            raise ValueError(f"LAMConfig.outlier_pooling_temperature must be None or a positive number, "
+                             f"got {temperature!r}")
+        least = self.outlier_pooling_min_tokens
+        if isinstance(least, bool) or not isinstance(least, int) or least < 0:
+            raise ValueError(f"LAMConfig.outlier_pooling_min_tokens must be an integer >= 0, got {least!r}")
         if self.delta_impl not in BACKEND_NAMES:
             raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {self.delta_impl!r}")

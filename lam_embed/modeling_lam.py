@@ -41,8 +41,8 @@ except ImportError:  # pragma: no cover - older transformers
     init = nn.init
 
 
-# LAMConfig.token_weights_min_tokens: the token weights apply in full from this many times
-# that length on, and in part between.
+# LAMConfig.token_weights_min_tokens, outlier_pooling_min_tokens: the token weights and the
+# outlier weighting apply in full from this many times that length on, and in part between.
 TOKEN_WEIGHTS_RAMP = 4.0
 
 
@@ -52,15 +52,38 @@ def repeat_cap_weights(occurrences: torch.Tensor, cap: int) -> torch.Tensor:
     return (cap / occurrences.clamp(min=1)).clamp(max=1.0)
 
 
+def ramp_share(tokens: torch.Tensor, min_tokens: int) -> torch.Tensor:
+    """log(tokens / min_tokens) / log(TOKEN_WEIGHTS_RAMP), clipped to [0, 1]: how much of a
+    long-input weighting a sample of ``tokens`` valid tokens gets, so that no one length
+    changes a text's embedding by a jump."""
+    share = torch.log(tokens.clamp(min=1) / max(min_tokens, 1e-9)) / math.log(TOKEN_WEIGHTS_RAMP)
+    return share.clamp(0.0, 1.0)
+
+
+def outlier_factors(x: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, temperature: float,
+                    min_tokens: int) -> torch.Tensor:
+    """exp(-temperature * s * cos(row, m)) for each row of ``x`` (B, L, D), m the mean of the
+    valid rows under ``weights`` (B, L), s = ramp_share of the sample's length; scaled so
+    that each sample's largest valid factor is 1 (the pooling renormalises), 0 on padding
+    (LAMConfig.outlier_pooling_temperature)."""
+    rows = x.float()
+    mean = (weights[..., None] * rows).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-12)
+    cosine = nn.functional.cosine_similarity(rows, mean[:, None, :], dim=-1)
+    logits = -temperature * ramp_share(valid.sum(1, keepdim=True), min_tokens) * cosine
+    logits = logits.masked_fill(valid == 0, float("-inf"))
+    return torch.exp(logits - logits.amax(1, keepdim=True))
+
+
 def weight_rows_for_pooling(x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        cap: int | None, vocab_size: int, id_weights: torch.Tensor | None = None,
-                        min_tokens: int = 0) -> torch.Tensor:
-    """``x`` (B, L, D) with each valid row of a sample scaled by the weight of its id
-    (repeat_cap_weights over the sample's valid tokens, 1 without a cap; times
-    ``id_weights[id]`` in samples of more than ``min_tokens`` valid tokens, in full from
-    TOKEN_WEIGHTS_RAMP times that on) times valid /
-    summed weights: mean pooling of the result is the weighted mean
-    (LAMConfig.token_repeat_cap, LAMConfig.token_weights_min_tokens). Padded rows are
+                            cap: int | None, vocab_size: int, id_weights: torch.Tensor | None = None,
+                            min_tokens: int = 0, outlier_temperature: float | None = None,
+                            outlier_min_tokens: int = 0) -> torch.Tensor:
+    """``x`` (B, L, D) with each valid row of a sample scaled by its pooling weight times
+    valid / summed weights, so that mean pooling of the result is the weighted mean
+    (LAMConfig.token_repeat_cap, token_weights_min_tokens, outlier_pooling_temperature).
+    The weight: repeat_cap_weights of its id over the sample's valid tokens (1 without a
+    cap); times ``id_weights[id] ** ramp_share(n, min_tokens)`` for a sample of n valid
+    tokens; times outlier_factors of the rows under the weights so far. Padded rows are
     left as they are."""
     valid = attention_mask.to(torch.float32)
     ids = input_ids.clamp(0, vocab_size - 1)
@@ -69,11 +92,9 @@ def weight_rows_for_pooling(x: torch.Tensor, input_ids: torch.Tensor, attention_
         occurrences = torch.zeros(ids.shape[0], vocab_size, device=ids.device).scatter_add_(1, ids, valid)
         weights = repeat_cap_weights(occurrences.gather(1, ids), cap) * valid
     if id_weights is not None:
-        # The id weights fade in between min_tokens and TOKEN_WEIGHTS_RAMP * min_tokens valid
-        # tokens (as id_weight ** share), so that no one length changes a text's embedding by a jump.
-        tokens = valid.sum(1, keepdim=True).clamp(min=1)
-        share = torch.log(tokens / max(min_tokens, 1e-9)) / math.log(TOKEN_WEIGHTS_RAMP)
-        weights = weights * id_weights.float()[ids] ** share.clamp(0.0, 1.0)
+        weights = weights * id_weights.float()[ids] ** ramp_share(valid.sum(1, keepdim=True), min_tokens)
+    if outlier_temperature is not None:
+        weights = weights * outlier_factors(x, weights, valid, outlier_temperature, outlier_min_tokens)
     weights = weights * (valid.sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1e-12))
     weights = torch.where(valid > 0, weights, torch.ones_like(weights))
     return x * weights[..., None].to(x.dtype)
@@ -482,10 +503,12 @@ class LAMModel(LAMPreTrainedModel):
                 hidden_states = []
             x = self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, hidden_states,
                              clamp=pending is not None)
-        id_weights = self.token_weights if self.config.token_weights_min_tokens is not None else None
-        if self.config.token_repeat_cap is not None or id_weights is not None:
-            x = weight_rows_for_pooling(x, input_ids, attention_mask, self.config.token_repeat_cap, self.config.vocab_size,
-                                    id_weights, self.config.token_weights_min_tokens or 0)
+        config = self.config
+        id_weights = self.token_weights if config.token_weights_min_tokens is not None else None
+        if config.token_repeat_cap is not None or id_weights is not None or config.outlier_pooling_temperature:
+            x = weight_rows_for_pooling(x, input_ids, attention_mask, config.token_repeat_cap, config.vocab_size,
+                                        id_weights, config.token_weights_min_tokens or 0,
+                                        config.outlier_pooling_temperature, config.outlier_pooling_min_tokens)
         # The output is built before the check waits for the GPU (on CUDA the forward pass is
         # still running), and returned only after it: bad input gives the error, never a result.
         if return_dict is False:

@@ -103,6 +103,9 @@ def _parts(model):
     if lam.config.token_weights_min_tokens is not None:
         raise ValueError("streaming does not support token weights (config.token_weights_min_tokens is set); "
                          "encode the document in one pass")
+    if lam.config.outlier_pooling_temperature is not None:
+        raise ValueError("streaming does not support outlier pooling (config.outlier_pooling_temperature is set: "
+                         "each row's weight depends on the mean of the whole document); encode it in one pass")
     pooling = [m for m in modules[1:] if isinstance(m, Pooling)]
     if len(pooling) != 1 or module_pooling_mode(pooling[0]) != "mean":
         raise ValueError("streaming computes mean pooling; this model's pooling is "
