@@ -254,7 +254,8 @@ def test_token_repeat_cap_option_is_trained_with_and_recorded(tmp_path, tiny_mod
 @pytest.mark.slow
 def test_token_weights_stay_as_set_through_the_stage_and_are_released(tmp_path, tiny_model):
     """A model with token weights trains with them (they are not parameters: the trained model
-    and its release hold them unchanged), and the manifest records them and --inserted-share."""
+    and its release hold them unchanged); the manifest records them, --inserted-share and
+    --outlier-pooling-temperature, which the release's config keeps."""
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
@@ -267,10 +268,12 @@ def test_token_weights_stay_as_set_through_the_stage_and_are_released(tmp_path, 
     model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
     weighted.save(str(tmp_path / "weighted"))
     longdoc.main(_smoke_args(tmp_path, str(tmp_path / "weighted"), articles, sentences, "w", "--steps", "2",
-                             "--inserted-share", "1"))
+                             "--inserted-share", "1", "--outlier-pooling-temperature", "5"))
     manifest = json.loads((tmp_path / "w" / "release" / "manifest.json").read_text())
     assert manifest["token_weights_min_tokens"] == 8 and manifest["inserted_share"] == 1.0
-    assert json.loads((tmp_path / "w" / "release" / "config.json").read_text())["token_weights_min_tokens"] == 8
+    assert manifest["outlier_pooling_temperature"] == 5.0
+    config = json.loads((tmp_path / "w" / "release" / "config.json").read_text())
+    assert config["token_weights_min_tokens"] == 8 and config["outlier_pooling_temperature"] == 5.0
     released = load_file(tmp_path / "w" / "release" / "lam_weights.safetensors")["token_weights"]
     torch.testing.assert_close(released.float(), weights, atol=1e-3, rtol=1e-3)  # fp16 in the release
     trained = SentenceTransformer(str(tmp_path / "w" / "sentence-transformer"), device="cpu")
@@ -291,6 +294,7 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--resume"], "--resume: no checkpoint"),
         (["--steps", "0"], "must be a positive integer, got 0"),
         (["--inserted-share", "1.5"], "--inserted-share must lie in [0, 1], got 1.5"),
+        (["--outlier-pooling-temperature", "-2"], "must be a positive number or 'none', got -2"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:

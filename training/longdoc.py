@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-repeat-cap", type=_repeat_cap, default=None, metavar="N|none",
                    help="no token id weighs more than N occurrences in mean pooling (LAMConfig.token_repeat_cap; "
                         "'none': off), set before training and saved with the model (default: the model's own)")
+    p.add_argument("--outlier-pooling-temperature", type=_temperature, default=None, metavar="T|none",
+                   help="weigh the rows of a long document by exp(-T cos(row, document mean)) in mean pooling "
+                        "(LAMConfig.outlier_pooling_temperature; 'none': off), set before training and saved with "
+                        "the model (default: the model's own)")
     p.add_argument("--pooling", choices=POOLING_MODES, default=None,
                    help="sentence-transformers pooling of the trained model, set before training (the short-text "
                         "term then teaches it to give the teacher's mean-pooled embeddings) and recorded in the "
@@ -262,6 +266,16 @@ def _positive(text: str) -> int:
 def _repeat_cap(text: str) -> int:
     """--token-repeat-cap: 'none' (off, returned as 0) or a positive count."""
     return 0 if text.lower() == "none" else _positive(text)
+
+
+def _temperature(text: str) -> float:
+    """--outlier-pooling-temperature: 'none' (off, returned as 0) or a positive number."""
+    if text.lower() == "none":
+        return 0.0
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'none', got {text}")
+    return value
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
@@ -365,6 +379,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         lam.config.position_overflow = args.position_overflow
     if args.token_repeat_cap is not None:
         lam.config.token_repeat_cap = args.token_repeat_cap or None
+    if args.outlier_pooling_temperature is not None:
+        lam.config.outlier_pooling_temperature = args.outlier_pooling_temperature or None
     if args.pooling is not None:
         set_pooling(model, args.pooling)
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
@@ -471,7 +487,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
                  "sentences": args.sentences, "short_texts": len(sentences),
                  "passages": args.passages if passages else None, "passage_texts": len(passages)},
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
-        "token_weights_min_tokens": lam.config.token_weights_min_tokens, "inserted_share": args.inserted_share,
+        "token_weights_min_tokens": lam.config.token_weights_min_tokens,
+        "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
     }
