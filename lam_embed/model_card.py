@@ -38,6 +38,11 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
     cap = manifest.get("token_repeat_cap")
     cap_text = (f", in which no token id weighs more than {cap} occurrences (`token_repeat_cap` in the config: a long "
                 "document's frequent tokens would otherwise drown a line that occurs once)" if cap else "")
+    temperature = manifest.get("outlier_pooling_temperature")
+    if temperature:
+        cap_text += (f"; in inputs of more than {manifest.get('outlier_pooling_min_tokens', 512)} tokens each token "
+                     f"also weighs exp(-{temperature:g} cos(token, mean)) (`outlier_pooling_temperature`: the line "
+                     "that sets a long document apart weighs more than the thousands that agree with its mean)")
     long_figures = figures.get("long_documents")
     stage = ", then on long documents (a sentence from anywhere in a document as the query)" if long_figures else ""
     return f"""---
@@ -153,7 +158,8 @@ def finetuned_model_card(base_manifest: dict, stsb: dict, command: str, setting:
     for measured_on_the_base in ("held_out_passages_cpu", "long_documents"):
         figures.pop(measured_on_the_base, None)
     manifest = {"figures": figures, "command": [*_as_list(base_manifest.get("command")), command],
-                "token_repeat_cap": base_manifest.get("token_repeat_cap")}
+                **{k: base_manifest.get(k) for k in ("token_repeat_cap", "outlier_pooling_temperature",
+                                                      "outlier_pooling_min_tokens") if k in base_manifest}}
     body = trainer_card.split("\n---\n", 1)[1] if trainer_card.startswith("---\n") else trainer_card
     appendix = f"\n## Fine-tuning run (sentence-transformers' record)\n\n{body.strip()}\n" if body.strip() else ""
     data = (f"English sentences and passages for distillation, then {train_data} for fine-tuning; the "

@@ -163,6 +163,91 @@ def average_releases(folders: list[str | os.PathLike], output: str | os.PathLike
     return save_release(models[0], output, manifest, teacher=teacher)
 
 
+# Config fields of a release that change only how the last hidden state is pooled, not the
+# weights: set_release_pooling may change them without training.
+POOLING_FIELDS = ("token_repeat_cap", "outlier_pooling_temperature", "outlier_pooling_min_tokens")
+
+
+def set_release_pooling(folder: str | os.PathLike, output: str | os.PathLike, changes: dict,
+                        command: str | None = None) -> Path:
+    """Write the release ``folder`` to ``output`` (the same folder: in place) with the pooling
+    fields ``changes`` (of POOLING_FIELDS) set in its config and its manifest, ``command``
+    added to the manifest's commands. The weights are copied unchanged."""
+    folder, output = Path(folder), Path(output)
+    unknown = sorted(set(changes) - set(POOLING_FIELDS))
+    if unknown:
+        raise ValueError(f"changes: only {POOLING_FIELDS} can be set without training, got {unknown}")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"release folder {folder} lacks {name}")
+    config = {**json.loads((folder / CONFIG_FILE).read_text()), **changes}
+    checked = {k: v for k, v in config.items() if k != "model_type"}
+    LAMConfig(**checked)  # the config's own checks of the new values
+    manifest_path = folder / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    commands = manifest.get("command", [])
+    manifest["command"] = [*(commands if isinstance(commands, list) else [commands]), *([command] if command else [])]
+    manifest.update(changes)
+    if output.resolve() != folder.resolve():
+        output.mkdir(parents=True, exist_ok=True)
+        for old in output.glob("lam_weights*.safetensors"):
+            old.unlink()
+        for shard in folder.glob("lam_weights*.safetensors"):
+            shutil.copyfile(shard, output / shard.name)
+    (output / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    (output / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    logger.info("set %s in %s", changes, output)
+    return output
+
+
+def _positive_or_none(kind, allow_none: bool = True):
+    """An argparse type: a positive ``kind``, or 'none' (returned as 0) when ``allow_none``."""
+    def parse(text: str):
+        if allow_none and text.lower() == "none":
+            return kind(0)
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}"
+                                             f"{' or none' if allow_none else ''}, got {text!r}")
+        return value
+    return parse
+
+
+def pooling_main(argv=None) -> None:
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="lam-release-pooling",
+        description="Set how a LAM release pools long inputs (config fields that need no training) and record "
+                    "the command in its manifest. The weights are copied unchanged.")
+    p.add_argument("release", help="release folder (lam_weights*.safetensors, config.json, manifest.json)")
+    p.add_argument("--output", required=True, help="release folder to write (the same folder: in place)")
+    p.add_argument("--outlier-pooling-temperature", type=_positive_or_none(float), default=None, metavar="T|none",
+                   help="LAMConfig.outlier_pooling_temperature: rows of a long input weighted by exp(-T cos(row, "
+                        "mean)); 'none' turns it off (default: unchanged)")
+    p.add_argument("--outlier-pooling-min-tokens", type=_positive_or_none(int, allow_none=False), default=None,
+                   metavar="N",
+                   help="LAMConfig.outlier_pooling_min_tokens: inputs longer than this are weighted, in full from "
+                        "4 times this on (default: unchanged)")
+    p.add_argument("--token-repeat-cap", type=_positive_or_none(int), default=None, metavar="N|none",
+                   help="LAMConfig.token_repeat_cap; 'none' turns it off (default: unchanged)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # "none" arrives as 0 (off): None is "not given".
+    changes = {name: value or None for name in POOLING_FIELDS if (value := getattr(args, name)) is not None}
+    if not changes:
+        p.error("nothing to set: give at least one of --outlier-pooling-temperature, --outlier-pooling-min-tokens, "
+                "--token-repeat-cap")
+    command = "python scripts/set_release_pooling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        set_release_pooling(args.release, args.output, changes, command)
+    except (ValueError, FileNotFoundError) as err:
+        p.error(str(err))
+
+
 def assemble(folder: str | os.PathLike, output: str | os.PathLike, teacher: str | os.PathLike | None = None,
              max_seq_length: int = 512) -> Path:
     """Build the complete sentence-transformers folder ``output`` from a release and the teacher."""

@@ -52,8 +52,9 @@ def test_released_lam_on_stsb_test(tmp_path):
 def test_released_lam_finds_passkeys_in_one_pass(tmp_path):
     """A small long-document check of the shipped weights on CPU: the benchmark's passkey
     task at 512 and 2,048 tokens (30 documents, 15 queries each), one pass per document.
-    The released model found 15/15 and 13/15 here, the distilled model before the
-    long-document stage 6/15 and 10/15; fewer than 12 at either length fails."""
+    The released model found 15/15 and 14/15 here (13/15 before outlier pooling), the
+    distilled model before the long-document stage 6/15 and 10/15; fewer than 12 at either
+    length fails."""
     from sentence_transformers import SentenceTransformer
 
     from lam_embed.evaluation.longdoc import evaluate_model, passkey_task
@@ -64,6 +65,28 @@ def test_released_lam_finds_passkeys_in_one_pass(tmp_path):
     results = evaluate_model(model, tasks, ["full"], warm_passes=0)["full"]
     for task in tasks:
         assert results[task.name]["score"] >= 12 / 15, (task.name, results[task.name]["score"])
+
+
+@pytest.mark.slow
+def test_released_lam_finds_needles_in_one_pass(tmp_path):
+    """The needle task at 1,024 and 2,048 tokens (30 documents, 15 queries each) on CPU: the
+    shipped model with outlier pooling found 12/15 and 10/15 here, the same weights without
+    it 8/15 and 2/15; fewer than 9 at either length fails."""
+    from sentence_transformers import SentenceTransformer
+
+    from lam_embed.data import default_data_dir
+    from lam_embed.evaluation.longdoc import evaluate_model, needle_task, read_haystack
+
+    essays = (default_data_dir() or Path("/nonexistent")) / "longdoc" / "pg_essays.jsonl.gz"
+    if not essays.is_file():
+        pytest.skip("the needle haystack is not available (set LAM_DATA_DIR)")
+    assemble(RELEASE, tmp_path / "lam")
+    model = SentenceTransformer(str(tmp_path / "lam"), device="cpu")
+    haystack = read_haystack(essays)
+    tasks = [needle_task(haystack, length, documents=30, queries=15, seed=7) for length in (1024, 2048)]
+    results = evaluate_model(model, tasks, ["full"], warm_passes=0)["full"]
+    for task in tasks:
+        assert results[task.name]["score"] >= 9 / 15, (task.name, results[task.name]["score"])
 
 
 def _perturbed_release(folder, seed, also=(), scale=0.01):
@@ -243,3 +266,50 @@ def test_assembled_folder_has_a_model_card_with_figures_and_loading_lines(assemb
     assert f"| 32768 | {speed['teacher'] / 1e6:.2f}M | {speed['lam'] / 1e6:.2f}M |" in card
     assert "trust_remote_code=True" in card and "lam_embed.load()" in card
     assert "sentence_transformers_model_id" not in card  # not the generic template
+
+
+def test_set_release_pooling_changes_the_config_and_manifest_only(tmp_path):
+    """lam-release-pooling: the weights are copied byte for byte, the config and the manifest
+    carry the new setting and the command, and the assembled model pools long inputs with it
+    (short ones unchanged)."""
+    from sentence_transformers import SentenceTransformer
+
+    from lam_embed.release import pooling_main
+
+    out = tmp_path / "release"
+    pooling_main([str(RELEASE), "--output", str(out), "--outlier-pooling-temperature", "6",
+                  "--outlier-pooling-min-tokens", "16"])
+    for shard in RELEASE.glob("lam_weights*.safetensors"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["outlier_pooling_temperature"] == 6.0 and config["outlier_pooling_min_tokens"] == 16
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["outlier_pooling_temperature"] == 6.0
+    assert manifest["command"][-1].startswith("python scripts/set_release_pooling.py")
+    assert manifest["checksums"] == json.loads((RELEASE / MANIFEST_FILE).read_text())["checksums"]
+    texts = ["A short sentence.", " ".join(["the river ran below the old road"] * 12) + " seven blue lamps"]
+    shipped = SentenceTransformer(str(assemble(RELEASE, tmp_path / "shipped")), device="cpu").encode(texts)
+    changed = SentenceTransformer(str(assemble(out, tmp_path / "changed")), device="cpu").encode(texts)
+    assert (shipped[0] == changed[0]).all()  # under 16 tokens: as before
+    assert abs(shipped[1] - changed[1]).max() > 1e-3
+    # In place, and back off.
+    pooling_main([str(out), "--output", str(out), "--outlier-pooling-temperature", "none"])
+    assert json.loads((out / "config.json").read_text())["outlier_pooling_temperature"] is None
+
+
+def test_set_release_pooling_rejects_bad_settings(tmp_path, capsys):
+    from lam_embed.release import pooling_main, set_release_pooling
+
+    with pytest.raises(ValueError, match=r"only .* can be set without training, got \['chunk_size'\]"):
+        set_release_pooling(RELEASE, tmp_path / "x", {"chunk_size": 64})
+    with pytest.raises(ValueError, match="LAMConfig.token_repeat_cap must be None or a positive integer, got 0.5"):
+        set_release_pooling(RELEASE, tmp_path / "x", {"token_repeat_cap": 0.5})
+    assert not (tmp_path / "x").exists()  # nothing written before the checks
+    for argv, message in [
+        (["--outlier-pooling-temperature", "-1"], "expected a positive float or none, got '-1'"),
+        (["--outlier-pooling-min-tokens", "none"], "expected a positive int, got 'none'"),
+        ([], "nothing to set"),
+    ]:
+        with pytest.raises(SystemExit):
+            pooling_main([str(RELEASE), "--output", str(tmp_path / "y"), *argv])
+        assert message in capsys.readouterr().err
