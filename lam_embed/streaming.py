@@ -5,7 +5,10 @@ LAM reads a document chunk by chunk and carries two d x d states per head and la
 (lam_embed/state.py). A document here is the token ids of its pieces, each tokenized on its
 own, between [CLS] and [SEP], exactly as a one-pass ``SentenceTransformer.encode`` of those
 ids would see them (without its truncation). Complete chunks are encoded once; the tokens of
-the incomplete last chunk wait for more text and are read again with it. The embedding is
+the incomplete last chunk wait for more text and are read again with it. With outlier pooling
+or token weights (LAMConfig.outlier_pooling_temperature, token_weights_min_tokens) a token's
+weight depends on the whole document, so the document keeps its tokens' last hidden rows
+(4 * hidden_size bytes a token) instead of sums, and memory grows with it. The embedding is
 the model's own pooling (mean over all tokens, then its Normalize module if it has one).
 Ids wait until a segment's worth is pending or the embedding is read, so a document read in
 small pieces costs one forward a segment, and an append followed by reading the embedding
@@ -35,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .modeling_lam import repeat_cap_weights
+from .modeling_lam import repeat_cap_weights, weight_rows_for_pooling
 from .sentence_transformer import Normalize, Pooling, module_pooling_mode
 from .state import LAMState
 
@@ -45,6 +48,55 @@ from .state import LAMState
 DEFAULT_SEGMENT_TOKENS = {"cuda": 8192, "cpu": 2048}
 FORMAT = "lam-document-state/2"
 FORMAT_SINGLE_SUM = "lam-document-state/1"  # before the per-id sums: one sum, no token repeat cap
+
+
+class PooledRows:
+    """The pooled part of a document whose pooling weights depend on all of its rows
+    (LAMConfig.outlier_pooling_temperature: each row against the document's mean; or
+    token_weights_min_tokens: the weights' share depends on the final length): the ids and
+    final hidden rows (float32) themselves, weighted as the model's one pass weighs them
+    when the embedding is read. Memory grows with the document: 4 * hidden_size bytes a token."""
+
+    def __init__(self, lam):
+        self.lam = lam
+        self.ids = torch.zeros(0, dtype=torch.long, device=lam.device)
+        self.rows = torch.zeros(0, lam.config.hidden_size, dtype=torch.float32, device=lam.device)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    def add(self, ids: torch.Tensor, hidden: torch.Tensor) -> PooledRows:
+        out = PooledRows(self.lam)
+        out.ids = torch.cat([self.ids, ids.to(self.ids.device)])
+        out.rows = torch.cat([self.rows, hidden.to(self.rows)])
+        return out
+
+    def mean(self) -> torch.Tensor:
+        config = self.lam.config
+        id_weights = self.lam.token_weights if config.token_weights_min_tokens is not None else None
+        weighted = weight_rows_for_pooling(
+            self.rows[None], self.ids[None], torch.ones_like(self.ids)[None], config.token_repeat_cap,
+            config.vocab_size, id_weights, config.token_weights_min_tokens or 0,
+            config.outlier_pooling_temperature, config.outlier_pooling_min_tokens)
+        return weighted[0].double().mean(0)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"pooled_ids": self.ids.cpu(), "pooled_rows": self.rows.cpu()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], lam) -> PooledRows:
+        pooled = cls(lam)
+        pooled.ids = tensors["pooled_ids"].to(device=lam.device, dtype=torch.long)
+        pooled.rows = tensors["pooled_rows"].to(device=lam.device, dtype=torch.float32)
+        if pooled.rows.shape != (len(pooled.ids), lam.config.hidden_size):
+            raise ValueError("pooled rows and ids differ in length")
+        return pooled
+
+
+def keeps_rows(config) -> bool:
+    """Whether a streamed document must keep its rows (PooledRows) rather than sums."""
+    return config.outlier_pooling_temperature is not None or config.token_weights_min_tokens is not None
 
 
 class PooledSums:
@@ -100,12 +152,6 @@ def _parts(model):
     lam = getattr(modules[0], "auto_model", None) if modules else None
     if getattr(getattr(lam, "config", None), "model_type", None) != "lam":
         raise ValueError("model must be a LAM SentenceTransformer (import lam_embed; SentenceTransformer(folder))")
-    if lam.config.token_weights_min_tokens is not None:
-        raise ValueError("streaming does not support token weights (config.token_weights_min_tokens is set); "
-                         "encode the document in one pass")
-    if lam.config.outlier_pooling_temperature is not None:
-        raise ValueError("streaming does not support outlier pooling (config.outlier_pooling_temperature is set: "
-                         "each row's weight depends on the mean of the whole document); encode it in one pass")
     pooling = [m for m in modules[1:] if isinstance(m, Pooling)]
     if len(pooling) != 1 or module_pooling_mode(pooling[0]) != "mean":
         raise ValueError("streaming computes mean pooling; this model's pooling is "
@@ -142,11 +188,13 @@ def _piece_ids(tokenizer, piece) -> list[int]:
     return tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _new_pooled(lam) -> PooledSums:
+def _new_pooled(lam) -> PooledSums | PooledRows:
+    if keeps_rows(lam.config):
+        return PooledRows(lam)
     return PooledSums(lam.config.hidden_size, lam.device, lam.config.token_repeat_cap)
 
 
-def _advance(lam, state: LAMState | None, pending: list[list[int]], pooled: list[PooledSums], segment_tokens: int):
+def _advance(lam, state: LAMState | None, pending: list[list[int]], pooled: list[PooledSums | PooledRows], segment_tokens: int):
     """Encode ``segment_tokens`` (a multiple of the chunk size) of every document that has
     more pending ids than that, until none has. Returns the new state, the pending ids
     left (at most ``segment_tokens`` each) and ``pooled`` with the encoded tokens added."""
@@ -175,7 +223,7 @@ def _batch(sequences: Sequence[list[int]], device, chunk_size: int) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def _finish(lam, state, pending, pooled: list[PooledSums], sep: int, normalize: bool):
+def _finish(lam, state, pending, pooled: list[PooledSums | PooledRows], sep: int, normalize: bool):
     """The embeddings, from one forward over each document's pending ids and [SEP]; the same
     forward carries the state past the complete chunks of the pending ids (not [SEP]).
     Returns (embeddings (B, D) float32, state, pending ids left, pooled) for them, ``pooled``
@@ -211,7 +259,7 @@ def _check_segment(segment_tokens: int | None, lam) -> int:
 class DocumentState:
     """A document encoded so far: the carried state, the ids not yet encoded into it (at most
     a segment; after reading the embedding, those of the incomplete last chunk) and the
-    pooled sums of the rest (PooledSums). ``append`` adds text, ``embedding`` is the document's vector,
+    pooled sums (PooledSums) or rows (PooledRows) of the rest. ``append`` adds text, ``embedding`` is the document's vector,
     ``save`` / ``load`` keep it beside an index. Build one with ``start_document``."""
 
     def __init__(self, model, segment_tokens: int | None = None):
@@ -288,9 +336,13 @@ class DocumentState:
                 tensors["pooled_ids"] = torch.zeros(1, dtype=torch.long)
                 tensors["pooled_sums"] = tensors.pop("sum")[None]
                 tensors["pooled_counts"] = torch.tensor([float(metadata["count"])])
-            document.pooled = PooledSums.from_tensors(
-                {k: tensors.pop(k) for k in ("pooled_ids", "pooled_sums", "pooled_counts")},
-                document.lam.device, document.lam.config.token_repeat_cap)
+            if keeps_rows(document.lam.config):
+                document.pooled = PooledRows.from_tensors(
+                    {k: tensors.pop(k) for k in ("pooled_ids", "pooled_rows")}, document.lam)
+            else:
+                document.pooled = PooledSums.from_tensors(
+                    {k: tensors.pop(k) for k in ("pooled_ids", "pooled_sums", "pooled_counts")},
+                    document.lam.device, document.lam.config.token_repeat_cap)
             if tensors:
                 document.state = LAMState.from_dict({k: v.to(document.lam.device) for k, v in tensors.items()})
                 document.state.check(document.lam.config, 1, document.lam.device)

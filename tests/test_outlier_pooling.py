@@ -133,13 +133,35 @@ def test_config_errors_name_the_field(name, value, message):
         LAMConfig(**{name: value})
 
 
-def test_streaming_refuses_outlier_pooling(st):
+def _one_pass(model, pieces):
+    tok = model.tokenizer
+    ids = [tok.cls_token_id] + [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]]
+    ids.append(tok.sep_token_id)
+    features = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    with torch.no_grad():
+        return model(features)["sentence_embedding"][0].numpy()
+
+
+def test_streaming_gives_the_one_pass_embedding(st, tmp_path):
+    """A streamed document (segments of 32 tokens, saved and loaded midway, read between
+    appends) keeps its rows and gives the one-pass embedding of the same ids, short and long."""
     import lam_embed
 
     lam = st[0].auto_model
+    rng = random.Random(3)
+    pieces = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (6, 40, 90, 7, 150)]
     _set(lam, 10.0)
     try:
-        with pytest.raises(ValueError, match="streaming does not support outlier pooling"):
-            lam_embed.encode_document(st, "a river below the old road")
+        document = lam_embed.start_document(st, segment_tokens=32)
+        for number, piece in enumerate(pieces, 1):
+            document.append(piece)
+            if number == 3:
+                document.save(tmp_path / "doc.state")
+                document = lam_embed.DocumentState.load(tmp_path / "doc.state", st)
+            want = _one_pass(st, pieces[:number])
+            np.testing.assert_allclose(document.embedding, want, atol=2e-6, rtol=0)
+        assert document.tokens > 4 * MIN_TOKENS  # the weighting applied in full at the end
+        np.testing.assert_allclose(lam_embed.encode_documents(st, [pieces, pieces[:2]], segment_tokens=32),
+                                   np.stack([_one_pass(st, pieces), _one_pass(st, pieces[:2])]), atol=2e-6, rtol=0)
     finally:
         _set(lam, None, 512)

@@ -125,13 +125,20 @@ def test_errors(st):
         bare(input_ids=torch.ones(1, 6, dtype=torch.long))
 
 
-def test_streaming_refuses_token_weights(st):
+def test_streaming_gives_the_one_pass_embedding_with_weights(st):
     import lam_embed
 
     lam = st[0].auto_model
-    set_token_weights(lam, torch.ones(lam.config.vocab_size), 8)
+    rng = random.Random(4)
+    pieces = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (30, 120, 60)]
+    id_weights = torch.rand(lam.config.vocab_size, generator=torch.Generator().manual_seed(2)) + 0.05
+    set_token_weights(lam, id_weights, 24)
     try:
-        with pytest.raises(ValueError, match="streaming does not support token weights"):
-            lam_embed.encode_document(st, "a river below the old road")
+        got = lam_embed.encode_document(st, pieces, segment_tokens=32)
+        ids = [st.tokenizer.cls_token_id] + [i for p in pieces for i in st.tokenizer(p, add_special_tokens=False)["input_ids"]]
+        ids.append(st.tokenizer.sep_token_id)
+        with torch.no_grad():
+            want = st({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
+        np.testing.assert_allclose(got, want["sentence_embedding"][0].numpy(), atol=2e-6, rtol=0)
     finally:
         remove_token_weights(lam)
