@@ -28,7 +28,43 @@ def small_lam_sentence_transformer(delta_net_noise: float = 0.0, **config):
     return lam_embed.build_sentence_transformer(lam), path
 
 
+def one_pass_embedding(model, pieces):
+    """The embedding of [CLS] + each piece's ids (tokenized on its own) + [SEP] in one forward,
+    without truncation: what streaming those pieces must give."""
+    import torch
+
+    tok = model.tokenizer
+    ids = [tok.cls_token_id] + [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]]
+    ids.append(tok.sep_token_id)
+    features = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    with torch.no_grad():
+        return model(features)["sentence_embedding"][0].numpy()
+
+
+def unweighted_rows(lam, features):
+    """The LAMModel's last hidden state with its repeat cap off: the rows before any pooling
+    weight (the token weights and outlier pooling must be off too)."""
+    import torch
+
+    cap = lam.config.token_repeat_cap
+    lam.config.token_repeat_cap = None
+    try:
+        with torch.no_grad():
+            return lam(**features).last_hidden_state
+    finally:
+        lam.config.token_repeat_cap = cap
+
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def capped_st():
+    """A small LAM sentence-transformer with moved DeltaNets, chunks of 16 and a token repeat
+    cap of 2, reading up to 512 tokens (one per test module: tests change its pooling config)."""
+    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=16, token_repeat_cap=2)
+    model.max_seq_length = 512
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -10,18 +10,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import one_pass_embedding, unweighted_rows
 
 WORDS = "the a river house blue seven quiet old road bird sang ran below over hill lamp".split()
 MIN_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def st():
-    from conftest import small_lam_sentence_transformer
-
-    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=16, token_repeat_cap=2)
-    model.max_seq_length = 512
-    return model
+@pytest.fixture
+def st(capped_st):
+    return capped_st
 
 
 def reference_mean(rows, ids, cap, temperature, min_tokens):
@@ -47,12 +44,8 @@ def test_outlier_pooling_matches_the_written_out_mean(st):
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (150, 60, 40, 20, 5)]
     features = st.tokenize(texts)
+    plain = unweighted_rows(lam, features)  # weighted below by hand
     with torch.no_grad():
-        lam.config.token_repeat_cap = None  # the unweighted rows, weighted below by hand
-        try:
-            plain = lam(**features).last_hidden_state
-        finally:
-            lam.config.token_repeat_cap = 2
         capped = lam(**features).last_hidden_state
         _set(lam, 10.0)
         try:
@@ -133,15 +126,6 @@ def test_config_errors_name_the_field(name, value, message):
         LAMConfig(**{name: value})
 
 
-def _one_pass(model, pieces):
-    tok = model.tokenizer
-    ids = [tok.cls_token_id] + [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]]
-    ids.append(tok.sep_token_id)
-    features = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    with torch.no_grad():
-        return model(features)["sentence_embedding"][0].numpy()
-
-
 def test_streaming_gives_the_one_pass_embedding(st, tmp_path):
     """A streamed document (segments of 32 tokens, saved and loaded midway, read between
     appends) keeps its rows and gives the one-pass embedding of the same ids, short and long."""
@@ -158,10 +142,10 @@ def test_streaming_gives_the_one_pass_embedding(st, tmp_path):
             if number == 3:
                 document.save(tmp_path / "doc.state")
                 document = lam_embed.DocumentState.load(tmp_path / "doc.state", st)
-            want = _one_pass(st, pieces[:number])
+            want = one_pass_embedding(st, pieces[:number])
             np.testing.assert_allclose(document.embedding, want, atol=2e-6, rtol=0)
         assert document.tokens > 4 * MIN_TOKENS  # the weighting applied in full at the end
         np.testing.assert_allclose(lam_embed.encode_documents(st, [pieces, pieces[:2]], segment_tokens=32),
-                                   np.stack([_one_pass(st, pieces), _one_pass(st, pieces[:2])]), atol=2e-6, rtol=0)
+                                   np.stack([one_pass_embedding(st, pieces), one_pass_embedding(st, pieces[:2])]), atol=2e-6, rtol=0)
     finally:
         _set(lam, None, 512)

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import one_pass_embedding
 from test_delta_rule import flux_module, op_inputs
 
 import lam_embed
@@ -250,15 +251,6 @@ TEXT = ("The river bank was steep and the water ran fast. A heron stood in the r
         "Far away a bell rang twice, and the boats turned home before the storm. ") * 12
 
 
-def one_pass(model, pieces: list[str]) -> np.ndarray:
-    tok = model.tokenizer
-    ids = [tok.cls_token_id] + [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]]
-    ids.append(tok.sep_token_id)
-    features = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    with torch.no_grad():
-        return model(features)["sentence_embedding"][0].numpy()
-
-
 def test_encode_document_equals_encode(st_model):
     want = st_model.encode(TEXT)
     for segment in (CHUNK, 64, 10_000):
@@ -276,7 +268,7 @@ def test_pieces_appended_equal_one_pass_of_their_ids(st_model):
         for piece in pieces:
             document.append(piece)
         assert document.tokens == len(one_pass_ids(st_model, pieces)) - 1  # [SEP] comes with embedding
-        assert np.abs(document.embedding - one_pass(st_model, pieces)).max() <= 1e-5, count
+        assert np.abs(document.embedding - one_pass_embedding(st_model, pieces)).max() <= 1e-5, count
 
 
 def one_pass_ids(model, pieces):
@@ -296,7 +288,7 @@ def test_embedding_read_between_appends_equals_one_pass_of_each_prefix(st_model)
     for number, piece in enumerate(pieces, 1):
         document.append(piece)
         if number % 3 != 2:  # some appends are not followed by a read
-            assert np.abs(document.embedding - one_pass(st_model, pieces[:number])).max() <= 1e-5, number
+            assert np.abs(document.embedding - one_pass_embedding(st_model, pieces[:number])).max() <= 1e-5, number
     assert document.tokens == len(one_pass_ids(st_model, pieces)) - 1
 
 
@@ -308,7 +300,7 @@ def test_saved_state_continues_as_the_unsaved_one(st_model, tmp_path):
     for d in (document, loaded):
         d.append("And then the rain came.")
     assert np.array_equal(loaded.embedding, document.embedding)
-    assert np.abs(document.embedding - one_pass(st_model, [TEXT, "And then the rain came."])).max() <= 1e-5
+    assert np.abs(document.embedding - one_pass_embedding(st_model, [TEXT, "And then the rain came."])).max() <= 1e-5
 
 
 def test_state_saved_in_the_single_sum_format_continues(st_model, tmp_path):
@@ -340,7 +332,7 @@ def test_state_saved_in_the_single_sum_format_continues(st_model, tmp_path):
 def test_encode_documents_batches_documents_of_other_lengths(st_model):
     documents = [TEXT, "A short one.", [TEXT[:300], TEXT[300:700]]]
     got = lam_embed.encode_documents(st_model, documents, batch_size=2, segment_tokens=32)
-    want = [one_pass(st_model, [TEXT]), one_pass(st_model, ["A short one."]), one_pass(st_model, [TEXT[:300], TEXT[300:700]])]
+    want = [one_pass_embedding(st_model, [TEXT]), one_pass_embedding(st_model, ["A short one."]), one_pass_embedding(st_model, [TEXT[:300], TEXT[300:700]])]
     assert np.abs(got - np.stack(want)).max() <= 1e-5
 
 

@@ -9,19 +9,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import one_pass_embedding, unweighted_rows
 
 from lam_embed.token_weights import corpus_token_counts, main, remove_token_weights, set_token_weights, sif_weights
 
 WORDS = "the a river house blue seven quiet old road bird sang ran below over hill lamp".split()
 
 
-@pytest.fixture(scope="module")
-def st():
-    from conftest import small_lam_sentence_transformer
-
-    model, _ = small_lam_sentence_transformer(delta_net_noise=0.05, chunk_size=16, token_repeat_cap=2)
-    model.max_seq_length = 512
-    return model
+@pytest.fixture
+def st(capped_st):
+    return capped_st
 
 
 def reference_mean(hidden, ids, cap, id_weights, min_tokens):
@@ -43,12 +40,8 @@ def test_weighted_pooling_matches_the_written_out_mean(st):
     texts = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (150, 40, 20, 5)]
     features = st.tokenize(texts)
     id_weights = torch.rand(lam.config.vocab_size, generator=torch.Generator().manual_seed(1)) + 0.05
+    plain = unweighted_rows(lam, features)  # weighted below by hand
     with torch.no_grad():
-        lam.config.token_repeat_cap = None  # the unweighted rows, weighted below by hand
-        try:
-            plain = lam(**features).last_hidden_state
-        finally:
-            lam.config.token_repeat_cap = 2
         set_token_weights(lam, id_weights, min_tokens=24)
         try:
             weighted = lam(**features).last_hidden_state
@@ -135,10 +128,6 @@ def test_streaming_gives_the_one_pass_embedding_with_weights(st):
     set_token_weights(lam, id_weights, 24)
     try:
         got = lam_embed.encode_document(st, pieces, segment_tokens=32)
-        ids = [st.tokenizer.cls_token_id] + [i for p in pieces for i in st.tokenizer(p, add_special_tokens=False)["input_ids"]]
-        ids.append(st.tokenizer.sep_token_id)
-        with torch.no_grad():
-            want = st({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
-        np.testing.assert_allclose(got, want["sentence_embedding"][0].numpy(), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(got, one_pass_embedding(st, pieces), atol=2e-6, rtol=0)
     finally:
         remove_token_weights(lam)
