@@ -42,7 +42,7 @@ class LAMConfig(PretrainedConfig):
             is otherwise averaged away; shorter samples are unchanged. The weights fade in:
             weight ** s with s = log(n / min_tokens) / log(4) for a sample of n tokens,
             clipped to [0, 1], in full from 4 * min_tokens on. Only the plain forward
-            applies it; streaming does not support it.
+            applies it; streaming keeps a document's rows to give the same vector.
         outlier_pooling_temperature: None (off) or a temperature t > 0: in samples of more
             than ``outlier_pooling_min_tokens`` valid tokens, each row's pooling weight (after
             the cap and the token weights) is also multiplied by exp(-t * cos(row, m)), m the
@@ -51,8 +51,9 @@ class LAMConfig(PretrainedConfig):
             then weigh more than the thousands that agree with it, which a mean averages the
             line away under. The factor fades in as the token weights do: t * s, s =
             log(n / min_tokens) / log(4) clipped to [0, 1]. Shorter samples are unchanged.
-            Only the plain forward applies it; streaming does not support it (the mean of
-            the whole document must be known before any row is weighted).
+            Only the plain forward applies it; streaming keeps a document's rows to give the
+            same vector (the mean of the whole document must be known before any row is
+            weighted).
         outlier_pooling_min_tokens: the length above which ``outlier_pooling_temperature``
             applies (in full from 4 times this on).
         chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
