@@ -9,6 +9,11 @@ from .backends import BACKEND_NAMES
 POSITION_OVERFLOW = ("wrap", "clamp")
 
 
+# Fields that change only how the last hidden state is pooled, not what the weights compute:
+# a release may change them without training (lam_embed.release.set_release_pooling).
+POOLING_FIELDS = ("token_repeat_cap", "outlier_pooling_temperature", "outlier_pooling_min_tokens")
+
+
 class LAMConfig(PretrainedConfig):
     """Configuration of a LAM encoder: a BERT encoder whose self-attention is a
     dual-state DeltaNet layer (see docs/SPEC.md).

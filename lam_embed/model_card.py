@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .configuration_lam import POOLING_FIELDS
+
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -36,11 +38,11 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
     training = "; ".join(f"`{c}`" for c in command) if isinstance(command, list) else f"`{command}`"
     minutes = manifest.get("train_minutes")
     cap = manifest.get("token_repeat_cap")
-    cap_text = (f", in which no token id weighs more than {cap} occurrences (`token_repeat_cap` in the config: a long "
+    pooling_text = (f", in which no token id weighs more than {cap} occurrences (`token_repeat_cap` in the config: a long "
                 "document's frequent tokens would otherwise drown a line that occurs once)" if cap else "")
     temperature = manifest.get("outlier_pooling_temperature")
     if temperature:
-        cap_text += (f"; in inputs of more than {manifest.get('outlier_pooling_min_tokens', 512)} tokens each token "
+        pooling_text += (f"; in inputs of more than {manifest.get('outlier_pooling_min_tokens', 512)} tokens each token "
                      f"also weighs exp(-{temperature:g} cos(token, mean)) (`outlier_pooling_temperature`: the line "
                      "that sets a long document apart weighs more than the thousands that agree with its mean)")
     long_figures = figures.get("long_documents")
@@ -64,7 +66,7 @@ tags:
 layer (two delta-rule memories with learned decays, gates and a coupling between them, in
 chunks of 128 tokens), so time and memory grow linearly with the input length. Tokenizer and
 embeddings are the teacher's; the layers were trained by distillation from {TEACHER}{stage}.
-Mean pooling{cap_text}. 384-dimensional normalised embeddings.
+Mean pooling{pooling_text}. 384-dimensional normalised embeddings.
 
 ## Load
 
@@ -158,8 +160,7 @@ def finetuned_model_card(base_manifest: dict, stsb: dict, command: str, setting:
     for measured_on_the_base in ("held_out_passages_cpu", "long_documents"):
         figures.pop(measured_on_the_base, None)
     manifest = {"figures": figures, "command": [*_as_list(base_manifest.get("command")), command],
-                **{k: base_manifest.get(k) for k in ("token_repeat_cap", "outlier_pooling_temperature",
-                                                      "outlier_pooling_min_tokens") if k in base_manifest}}
+                **{k: base_manifest[k] for k in POOLING_FIELDS if k in base_manifest}}
     body = trainer_card.split("\n---\n", 1)[1] if trainer_card.startswith("---\n") else trainer_card
     appendix = f"\n## Fine-tuning run (sentence-transformers' record)\n\n{body.strip()}\n" if body.strip() else ""
     data = (f"English sentences and passages for distillation, then {train_data} for fine-tuning; the "

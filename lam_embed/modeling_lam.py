@@ -91,9 +91,12 @@ def weight_rows_for_pooling(x: torch.Tensor, input_ids: torch.Tensor, attention_
     if cap is not None:
         occurrences = torch.zeros(ids.shape[0], vocab_size, device=ids.device).scatter_add_(1, ids, valid)
         weights = repeat_cap_weights(occurrences.gather(1, ids), cap) * valid
-    if id_weights is not None:
+    # A batch padded to at most min_tokens holds no sample they apply to (their share is 0 and
+    # their factors exactly 1): skip their work, known from the shape without waiting for a GPU.
+    padded_length = x.shape[1]
+    if id_weights is not None and padded_length > min_tokens:
         weights = weights * id_weights.float()[ids] ** ramp_share(valid.sum(1, keepdim=True), min_tokens)
-    if outlier_temperature is not None:
+    if outlier_temperature is not None and padded_length > outlier_min_tokens:
         weights = weights * outlier_factors(x, weights, valid, outlier_temperature, outlier_min_tokens)
     weights = weights * (valid.sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1e-12))
     weights = torch.where(valid > 0, weights, torch.ones_like(weights))

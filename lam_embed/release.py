@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checksums import file_sha256, verify_checksums
-from .configuration_lam import LAMConfig
+from .configuration_lam import POOLING_FIELDS, LAMConfig
 from .modeling_lam import LAMModel
 from .teacher import resolve_teacher_path, teacher_to_lam_state_dict
 
@@ -161,11 +161,6 @@ def average_releases(folders: list[str | os.PathLike], output: str | os.PathLike
         "runs": runs,
     }
     return save_release(models[0], output, manifest, teacher=teacher)
-
-
-# Config fields of a release that change only how the last hidden state is pooled, not the
-# weights: set_release_pooling may change them without training.
-POOLING_FIELDS = ("token_repeat_cap", "outlier_pooling_temperature", "outlier_pooling_min_tokens")
 
 
 def set_release_pooling(folder: str | os.PathLike, output: str | os.PathLike, changes: dict,

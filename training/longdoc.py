@@ -81,7 +81,8 @@ class DocumentQueryExamples:
     the same, so a resumed run sees what an uninterrupted one saw.
 
     texts: the long texts; count_tokens: tokens of a list of sentences (the model's
-    tokenizer, without special tokens), called once per text and kept.
+    tokenizer, without special tokens), called once per text and kept with its sentences
+    and the positions of those of query length.
 
     Two kinds of example, ``inserted_share`` of them the second:
     - own sentence: a window of one text is the document, one of its sentences the query,
@@ -100,10 +101,12 @@ class DocumentQueryExamples:
     inserted_share: float = 0.0
     _sentences: dict = field(default_factory=dict)
 
-    def sentences(self, index: int) -> tuple[list[str], list[int]]:
+    def sentences(self, index: int) -> tuple[list[str], list[int], list[int]]:
+        """The text's sentences, their tokens and the positions of those of query length."""
         if index not in self._sentences:
             sentences = split_sentences(self.texts[index])
-            self._sentences[index] = (sentences, self.count_tokens(sentences))
+            queries = [i for i, s in enumerate(sentences) if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]]
+            self._sentences[index] = (sentences, self.count_tokens(sentences), queries)
         return self._sentences[index]
 
     @staticmethod
@@ -125,11 +128,10 @@ class DocumentQueryExamples:
         index = rng.randrange(len(self.texts))
         if index == avoid:
             index = (index + 1) % len(self.texts)
-        sentences, tokens = self.sentences(index)
-        candidates = [i for i, s in enumerate(sentences) if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]]
-        if index == avoid or not candidates:
+        sentences, tokens, queries = self.sentences(index)
+        if index == avoid or not queries:
             return None
-        pick = rng.choice(candidates)
+        pick = rng.choice(queries)
         return sentences[pick], tokens[pick]
 
     def example(self, number: int) -> tuple[str, str, str]:
@@ -137,7 +139,7 @@ class DocumentQueryExamples:
         inserted = self.inserted_share > 0 and rng.random() < self.inserted_share
         for _ in range(100):
             index = rng.randrange(len(self.texts))
-            sentences, tokens = self.sentences(index)
+            sentences, tokens, queries = self.sentences(index)
             target = math.exp(rng.uniform(math.log(self.min_tokens), math.log(self.max_tokens)))
             if inserted:
                 triple = self._inserted_example(rng, index, target)
@@ -146,7 +148,7 @@ class DocumentQueryExamples:
                 continue
             start, end = self._window(rng, tokens, target)
             window = sentences[start:end]
-            candidates = [i for i, s in enumerate(window) if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]]
+            candidates = [i - start for i in queries if start <= i < end]
             if len(window) >= 2 and candidates:
                 pick = rng.choice(candidates)
                 return window[pick], " ".join(window), " ".join(window[:pick] + window[pick + 1:])
@@ -154,7 +156,7 @@ class DocumentQueryExamples:
                          "raise --min-tokens or check the texts")
 
     def _inserted_example(self, rng: random.Random, index: int, target: float) -> tuple[str, str, str] | None:
-        sentences, tokens = self.sentences(index)
+        sentences, tokens, _ = self.sentences(index)
         query, other = self._query_sentence(rng, index), self._query_sentence(rng, index)
         if query is None or other is None or query[0] == other[0]:
             return None
