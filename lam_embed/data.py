@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -172,3 +173,11 @@ def read_text_lines(path: str | os.PathLike, limit: int | None = None) -> list[s
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (line {len(lines) + 1} or near it: {err.reason})") from None
     return lines
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The text's sentences (cut after '.', '!' or '?' and at line breaks), stripped, empty ones dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,19 +36,12 @@ from tqdm.auto import tqdm
 
 from lam_embed.backends import BACKEND_NAMES
 from lam_embed.configuration_lam import POSITION_OVERFLOW
-from lam_embed.data import default_data_dir, read_text_lines
+from lam_embed.data import default_data_dir, read_text_lines, split_sentences
 from lam_embed.sentence_transformer import POOLING_MODES
 
 logger = logging.getLogger(__name__)
 
-# A sentence ends at ., ! or ? followed by whitespace, or at a line break.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 QUERY_WORDS = (6, 60)  # the length of a sentence that can be a query, in words
-
-
-def split_sentences(text: str) -> list[str]:
-    """The text's sentences, stripped, empty ones dropped."""
-    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
 
 
 def read_long_texts(path: str | Path, split: str | None = None) -> list[str]:
