@@ -38,13 +38,13 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
     training = "; ".join(f"`{c}`" for c in command) if isinstance(command, list) else f"`{command}`"
     minutes = manifest.get("train_minutes")
     cap = manifest.get("token_repeat_cap")
-    pooling_text = (f", in which no token id weighs more than {cap} occurrences (`token_repeat_cap` in the config: a long "
-                "document's frequent tokens would otherwise drown a line that occurs once)" if cap else "")
+    pooling_text = (f", in which no token id weighs more than {cap} occurrences (`token_repeat_cap` in the config: a "
+                    "long document's frequent tokens would otherwise drown a line that occurs once)" if cap else "")
     temperature = manifest.get("outlier_pooling_temperature")
     if temperature:
-        pooling_text += (f"; in inputs of more than {manifest.get('outlier_pooling_min_tokens', 512)} tokens each token "
-                     f"also weighs exp(-{temperature:g} cos(token, mean)) (`outlier_pooling_temperature`: the line "
-                     "that sets a long document apart weighs more than the thousands that agree with its mean)")
+        pooling_text += (f"; in inputs of more than {manifest.get('outlier_pooling_min_tokens', 512)} tokens each "
+                         f"token also weighs exp(-{temperature:g} cos(token, mean)) (`outlier_pooling_temperature`: "
+                         "the line that sets a long document apart weighs more than the thousands that agree with its mean)")
     long_figures = figures.get("long_documents")
     stage = ", then on long documents (a sentence from anywhere in a document as the query)" if long_figures else ""
     return f"""---

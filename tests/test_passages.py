@@ -59,8 +59,8 @@ class _FixedEncoder:
 
 
 def test_sentence_retrieval_against_a_direct_count():
-    """Three queries: the first finds its document, the second ranks another above its own,
-    the third ties with another (a tie counts against it)."""
+    """Three queries: the first finds its document; the second and the third tie their own
+    document with another (a tie counts against it), so each ranks it second."""
     import numpy as np
 
     e = np.eye(3, dtype=np.float32)
