@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from lam_embed.cli import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = default_data_dir()
     p = argparse.ArgumentParser(prog="benchmark_encode.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--lam", default="lam", help="LAM sentence-transformers folder (scripts/assemble_lam.py writes 'lam')")
     p.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder or hub name (default: the teacher's path)")
     p.add_argument("--data-dir", default=str(data) if data else None, help="the shared data folder ($LAM_DATA_DIR)")

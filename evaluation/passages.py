@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
+from lam_embed.cli import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
     from lam_embed.teacher import resolve_teacher_path
 
     data = default_data_dir()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", help="sentence-transformers folder of the model to compare with the teacher")
     p.add_argument("--teacher", default=None,
                    help="teacher folder or hub name (default: all-MiniLM-L6-v2, the offline copy when the hub is unreachable)")

@@ -19,6 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed import LAMConfig
 from lam_embed.environment import write_result
 
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Profile the forward of LAM and of all-MiniLM-L6-v2 (CUDA): GPU time by kernel kind, "
         "and wall time against GPU busy time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 8192], help="sequence lengths to profile")
     p.add_argument("--tokens", type=int, default=32768, help="tokens per batch: batch = tokens // length")

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .cli import DefaultsHelpFormatter
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -135,7 +137,7 @@ def read_embeddings(output_dir: str | os.PathLike) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lam-encode-corpus", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("input", help="text file (.txt or .txt.gz, UTF-8), one text a line")
     p.add_argument("--output-dir", required=True, help="folder of the shards and manifest.json (created)")
     p.add_argument("--model", default=None, help="sentence-transformers folder or hub name; default: the released "

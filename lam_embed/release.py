@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checksums import file_sha256, verify_checksums
+from .cli import DefaultsHelpFormatter
 from .configuration_lam import POOLING_FIELDS, LAMConfig
 from .modeling_lam import LAMModel
 from .teacher import resolve_teacher_path, teacher_to_lam_state_dict
@@ -325,7 +326,7 @@ released model, ``lam_embed.load()`` does the same into a cache folder."""
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="lam-assemble", description=ASSEMBLE_HELP,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--release", default=str(RELEASED), help="folder of the released weights and manifest")
     p.add_argument("--output", default="lam", help="sentence-transformers folder to write")
     p.add_argument("--teacher", default=None, help="teacher folder or hub name; None: all-MiniLM-L6-v2 from the "

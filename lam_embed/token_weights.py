@@ -73,10 +73,11 @@ def main(argv=None) -> None:
 
     from sentence_transformers import SentenceTransformer
 
+    from .cli import DefaultsHelpFormatter
     from .data import read_text_lines
 
     p = argparse.ArgumentParser(
-        prog="lam-token-weights", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="lam-token-weights", formatter_class=DefaultsHelpFormatter,
         description="Write a copy of a LAM sentence-transformers folder whose mean pooling weighs each token "
                     "id of a long input by its SIF weight from a corpus (LAMConfig.token_weights_min_tokens). "
                     "Inputs of at most --min-tokens tokens are encoded as before.")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.backends import BACKEND_NAMES
 
 
@@ -33,7 +34,7 @@ def measure(length: int, impl: str) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768], help="input lengths in tokens")
     p.add_argument("--impl", default="chunk", choices=BACKEND_NAMES, help="delta_impl to run")
     p.add_argument("--output", default=None, help="write the rows to this JSON file")

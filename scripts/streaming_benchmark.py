@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from lam_embed.cli import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def measure_exactness(model_path: str, lengths: list[int], device: str, dtype: s
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="lam", help="LAM sentence-transformers folder (scripts/assemble_lam.py makes 'lam')")
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 262144, 1048576],
                    help="document lengths in tokens whose memory and time are measured (none: skip)")

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 import lam_embed
+from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines
 from lam_embed.environment import git_commit
 from lam_embed.release import save_release
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = default_data_dir()
     p = argparse.ArgumentParser(
         description="Distil a LAM encoder from all-MiniLM-L6-v2 (attention transfer, then end to end).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--teacher", default=None, help="teacher folder or hub name (default: all-MiniLM-L6-v2, offline copy when the hub is unreachable)")
     p.add_argument("--sentences", default=str(data / "corpus/sentences.txt.gz") if data else None,

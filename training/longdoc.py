@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.backends import BACKEND_NAMES
 from lam_embed.configuration_lam import POSITION_OVERFLOW
 from lam_embed.data import default_data_dir, read_text_lines, split_sentences
@@ -185,7 +186,7 @@ def stage_loss(ranking, keep_short, triples: list[dict], short: list[tuple[dict,
 def build_parser() -> argparse.ArgumentParser:
     data = default_data_dir()
     longdoc = data / "longdoc" if data else None
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="lam", help="LAM sentence-transformers folder to start from "
                    "(python scripts/assemble_lam.py builds the released one as 'lam')")
     p.add_argument("--teacher", default=None, help="teacher folder or hub name for the short-text term "
