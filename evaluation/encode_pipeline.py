@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from lam_embed.cli import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
+
 from lam_embed.cli import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)

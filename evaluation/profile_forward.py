@@ -19,8 +19,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed import LAMConfig
+from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.environment import write_result
 
 from .benchmark import (

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.backends import BACKEND_NAMES
+from lam_embed.cli import DefaultsHelpFormatter
 
 
 def measure(length: int, impl: str) -> dict:

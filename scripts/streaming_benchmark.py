@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+
 from lam_embed.cli import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.backends import BACKEND_NAMES
+from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.configuration_lam import POSITION_OVERFLOW
 from lam_embed.data import default_data_dir, read_text_lines, split_sentences
 from lam_embed.sentence_transformer import POOLING_MODES
