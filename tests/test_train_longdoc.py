@@ -316,7 +316,7 @@ def test_passage_term_never_reads_the_held_out_passages(tmp_path, monkeypatch, c
     passages = tmp_path / "p.txt"
     passages.write_text("".join(f"passage {i}\n" for i in range(10)))
     seen = {}
-    monkeypatch.setattr(longdoc, "train", lambda args, texts, sentences, passages, argv: seen.update(p=passages))
+    monkeypatch.setattr(longdoc, "train", lambda args, texts, sentences, passages, argv, stsb: seen.update(p=passages))
     base = ["--articles", str(articles), "--sentences", str(sentences), "--squality", "", "--output-dir",
             str(tmp_path / "o"), "--passages", str(passages), "--passage-holdout", "3"]
     longdoc.main(base + ["--passage-batch-size", "2"])
@@ -331,17 +331,61 @@ def test_passage_term_never_reads_the_held_out_passages(tmp_path, monkeypatch, c
         assert message in capsys.readouterr().err
 
 
+def test_short_text_batch_draws_its_share_of_stsb_train_sentences():
+    import random
+
+    sentences = [f"corpus {i}" for i in range(100)]
+    extra = [f"stsb {i}" for i in range(30)]
+    # Without STS-B sentences the batch is the plain sample of the runs made before the option.
+    assert longdoc.short_text_batch(random.Random(5), sentences, [], 16, 0.25) == random.Random(5).sample(sentences, 16)
+    assert longdoc.short_text_batch(random.Random(5), sentences, extra, 16, 0.0) == random.Random(5).sample(sentences, 16)
+    batch = longdoc.short_text_batch(random.Random(5), sentences, extra, 16, 0.25)
+    assert batch == longdoc.short_text_batch(random.Random(5), sentences, extra, 16, 0.25)
+    assert len(batch) == len(set(batch)) == 16
+    assert sum(text.startswith("stsb") for text in batch) == 4
+    assert set(batch) <= set(sentences) | set(extra)
+
+
+def test_stsb_train_fraction_reads_only_the_train_sentences(tmp_path, monkeypatch, capsys):
+    articles = tmp_path / "a.jsonl"
+    articles.write_text(json.dumps({"text": "x"}) + "\n")
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("a\n")
+    stsb = tmp_path / "stsb"
+    stsb.mkdir()
+    (stsb / "sts-train.csv").write_text("g\tf\ty\t1\t5.0\tA plane takes off.\tA jet takes off.\n"
+                                        "g\tf\ty\t2\t1.0\tA man sings.\tA plane takes off.\n")
+    seen = {}
+    monkeypatch.setattr(longdoc, "train", lambda args, texts, sentences, passages, argv, stsb: seen.update(s=stsb))
+    base = ["--articles", str(articles), "--sentences", str(sentences), "--squality", "", "--output-dir",
+            str(tmp_path / "o"), "--stsb", str(stsb)]
+    longdoc.main(base + ["--stsb-train-fraction", "0.25"])
+    assert seen["s"] == ["A jet takes off.", "A man sings.", "A plane takes off."]
+    longdoc.main(base)  # no share, nothing read
+    assert seen["s"] == []
+    for extra, message in [(["--stsb-train-fraction", "1"], "--stsb-train-fraction must lie in [0, 1), got 1.0"),
+                           (["--stsb-train-fraction", "0.2", "--stsb", str(tmp_path)], "--stsb: STS-B file")]:
+        with pytest.raises(SystemExit):
+            longdoc.main(base + extra)
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smoke_run_with_the_passage_term(tmp_path, tiny_model):
     model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
     passages = tmp_path / "passages.txt"
     passages.write_text("".join(" ".join(WORDS[i:]) + ".\n" for i in range(8)))
+    stsb = tmp_path / "stsb"
+    stsb.mkdir()
+    (stsb / "sts-train.csv").write_text("".join(f"g\tf\ty\t{i}\t3.0\t{' '.join(WORDS[i:i + 4])}.\t{WORDS[i]} again.\n"
+                                                for i in range(5)))
     longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "p", "--steps", "2", "--passages",
-                             str(passages), "--passage-batch-size", "2", "--passage-holdout", "2"))
+                             str(passages), "--passage-batch-size", "2", "--passage-holdout", "2",
+                             "--stsb", str(stsb), "--stsb-train-fraction", "0.5"))
     history = json.loads((tmp_path / "p" / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and all(h["passage_loss"] > 0 for h in history)
     manifest = json.loads((tmp_path / "p" / "release" / "manifest.json").read_text())
-    assert manifest["data"]["passage_texts"] == 6
+    assert manifest["data"]["passage_texts"] == 6 and manifest["data"]["stsb_train_sentences"] == 10
 
 
 @pytest.mark.skipif(DATA is None or not (DATA / "longdoc").is_dir(), reason="shared data folder not found")

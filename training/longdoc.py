@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from lam_embed.backends import BACKEND_NAMES
 from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.configuration_lam import POSITION_OVERFLOW
-from lam_embed.data import default_data_dir, read_text_lines, split_sentences
+from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines, split_sentences
 from lam_embed.sentence_transformer import POOLING_MODES
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", default=str(data / "corpus" / "sentences.txt.gz") if data else None,
                    help="short texts for the term that keeps LAM close to the teacher on them")
     p.add_argument("--max-sentences", type=_positive, default=200_000, help="sentences read from --sentences")
+    p.add_argument("--stsb", default=str(data / "stsb") if data else None,
+                   help="folder of the STS-B csv files; only the sentences of sts-train.csv are read, with "
+                        "--stsb-train-fraction (default: $LAM_DATA_DIR/stsb)")
+    p.add_argument("--stsb-train-fraction", type=float, default=0.0,
+                   help="fraction of each batch of the short-text term drawn from the STS-B train sentences (as "
+                        "in the distillation), the rest from --sentences")
     p.add_argument("--passages", default=str(data / "corpus" / "passages.txt.gz") if data else None,
                    help="passages for a second short-text term (read only with --passage-batch-size)")
     p.add_argument("--passage-holdout", type=int, default=1000,
@@ -289,6 +295,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--passages: no file {args.passages} (needed by --passage-batch-size)")
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens ({args.min_tokens}) must not exceed --max-tokens ({args.max_tokens})")
+    if not 0 <= args.stsb_train_fraction < 1:
+        parser.error(f"--stsb-train-fraction must lie in [0, 1), got {args.stsb_train_fraction}")
+    if args.stsb_train_fraction and not args.stsb:
+        parser.error("--stsb-train-fraction needs --stsb (or LAM_DATA_DIR)")
     if not 0 <= args.inserted_share <= 1:
         parser.error(f"--inserted-share must lie in [0, 1], got {args.inserted_share}")
     if not 0 <= args.warmup < 1:
@@ -333,17 +343,37 @@ def main(argv=None) -> dict:
             passages = passages[: len(passages) - args.passage_holdout]
     except (ValueError, UnicodeDecodeError) as err:
         parser.error(str(err))
+    stsb_train = []
+    if args.stsb_train_fraction:
+        try:
+            first, second, _ = read_stsb_pairs(Path(args.stsb) / "sts-train.csv")
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            parser.error(f"--stsb: {err}")
+        stsb_train = sorted(set(first) | set(second))  # sorted: the same list in every process
     if not sentences:
         parser.error(f"--sentences: no lines in {args.sentences}")
     if args.passage_batch_size and not passages:
         parser.error(f"--passages: no lines in {args.passages} before its last {args.passage_holdout}")
-    return train(args, texts, sentences, passages, argv)
+    return train(args, texts, sentences, passages, argv, stsb_train)
 
 
 PASSAGE_TOKENS = 512  # the teacher's position table ends here
 
 
-def train(args, texts: list[str], sentences: list[str], passages: list[str] = (), argv=None) -> dict:
+def short_text_batch(rng: random.Random, sentences: list[str], extra: list[str], size: int,
+                     extra_fraction: float) -> list[str]:
+    """A batch of the short-text term: ``round(size * extra_fraction)`` texts drawn from ``extra``
+    (the STS-B train sentences), the rest from ``sentences``, none twice. Without extra texts it
+    is ``rng.sample(sentences, size)``, the batch of runs made before the option existed."""
+    n_extra = round(size * extra_fraction) if extra else 0
+    batch = rng.sample(sentences, min(size - n_extra, len(sentences)))
+    if n_extra:
+        batch += rng.sample(extra, min(n_extra, len(extra)))
+    return batch
+
+
+def train(args, texts: list[str], sentences: list[str], passages: list[str] = (), argv=None,
+          stsb_train: list[str] = ()) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import batch_to_device
@@ -442,7 +472,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     while step < args.steps:
         queries, positives, negatives = examples.batch(step, args.batch_size)
         sentence_rng.seed(args.seed * 7919 + step)
-        short_texts = sentence_rng.sample(sentences, min(args.sentence_batch_size, len(sentences)))
+        short_texts = short_text_batch(sentence_rng, sentences, stsb_train, args.sentence_batch_size,
+                                       args.stsb_train_fraction)
         short = [(features(short_texts), teacher_embeddings(short_texts))]
         if passages:
             passage_texts = sentence_rng.sample(passages, min(args.passage_batch_size, len(passages)))
@@ -480,7 +511,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "started_from": args.model,
         "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
                  "sentences": args.sentences, "short_texts": len(sentences),
-                 "passages": args.passages if passages else None, "passage_texts": len(passages)},
+                 "passages": args.passages if passages else None, "passage_texts": len(passages),
+                 "stsb_train_sentences": len(stsb_train), "stsb_train_fraction": args.stsb_train_fraction},
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
         "token_weights_min_tokens": lam.config.token_weights_min_tokens,
         "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
