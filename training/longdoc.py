@@ -12,10 +12,12 @@ one line: the document embedding has to keep every sentence, wherever it is, ins
 averaging it away. Nothing favours the start of a document.
 
 To keep short texts as they were, every step also matches LAM's embeddings of a batch of
-corpus sentences to the teacher's (MSELoss with the teacher's embeddings as labels), and,
-with ``--passage-batch-size``, of a batch of corpus passages (up to 512 tokens, the
-teacher's limit; the held-out end of the file is never read) in a second term of the same
-kind: the teacher's plain mean over a passage is what users of short inputs compare with.
+corpus sentences to the teacher's (MSELoss with the teacher's embeddings as labels; with
+``--stsb-train-fraction`` a share of the batch are STS-B train sentences, never their scores,
+as in the distillation), and, with ``--passage-batch-size``, of a batch of corpus passages (up
+to 512 tokens, the teacher's limit; the held-out end of the file is never read) in a second
+term of the same kind: the teacher's plain mean over a passage is what users of short inputs
+compare with.
 """
 
 from __future__ import annotations
