@@ -295,6 +295,7 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--steps", "0"], "must be a positive integer, got 0"),
         (["--inserted-share", "1.5"], "--inserted-share must lie in [0, 1], got 1.5"),
         (["--outlier-pooling-temperature", "-2"], "must be a positive number or 'none', got -2"),
+        (["--train-only-token-mixers", "--train-embeddings"], "--train-only-token-mixers leaves the embeddings"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -329,6 +330,28 @@ def test_passage_term_never_reads_the_held_out_passages(tmp_path, monkeypatch, c
         with pytest.raises(SystemExit):
             longdoc.main(base + extra)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_only_token_mixers_leaves_everything_else_as_loaded(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "mixers", "--steps", "2",
+                             "--train-only-token-mixers"))
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "all", "--steps", "2"))
+    start = tiny_model[0][0].auto_model.state_dict()
+    for run, mixers_only in (("mixers", True), ("all", False)):
+        release = tmp_path / run / "release"
+        weights = {**load_file(release / "lam_weights.safetensors")}
+        for extra in release.glob("lam_weights-*.safetensors"):
+            weights.update(load_file(extra))
+        moved = {name for name, value in weights.items() if not torch.equal(value, start[name].to(value.dtype))}
+        assert any(".delta_net." in name for name in moved), run
+        others = {name for name in moved if ".delta_net." not in name}
+        assert (not others) if mixers_only else others, (run, sorted(others)[:3])
+    manifest = json.loads((tmp_path / "mixers" / "release" / "manifest.json").read_text())
+    assert manifest["trained"] == "token mixers"
 
 
 def test_short_text_batch_draws_its_share_of_stsb_train_sentences():

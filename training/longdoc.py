@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentence-transformers pooling of the trained model, set before training (the short-text "
                         "term then teaches it to give the teacher's mean-pooled embeddings) and recorded in the "
                         "release (default: the model's own)")
+    p.add_argument("--train-only-token-mixers", action="store_true",
+                   help="train each layer's token mixer (its DeltaNet) only; the FFNs, norms and embeddings "
+                        "stay as loaded")
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
@@ -295,6 +298,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--passage-batch-size and --passage-holdout must not be negative")
     if args.passage_batch_size and not (args.passages and Path(args.passages).is_file()):
         parser.error(f"--passages: no file {args.passages} (needed by --passage-batch-size)")
+    if args.train_only_token_mixers and args.train_embeddings:
+        parser.error("--train-only-token-mixers leaves the embeddings as loaded: drop --train-embeddings")
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens ({args.min_tokens}) must not exceed --max-tokens ({args.max_tokens})")
     if not 0 <= args.stsb_train_fraction < 1:
@@ -374,6 +379,24 @@ def short_text_batch(rng: random.Random, sentences: list[str], extra: list[str],
     return batch
 
 
+TOKEN_MIXER = ".delta_net."  # the name part of a LAM layer's token-mixer parameters
+
+
+def freeze_all_but_token_mixers(lam) -> int:
+    """Stop gradients to every parameter of ``lam`` (a LAMModel) outside its layers' token
+    mixers; return how many values still train."""
+    trained = 0
+    for name, param in lam.named_parameters():
+        keep = TOKEN_MIXER in f".{name}"
+        param.requires_grad_(keep)
+        trained += param.numel() if keep else 0
+    if not trained:
+        raise SystemExit(f"--train-only-token-mixers: no parameter of the model has {TOKEN_MIXER.strip('.')!r} "
+                         "in its name")
+    logger.info("training the token mixers only: %d of %d values", trained, sum(p.numel() for p in lam.parameters()))
+    return trained
+
+
 def train(args, texts: list[str], sentences: list[str], passages: list[str] = (), argv=None,
           stsb_train: list[str] = ()) -> dict:
     import torch
@@ -421,6 +444,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
                                      args.inserted_share)
     if not args.train_embeddings:
         lam.embeddings.requires_grad_(False)
+    if args.train_only_token_mixers:
+        freeze_all_but_token_mixers(lam)
     ranking = losses.MultipleNegativesRankingLoss(model, scale=args.scale)
     keep_short = losses.MSELoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
@@ -518,6 +543,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
         "token_weights_min_tokens": lam.config.token_weights_min_tokens,
         "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
+        "trained": "token mixers" if args.train_only_token_mixers else "all layers",
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
     }
