@@ -281,11 +281,17 @@ def test_token_weights_stay_as_set_through_the_stage_and_are_released(tmp_path, 
     assert trained[0].auto_model.config.token_weights_min_tokens == 8
 
 
-def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
+def _one_line_inputs(tmp_path):
+    """An articles file and a sentences file of one line each, for runs that stop before training."""
     articles = tmp_path / "a.jsonl"
     articles.write_text(json.dumps({"text": "x"}) + "\n")
     sentences = tmp_path / "s.txt"
     sentences.write_text("a\n")
+    return articles, sentences
+
+
+def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
+    articles, sentences = _one_line_inputs(tmp_path)
     base = ["--model", "/nonexistent", "--articles", str(articles), "--sentences", str(sentences), "--squality", "",
             "--output-dir", str(tmp_path / "o")]
     cases = [
@@ -310,10 +316,7 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
 
 
 def test_passage_term_never_reads_the_held_out_passages(tmp_path, monkeypatch, capsys):
-    articles = tmp_path / "a.jsonl"
-    articles.write_text(json.dumps({"text": "x"}) + "\n")
-    sentences = tmp_path / "s.txt"
-    sentences.write_text("a\n")
+    articles, sentences = _one_line_inputs(tmp_path)
     passages = tmp_path / "p.txt"
     passages.write_text("".join(f"passage {i}\n" for i in range(10)))
     seen = {}
@@ -370,10 +373,7 @@ def test_short_text_batch_draws_its_share_of_stsb_train_sentences():
 
 
 def test_stsb_train_fraction_reads_only_the_train_sentences(tmp_path, monkeypatch, capsys):
-    articles = tmp_path / "a.jsonl"
-    articles.write_text(json.dumps({"text": "x"}) + "\n")
-    sentences = tmp_path / "s.txt"
-    sentences.write_text("a\n")
+    articles, sentences = _one_line_inputs(tmp_path)
     stsb = tmp_path / "stsb"
     stsb.mkdir()
     (stsb / "sts-train.csv").write_text("g\tf\ty\t1\t5.0\tA plane takes off.\tA jet takes off.\n"
