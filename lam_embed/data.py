@@ -142,6 +142,13 @@ def read_stsb_pairs(path: str | os.PathLike) -> tuple[list[str], list[str], list
     return first, second, scores
 
 
+def stsb_train_sentences(folder: str | os.PathLike) -> list[str]:
+    """The distinct sentences of ``folder``/sts-train.csv (never its scores), sorted so that
+    every process of a run gets the same list."""
+    first, second, _ = read_stsb_pairs(Path(folder) / _STSB_FILES["train"])
+    return sorted(set(first) | set(second))
+
+
 def _load_stsb_csv(path: Path):
     import datasets
 

@@ -22,6 +22,15 @@ except ImportError:  # pragma: no cover - older sentence-transformers
 # folder loads without trust_remote_code).
 POOLING_MODES = ("mean", "max", "cls", "lasttoken")
 
+# Name parts of the token mixer's parameters: LAM's DeltaNet, and in the BERT model LAM
+# replaces, its self-attention and that attention's output projection.
+TOKEN_MIXER_NAMES = (".delta_net.", ".attention.self.", ".attention.output.dense.")
+
+
+def is_token_mixer_parameter(name: str) -> bool:
+    """Whether the parameter called ``name`` (as named_parameters() gives it) belongs to a token mixer."""
+    return any(part in f".{name}" for part in TOKEN_MIXER_NAMES)
+
 
 def _check_pooling(mode: str) -> None:
     if mode not in POOLING_MODES:

@@ -55,7 +55,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import lam_embed
 from lam_embed.cli import DefaultsHelpFormatter
-from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines
+from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines, stsb_train_sentences
 from lam_embed.environment import git_commit
 from lam_embed.release import save_release
 
@@ -365,8 +365,7 @@ def read_training_data(args) -> tuple[list[str], list[str], tuple, list[str]]:
         dev = read_stsb_pairs(Path(args.stsb) / "sts-dev.csv")
         extra = []
         if args.stsb_train_fraction:
-            first, second, _ = read_stsb_pairs(Path(args.stsb) / "sts-train.csv")
-            extra = sorted(set(first) | set(second))  # sorted: the same list in every process
+            extra = stsb_train_sentences(args.stsb)
     except (OSError, ValueError) as err:
         raise ValueError(f"--stsb: {err}") from None
     if args.max_dev_pairs:

@@ -58,6 +58,7 @@ from transformers import TrainerCallback
 import lam_embed  # noqa: F401
 from lam_embed.data import load_stsb, looks_like_hub_name, resolve_stsb_source
 from lam_embed.environment import library_versions, write_result
+from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES, is_token_mixer_parameter
 
 from .distributed import Processes
 
@@ -77,7 +78,6 @@ BEST_METRIC = f"eval_{DEV_EVALUATOR_NAME}_spearman_cosine"
 EVAL_BATCH_SIZE = 64
 RESULTS_FILE = "stsb_results.json"
 # Parameter names of the token mixer: LAM's DeltaNet, BERT's self-attention and its output projection.
-TOKEN_MIXER_NAMES = (".delta_net.", ".attention.self.", ".attention.output.dense.")
 
 _EXPECTED_COLUMNS = (
     "expected 'sentence1' (or 'anchor') and 'sentence2' (or 'positive'), "
@@ -483,7 +483,7 @@ def freeze_token_mixer(model) -> int:
     values were frozen. A model without a recognised token mixer is an error."""
     frozen = 0
     for name, param in model.named_parameters():
-        if any(part in f".{name}" for part in TOKEN_MIXER_NAMES):
+        if is_token_mixer_parameter(name):
             param.requires_grad_(False)
             frozen += param.numel()
     if not frozen:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from lam_embed.backends import BACKEND_NAMES
 from lam_embed.cli import DefaultsHelpFormatter
 from lam_embed.configuration_lam import POSITION_OVERFLOW
-from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines, split_sentences
+from lam_embed.data import default_data_dir, read_text_lines, split_sentences, stsb_train_sentences
 from lam_embed.sentence_transformer import POOLING_MODES
 
 logger = logging.getLogger(__name__)
@@ -353,10 +353,9 @@ def main(argv=None) -> dict:
     stsb_train = []
     if args.stsb_train_fraction:
         try:
-            first, second, _ = read_stsb_pairs(Path(args.stsb) / "sts-train.csv")
+            stsb_train = stsb_train_sentences(args.stsb)
         except (OSError, ValueError, UnicodeDecodeError) as err:
             parser.error(f"--stsb: {err}")
-        stsb_train = sorted(set(first) | set(second))  # sorted: the same list in every process
     if not sentences:
         parser.error(f"--sentences: no lines in {args.sentences}")
     if args.passage_batch_size and not passages:
@@ -379,20 +378,19 @@ def short_text_batch(rng: random.Random, sentences: list[str], extra: list[str],
     return batch
 
 
-TOKEN_MIXER = ".delta_net."  # the name part of a LAM layer's token-mixer parameters
-
-
 def freeze_all_but_token_mixers(lam) -> int:
     """Stop gradients to every parameter of ``lam`` (a LAMModel) outside its layers' token
     mixers; return how many values still train."""
+    from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES, is_token_mixer_parameter
+
     trained = 0
     for name, param in lam.named_parameters():
-        keep = TOKEN_MIXER in f".{name}"
+        keep = is_token_mixer_parameter(name)
         param.requires_grad_(keep)
         trained += param.numel() if keep else 0
     if not trained:
-        raise SystemExit(f"--train-only-token-mixers: no parameter of the model has {TOKEN_MIXER.strip('.')!r} "
-                         "in its name")
+        raise SystemExit("--train-only-token-mixers: no parameter of the model has one of "
+                         f"{', '.join(repr(n.strip('.')) for n in TOKEN_MIXER_NAMES)} in its name")
     logger.info("training the token mixers only: %d of %d values", trained, sum(p.numel() for p in lam.parameters()))
     return trained
 
