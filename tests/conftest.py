@@ -58,6 +58,19 @@ def unweighted_rows(lam, features):
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (kernels whose parallel sums keep one order, so two
+    runs compare exactly), and the process's thread count back afterwards: later tests in
+    the process compare against subprocesses that run on the default count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def capped_st():
     """A small LAM sentence-transformer with moved DeltaNets, chunks of 16 and a token repeat

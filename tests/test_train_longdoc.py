@@ -171,10 +171,9 @@ def _smoke_args(tmp_path: Path, model_dir: str, articles: Path, sentences: Path,
 
 
 @pytest.mark.slow
-def test_smoke_run_resumes_exactly(tmp_path, tiny_model):
+def test_smoke_run_resumes_exactly(tmp_path, tiny_model, one_torch_thread):
     from safetensors.torch import load_file
 
-    torch.set_num_threads(1)  # deterministic kernels, so the two runs can be compared exactly
     model, _ = tiny_model
     model_dir = str(tmp_path / "start")
     model.save(model_dir)
