@@ -49,7 +49,7 @@ def export_minilm(teacher: str | Path, folder: str | Path) -> dict[str, Path]:
     paths = {name: folder / file for name, file in FILES.items()}
     if not paths["onnx-fp32"].is_file():
         logger.info("exporting %s to %s", teacher, paths["onnx-fp32"])
-        model = MeanPooledEncoder(AutoModel.from_pretrained(str(teacher), attn_implementation="sdpa").eval())
+        model = MeanPooledEncoder(AutoModel.from_pretrained(str(teacher), attn_implementation="sdpa")).eval()
         example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
         batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=model.model.config.max_position_embeddings)
         shapes = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
