@@ -81,6 +81,23 @@ def test_rows_to_levels_against_float64():
     assert_levels_match(levels, magnitude, x.double() * column_scale.double())
 
 
+def test_the_magnitude_is_the_largest_in_any_column():
+    """Each row's magnitude is its largest |value x column scale| wherever that sits: in
+    every column of rows whose width is a multiple of the kernel's eight running maxima or
+    not (the last columns are a loop of their own)."""
+    from lam_embed.ops import numba as kernels
+
+    for width in (8, 13, 1536, 1541):
+        x = torch.rand(width, width) * 0.5
+        x[torch.arange(width), torch.arange(width)] = -3.0  # row r's largest in column r
+        column_scale = torch.ones(width)
+        column_scale[-1] = 2.0
+        _, magnitude = kernels.rows_to_levels(x, column_scale)
+        expected = torch.full((width,), 3.0)
+        expected[-1] = 6.0
+        assert torch.equal(magnitude, expected), width
+
+
 def test_gelu_pass_against_float64():
     """The pass between the FFN's products: rows scaled back, bias, GELU (erf's, through a
     polynomial), column scale, levels; on values from -300 to 300, where the polynomial

@@ -379,13 +379,41 @@ def _gelu(x):
 
 
 @numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _larger(largest, value):
+    """value where it is larger, else largest: a NaN value is passed over."""
+    return value if value > largest else largest
+
+
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _largest_magnitude(row, column_scale):
+    """max |row column_scale| (at least 1e-30), NaNs passed over. Eight running maxima over
+    interleaved columns: a single one is a chain of dependent compares that LLVM does not
+    vectorise, 2.5x slower on rows of 1,536."""
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(1e-30)
+    for j in range(0, n - n % 8, 8):
+        m0 = _larger(m0, abs(row[j] * column_scale[j]))
+        m1 = _larger(m1, abs(row[j + 1] * column_scale[j + 1]))
+        m2 = _larger(m2, abs(row[j + 2] * column_scale[j + 2]))
+        m3 = _larger(m3, abs(row[j + 3] * column_scale[j + 3]))
+        m4 = _larger(m4, abs(row[j + 4] * column_scale[j + 4]))
+        m5 = _larger(m5, abs(row[j + 5] * column_scale[j + 5]))
+        m6 = _larger(m6, abs(row[j + 6] * column_scale[j + 6]))
+        m7 = _larger(m7, abs(row[j + 7] * column_scale[j + 7]))
+    largest = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for j in range(n - n % 8, n):
+        largest = _larger(largest, abs(row[j] * column_scale[j]))
+    return largest
+
+
+@numba.njit(fastmath=_FASTMATH, cache=True, inline="always")
 def _write_levels(row, column_scale, out):
     """out = round(127 row column_scale / m) + 128 as uint8 (1 to 255), m = max |row column_scale|;
     returns m, or NaN where the row holds a NaN: the maximum passes NaNs over and the levels
     cannot hold one, so the magnitude carries it to the output."""
-    largest, total = np.float32(1e-30), np.float32(0.0)
+    largest = _largest_magnitude(row, column_scale)
+    total = np.float32(0.0)
     for j in range(row.shape[0]):
-        largest = max(largest, abs(row[j] * column_scale[j]))
         total += row[j]
     factor = np.float32(127.0) / largest
     for j in range(row.shape[0]):
