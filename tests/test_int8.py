@@ -15,13 +15,13 @@ pytestmark = pytest.mark.skipif(not int8.supported(), reason="this torch has no 
 
 def simulated_int8_linear(x, weight, bias, input_scale):
     """What int8_linear computes, in float64 from the description in int8.py: smoothing,
-    weights rounded per output row to [-63, 63], each row of x scaled to [-1, 1] and rounded
-    to 255 levels around 128, exact sums, scales applied back."""
+    weights rounded per output row to [-levels, levels] (int8.weight_levels()), each row of x
+    scaled to [-1, 1] and rounded to 255 levels around 128, exact sums, scales applied back."""
     x, weight = x.double(), weight.double()
     if input_scale is not None:
         smoothing = (input_scale.double().clamp(min=1e-5) ** 0.5 / weight.abs().amax(0).clamp(min=1e-5) ** 0.5)
         x, weight = x / smoothing, weight * smoothing
-    weight_scale = weight.abs().amax(1, keepdim=True) / 63
+    weight_scale = weight.abs().amax(1, keepdim=True) / int8.weight_levels()
     weight_levels = torch.round(weight / weight_scale)
     magnitude = x.abs().amax(1, keepdim=True)
     x_levels = torch.clamp(torch.round(x / magnitude * 127) + 128, 0, 255) - 128
@@ -54,6 +54,35 @@ def test_int8_linear_equals_a_simulation_of_its_quantisation(smoothed):
     assert (got.double() - expected).norm() <= 1e-3 * expected.norm()
     assert (got.double() - exact).norm() <= 0.05 * exact.norm()
     assert (got.double() - exact).norm() >= 10 * (got.double() - expected).norm()  # int8 indeed
+
+
+def test_without_exact_8_bit_sums_the_weights_take_7_bits():
+    """oneDNN held to AVX2 (no VNNI: uint8 x int8 pairs summed into int16, which saturate)
+    makes weight_levels() 63, and the products still equal the simulation at 63 levels, on
+    weights that would saturate at 127. With all its instructions on a VNNI CPU, 127."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from lam_embed.inference import int8
+import test_int8
+x, weight, bias = test_int8.outlier_inputs()
+got = int8.int8_linear(x, int8.pack_linear(weight, bias)).double()
+expected = test_int8.simulated_int8_linear(x, weight, bias, None)
+print(int8.weight_levels(), float((got - expected).norm() / expected.norm()))
+"""
+    tests = os.path.dirname(__file__)
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    levels, relative_error = done.stdout.split()
+    assert int(levels) == int8.WEIGHT_LEVELS_SUMMED_IN_PAIRS and float(relative_error) <= 1e-3
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            vnni = "vnni" in f.read()
+        assert int8.weight_levels() == (int8.WEIGHT_LEVELS_EXACT if vnni else int8.WEIGHT_LEVELS_SUMMED_IN_PAIRS)
 
 
 def reference_levels(rows):
