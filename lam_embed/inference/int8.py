@@ -76,7 +76,7 @@ def weight_levels() -> int:
     largest = torch.full((1, columns), 255, dtype=torch.uint8)  # 127 above the zero point
     packed = pack_linear(torch.ones(1, columns), levels=WEIGHT_LEVELS_EXACT)
     exact = columns * 127 * INPUT_SCALE  # the weights' scale is 1 / 127
-    saturated = abs(_product(largest, packed).item() - exact) > 0.5  # a saturated pair sum leaves about 2
+    saturated = abs(_product(largest, packed).item() - exact) > 0.5  # saturated pair sums leave about 0.5
     return WEIGHT_LEVELS_SUMMED_IN_PAIRS if saturated else WEIGHT_LEVELS_EXACT
 
 
