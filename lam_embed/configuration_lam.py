@@ -89,7 +89,8 @@ class LAMConfig(PretrainedConfig):
             weights quantised per output row once, activations per token at each call
             (lam_embed/inference/int8.py). Faster where int8 products are (x86 CPUs), and no
             longer float32's embeddings: their cosine with them was at least 0.99 on every
-            STS-B sentence (docs/performance.md). Off by default; embeddings, the delta rule
+            STS-B test sentence with 8-bit weights (CPUs with VNNI), 0.989 with 7-bit ones
+            (without; docs/performance.md). Off by default; embeddings, the delta rule
             and the norms stay float32 either way, and so does streaming (a forward that
             carries a state runs the eager layer code).
         gelu_epilogue: at 16-bit inference on CUDA through the Triton layer code, the
