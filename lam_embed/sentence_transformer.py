@@ -25,6 +25,8 @@ POOLING_MODES = ("mean", "max", "cls", "lasttoken")
 # Name parts of the token mixer's parameters: LAM's DeltaNet, and in the BERT model LAM
 # replaces, its self-attention and that attention's output projection.
 TOKEN_MIXER_NAMES = (".delta_net.", ".attention.self.", ".attention.output.dense.")
+# For error messages: 'delta_net', 'attention.self', 'attention.output.dense'.
+TOKEN_MIXER_NAMES_TEXT = ", ".join(repr(n.strip(".")) for n in TOKEN_MIXER_NAMES)
 
 
 def is_token_mixer_parameter(name: str) -> bool:

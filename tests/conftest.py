@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # The hub is unreachable on the development and CI machines; the teacher comes from
@@ -58,17 +59,26 @@ def unweighted_rows(lam, features):
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def one_torch_thread():
-    """torch on one thread for the test (kernels whose parallel sums keep one order, so two
-    runs compare exactly), and the process's thread count back afterwards: later tests in
-    the process compare against subprocesses that run on the default count."""
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """torch on one thread inside (kernels whose parallel sums keep one order, so two runs
+    compare exactly), and the process's thread count back afterwards: later tests in the
+    process compare against subprocesses that run on the default count."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The test on one torch thread (torch_on_one_thread)."""
+    with torch_on_one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -78,13 +78,11 @@ def model_path(request, tmp_path_factory) -> str:
 
 
 def _run(argv: list[str]):
+    from conftest import torch_on_one_thread
+
     # One thread: on a shared 2-core machine two oversubscribed threads ran ~3x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_on_one_thread():
         return finetune.run(finetune.parse_args(argv))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _common(model_path, stsb_small, out: Path) -> list[str]:

@@ -58,7 +58,7 @@ from transformers import TrainerCallback
 import lam_embed  # noqa: F401
 from lam_embed.data import load_stsb, looks_like_hub_name, resolve_stsb_source
 from lam_embed.environment import library_versions, write_result
-from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES, is_token_mixer_parameter
+from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES, TOKEN_MIXER_NAMES_TEXT, is_token_mixer_parameter
 
 from .distributed import Processes
 
@@ -77,7 +77,6 @@ DEV_EVALUATOR_NAME = "sts-dev"
 BEST_METRIC = f"eval_{DEV_EVALUATOR_NAME}_spearman_cosine"
 EVAL_BATCH_SIZE = 64
 RESULTS_FILE = "stsb_results.json"
-# Parameter names of the token mixer: LAM's DeltaNet, BERT's self-attention and its output projection.
 
 _EXPECTED_COLUMNS = (
     "expected 'sentence1' (or 'anchor') and 'sentence2' (or 'positive'), "
@@ -489,7 +488,7 @@ def freeze_token_mixer(model) -> int:
     if not frozen:
         raise FinetuneError(
             "--freeze-token-mixer: no token-mixer parameters in this model (looked for names containing "
-            f"{', '.join(repr(n.strip('.')) for n in TOKEN_MIXER_NAMES)})"
+            f"{TOKEN_MIXER_NAMES_TEXT})"
         )
     total = sum(p.numel() for p in model.parameters())
     logger.info("froze the token mixer: %d of %d parameters train", total - frozen, total)

@@ -381,7 +381,7 @@ def short_text_batch(rng: random.Random, sentences: list[str], extra: list[str],
 def freeze_all_but_token_mixers(lam) -> int:
     """Stop gradients to every parameter of ``lam`` (a LAMModel) outside its layers' token
     mixers; return how many values still train."""
-    from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES, is_token_mixer_parameter
+    from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES_TEXT, is_token_mixer_parameter
 
     trained = 0
     for name, param in lam.named_parameters():
@@ -390,7 +390,7 @@ def freeze_all_but_token_mixers(lam) -> int:
         trained += param.numel() if keep else 0
     if not trained:
         raise SystemExit("--train-only-token-mixers: no parameter of the model has one of "
-                         f"{', '.join(repr(n.strip('.')) for n in TOKEN_MIXER_NAMES)} in its name")
+                         f"{TOKEN_MIXER_NAMES_TEXT} in its name")
     logger.info("training the token mixers only: %d of %d values", trained, sum(p.numel() for p in lam.parameters()))
     return trained
 
