@@ -301,6 +301,7 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--inserted-share", "1.5"], "--inserted-share must lie in [0, 1], got 1.5"),
         (["--outlier-pooling-temperature", "-2"], "must be a positive number or 'none', got -2"),
         (["--train-only-token-mixers", "--train-embeddings"], "--train-only-token-mixers leaves the embeddings"),
+        (["--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -354,6 +355,27 @@ def test_train_only_token_mixers_leaves_everything_else_as_loaded(tmp_path, tiny
         assert (not others) if mixers_only else others, (run, sorted(others)[:3])
     manifest = json.loads((tmp_path / "mixers" / "release" / "manifest.json").read_text())
     assert manifest["trained"] == "token mixers"
+
+
+def test_dropout_option_reaches_training_and_leaves_the_saved_config(tmp_path, tiny_model):
+    """--dropout sets the dropout used while training (a run with 0 takes other steps than one
+    with the model's own 0.1), the manifest records it, and the saved model keeps its config."""
+    from safetensors.torch import load_file
+
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
+    own = tiny_model[0][0].auto_model.config.hidden_dropout_prob
+    assert own > 0
+    runs = {"own": (), "off": ("--dropout", "0")}
+    for run, extra in runs.items():
+        longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, run, "--steps", "1", *extra))
+    manifests = {run: json.loads((tmp_path / run / "release" / "manifest.json").read_text()) for run in runs}
+    assert manifests["own"]["dropout"] == own and manifests["off"]["dropout"] == 0.0
+    losses_ = {run: json.loads((tmp_path / run / "history.json").read_text())[0]["ranking_loss"] for run in runs}
+    assert losses_["own"] != losses_["off"]
+    weights = {run: load_file(tmp_path / run / "release" / "lam_weights.safetensors") for run in runs}
+    assert any(not torch.equal(weights["own"][name], weights["off"][name]) for name in weights["own"])
+    saved = json.loads((tmp_path / "off" / "sentence-transformer" / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == own
 
 
 def test_short_text_batch_draws_its_share_of_stsb_train_sentences():

@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout inside LAM while training (every nn.Dropout; the saved config keeps the model's "
+                        "hidden_dropout_prob) (default: the model's own hidden_dropout_prob)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the initialisation")
     p.add_argument("--save-every", type=_positive, default=200, help="steps between checkpoints")
     p.add_argument("--stop-after-minutes", type=float, default=None,
@@ -308,6 +311,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--stsb-train-fraction needs --stsb (or LAM_DATA_DIR)")
     if not 0 <= args.inserted_share <= 1:
         parser.error(f"--inserted-share must lie in [0, 1], got {args.inserted_share}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     if not 0 <= args.warmup < 1:
         parser.error(f"--warmup must lie in [0, 1), got {args.warmup}")
     checkpoint = Path(args.output_dir) / CHECKPOINT
@@ -431,6 +436,10 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         lam.config.outlier_pooling_temperature = args.outlier_pooling_temperature or None
     if args.pooling is not None:
         set_pooling(model, args.pooling)
+    dropout = lam.config.hidden_dropout_prob if args.dropout is None else args.dropout
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
     teacher.requires_grad_(False)
     tokenizer = model.tokenizer
@@ -464,6 +473,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         scheduler.load_state_dict(state["scheduler"])
         step, history, elapsed = state["step"], state["history"], state["elapsed"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)  # dropout masks on the GPU
         logger.info("resumed at step %d", step)
 
     def features(texts_: list[str]) -> dict:
@@ -485,7 +496,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     def save(finished: bool) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": step, "history": history,
-                 "elapsed": elapsed + time.time() - started, "torch_rng": torch.get_rng_state(), "finished": finished}
+                 "elapsed": elapsed + time.time() - started, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "finished": finished}
         tmp = checkpoint.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, checkpoint)  # a run killed mid-save keeps the previous checkpoint
@@ -541,6 +553,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
         "token_weights_min_tokens": lam.config.token_weights_min_tokens,
         "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
+        "dropout": dropout,
         "trained": "token mixers" if args.train_only_token_mixers else "all layers",
         "steps": step, "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
