@@ -162,6 +162,14 @@ def test_stage_loss_equals_an_independent_computation(tiny_model):
     torch.testing.assert_close(keep[0], want_keep, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(keep[1], want_passages, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(loss, want_rank + 7.0 * (want_keep + want_passages), rtol=1e-5, atol=1e-6)
+    # The short-text tail: no ranking term.
+    with torch.no_grad():
+        tail_loss, tail_rank, tail_keep = longdoc.stage_loss(
+            None, losses.MSELoss(model), None,
+            [(model.tokenize(short), target), (model.tokenize(passages), passage_target)], 7.0)
+    assert tail_rank is None
+    torch.testing.assert_close(tail_keep[0], want_keep, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(tail_loss, 7.0 * (want_keep + want_passages), rtol=1e-5, atol=1e-8)
 
 
 def _smoke_args(tmp_path: Path, model_dir: str, articles: Path, sentences: Path, out: str, *extra: str) -> list[str]:
@@ -302,6 +310,8 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--outlier-pooling-temperature", "-2"], "must be a positive number or 'none', got -2"),
         (["--train-only-token-mixers", "--train-embeddings"], "--train-only-token-mixers leaves the embeddings"),
         (["--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),
+        (["--short-text-tail-steps", "-1"], "--short-text-tail-steps must be >= 0, got -1"),
+        (["--short-text-tail-lr", "0"], "--short-text-tail-lr must be positive, got 0.0"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -376,6 +386,23 @@ def test_dropout_option_reaches_training_and_leaves_the_saved_config(tmp_path, t
     assert any(not torch.equal(weights["own"][name], weights["off"][name]) for name in weights["own"])
     saved = json.loads((tmp_path / "off" / "sentence-transformer" / "config.json").read_text())
     assert saved["hidden_dropout_prob"] == own
+
+
+def test_short_text_tail_follows_the_stage_without_its_ranking_term(tmp_path, tiny_model):
+    """--short-text-tail-steps adds steps after --steps with no ranking term, at a learning rate
+    falling linearly from --short-text-tail-lr; the manifest counts them."""
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "tail", "--steps", "2", "--lr", "1e-4",
+                             "--short-text-tail-steps", "2", "--short-text-tail-lr", "3e-5"))
+    history = json.loads((tmp_path / "tail" / "history.json").read_text())
+    assert [record["step"] for record in history] == [1, 2, 3, 4]
+    assert all(record["ranking_loss"] is not None for record in history[:2])
+    assert all(record["ranking_loss"] is None and record["short_text_loss"] > 0 for record in history[2:])
+    # Each record holds the learning rate of the step after it.
+    assert [record["lr"] for record in history[1:]] == pytest.approx([3e-5, 1.5e-5, 0.0])
+    manifest = json.loads((tmp_path / "tail" / "release" / "manifest.json").read_text())
+    assert manifest["steps"] == 4 and manifest["short_text_tail_steps"] == 2
+    assert manifest["short_text_tail_lr"] == 3e-5
 
 
 def test_short_text_batch_draws_its_share_of_stsb_train_sentences():

@@ -17,7 +17,8 @@ corpus sentences to the teacher's (MSELoss with the teacher's embeddings as labe
 as in the distillation), and, with ``--passage-batch-size``, of a batch of corpus passages (up
 to 512 tokens, the teacher's limit; the held-out end of the file is never read) in a second
 term of the same kind: the teacher's plain mean over a passage is what users of short inputs
-compare with.
+compare with. With ``--short-text-tail-steps``, the stage ends with steps of the short-text
+terms alone.
 """
 
 from __future__ import annotations
@@ -174,15 +175,18 @@ class DocumentQueryExamples:
 # training
 
 
-def stage_loss(ranking, keep_short, triples: list[dict], short: list[tuple[dict, object]], short_text_weight: float):
+def stage_loss(ranking, keep_short, triples: list[dict] | None, short: list[tuple[dict, object]],
+               short_text_weight: float):
     """The loss of a step: ``ranking`` (MultipleNegativesRankingLoss) of the queries against
-    the documents and the hard negatives (``triples``: their tokenised features), plus
-    ``short_text_weight`` times the sum of ``keep_short`` (MSELoss) over ``short``, pairs of
-    (tokenised short texts, the teacher's embeddings of them): sentences, and passages when
-    they are trained. Returns (loss, ranking term, [each short-text term])."""
-    rank_loss = ranking(triples, None)
+    the documents and the hard negatives (``triples``: their tokenised features; None in the
+    short-text tail, which has no ranking term), plus ``short_text_weight`` times the sum of
+    ``keep_short`` (MSELoss) over ``short``, pairs of (tokenised short texts, the teacher's
+    embeddings of them): sentences, and passages when they are trained. Returns (loss, ranking
+    term or None, [each short-text term])."""
+    rank_loss = None if triples is None else ranking(triples, None)
     short_losses = [keep_short([features], target) for features, target in short]
-    return rank_loss + short_text_weight * sum(short_losses), rank_loss, short_losses
+    short_loss = short_text_weight * sum(short_losses)
+    return (short_loss if rank_loss is None else rank_loss + short_loss), rank_loss, short_losses
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
+    p.add_argument("--short-text-tail-steps", type=int, default=0,
+                   help="after the --steps of the stage, this many steps of the short-text terms alone (no "
+                        "ranking term), at a learning rate falling linearly from --short-text-tail-lr to 0, so "
+                        "that training ends on the teacher's short-text embeddings (0: no tail)")
+    p.add_argument("--short-text-tail-lr", type=float, default=1e-5,
+                   help="learning rate of the first step of the short-text tail")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout inside LAM while training (every nn.Dropout; the saved config keeps the model's "
                         "hidden_dropout_prob) (default: the model's own hidden_dropout_prob)")
@@ -311,6 +321,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--stsb-train-fraction needs --stsb (or LAM_DATA_DIR)")
     if not 0 <= args.inserted_share <= 1:
         parser.error(f"--inserted-share must lie in [0, 1], got {args.inserted_share}")
+    if args.short_text_tail_steps < 0:
+        parser.error(f"--short-text-tail-steps must be >= 0, got {args.short_text_tail_steps}")
+    if not args.short_text_tail_lr > 0:
+        parser.error(f"--short-text-tail-lr must be positive, got {args.short_text_tail_lr}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     if not 0 <= args.warmup < 1:
@@ -458,7 +472,11 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))
 
+    total_steps = args.steps + args.short_text_tail_steps
+
     def schedule(step: int) -> float:
+        if args.short_text_tail_steps and step >= args.steps:  # the short-text tail
+            return args.short_text_tail_lr / args.lr * (1 - (step - args.steps) / args.short_text_tail_steps)
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
@@ -505,9 +523,9 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     started = time.time()
     model.train()
     sentence_rng = random.Random(args.seed)
-    progress = tqdm(total=args.steps, initial=step, desc="long-document stage", unit="step")
-    while step < args.steps:
-        queries, positives, negatives = examples.batch(step, args.batch_size)
+    progress = tqdm(total=total_steps, initial=step, desc="long-document stage", unit="step")
+    while step < total_steps:
+        in_tail = step >= args.steps
         sentence_rng.seed(args.seed * 7919 + step)
         short_texts = short_text_batch(sentence_rng, sentences, stsb_train, args.sentence_batch_size,
                                        args.stsb_train_fraction)
@@ -516,26 +534,26 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
             passage_texts = sentence_rng.sample(passages, min(args.passage_batch_size, len(passages)))
             short.append((passage_features(passage_texts), teacher_embeddings(passage_texts, PASSAGE_TOKENS)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, rank_loss, short_losses = stage_loss(
-                ranking, keep_short, [features(queries), features(positives), features(negatives)],
-                short, args.short_text_weight)
+            triples = None if in_tail else [features(texts_) for texts_ in examples.batch(step, args.batch_size)]
+            loss, rank_loss, short_losses = stage_loss(ranking, keep_short, triples, short, args.short_text_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
-        record = {"step": step, "ranking_loss": round(rank_loss.item(), 5),
+        record = {"step": step, "ranking_loss": None if rank_loss is None else round(rank_loss.item(), 5),
                   "short_text_loss": round(short_losses[0].item(), 6), "lr": scheduler.get_last_lr()[0]}
         if passages:
             record["passage_loss"] = round(short_losses[1].item(), 6)
         history.append(record)
         progress.update(1)
-        progress.set_postfix(rank=f"{rank_loss.item():.3f}", short=f"{short_losses[0].item():.4f}")
+        progress.set_postfix(rank="tail" if rank_loss is None else f"{rank_loss.item():.3f}",
+                             short=f"{short_losses[0].item():.4f}")
         stop = args.stop_after_minutes is not None and time.time() - started > 60 * args.stop_after_minutes
-        if step % args.save_every == 0 or stop or step == args.steps:
-            save(step == args.steps)
-        if stop and step < args.steps:
+        if step % args.save_every == 0 or stop or step == total_steps:
+            save(step == total_steps)
+        if stop and step < total_steps:
             logger.info("stopped after %.1f minutes at step %d; continue with --resume", args.stop_after_minutes, step)
             return {"finished": False, "step": step}
     progress.close()
@@ -555,7 +573,9 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
         "dropout": dropout,
         "trained": "token mixers" if args.train_only_token_mixers else "all layers",
-        "steps": step, "train_minutes": round(minutes, 1),
+        "steps": step, "short_text_tail_steps": args.short_text_tail_steps,
+        "short_text_tail_lr": args.short_text_tail_lr if args.short_text_tail_steps else None,
+        "train_minutes": round(minutes, 1),
         "final_losses": history[-1] if history else None,
     }
     attach_model_card(model, manifest)  # the card of the model loaded from --model would be kept
