@@ -59,6 +59,7 @@ from lam_embed.data import default_data_dir, read_stsb_pairs, read_text_lines, s
 from lam_embed.environment import git_commit
 from lam_embed.release import save_release
 
+from . import set_dropout
 from .distributed import Processes, start, stop
 
 logger = logging.getLogger("distill")
@@ -433,9 +434,7 @@ def train(args, data: tuple, processes: Processes, device: torch.device, argv=No
     tokenizer.padding_side = "right"
     teacher = Teacher(teacher_path, device)
     student = lam_embed.from_teacher(teacher_path, delta_impl=args.delta_impl).to(device)
-    for module in student.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = args.dropout
+    set_dropout(student, args.dropout)
     if not processes.main:
         torch.manual_seed(args.seed + 1_000_003 * processes.rank)  # dropout: other masks for other rows
 

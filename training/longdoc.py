@@ -43,6 +43,8 @@ from lam_embed.configuration_lam import POSITION_OVERFLOW
 from lam_embed.data import default_data_dir, read_text_lines, split_sentences, stsb_train_sentences
 from lam_embed.sentence_transformer import POOLING_MODES
 
+from . import set_dropout
+
 logger = logging.getLogger(__name__)
 
 QUERY_WORDS = (6, 60)  # the length of a sentence that can be a query, in words
@@ -451,9 +453,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if args.pooling is not None:
         set_pooling(model, args.pooling)
     dropout = lam.config.hidden_dropout_prob if args.dropout is None else args.dropout
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = dropout
+    set_dropout(model, dropout)
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
     teacher.requires_grad_(False)
     tokenizer = model.tokenizer
@@ -471,7 +471,6 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     keep_short = losses.MSELoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))
-
     total_steps = args.steps + args.short_text_tail_steps
 
     def schedule(step: int) -> float:
@@ -525,7 +524,6 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     sentence_rng = random.Random(args.seed)
     progress = tqdm(total=total_steps, initial=step, desc="long-document stage", unit="step")
     while step < total_steps:
-        in_tail = step >= args.steps
         sentence_rng.seed(args.seed * 7919 + step)
         short_texts = short_text_batch(sentence_rng, sentences, stsb_train, args.sentence_batch_size,
                                        args.stsb_train_fraction)
@@ -534,6 +532,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
             passage_texts = sentence_rng.sample(passages, min(args.passage_batch_size, len(passages)))
             short.append((passage_features(passage_texts), teacher_embeddings(passage_texts, PASSAGE_TOKENS)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            in_tail = step >= args.steps  # the short-text tail: no ranking term
             triples = None if in_tail else [features(texts_) for texts_ in examples.batch(step, args.batch_size)]
             loss, rank_loss, short_losses = stage_loss(ranking, keep_short, triples, short, args.short_text_weight)
         optimizer.zero_grad(set_to_none=True)
