@@ -162,14 +162,13 @@ def test_stage_loss_equals_an_independent_computation(tiny_model):
     torch.testing.assert_close(keep[0], want_keep, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(keep[1], want_passages, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(loss, want_rank + 7.0 * (want_keep + want_passages), rtol=1e-5, atol=1e-6)
-    # The short-text tail: no ranking term.
+    # The short-text tail: no ranking term, sentences only.
     with torch.no_grad():
         tail_loss, tail_rank, tail_keep = longdoc.stage_loss(
-            None, losses.MSELoss(model), None,
-            [(model.tokenize(short), target), (model.tokenize(passages), passage_target)], 7.0)
-    assert tail_rank is None
+            None, losses.MSELoss(model), None, [(model.tokenize(short), target)], 7.0)
+    assert tail_rank is None and len(tail_keep) == 1
     torch.testing.assert_close(tail_keep[0], want_keep, rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(tail_loss, 7.0 * (want_keep + want_passages), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(tail_loss, 7.0 * want_keep, rtol=1e-5, atol=1e-8)
 
 
 def _smoke_args(tmp_path: Path, model_dir: str, articles: Path, sentences: Path, out: str, *extra: str) -> list[str]:
@@ -443,6 +442,7 @@ def test_stsb_train_fraction_reads_only_the_train_sentences(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_smoke_run_with_the_passage_term(tmp_path, tiny_model):
+    """Passages are trained in the stage's steps and left out of the short-text tail."""
     model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
     passages = tmp_path / "passages.txt"
     passages.write_text("".join(" ".join(WORDS[i:]) + ".\n" for i in range(8)))
@@ -452,9 +452,10 @@ def test_smoke_run_with_the_passage_term(tmp_path, tiny_model):
                                                 for i in range(5)))
     longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "p", "--steps", "2", "--passages",
                              str(passages), "--passage-batch-size", "2", "--passage-holdout", "2",
-                             "--stsb", str(stsb), "--stsb-train-fraction", "0.5"))
+                             "--stsb", str(stsb), "--stsb-train-fraction", "0.5", "--short-text-tail-steps", "1"))
     history = json.loads((tmp_path / "p" / "history.json").read_text())
-    assert [h["step"] for h in history] == [1, 2] and all(h["passage_loss"] > 0 for h in history)
+    assert [h["step"] for h in history] == [1, 2, 3] and all(h["passage_loss"] > 0 for h in history[:2])
+    assert history[2]["ranking_loss"] is None and "passage_loss" not in history[2]
     manifest = json.loads((tmp_path / "p" / "release" / "manifest.json").read_text())
     assert manifest["data"]["passage_texts"] == 6 and manifest["data"]["stsb_train_sentences"] == 10
 

@@ -17,8 +17,8 @@ corpus sentences to the teacher's (MSELoss with the teacher's embeddings as labe
 as in the distillation), and, with ``--passage-batch-size``, of a batch of corpus passages (up
 to 512 tokens, the teacher's limit; the held-out end of the file is never read) in a second
 term of the same kind: the teacher's plain mean over a passage is what users of short inputs
-compare with. With ``--short-text-tail-steps``, the stage ends with steps of the short-text
-terms alone.
+compare with. With ``--short-text-tail-steps``, the stage ends with steps of the sentence
+term alone: with the passage term in them too, the tail hardly moved STS-B (docs/long-documents.md).
 """
 
 from __future__ import annotations
@@ -255,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
     p.add_argument("--short-text-tail-steps", type=int, default=0,
-                   help="after the --steps of the stage, this many steps of the short-text terms alone (no "
-                        "ranking term), at a learning rate falling linearly from --short-text-tail-lr to 0, so "
-                        "that training ends on the teacher's short-text embeddings (0: no tail)")
+                   help="after the --steps of the stage, this many steps of the sentence term alone (no "
+                        "ranking or passage term), at a learning rate falling linearly from --short-text-tail-lr "
+                        "to 0, so that training ends on the teacher's sentence embeddings (0: no tail)")
     p.add_argument("--short-text-tail-lr", type=float, default=1e-5,
                    help="learning rate of the first step of the short-text tail")
     p.add_argument("--dropout", type=float, default=None,
@@ -528,11 +528,12 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         short_texts = short_text_batch(sentence_rng, sentences, stsb_train, args.sentence_batch_size,
                                        args.stsb_train_fraction)
         short = [(features(short_texts), teacher_embeddings(short_texts))]
-        if passages:
+        in_tail = step >= args.steps  # the short-text tail: the sentence term only
+        with_passages = bool(passages) and not in_tail
+        if with_passages:
             passage_texts = sentence_rng.sample(passages, min(args.passage_batch_size, len(passages)))
             short.append((passage_features(passage_texts), teacher_embeddings(passage_texts, PASSAGE_TOKENS)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            in_tail = step >= args.steps  # the short-text tail: no ranking term
             triples = None if in_tail else [features(texts_) for texts_ in examples.batch(step, args.batch_size)]
             loss, rank_loss, short_losses = stage_loss(ranking, keep_short, triples, short, args.short_text_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -543,7 +544,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         step += 1
         record = {"step": step, "ranking_loss": None if rank_loss is None else round(rank_loss.item(), 5),
                   "short_text_loss": round(short_losses[0].item(), 6), "lr": scheduler.get_last_lr()[0]}
-        if passages:
+        if with_passages:
             record["passage_loss"] = round(short_losses[1].item(), 6)
         history.append(record)
         progress.update(1)
