@@ -61,6 +61,13 @@ class LAMConfig(PretrainedConfig):
             weighted).
         outlier_pooling_min_tokens: the length above which ``outlier_pooling_temperature``
             applies (in full from 4 times this on).
+        long_input_min_tokens: None (one set of layers) or a token count: samples of more
+            valid tokens than this are read by a second set of layers, ``long_input_layers``
+            (of the same shape, saved with the weights), the others by ``layers``. The long-
+            document stage then moves only the layers that read documents, and short texts keep
+            the embeddings of the model it started from exactly (docs/long-documents.md,
+            "Separate layers for long inputs"). A batch of both kinds runs each set on its
+            samples. A forward that carries a state (streaming) does not support it yet.
         chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
         conv_size: kernel size of the causal depthwise convolutions on q, k, v.
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.
@@ -129,6 +136,7 @@ class LAMConfig(PretrainedConfig):
         token_weights_min_tokens: int | None = None,
         outlier_pooling_temperature: float | None = None,
         outlier_pooling_min_tokens: int = 512,
+        long_input_min_tokens: int | None = None,
         chunk_size: int = 128,
         conv_size: int = 4,
         fast_decay_init: float = 0.3,
@@ -162,6 +170,7 @@ class LAMConfig(PretrainedConfig):
         self.token_weights_min_tokens = token_weights_min_tokens
         self.outlier_pooling_temperature = outlier_pooling_temperature
         self.outlier_pooling_min_tokens = outlier_pooling_min_tokens
+        self.long_input_min_tokens = long_input_min_tokens
         self.chunk_size = chunk_size
         self.conv_size = conv_size
         self.fast_decay_init = fast_decay_init
@@ -231,5 +240,8 @@ class LAMConfig(PretrainedConfig):
         least = self.outlier_pooling_min_tokens
         if isinstance(least, bool) or not isinstance(least, int) or least < 0:
             raise ValueError(f"LAMConfig.outlier_pooling_min_tokens must be an integer >= 0, got {least!r}")
+        least = self.long_input_min_tokens
+        if least is not None and (isinstance(least, bool) or not isinstance(least, int) or least < 0):
+            raise ValueError(f"LAMConfig.long_input_min_tokens must be None or an integer >= 0, got {least!r}")
         if self.delta_impl not in BACKEND_NAMES:
             raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {self.delta_impl!r}")

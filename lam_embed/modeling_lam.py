@@ -281,10 +281,27 @@ class LAMModel(LAMPreTrainedModel):
         super().__init__(config)
         self.embeddings = LAMEmbeddings(config)
         self.layers = nn.ModuleList(LAMLayer(config) for _ in range(config.num_hidden_layers))
+        if config.long_input_min_tokens is not None:
+            # The layers that read samples of more than long_input_min_tokens valid tokens.
+            self.long_input_layers = nn.ModuleList(LAMLayer(config) for _ in range(config.num_hidden_layers))
         if config.token_weights_min_tokens is not None:
             # One pooling weight per token id (LAMConfig.token_weights_min_tokens), saved with the weights.
             self.register_buffer("token_weights", torch.ones(config.vocab_size))
         self.post_init()
+
+    def with_long_input_layers(self, min_tokens: int, long_input_layers: dict | None = None) -> "LAMModel":
+        """A new LAMModel with this one's weights that reads inputs of more than ``min_tokens``
+        valid tokens with a second set of layers (LAMConfig.long_input_min_tokens): the state
+        dict ``long_input_layers`` of a ModuleList like ``self.layers`` (another run's layers),
+        by default a copy of this model's layers."""
+        if self.config.long_input_min_tokens is not None:
+            raise ValueError("the model has long-input layers already")
+        config = self.config.to_dict()
+        config.pop("model_type", None)
+        model = LAMModel(LAMConfig(**{**config, "long_input_min_tokens": min_tokens}))
+        model.load_state_dict({**self.state_dict(), **{f"long_input_layers.{k}": v for k, v in
+                                                       (long_input_layers or self.layers.state_dict()).items()}})
+        return model.to(self.embeddings.word_embeddings.weight.device).train(self.training)
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -297,6 +314,9 @@ class LAMModel(LAMPreTrainedModel):
         """forward from and to a carried state: eager layer code around the delta rule of
         ``carried_backend``, replayed from a CUDA graph where the fused forward would be."""
         B, C = input_ids.shape[0], self.config.chunk_size
+        if self.config.long_input_min_tokens is not None:
+            raise NotImplementedError("a forward that carries a state (past_state, use_cache, state_after_tokens: "
+                                      "streaming) does not support LAMConfig.long_input_min_tokens yet")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if past_state is not None:
@@ -370,13 +390,15 @@ class LAMModel(LAMPreTrainedModel):
                               wants_grad, self.training)
 
     def _encode(self, input_ids, token_type_ids, mask, backend: Backend, hidden_states: list | None = None,
-                clamp: bool = False, parts: int = 1) -> torch.Tensor:
+                clamp: bool = False, parts: int = 1, long_inputs: bool = False) -> torch.Tensor:
         """Embeddings and layers: the last hidden state. The layer inputs and the output
         are appended to ``hidden_states`` when it is given. ``parts`` > 1: the layers run
         on that many CUDA streams (layers_on_streams; no hidden states). ``clamp``: the
         ids' values are checked only once the forward pass is queued (on CUDA, see
         inference/input_checks.py), so ids outside the tables must not reach the embedding
-        lookup, where an out-of-range read would end the CUDA context instead of raising."""
+        lookup, where an out-of-range read would end the CUDA context instead of raising.
+        ``long_inputs``: through ``long_input_layers`` (LAMConfig.long_input_min_tokens)."""
+        layers = self.long_input_layers if long_inputs else self.layers
         if not self.training and backend.layer_code == "triton":
             x = self.embeddings.fused(input_ids, token_type_ids)  # clamps as it reads
         else:
@@ -389,13 +411,13 @@ class LAMModel(LAMPreTrainedModel):
             if packed is not None:
                 # The valid tokens only, one sample after another (inference/packing.py).
                 x = self.embeddings(packed.pack(input_ids), packed.pack(token_type_ids), positions=packed.positions)
-                for layer in self.layers:
+                for layer in layers:
                     x = layer(x, packed, backend)
                 return packed.unpack(x)
             x = self.embeddings(input_ids, token_type_ids)
         if parts > 1:
-            return layers_on_streams(self.layers, x, mask, parts, backend)
-        for layer in self.layers:
+            return layers_on_streams(layers, x, mask, parts, backend)
+        for layer in layers:
             if hidden_states is not None:
                 hidden_states.append(x)
             x = layer(x, mask, backend)
@@ -403,18 +425,19 @@ class LAMModel(LAMPreTrainedModel):
             hidden_states.append(x)
         return x
 
-    def _graph_forward(self, input_ids, attention_mask, token_type_ids, backend: Backend):
+    def _graph_forward(self, input_ids, attention_mask, token_type_ids, backend: Backend, long_inputs: bool = False):
         """What a CUDA graph captures: the last hidden state and the value summary of the inputs."""
         summary = input_checks.value_summary(input_ids, attention_mask, token_type_ids)
         config = self.config
         parts = min(config.graph_streams, input_ids.shape[0]) if input_ids.numel() >= config.graph_streams_min_tokens else 1
-        return self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, clamp=True, parts=parts), summary
+        return self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, clamp=True, parts=parts,
+                            long_inputs=long_inputs), summary
 
     def _graph_tensors_read(self) -> list[torch.Tensor]:
         """What a captured graph reads besides its buffers: the parameters' storage (as
         aliases, which keep it even when a parameter's ``.data`` is replaced) and the
         weights each layer stacked from them (DualStateDeltaNet.stacked_weights)."""
-        stacked = [t for layer in self.layers for t in layer.delta_net.kept_stacked_weights()]
+        stacked = [t for layer in self._all_layers() for t in layer.delta_net.kept_stacked_weights()]
         return [p.detach() for p in self.parameters()] + stacked
 
     def uses_cuda_graphs(self, input_ids: torch.Tensor, backend: Backend | None = None) -> bool:
@@ -428,8 +451,12 @@ class LAMModel(LAMPreTrainedModel):
         return bool(self.config.cuda_graphs and input_ids.is_cuda and input_ids.numel() > 0 and not self.training
                     and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing())
 
-    # The CUDA graphs of the forward and, apart, of carried forwards (a stream's pieces).
-    _GRAPH_CACHES = ("_cuda_graphs", "_carried_cuda_graphs")
+    def _all_layers(self) -> list[LAMLayer]:
+        return [*self.layers, *getattr(self, "long_input_layers", ())]
+
+    # The CUDA graphs of the forward, of the forward through long_input_layers (a shape may
+    # be seen with both) and, apart, of carried forwards (a stream's pieces).
+    _GRAPH_CACHES = ("_cuda_graphs", "_long_input_cuda_graphs", "_carried_cuda_graphs")
 
     def _graph_cache(self, name: str) -> ForwardGraphs:
         graphs = self.__dict__.get(name)
@@ -484,28 +511,13 @@ class LAMModel(LAMPreTrainedModel):
         if past_state is not None or use_cache or state_after_tokens is not None:
             return self._carried_forward(input_ids, attention_mask, token_type_ids, past_state, return_dict,
                                          state_after_tokens)
-        backend = self.select_backend(input_ids)
-        graphed = None
-        if not output_hidden_states and self.uses_cuda_graphs(input_ids, backend):
-            install_change_hooks()
-            # token_type_ids may stay None here: the graph's buffer of them is then zero.
-            graphed = self._graphs(self, functools.partial(self._graph_forward, backend=backend),
-                                   input_ids, attention_mask, token_type_ids,
-                                   changes=(optimizer_steps(), parameter_registrations(),
-                                            self.config.position_overflow),
-                                   chunk_size=self.config.chunk_size, tensors_read=self._graph_tensors_read)
-        hidden_states = None
-        if graphed is not None:
-            x, stats = graphed
-            pending = input_checks.summary_to_host(stats)
+        if self.config.long_input_min_tokens is None:
+            x, hidden_states, pending = self._last_hidden_state(input_ids, attention_mask, token_type_ids,
+                                                                output_hidden_states)
+            pendings = [pending]
         else:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
-            pending = input_checks.check_input_values(self.config, input_ids, attention_mask, token_type_ids)
-            if output_hidden_states:
-                hidden_states = []
-            x = self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, hidden_states,
-                             clamp=pending is not None)
+            x, hidden_states, pendings = self._routed_last_hidden_state(input_ids, attention_mask, token_type_ids,
+                                                                        output_hidden_states)
         config = self.config
         id_weights = self.token_weights if config.token_weights_min_tokens is not None else None
         if config.token_repeat_cap is not None or id_weights is not None or config.outlier_pooling_temperature:
@@ -518,6 +530,65 @@ class LAMModel(LAMPreTrainedModel):
             output = (x,) if hidden_states is None else (x, tuple(hidden_states))
         else:
             output = BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
-        if pending is not None:
-            input_checks.check_values(self.config, *pending)
+        for pending in pendings:
+            if pending is not None:
+                input_checks.check_values(self.config, *pending)
         return output
+
+    def _last_hidden_state(self, input_ids, attention_mask, token_type_ids, output_hidden_states,
+                           long_inputs: bool = False):
+        """The last hidden state through one set of layers (``long_input_layers`` with
+        ``long_inputs``), the hidden states when asked for, and the pending value check."""
+        backend = self.select_backend(input_ids)
+        graphed = None
+        if not output_hidden_states and self.uses_cuda_graphs(input_ids, backend):
+            install_change_hooks()
+            graphs = self._graph_cache("_long_input_cuda_graphs" if long_inputs else "_cuda_graphs")
+            # token_type_ids may stay None here: the graph's buffer of them is then zero.
+            graphed = graphs(self, functools.partial(self._graph_forward, backend=backend, long_inputs=long_inputs),
+                             input_ids, attention_mask, token_type_ids,
+                             changes=(optimizer_steps(), parameter_registrations(), self.config.position_overflow),
+                             chunk_size=self.config.chunk_size, tensors_read=self._graph_tensors_read)
+        hidden_states = None
+        if graphed is not None:
+            x, stats = graphed
+            pending = input_checks.summary_to_host(stats)
+        else:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            pending = input_checks.check_input_values(self.config, input_ids, attention_mask, token_type_ids)
+            if output_hidden_states:
+                hidden_states = []
+            x = self._encode(input_ids, token_type_ids, attention_mask.bool(), backend, hidden_states,
+                             clamp=pending is not None, long_inputs=long_inputs)
+        return x, hidden_states, pending
+
+    def _routed_last_hidden_state(self, input_ids, attention_mask, token_type_ids, output_hidden_states):
+        """_last_hidden_state with the samples of more than config.long_input_min_tokens valid
+        tokens through long_input_layers and the others through layers. A batch of both kinds
+        runs each set on its own samples (each sample's computation is its own) and puts the
+        rows back in order; returns the pending value checks of each part."""
+        is_long = attention_mask.sum(1) > self.config.long_input_min_tokens
+        n_long = int(is_long.sum())  # one host sync a batch, to pick the path
+        if n_long in (0, input_ids.shape[0]):
+            x, hidden_states, pending = self._last_hidden_state(input_ids, attention_mask, token_type_ids,
+                                                                output_hidden_states, long_inputs=n_long > 0)
+            return x, hidden_states, [pending]
+        parts = []
+        for long_inputs, rows in ((False, (~is_long).nonzero().squeeze(1)), (True, is_long.nonzero().squeeze(1))):
+            types = None if token_type_ids is None else token_type_ids[rows]
+            parts.append((rows, self._last_hidden_state(input_ids[rows], attention_mask[rows], types,
+                                                        output_hidden_states, long_inputs=long_inputs)))
+
+        def merged(pick) -> torch.Tensor:
+            first = pick(parts[0][1])
+            out = first.new_empty((input_ids.shape[0], *first.shape[1:]))
+            for rows, part in parts:
+                out[rows] = pick(part)
+            return out
+
+        x = merged(lambda part: part[0])
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = [merged(lambda part, i=i: part[1][i]) for i in range(len(parts[0][1][1]))]
+        return x, hidden_states, [part[2] for _, part in parts]

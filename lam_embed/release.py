@@ -4,7 +4,8 @@ A distilled LAM shares its embeddings and most FFNs with the teacher bit for bit
 a release stores the other tensors (the DeltaNets, LayerNorms and any FFN a run
 trained: 9-14 MB in fp16) and a manifest; ``assemble`` rebuilds the complete sentence-transformers
 folder from the teacher and these tensors; ``average_releases`` averages the weights
-of several runs into one release.
+of several runs into one release; ``add_long_input_layers`` gives a release a second set of
+layers, another run's, for long inputs.
 """
 
 from __future__ import annotations
@@ -131,13 +132,7 @@ def average_releases(folders: list[str | os.PathLike], output: str | os.PathLike
     if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
         raise ValueError(f"weights: expected non-negative numbers that sum to 1, got {weights}")
     models = [load_release(folder, teacher) for folder in folders]
-    ignored = {"delta_impl", "teacher", "_name_or_path", "transformers_version"}  # not architecture
-    reference = {k: v for k, v in models[0].config.to_dict().items() if k not in ignored}
-    for folder, model in zip(folders[1:], models[1:]):
-        config = {k: v for k, v in model.config.to_dict().items() if k not in ignored}
-        differing = sorted(k for k in reference.keys() | config.keys() if reference.get(k) != config.get(k))
-        if differing:
-            raise ValueError(f"release {folder} has another architecture than {folders[0]}: {differing[:5]} differ")
+    _check_same_architecture(folders, models)
     states = [model.state_dict() for model in models]
     averaged = {}
     for name, first in states[0].items():
@@ -148,20 +143,61 @@ def average_releases(folders: list[str | os.PathLike], output: str | os.PathLike
         else:
             averaged[name] = sum(w * state[name].float() for w, state in zip(weights, states))
     models[0].load_state_dict(averaged)
+    manifest = {**(manifest or {}), **_runs_record(folders),
+                "averaged": [{"folder": str(f), "weight": w} for f, w in zip(folders, weights)]}
+    return save_release(models[0], output, manifest, teacher=teacher)
+
+
+def _runs_record(folders: list) -> dict:
+    """The manifests of the releases ``folders`` ("runs"), their devices and summed training time."""
     runs = []
     for folder in folders:
         path = Path(folder) / MANIFEST_FILE
         runs.append(json.loads(path.read_text()) if path.is_file() else {})
-    manifest = {
-        **(manifest or {}),
+    return {
         "device": ", ".join(sorted({run.get("device", "unknown") for run in runs})),
         # The runs are independent, so they can share one GPU; their sum bounds the time
         # taken one after the other.
         "train_minutes": round(sum(run.get("train_minutes", 0.0) for run in runs), 2),
-        "averaged": [{"folder": str(f), "weight": w} for f, w in zip(folders, weights)],
         "runs": runs,
     }
-    return save_release(models[0], output, manifest, teacher=teacher)
+
+
+def _check_same_architecture(folders: list, models: list[LAMModel]) -> None:
+    """ValueError naming the first release whose config computes something else than the first's."""
+    ignored = {"delta_impl", "teacher", "_name_or_path", "transformers_version"}  # not architecture
+    reference = {k: v for k, v in models[0].config.to_dict().items() if k not in ignored}
+    for folder, model in zip(folders[1:], models[1:]):
+        config = {k: v for k, v in model.config.to_dict().items() if k not in ignored}
+        differing = sorted(k for k in reference.keys() | config.keys() if reference.get(k) != config.get(k))
+        if differing:
+            raise ValueError(f"release {folder} has another architecture than {folders[0]}: {differing[:5]} differ")
+
+
+def add_long_input_layers(folder: str | os.PathLike, long_input_folder: str | os.PathLike, min_tokens: int,
+                          output: str | os.PathLike, manifest: dict | None = None,
+                          teacher: str | os.PathLike | None = None) -> Path:
+    """Write a release that reads inputs of more than ``min_tokens`` valid tokens with the
+    layers of the release ``long_input_folder`` and the others with those of ``folder``
+    (LAMConfig.long_input_min_tokens): short texts get ``folder``'s embeddings exactly. Both
+    releases must have one architecture and the same embeddings (and token weights), and
+    neither may have long-input layers already; the manifest holds both runs' manifests."""
+    folders = [folder, long_input_folder]
+    models = [load_release(f, teacher) for f in folders]
+    for f, model in zip(folders, models):
+        if model.config.long_input_min_tokens is not None:
+            raise ValueError(f"release {f} has long-input layers already")
+    _check_same_architecture(folders, models)
+    short_state, long_state = (model.state_dict() for model in models)
+    differing = sorted(k for k in short_state
+                       if not k.startswith("layers.") and not torch.equal(short_state[k], long_state[k]))
+    if differing:
+        raise ValueError(f"release {long_input_folder} differs from {folder} outside its layers ({differing[:3]}): "
+                         "the two sets of layers would share one embedding table")
+    model = models[0].with_long_input_layers(min_tokens, models[1].layers.state_dict())  # LAMConfig checks min_tokens
+    manifest = {**(manifest or {}), **_runs_record(folders), "long_input_min_tokens": min_tokens,
+                "layers_from": str(folder), "long_input_layers_from": str(long_input_folder)}
+    return save_release(model, output, manifest, teacher=teacher)
 
 
 def set_release_pooling(folder: str | os.PathLike, output: str | os.PathLike, changes: dict,

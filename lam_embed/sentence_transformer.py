@@ -34,6 +34,18 @@ def is_token_mixer_parameter(name: str) -> bool:
     return any(part in f".{name}" for part in TOKEN_MIXER_NAMES)
 
 
+def replace_transformer_model(st, model) -> None:
+    """Put ``model`` in place of the transformers model of ``st``'s first module
+    (sentence-transformers 6.3 made ``auto_model`` a read-only view of ``model``)."""
+    module = st[0]
+    if isinstance(getattr(type(module), "auto_model", None), property):
+        module.model = model
+    else:
+        module.auto_model = model
+    if module.auto_model is not model:
+        raise RuntimeError(f"could not replace the model of {type(module).__name__}")
+
+
 def _check_pooling(mode: str) -> None:
     if mode not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}; got {mode!r}")

@@ -142,6 +142,8 @@ def from_teacher(name_or_path: str | os.PathLike | None = None, **config_overrid
         if own[name].shape != tensor.shape:
             raise ValueError(f"teacher tensor for {name} has shape {tuple(tensor.shape)}, LAM expects {tuple(own[name].shape)}")
     model.load_state_dict(weights, strict=False)
+    if config.long_input_min_tokens is not None:
+        model.long_input_layers.load_state_dict(model.layers.state_dict())  # both sets start from the teacher
     model.config.teacher = str(name_or_path) if name_or_path is not None else DEFAULT_TEACHER
     logger.info("initialised LAM from the teacher at %s (%d tensors copied)", path, len(weights))
     return model

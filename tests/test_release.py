@@ -164,14 +164,19 @@ def test_average_rejects_releases_of_another_architecture(tmp_path):
         average_releases([a, other], tmp_path / "avg")
 
 
-def test_average_releases_cli_writes_the_runs_manifests(tmp_path):
+def _script_main(name):
+    """The main function of scripts/<name>.py."""
     import importlib.util
 
-    script_path = Path(__file__).resolve().parent.parent / "scripts" / "average_releases.py"
-    spec = importlib.util.spec_from_file_location("average_releases", script_path)
+    script_path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script_path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    main = script.main
+    return script.main
+
+
+def test_average_releases_cli_writes_the_runs_manifests(tmp_path):
+    main = _script_main("average_releases")
     a, b = _perturbed_release(tmp_path / "a", 0), _perturbed_release(tmp_path / "b", 1)
     main([str(a), str(b), "--output", str(tmp_path / "avg")])
     manifest = json.loads((tmp_path / "avg" / MANIFEST_FILE).read_text())
@@ -316,3 +321,35 @@ def test_set_release_pooling_rejects_bad_settings(tmp_path, capsys):
         with pytest.raises(SystemExit):
             pooling_main([str(RELEASE), "--output", str(tmp_path / "y"), *argv])
         assert message in capsys.readouterr().err
+
+
+def test_add_long_input_layers_routes_inputs_by_length(tmp_path):
+    from lam_embed.release import add_long_input_layers
+
+    a, b = _perturbed_release(tmp_path / "a", 0), _perturbed_release(tmp_path / "b", 1, scale=0.05)
+    out = add_long_input_layers(a, b, 16, tmp_path / "routed", manifest={"command": "x"})
+    routed, short, long_ = load_release(out), load_release(a), load_release(b)
+    assert routed.config.long_input_min_tokens == 16
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert [run["command"] for run in manifest["runs"]] == ["perturbed 0", "perturbed 1"]
+    assert manifest["long_input_min_tokens"] == 16 and manifest["train_minutes"] == 3.0
+    generator = torch.Generator().manual_seed(0)
+    for n, want in ((10, short), (40, long_)):
+        ids = torch.randint(1000, 20000, (1, n), generator=generator)
+        with torch.no_grad():
+            got = routed(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(got, want(input_ids=ids).last_hidden_state, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has long-input layers already"):
+        add_long_input_layers(out, b, 16, tmp_path / "again")
+    c = _perturbed_release(tmp_path / "c", 2, also=["embeddings.LayerNorm"])
+    with pytest.raises(ValueError, match="outside its layers .*embeddings.LayerNorm"):
+        add_long_input_layers(a, c, 16, tmp_path / "bad")
+
+
+def test_add_long_input_layers_cli_names_bad_arguments(tmp_path, capsys):
+    main = _script_main("add_long_input_layers")
+    for extra, message in ((["--min-tokens", "-1"], "--min-tokens: must be an integer >= 0, got -1"),
+                           (["--long-input-release", str(tmp_path / "none")], "lacks lam_weights.safetensors")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(RELEASE), "--output", str(tmp_path / "out"), "--long-input-release", str(RELEASE), *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

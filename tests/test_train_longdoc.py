@@ -311,6 +311,9 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),
         (["--short-text-tail-steps", "-1"], "--short-text-tail-steps must be >= 0, got -1"),
         (["--short-text-tail-lr", "0"], "--short-text-tail-lr must be positive, got 0.0"),
+        (["--long-input-min-tokens", "-1"], "--long-input-min-tokens: must be an integer >= 0, got -1"),
+        (["--long-input-min-tokens", "8", "--short-text-tail-steps", "2"],
+         "--long-input-min-tokens trains the long-input layers only: drop --short-text-tail-steps"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -473,3 +476,27 @@ def test_training_texts_hold_no_evaluation_material():
     filler = PASSKEY_FILLER.split(". ")[0]
     for text in longdoc.read_long_texts(DATA / "longdoc" / "wiki_articles.jsonl.gz")[:500] + texts:
         assert "pass key" not in text and filler not in text
+
+
+@pytest.mark.slow
+def test_long_input_layers_train_alone_and_short_inputs_keep_their_embeddings(tmp_path, tiny_model):
+    """--long-input-min-tokens: a second set of layers, started as a copy, is the only thing
+    trained; the first set (which reads the queries and every input of up to N tokens) and the
+    embeddings stay as loaded, so short texts embed exactly as before."""
+    from lam_embed import LAMModel
+
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "long", "--steps", "2", "--lr", "1e-3",
+                             "--long-input-min-tokens", "12"))
+    start = tiny_model[0][0].auto_model
+    trained = LAMModel.from_pretrained(tmp_path / "long" / "sentence-transformer")
+    assert trained.config.long_input_min_tokens == 12
+    before, after = start.state_dict(), trained.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    moved = [name for name in after if name.startswith("long_input_layers.")
+             and not torch.equal(after[name], before[name.removeprefix("long_input_")])]
+    assert moved
+    history = json.loads((tmp_path / "long" / "history.json").read_text())
+    assert all("short_text_loss" not in record and record["ranking_loss"] > 0 for record in history)
+    manifest = json.loads((tmp_path / "long" / "release" / "manifest.json").read_text())
+    assert manifest["trained"] == "long-input layers" and manifest["long_input_min_tokens"] == 12

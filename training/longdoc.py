@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-only-token-mixers", action="store_true",
                    help="train each layer's token mixer (its DeltaNet) only; the FFNs, norms and embeddings "
                         "stay as loaded")
+    p.add_argument("--long-input-min-tokens", type=_non_negative, default=None, metavar="N",
+                   help="give the model a second set of layers for inputs of more than N tokens "
+                        "(LAMConfig.long_input_min_tokens), started as a copy of its layers, and train only those: "
+                        "inputs of up to N tokens (the queries, the short-text sentences) keep the loaded model's "
+                        "embeddings exactly, so the sentence term and its tail are left out (default: one set of "
+                        "layers)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
@@ -281,6 +287,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -315,6 +328,12 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--passages: no file {args.passages} (needed by --passage-batch-size)")
     if args.train_only_token_mixers and args.train_embeddings:
         parser.error("--train-only-token-mixers leaves the embeddings as loaded: drop --train-embeddings")
+    if args.long_input_min_tokens is not None:
+        for given, option in ((args.train_only_token_mixers, "--train-only-token-mixers"),
+                              (args.train_embeddings, "--train-embeddings"),
+                              (args.short_text_tail_steps, "--short-text-tail-steps")):
+            if given:
+                parser.error(f"--long-input-min-tokens trains the long-input layers only: drop {option}")
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens ({args.min_tokens}) must not exceed --max-tokens ({args.max_tokens})")
     if not 0 <= args.stsb_train_fraction < 1:
@@ -430,7 +449,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     from lam_embed.environment import git_commit
     from lam_embed.model_card import attach_model_card
     from lam_embed.release import save_release
-    from lam_embed.sentence_transformer import pooling_mode, set_pooling
+    from lam_embed.sentence_transformer import pooling_mode, replace_transformer_model, set_pooling
     from lam_embed.teacher import resolve_teacher_path
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -452,6 +471,13 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         lam.config.outlier_pooling_temperature = args.outlier_pooling_temperature or None
     if args.pooling is not None:
         set_pooling(model, args.pooling)
+    if args.long_input_min_tokens is not None:
+        if lam.config.long_input_min_tokens is None:
+            lam = lam.with_long_input_layers(args.long_input_min_tokens)
+            replace_transformer_model(model, lam)
+        elif lam.config.long_input_min_tokens != args.long_input_min_tokens:
+            raise SystemExit(f"--long-input-min-tokens {args.long_input_min_tokens}: {args.model} reads inputs of "
+                             f"more than {lam.config.long_input_min_tokens} tokens with long-input layers already")
     dropout = lam.config.hidden_dropout_prob if args.dropout is None else args.dropout
     set_dropout(model, dropout)
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
@@ -467,6 +493,10 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         lam.embeddings.requires_grad_(False)
     if args.train_only_token_mixers:
         freeze_all_but_token_mixers(lam)
+    long_inputs_only = args.long_input_min_tokens is not None
+    if long_inputs_only:
+        for name, param in lam.named_parameters():
+            param.requires_grad_(name.startswith("long_input_layers."))
     ranking = losses.MultipleNegativesRankingLoss(model, scale=args.scale)
     keep_short = losses.MSELoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
@@ -521,13 +551,18 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
 
     started = time.time()
     model.train()
+    if long_inputs_only:  # the frozen layers read the queries as at inference (no dropout)
+        lam.embeddings.eval()
+        lam.layers.eval()
     sentence_rng = random.Random(args.seed)
     progress = tqdm(total=total_steps, initial=step, desc="long-document stage", unit="step")
     while step < total_steps:
         sentence_rng.seed(args.seed * 7919 + step)
-        short_texts = short_text_batch(sentence_rng, sentences, stsb_train, args.sentence_batch_size,
-                                       args.stsb_train_fraction)
-        short = [(features(short_texts), teacher_embeddings(short_texts))]
+        short = []
+        if not long_inputs_only:  # sentences would reach the frozen layers only
+            short_texts = short_text_batch(sentence_rng, sentences, stsb_train, args.sentence_batch_size,
+                                           args.stsb_train_fraction)
+            short.append((features(short_texts), teacher_embeddings(short_texts)))
         in_tail = step >= args.steps  # the short-text tail: the sentence term only
         with_passages = bool(passages) and not in_tail
         if with_passages:
@@ -543,13 +578,15 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         scheduler.step()
         step += 1
         record = {"step": step, "ranking_loss": None if rank_loss is None else round(rank_loss.item(), 5),
-                  "short_text_loss": round(short_losses[0].item(), 6), "lr": scheduler.get_last_lr()[0]}
+                  "lr": scheduler.get_last_lr()[0]}
+        if not long_inputs_only:
+            record["short_text_loss"] = round(short_losses[0].item(), 6)
         if with_passages:
-            record["passage_loss"] = round(short_losses[1].item(), 6)
+            record["passage_loss"] = round(short_losses[-1].item(), 6)
         history.append(record)
         progress.update(1)
         progress.set_postfix(rank="tail" if rank_loss is None else f"{rank_loss.item():.3f}",
-                             short=f"{short_losses[0].item():.4f}")
+                             **{"short": f"{short_losses[0].item():.4f}"} if short_losses else {})
         stop = args.stop_after_minutes is not None and time.time() - started > 60 * args.stop_after_minutes
         if step % args.save_every == 0 or stop or step == total_steps:
             save(step == total_steps)
@@ -572,7 +609,9 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "token_weights_min_tokens": lam.config.token_weights_min_tokens,
         "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
         "dropout": dropout,
-        "trained": "token mixers" if args.train_only_token_mixers else "all layers",
+        "trained": ("long-input layers" if long_inputs_only else
+                    "token mixers" if args.train_only_token_mixers else "all layers"),
+        "long_input_min_tokens": lam.config.long_input_min_tokens,
         "steps": step, "short_text_tail_steps": args.short_text_tail_steps,
         "short_text_tail_lr": args.short_text_tail_lr if args.short_text_tail_steps else None,
         "train_minutes": round(minutes, 1),

@@ -1,0 +1,53 @@
+"""Give a release a second set of layers for long inputs, taken from another release.
+
+The result reads inputs of more than --min-tokens valid tokens (special tokens included)
+with the layers of --long-input-release and the others with those of RELEASE
+(LAMConfig.long_input_min_tokens), so that short texts keep RELEASE's embeddings exactly
+while documents get the layers of a long-document stage run. Both releases must come from
+one architecture and share their embeddings. The result is a release folder with both
+runs' manifests, which ``scripts/assemble_lam.py --release`` turns into a
+sentence-transformers folder. Streaming (``lam_embed.encode_document``) does not support
+such a model yet.
+"""
+
+import argparse
+import logging
+import sys
+
+from lam_embed.cli import DefaultsHelpFormatter
+from lam_embed.environment import git_commit
+from lam_embed.release import add_long_input_layers
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
+    p.add_argument("release", help="release folder whose layers read inputs of up to --min-tokens tokens")
+    p.add_argument("--long-input-release", required=True,
+                   help="release folder (a long-document stage run) whose layers read longer inputs")
+    p.add_argument("--min-tokens", type=_count, default=256,
+                   help="inputs of more valid tokens than this are read by the long-input layers")
+    p.add_argument("--output", required=True, help="release folder to write")
+    p.add_argument("--teacher", default=None, help="teacher folder or hub name (default: all-MiniLM-L6-v2)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    manifest = {
+        "command": "python scripts/add_long_input_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": git_commit() or "unknown",
+    }
+    try:
+        add_long_input_layers(args.release, args.long_input_release, args.min_tokens, args.output,
+                              manifest=manifest, teacher=args.teacher)
+    except (ValueError, FileNotFoundError) as error:
+        p.error(str(error))
+    print(f"wrote {args.output}; assemble it with `python scripts/assemble_lam.py --release {args.output}`")
+
+
+if __name__ == "__main__":
+    main()
