@@ -159,6 +159,9 @@ def _parts(model):
     others = [m for m in modules[1:] if not isinstance(m, Pooling | Normalize)]
     if others:
         raise ValueError(f"streaming knows Pooling and Normalize only; this model also has {type(others[0]).__name__}")
+    if lam.config.long_input_min_tokens is not None:
+        raise ValueError("streaming does not support a model with long-input layers (LAMConfig.long_input_min_tokens) "
+                         "yet: encode the whole document with model.encode")
     return lam, model.tokenizer, any(isinstance(m, Normalize) for m in modules)
 
 

@@ -91,3 +91,11 @@ def test_save_and_load_keep_both_sets(models, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state,
                                    routed(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=0, atol=0)
+
+
+def test_streaming_names_what_it_cannot_do(models):
+    import lam_embed
+
+    st = lam_embed.build_sentence_transformer(models[0], tokenizer=None, device="cpu")
+    with pytest.raises(ValueError, match="streaming does not support a model with long-input layers"):
+        lam_embed.encode_document(st, "a few words")
