@@ -15,3 +15,11 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "(default" in text:
             return text
         return super()._get_help_string(action)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value

@@ -301,7 +301,8 @@ class LAMModel(LAMPreTrainedModel):
         model = LAMModel(LAMConfig(**{**config, "long_input_min_tokens": min_tokens}))
         model.load_state_dict({**self.state_dict(), **{f"long_input_layers.{k}": v for k, v in
                                                        (long_input_layers or self.layers.state_dict()).items()}})
-        return model.to(self.embeddings.word_embeddings.weight.device).train(self.training)
+        weight = self.embeddings.word_embeddings.weight
+        return model.to(device=weight.device, dtype=weight.dtype).train(self.training)
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings

@@ -14,16 +14,9 @@ import argparse
 import logging
 import sys
 
-from lam_embed.cli import DefaultsHelpFormatter
+from lam_embed.cli import DefaultsHelpFormatter, non_negative_int
 from lam_embed.environment import git_commit
 from lam_embed.release import add_long_input_layers
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
 
 
 def main(argv=None):
@@ -31,7 +24,7 @@ def main(argv=None):
     p.add_argument("release", help="release folder whose layers read inputs of up to --min-tokens tokens")
     p.add_argument("--long-input-release", required=True,
                    help="release folder (a long-document stage run) whose layers read longer inputs")
-    p.add_argument("--min-tokens", type=_count, default=256,
+    p.add_argument("--min-tokens", type=non_negative_int, default=256,
                    help="inputs of more valid tokens than this are read by the long-input layers")
     p.add_argument("--output", required=True, help="release folder to write")
     p.add_argument("--teacher", default=None, help="teacher folder or hub name (default: all-MiniLM-L6-v2)")

@@ -38,7 +38,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lam_embed.backends import BACKEND_NAMES
-from lam_embed.cli import DefaultsHelpFormatter
+from lam_embed.cli import DefaultsHelpFormatter, non_negative_int
 from lam_embed.configuration_lam import POSITION_OVERFLOW
 from lam_embed.data import default_data_dir, read_text_lines, split_sentences, stsb_train_sentences
 from lam_embed.sentence_transformer import POOLING_MODES
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-only-token-mixers", action="store_true",
                    help="train each layer's token mixer (its DeltaNet) only; the FFNs, norms and embeddings "
                         "stay as loaded")
-    p.add_argument("--long-input-min-tokens", type=_non_negative, default=None, metavar="N",
+    p.add_argument("--long-input-min-tokens", type=non_negative_int, default=None, metavar="N",
                    help="give the model a second set of layers for inputs of more than N tokens "
                         "(LAMConfig.long_input_min_tokens), started as a copy of its layers, and train only those: "
                         "inputs of up to N tokens (the queries, the short-text sentences) keep the loaded model's "
@@ -287,13 +287,6 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
