@@ -232,6 +232,26 @@ def set_release_pooling(folder: str | os.PathLike, output: str | os.PathLike, ch
     return output
 
 
+def release_command(parser: argparse.ArgumentParser, argv, script: str, write) -> None:
+    """Run a script that writes a release from others: parse ``argv`` (None: sys.argv) with
+    ``parser``, which has ``--output``, and call ``write(args, manifest)``, the manifest
+    recording the command and commit; a release that cannot be read or combined is a usage
+    error naming it."""
+    import sys
+
+    from .environment import git_commit
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    manifest = {"command": f"python scripts/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
+                "commit": git_commit() or "unknown"}
+    try:
+        write(args, manifest)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(f"wrote {args.output}; assemble it with `python scripts/assemble_lam.py --release {args.output}`")
+
+
 def _positive_or_none(kind, allow_none: bool = True):
     """An argparse type: a positive ``kind``, or 'none' (returned as 0) when ``allow_none``."""
     def parse(text: str):

@@ -11,12 +11,9 @@ such a model yet.
 """
 
 import argparse
-import logging
-import sys
 
 from lam_embed.cli import DefaultsHelpFormatter, non_negative_int
-from lam_embed.environment import git_commit
-from lam_embed.release import add_long_input_layers
+from lam_embed.release import add_long_input_layers, release_command
 
 
 def main(argv=None):
@@ -28,18 +25,8 @@ def main(argv=None):
                    help="inputs of more valid tokens than this are read by the long-input layers")
     p.add_argument("--output", required=True, help="release folder to write")
     p.add_argument("--teacher", default=None, help="teacher folder or hub name (default: all-MiniLM-L6-v2)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    manifest = {
-        "command": "python scripts/add_long_input_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": git_commit() or "unknown",
-    }
-    try:
-        add_long_input_layers(args.release, args.long_input_release, args.min_tokens, args.output,
-                              manifest=manifest, teacher=args.teacher)
-    except (ValueError, FileNotFoundError) as error:
-        p.error(str(error))
-    print(f"wrote {args.output}; assemble it with `python scripts/assemble_lam.py --release {args.output}`")
+    release_command(p, argv, "add_long_input_layers.py", lambda args, manifest: add_long_input_layers(
+        args.release, args.long_input_release, args.min_tokens, args.output, manifest=manifest, teacher=args.teacher))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,9 @@ gives the commands of every step of the shipped weights.
 """
 
 import argparse
-import logging
-import sys
 
 from lam_embed.cli import DefaultsHelpFormatter
-from lam_embed.environment import git_commit
-from lam_embed.release import average_releases
+from lam_embed.release import average_releases, release_command
 
 
 def main(argv=None):
@@ -25,17 +22,8 @@ def main(argv=None):
                    help="weight of each release, non-negative, summing to 1 (default: equal weights)")
     p.add_argument("--output", required=True, help="release folder to write")
     p.add_argument("--teacher", default=None, help="teacher folder or hub name (default: all-MiniLM-L6-v2)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    manifest = {
-        "command": "python scripts/average_releases.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": git_commit() or "unknown",
-    }
-    try:
-        average_releases(args.releases, args.output, weights=args.weights, manifest=manifest, teacher=args.teacher)
-    except (ValueError, FileNotFoundError) as error:
-        p.error(str(error))
-    print(f"wrote {args.output}; assemble it with `python scripts/assemble_lam.py --release {args.output}`")
+    release_command(p, argv, "average_releases.py", lambda args, manifest: average_releases(
+        args.releases, args.output, weights=args.weights, manifest=manifest, teacher=args.teacher))
 
 
 if __name__ == "__main__":
