@@ -67,7 +67,8 @@ class LAMConfig(PretrainedConfig):
             document stage then moves only the layers that read documents, and short texts keep
             the embeddings of the model it started from exactly (docs/long-documents.md,
             "Separate layers for long inputs"). A batch of both kinds runs each set on its
-            samples. A forward that carries a state (streaming) does not support it yet.
+            samples. A forward that carries a state runs the long-input layers; streaming
+            reads a document of at most this many tokens in one plain forward instead.
         chunk_size: positions per chunk of the chunked delta rule (C in docs/SPEC.md).
         conv_size: kernel size of the causal depthwise convolutions on q, k, v.
         fast_decay_init / slow_decay_init: initial sigmoid of the decay biases.

@@ -313,11 +313,11 @@ class LAMModel(LAMPreTrainedModel):
     def _carried_forward(self, input_ids, attention_mask, token_type_ids, past_state, return_dict,
                          state_after_tokens=None):
         """forward from and to a carried state: eager layer code around the delta rule of
-        ``carried_backend``, replayed from a CUDA graph where the fused forward would be."""
+        ``carried_backend``, replayed from a CUDA graph where the fused forward would be. A
+        model with long-input layers carries states through them: a carried state belongs to
+        a document longer than any one piece (lam_embed/streaming.py reads documents of at
+        most long_input_min_tokens tokens in one plain forward)."""
         B, C = input_ids.shape[0], self.config.chunk_size
-        if self.config.long_input_min_tokens is not None:
-            raise NotImplementedError("a forward that carries a state (past_state, use_cache, state_after_tokens: "
-                                      "streaming) does not support LAMConfig.long_input_min_tokens yet")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if past_state is not None:
@@ -342,7 +342,8 @@ class LAMModel(LAMPreTrainedModel):
             # replaying them from a graph is what makes an append cheap.
             install_change_hooks()
             if past_state is None:
-                layer_states = [layer.delta_net.zero_state(B, input_ids.device, self.dtype) for layer in self.layers]
+                layer_states = [layer.delta_net.zero_state(B, input_ids.device, self.dtype)
+                                for layer in self._carried_layer_set()]
             extras = [offset, complete] + [t for state in layer_states for t in (state.fast, state.slow, state.conv_tail)]
             graphed = self._carried_graphs(self, functools.partial(self._carried_graph_forward, backend=backend),
                                            input_ids, attention_mask, token_type_ids,
@@ -370,7 +371,7 @@ class LAMModel(LAMPreTrainedModel):
             token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
         x = self.embeddings(input_ids, token_type_ids, position_offset=offset)
         states = []
-        for layer, state in zip(self.layers, layer_states):
+        for layer, state in zip(self._carried_layer_set(), layer_states):
             x, layer_state = layer(x, mask, backend, state=state, state_after_chunks=complete)
             states.append(layer_state)
         return x, states
@@ -454,6 +455,10 @@ class LAMModel(LAMPreTrainedModel):
 
     def _all_layers(self) -> list[LAMLayer]:
         return [*self.layers, *getattr(self, "long_input_layers", ())]
+
+    def _carried_layer_set(self) -> nn.ModuleList:
+        """The layers a carried forward runs: the long-input layers where the model has them."""
+        return self.long_input_layers if self.config.long_input_min_tokens is not None else self.layers
 
     # The CUDA graphs of the forward, of the forward through long_input_layers (a shape may
     # be seen with both) and, apart, of carried forwards (a stream's pieces).

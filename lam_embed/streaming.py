@@ -159,9 +159,6 @@ def _parts(model):
     others = [m for m in modules[1:] if not isinstance(m, Pooling | Normalize)]
     if others:
         raise ValueError(f"streaming knows Pooling and Normalize only; this model also has {type(others[0]).__name__}")
-    if lam.config.long_input_min_tokens is not None:
-        raise ValueError("streaming does not support a model with long-input layers (LAMConfig.long_input_min_tokens) "
-                         "yet: encode the whole document with model.encode")
     return lam, model.tokenizer, any(isinstance(m, Normalize) for m in modules)
 
 
@@ -230,33 +227,55 @@ def _finish(lam, state, pending, pooled: list[PooledSums | PooledRows], sep: int
     """The embeddings, from one forward over each document's pending ids and [SEP]; the same
     forward carries the state past the complete chunks of the pending ids (not [SEP]).
     Returns (embeddings (B, D) float32, state, pending ids left, pooled) for them, ``pooled``
-    with the tokens carried into the state added."""
+    with the tokens carried into the state added. A model with long-input layers reads a
+    document of at most long_input_min_tokens tokens, [SEP] included, in a plain forward
+    through its first layers, as ``encode`` does, and carries nothing for it."""
     chunk = lam.config.chunk_size
-    ids, mask = _batch([p + [sep] for p in pending], lam.device, chunk)
-    lengths = torch.tensor([len(p) for p in pending])
-    out = lam(input_ids=ids, attention_mask=mask, past_state=state, state_after_tokens=lengths.to(lam.device))
-    hidden = out.last_hidden_state.double()
-    takes = [len(p) // chunk * chunk for p in pending]
-    means, carried = [], []
-    for row, (p, t) in enumerate(zip(pooled, takes)):
-        valid = len(pending[row]) + 1
-        carried.append(p.add(ids[row, :t], hidden[row, :t]) if t else p)
-        means.append(carried[-1].add(ids[row, t:valid], hidden[row, t:valid]).mean())
+    limit = lam.config.long_input_min_tokens
+    short = [limit is not None and p.tokens == 0 and len(ids) + 1 <= limit for p, ids in zip(pooled, pending)]
+    means = [None] * len(pending)
+    if any(short):
+        rows = [row for row, is_short in enumerate(short) if is_short]
+        ids, mask = _batch([pending[row] + [sep] for row in rows], lam.device, chunk)
+        hidden = lam(input_ids=ids, attention_mask=mask).last_hidden_state.double()  # pooling weights applied
+        for i, row in enumerate(rows):
+            means[row] = hidden[i, : len(pending[row]) + 1].mean(0)
+    takes = [0 if is_short else len(p) // chunk * chunk for p, is_short in zip(pending, short)]
+    carried = list(pooled)
+    if not all(short):
+        ids, mask = _batch([p + [sep] for p in pending], lam.device, chunk)
+        lengths = torch.tensor([0 if is_short else len(p) for p, is_short in zip(pending, short)])
+        out = lam(input_ids=ids, attention_mask=mask, past_state=state, state_after_tokens=lengths.to(lam.device))
+        hidden = out.last_hidden_state.double()
+        state = out.state
+        for row, (p, t) in enumerate(zip(pooled, takes)):
+            if short[row]:
+                continue
+            valid = len(pending[row]) + 1
+            carried[row] = p.add(ids[row, :t], hidden[row, :t]) if t else p
+            means[row] = carried[row].add(ids[row, t:valid], hidden[row, t:valid]).mean()
     mean = torch.stack(means)
     if normalize:
         mean = torch.nn.functional.normalize(mean, dim=-1)
-    return mean.float().cpu().numpy(), out.state, [p[t:] for p, t in zip(pending, takes)], carried
+    return mean.float().cpu().numpy(), state, [p[t:] for p, t in zip(pending, takes)], carried
 
 
 def _check_segment(segment_tokens: int | None, lam) -> int:
-    """``segment_tokens`` rounded down to whole chunks; None: the default of lam's device."""
+    """``segment_tokens`` rounded down to whole chunks; None: the default of lam's device.
+    With long-input layers a segment must be longer than long_input_min_tokens, so that a
+    document is carried (through the long-input layers) only once it is a long input."""
     chunk_size = lam.config.chunk_size
     if segment_tokens is None:
         segment_tokens = DEFAULT_SEGMENT_TOKENS.get(lam.device.type, DEFAULT_SEGMENT_TOKENS["cpu"])
     if not isinstance(segment_tokens, int) or segment_tokens < chunk_size:
         raise ValueError(f"segment_tokens must be an integer of at least the chunk size {chunk_size}, "
                          f"got {segment_tokens!r}")
-    return segment_tokens // chunk_size * chunk_size
+    segment_tokens = segment_tokens // chunk_size * chunk_size
+    limit = lam.config.long_input_min_tokens
+    if limit is not None and segment_tokens <= limit:
+        raise ValueError(f"segment_tokens must exceed the model's long_input_min_tokens ({limit}) once rounded down "
+                         f"to whole chunks of {chunk_size}, got {segment_tokens}")
+    return segment_tokens
 
 
 class DocumentState:

@@ -6,8 +6,7 @@ with the layers of --long-input-release and the others with those of RELEASE
 while documents get the layers of a long-document stage run. Both releases must come from
 one architecture and share their embeddings. The result is a release folder with both
 runs' manifests, which ``scripts/assemble_lam.py --release`` turns into a
-sentence-transformers folder. Streaming (``lam_embed.encode_document``) does not support
-such a model yet.
+sentence-transformers folder.
 """
 
 import argparse

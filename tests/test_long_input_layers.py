@@ -68,13 +68,6 @@ def test_a_batch_of_one_kind_equals_the_one_set_model(models):
                                        rtol=0, atol=0)
 
 
-def test_streaming_a_model_with_long_input_layers_is_refused(models):
-    routed = models[0]
-    ids, mask = _batch([20])
-    with pytest.raises(NotImplementedError, match="long_input_min_tokens"):
-        routed(input_ids=ids, attention_mask=mask, use_cache=True)
-
-
 def test_the_threshold_is_checked():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="long_input_min_tokens must be None or an integer >= 0"):
@@ -93,9 +86,36 @@ def test_save_and_load_keep_both_sets(models, tmp_path):
                                    routed(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=0, atol=0)
 
 
-def test_streaming_names_what_it_cannot_do(models):
-    import lam_embed
+def test_streaming_reads_each_document_with_the_layers_of_its_length():
+    """A streamed document of at most long_input_min_tokens tokens is read by the first layers
+    in one forward, a longer one by the long-input layers segment by segment; either way its
+    embedding is the one-pass embedding, also when a document grows from short to long."""
+    import numpy as np
 
-    st = lam_embed.build_sentence_transformer(models[0], tokenizer=None, device="cpu")
-    with pytest.raises(ValueError, match="streaming does not support a model with long-input layers"):
-        lam_embed.encode_document(st, "a few words")
+    import lam_embed
+    from conftest import one_pass_embedding, small_lam_sentence_transformer
+
+    st, _ = small_lam_sentence_transformer(long_input_min_tokens=40)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # two distinct sets, as after training the second
+        for param in st[0].auto_model.long_input_layers.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    short = ["The river runs under the old green house."]
+    long_ = short + [f"Part {i}: the music plays loud and the dog runs over the quiet river." for i in range(30)]
+    for pieces in (short, long_):
+        np.testing.assert_allclose(lam_embed.encode_document(st, pieces, segment_tokens=128),
+                                   one_pass_embedding(st, pieces), atol=2e-5)
+    document = lam_embed.start_document(st, segment_tokens=128)
+    document.append(short[0])
+    np.testing.assert_allclose(document.embedding, one_pass_embedding(st, short), atol=2e-5)
+    for piece in long_[1:]:
+        document.append(piece)
+    np.testing.assert_allclose(document.embedding, one_pass_embedding(st, long_), atol=2e-5)
+    both = lam_embed.encode_documents(st, [short, long_, short], batch_size=3, segment_tokens=128)
+    np.testing.assert_allclose(both, np.stack([one_pass_embedding(st, d) for d in (short, long_, short)]), atol=2e-5)
+    st[0].auto_model.config.long_input_min_tokens = 200
+    try:
+        with pytest.raises(ValueError, match="segment_tokens must exceed the model's long_input_min_tokens"):
+            lam_embed.start_document(st, segment_tokens=128)
+    finally:
+        st[0].auto_model.config.long_input_min_tokens = 40
