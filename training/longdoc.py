@@ -18,7 +18,8 @@ as in the distillation), and, with ``--passage-batch-size``, of a batch of corpu
 to 512 tokens, the teacher's limit; the held-out end of the file is never read) in a second
 term of the same kind: the teacher's plain mean over a passage is what users of short inputs
 compare with. With ``--short-text-tail-steps``, the stage ends with steps of the sentence
-term alone: with the passage term in them too, the tail hardly moved STS-B (docs/long-documents.md).
+term alone. With ``--long-input-min-tokens``, the stage trains a second set of layers that
+reads only inputs longer than that, and short texts keep the loaded model's embeddings.
 """
 
 from __future__ import annotations
@@ -556,7 +557,9 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
             short_texts = short_text_batch(sentence_rng, sentences, stsb_train, args.sentence_batch_size,
                                            args.stsb_train_fraction)
             short.append((features(short_texts), teacher_embeddings(short_texts)))
-        in_tail = step >= args.steps  # the short-text tail: the sentence term only
+        # The short-text tail: the sentence term only (with the passage term too it left STS-B
+        # where the stage had taken it; docs/long-documents.md).
+        in_tail = step >= args.steps
         with_passages = bool(passages) and not in_tail
         if with_passages:
             passage_texts = sentence_rng.sample(passages, min(args.passage_batch_size, len(passages)))
