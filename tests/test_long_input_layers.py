@@ -119,3 +119,31 @@ def test_streaming_reads_each_document_with_the_layers_of_its_length():
             lam_embed.start_document(st, segment_tokens=128)
     finally:
         st[0].auto_model.config.long_input_min_tokens = 40
+
+
+def test_on_the_gpu_graphs_of_each_set_give_that_sets_output(models):
+    """On CUDA (Triton kernels, CUDA graphs replayed from the second sighting of a shape): a
+    shape seen with both sets keeps a graph for each, and every row equals its one-set model."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    routed, short, long_ = (model.cuda().to(torch.bfloat16) for model in models)
+    try:
+        for model in (routed, short, long_):
+            model.config.delta_impl = "auto"
+            model.config.cuda_graphs = True
+        # The same shape (3 x 40) all short, all long, then mixed.
+        for lengths in ([5, 9, THRESHOLD], [THRESHOLD + 1, 30, 40], [5, 40, THRESHOLD + 2]):
+            ids, mask = (t.cuda() for t in _batch(lengths))
+            with torch.inference_mode():
+                for _ in range(3):  # eager, capture, replay
+                    got = routed(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+                want_short = short(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+                want_long = long_(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            for row, n in enumerate(lengths):
+                want = want_long if n > THRESHOLD else want_short
+                torch.testing.assert_close(got[row, :n], want[row, :n], rtol=2e-2, atol=2e-2)
+    finally:
+        for model in models:
+            model.cpu().float()
+            model.config.delta_impl = "chunk"
