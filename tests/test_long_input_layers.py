@@ -60,8 +60,10 @@ def test_a_batch_of_one_kind_equals_the_one_set_model(models):
     routed, short, long_ = models
     for model in models:
         model.config.delta_impl = "chunk"
-    for lengths, reference in (([4, 9, THRESHOLD], short), ([THRESHOLD + 1, 30], long_)):
-        ids, mask = _batch(lengths)
+    # A batch padded to at most the threshold (no sample can be long), one padded wider, long ones.
+    for lengths, width, reference in (([4, 9], THRESHOLD, short), ([4, 9, THRESHOLD], 40, short),
+                                      ([THRESHOLD + 1, 30], 40, long_)):
+        ids, mask = _batch(lengths, width)
         with torch.no_grad():
             torch.testing.assert_close(routed(input_ids=ids, attention_mask=mask).last_hidden_state,
                                        reference(input_ids=ids, attention_mask=mask).last_hidden_state,
