@@ -574,12 +574,10 @@ class LAMModel(LAMPreTrainedModel):
         tokens through long_input_layers and the others through layers. A batch of both kinds
         runs each set on its own samples (each sample's computation is its own) and puts the
         rows back in order; returns the pending value checks of each part."""
-        if attention_mask.shape[1] <= self.config.long_input_min_tokens:  # no sample can be long: no sync
-            x, hidden_states, pending = self._last_hidden_state(input_ids, attention_mask, token_type_ids,
-                                                                output_hidden_states)
-            return x, hidden_states, [pending]
-        is_long = attention_mask.sum(1) > self.config.long_input_min_tokens
-        n_long = int(is_long.sum())  # one host sync a batch of long inputs, to pick the path
+        limit = self.config.long_input_min_tokens
+        is_long = attention_mask.sum(1) > limit
+        # A batch padded to at most the limit holds no long sample: no host sync to find out.
+        n_long = int(is_long.sum()) if attention_mask.shape[1] > limit else 0
         if n_long in (0, input_ids.shape[0]):
             x, hidden_states, pending = self._last_hidden_state(input_ids, attention_mask, token_type_ids,
                                                                 output_hidden_states, long_inputs=n_long > 0)

@@ -243,7 +243,8 @@ def _finish(lam, state, pending, pooled: list[PooledSums | PooledRows], sep: int
     takes = [0 if is_short else len(p) // chunk * chunk for p, is_short in zip(pending, short)]
     carried = list(pooled)
     if not all(short):
-        ids, mask = _batch([p + [sep] for p in pending], lam.device, chunk)
+        # A short document was read above: here it is a placeholder that carries nothing.
+        ids, mask = _batch([[sep] if is_short else p + [sep] for p, is_short in zip(pending, short)], lam.device, chunk)
         lengths = torch.tensor([0 if is_short else len(p) for p, is_short in zip(pending, short)])
         out = lam(input_ids=ids, attention_mask=mask, past_state=state, state_after_tokens=lengths.to(lam.device))
         hidden = out.last_hidden_state.double()

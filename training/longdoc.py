@@ -412,20 +412,26 @@ def short_text_batch(rng: random.Random, sentences: list[str], extra: list[str],
     return batch
 
 
-def freeze_all_but_token_mixers(lam) -> int:
-    """Stop gradients to every parameter of ``lam`` (a LAMModel) outside its layers' token
-    mixers; return how many values still train."""
-    from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES_TEXT, is_token_mixer_parameter
-
+def train_only(lam, keep, what: str) -> int:
+    """Stop gradients to every parameter of ``lam`` (a LAMModel) whose name ``keep`` rejects;
+    return how many values still train (``what`` names them in the log)."""
     trained = 0
     for name, param in lam.named_parameters():
-        keep = is_token_mixer_parameter(name)
-        param.requires_grad_(keep)
-        trained += param.numel() if keep else 0
+        kept = keep(name)
+        param.requires_grad_(kept)
+        trained += param.numel() if kept else 0
+    logger.info("training the %s only: %d of %d values", what, trained, sum(p.numel() for p in lam.parameters()))
+    return trained
+
+
+def freeze_all_but_token_mixers(lam) -> int:
+    """train_only the layers' token mixers; an error when the model has none."""
+    from lam_embed.sentence_transformer import TOKEN_MIXER_NAMES_TEXT, is_token_mixer_parameter
+
+    trained = train_only(lam, is_token_mixer_parameter, "token mixers")
     if not trained:
         raise SystemExit("--train-only-token-mixers: no parameter of the model has one of "
                          f"{TOKEN_MIXER_NAMES_TEXT} in its name")
-    logger.info("training the token mixers only: %d of %d values", trained, sum(p.numel() for p in lam.parameters()))
     return trained
 
 
@@ -489,8 +495,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         freeze_all_but_token_mixers(lam)
     long_inputs_only = args.long_input_min_tokens is not None
     if long_inputs_only:
-        for name, param in lam.named_parameters():
-            param.requires_grad_(name.startswith("long_input_layers."))
+        train_only(lam, lambda name: name.startswith("long_input_layers."), "long-input layers")
     ranking = losses.MultipleNegativesRankingLoss(model, scale=args.scale)
     keep_short = losses.MSELoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
