@@ -47,6 +47,11 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
                          "the line that sets a long document apart weighs more than the thousands that agree with its mean)")
     long_figures = figures.get("long_documents")
     stage = ", then on long documents (a sentence from anywhere in a document as the query)" if long_figures else ""
+    long_input_min_tokens = manifest.get("long_input_min_tokens")
+    if long_input_min_tokens is not None:
+        stage += (f". Inputs of more than {long_input_min_tokens} tokens are read by a second set of layers "
+                  "(`long_input_min_tokens` in the config), trained on long documents from a copy of the first "
+                  "while the first stayed frozen, so shorter inputs keep the first set's embeddings")
     return f"""---
 language: en
 license: apache-2.0

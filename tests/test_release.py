@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lam_embed import LAMConfig, LAMModel
 from lam_embed.data import resolve_stsb_source
 from lam_embed.release import MANIFEST_FILE, WEIGHTS_FILE, assemble, average_releases, load_release, save_release
 
@@ -17,9 +18,10 @@ def test_release_files_are_compact():
     files = [f for f in RELEASE.iterdir() if f.is_file()]
     assert (RELEASE / WEIGHTS_FILE).is_file() and (RELEASE / MANIFEST_FILE).is_file()
     assert all(f.stat().st_size <= 15 * 2**20 for f in files)
-    # The layers (the DeltaNets and, since the long-document stage, the feed-forward
-    # layers) in fp16: 22.5 MiB; the embeddings stay the teacher's.
-    assert sum(f.stat().st_size for f in files) <= 24 * 2**20
+    # Two sets of layers (those for inputs of up to 256 tokens and those for longer ones;
+    # each the DeltaNets and the feed-forward layers) in fp16: 44.9 MiB; the embeddings stay
+    # the teacher's.
+    assert sum(f.stat().st_size for f in files) <= 46 * 2**20
     assert not any(name.startswith("embeddings.") for name in _release_tensors(RELEASE))
     manifest = json.loads((RELEASE / MANIFEST_FILE).read_text())
     for key in ("command", "commit", "device", "train_minutes", "data", "figures"):
@@ -52,9 +54,9 @@ def test_released_lam_on_stsb_test(tmp_path):
 def test_released_lam_finds_passkeys_in_one_pass(tmp_path):
     """A small long-document check of the shipped weights on CPU: the benchmark's passkey
     task at 512 and 2,048 tokens (30 documents, 15 queries each), one pass per document.
-    The released model found 15/15 and 14/15 here (13/15 before outlier pooling), the
-    distilled model before the long-document stage 6/15 and 10/15; fewer than 12 at either
-    length fails."""
+    The released model found 15/15 and 14/15 here (the release with one set of layers the
+    same, 13/15 at 2,048 before outlier pooling), the distilled model before the long-document
+    stage 6/15 and 10/15; fewer than 12 at either length fails."""
     from sentence_transformers import SentenceTransformer
 
     from lam_embed.evaluation.longdoc import evaluate_model, passkey_task
@@ -70,10 +72,11 @@ def test_released_lam_finds_passkeys_in_one_pass(tmp_path):
 @pytest.mark.slow
 def test_released_lam_finds_needles_in_one_pass(tmp_path):
     """The needle task at 512, 1,024 and 2,048 tokens (30 documents, 15 queries each) on CPU:
-    the shipped model finds 15/15, 13/15 and 12/15 here; with outlier pooling from 512 tokens
-    on instead of 256 it finds 9/15 at 512 tokens, the weights before its second long-document
-    stage 12/15 and 10/15 at 1k and 2k, and without outlier pooling 8/15 and 2/15. Fewer than
-    12 at 512 tokens or 9 at 1k or 2k fails."""
+    the shipped model finds 15/15, 14/15 and 14/15 here, the release before it (one set of
+    layers) 15/15, 13/15 and 12/15; that one with outlier pooling from 512 tokens on instead of
+    256 found 9/15 at 512 tokens, the weights before its second long-document stage 12/15 and
+    10/15 at 1k and 2k, and without outlier pooling 8/15 and 2/15. Fewer than 12 at 512 tokens
+    or 9 at 1k or 2k fails."""
     from sentence_transformers import SentenceTransformer
 
     from lam_embed.data import default_data_dir
@@ -92,10 +95,17 @@ def test_released_lam_finds_needles_in_one_pass(tmp_path):
         assert results[task.name]["score"] >= least_found[length] / 15, (task.name, results[task.name]["score"])
 
 
-def _perturbed_release(folder, seed, also=(), scale=0.01):
+def _perturbed_release(folder, seed, also=(), scale=0.01, one_set=False):
     """The shipped model with its DeltaNet tensors (and those whose names start with one
-    of ``also``) moved by seeded noise, saved as a release."""
+    of ``also``) moved by seeded noise, saved as a release; with ``one_set``, without its
+    long-input layers."""
     model = load_release(RELEASE)
+    if one_set:
+        config = model.config.to_dict()
+        config.pop("model_type", None)
+        tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("long_input_layers.")}
+        model = LAMModel(LAMConfig(**{**config, "long_input_min_tokens": None}))
+        model.load_state_dict(tensors)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.named_parameters():
@@ -274,6 +284,8 @@ def test_assembled_folder_has_a_model_card_with_figures_and_loading_lines(assemb
     assert f"| 32768 | {speed['teacher'] / 1e6:.2f}M | {speed['lam'] / 1e6:.2f}M |" in card
     assert "trust_remote_code=True" in card and "lam_embed.load()" in card
     assert "sentence_transformers_model_id" not in card  # not the generic template
+    assert (f"Inputs of more than {manifest['long_input_min_tokens']} tokens are read by a second set of layers"
+            in card)
 
 
 def test_set_release_pooling_changes_the_config_and_manifest_only(tmp_path):
@@ -326,7 +338,8 @@ def test_set_release_pooling_rejects_bad_settings(tmp_path, capsys):
 def test_add_long_input_layers_routes_inputs_by_length(tmp_path):
     from lam_embed.release import add_long_input_layers
 
-    a, b = _perturbed_release(tmp_path / "a", 0), _perturbed_release(tmp_path / "b", 1, scale=0.05)
+    a, b = (_perturbed_release(tmp_path / name, seed, scale=scale, one_set=True)
+            for name, seed, scale in (("a", 0, 0.01), ("b", 1, 0.05)))
     out = add_long_input_layers(a, b, 16, tmp_path / "routed", manifest={"command": "x"})
     routed, short, long_ = load_release(out), load_release(a), load_release(b)
     assert routed.config.long_input_min_tokens == 16
@@ -341,7 +354,7 @@ def test_add_long_input_layers_routes_inputs_by_length(tmp_path):
             torch.testing.assert_close(got, want(input_ids=ids).last_hidden_state, rtol=0, atol=0)
     with pytest.raises(ValueError, match="has long-input layers already"):
         add_long_input_layers(out, b, 16, tmp_path / "again")
-    c = _perturbed_release(tmp_path / "c", 2, also=["embeddings.LayerNorm"])
+    c = _perturbed_release(tmp_path / "c", 2, also=["embeddings.LayerNorm"], one_set=True)
     with pytest.raises(ValueError, match="outside its layers .*embeddings.LayerNorm"):
         add_long_input_layers(a, c, 16, tmp_path / "bad")
 
