@@ -390,6 +390,31 @@ def test_dropout_option_reaches_training_and_leaves_the_saved_config(tmp_path, t
     assert saved["hidden_dropout_prob"] == own
 
 
+def test_mini_batches_give_the_step_of_the_whole_batch(tmp_path, tiny_model):
+    """--mini-batch-size embeds the ranking term's inputs a few at a time (gradient caching):
+    the losses and the trained weights equal those of the whole batch in one pass, and the
+    manifest says which was used."""
+    from safetensors.torch import load_file
+
+    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
+    runs = {"whole": (), "mini": ("--mini-batch-size", "1")}
+    for run, extra in runs.items():
+        longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, run, "--steps", "2", "--batch-size", "3",
+                                 "--dropout", "0", "--lr", "1e-3", *extra))
+    manifests = {run: json.loads((tmp_path / run / "release" / "manifest.json").read_text()) for run in runs}
+    assert manifests["whole"]["mini_batch_size"] is None and manifests["mini"]["mini_batch_size"] == 1
+    histories = {run: json.loads((tmp_path / run / "history.json").read_text()) for run in runs}
+    for whole, mini in zip(histories["whole"], histories["mini"], strict=True):
+        assert mini["ranking_loss"] == pytest.approx(whole["ranking_loss"], rel=1e-4)
+    start = load_file(Path(model_dir) / "model.safetensors")
+    trained = {run: load_file(tmp_path / run / "sentence-transformer" / "model.safetensors") for run in runs}
+    moved = max((trained["whole"][name] - tensor).abs().max().item() for name, tensor in start.items())
+    apart = max((trained["mini"][name] - tensor).abs().max().item() for name, tensor in trained["whole"].items())
+    # Adam turns the rounding differences of near-zero gradients into steps of up to lr, so the
+    # two runs agree to a few percent of what they moved, not to float precision.
+    assert moved > 1e-3 and apart < 0.05 * moved, (moved, apart)
+
+
 def test_short_text_tail_follows_the_stage_without_its_ranking_term(tmp_path, tiny_model):
     """--short-text-tail-steps adds steps after --steps with no ranking term, at a learning rate
     falling linearly from --short-text-tail-lr; the manifest counts them."""

@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive, default=16, help="(query, document, negative) triples a step")
     p.add_argument("--sentence-batch-size", type=_positive, default=64, help="short texts a step")
+    p.add_argument("--mini-batch-size", type=_positive, default=None, metavar="N",
+                   help="embed the ranking term's queries, documents and negatives N at a time with gradient "
+                        "caching (sentence-transformers' CachedMultipleNegativesRankingLoss), so that --batch-size, "
+                        "the documents each query is ranked against, can grow past what fits in memory at once; "
+                        "the loss and its gradients stay those of the whole batch (default: the whole batch in "
+                        "one pass)")
     p.add_argument("--min-tokens", type=_positive, default=256, help="shortest document, in tokens")
     p.add_argument("--max-tokens", type=_positive, default=4096, help="longest document, in tokens")
     p.add_argument("--inserted-share", type=float, default=0.0,
@@ -496,7 +502,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     long_inputs_only = args.long_input_min_tokens is not None
     if long_inputs_only:
         train_only(lam, lambda name: name.startswith("long_input_layers."), "long-input layers")
-    ranking = losses.MultipleNegativesRankingLoss(model, scale=args.scale)
+    ranking = (losses.MultipleNegativesRankingLoss(model, scale=args.scale) if args.mini_batch_size is None else
+               losses.CachedMultipleNegativesRankingLoss(model, scale=args.scale, mini_batch_size=args.mini_batch_size))
     keep_short = losses.MSELoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))
@@ -609,7 +616,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
         "token_weights_min_tokens": lam.config.token_weights_min_tokens,
         "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
-        "dropout": dropout,
+        "dropout": dropout, "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
         "trained": ("long-input layers" if long_inputs_only else
                     "token mixers" if args.train_only_token_mixers else "all layers"),
         "long_input_min_tokens": lam.config.long_input_min_tokens,
