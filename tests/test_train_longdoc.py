@@ -507,12 +507,12 @@ def test_training_texts_hold_no_evaluation_material():
 def test_long_input_layers_train_alone_and_short_inputs_keep_their_embeddings(tmp_path, tiny_model):
     """--long-input-min-tokens: a second set of layers, started as a copy, is the only thing
     trained; the first set (which reads the queries and every input of up to N tokens) and the
-    embeddings stay as loaded, so short texts embed exactly as before."""
+    embeddings stay as loaded, so short texts embed exactly as before; no sentences are read."""
     from lam_embed import LAMModel
 
-    model_dir, articles, sentences = _saved_model_and_data(tmp_path, tiny_model)
-    longdoc.main(_smoke_args(tmp_path, model_dir, articles, sentences, "long", "--steps", "2", "--lr", "1e-3",
-                             "--long-input-min-tokens", "12"))
+    model_dir, articles, _ = _saved_model_and_data(tmp_path, tiny_model)
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, tmp_path / "no-such-file.txt", "long", "--steps", "2",
+                             "--lr", "1e-3", "--long-input-min-tokens", "12"))
     start = tiny_model[0][0].auto_model
     trained = LAMModel.from_pretrained(tmp_path / "long" / "sentence-transformer")
     assert trained.config.long_input_min_tokens == 12
@@ -525,3 +525,4 @@ def test_long_input_layers_train_alone_and_short_inputs_keep_their_embeddings(tm
     assert all("short_text_loss" not in record and record["ranking_loss"] > 0 for record in history)
     manifest = json.loads((tmp_path / "long" / "release" / "manifest.json").read_text())
     assert manifest["trained"] == "long-input layers" and manifest["long_input_min_tokens"] == 12
+    assert manifest["data"]["sentences"] is None and manifest["data"]["short_texts"] == 0

@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--squality", default=str(longdoc / "squality.jsonl.gz") if longdoc else None,
                    help="SQuALITY stories; only the train split is read. '' to leave them out")
     p.add_argument("--sentences", default=str(data / "corpus" / "sentences.txt.gz") if data else None,
-                   help="short texts for the term that keeps LAM close to the teacher on them")
+                   help="short texts for the term that keeps LAM close to the teacher on them (not read with "
+                        "--long-input-min-tokens, which leaves that term out)")
     p.add_argument("--max-sentences", type=_positive, default=200_000, help="sentences read from --sentences")
     p.add_argument("--stsb", default=str(data / "stsb") if data else None,
                    help="folder of the STS-B csv files; only the sentences of sts-train.csv are read, with "
@@ -314,7 +315,8 @@ def _temperature(text: str) -> float:
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Usage errors (exit 2) before any model loads: missing or empty files, bad sizes."""
-    for option in ("articles", "sentences"):
+    # With long-input layers alone trained, no short-text term reads the sentences.
+    for option in ("articles",) if args.long_input_min_tokens is not None else ("articles", "sentences"):
         path = getattr(args, option)
         if not path:
             parser.error(f"--{option} is required: no data folder found (set LAM_DATA_DIR)")
@@ -383,7 +385,8 @@ def main(argv=None) -> dict:
         texts = read_long_texts(args.articles)
         if args.squality:
             texts += read_long_texts(args.squality, split="train")
-        sentences = read_text_lines(args.sentences, limit=args.max_sentences)
+        sentences = [] if args.long_input_min_tokens is not None else read_text_lines(args.sentences,
+                                                                                        limit=args.max_sentences)
         passages = []
         if args.passage_batch_size:
             passages = read_text_lines(args.passages)
@@ -396,7 +399,7 @@ def main(argv=None) -> dict:
             stsb_train = stsb_train_sentences(args.stsb)
         except (OSError, ValueError, UnicodeDecodeError) as err:
             parser.error(f"--stsb: {err}")
-    if not sentences:
+    if not sentences and args.long_input_min_tokens is None:
         parser.error(f"--sentences: no lines in {args.sentences}")
     if args.passage_batch_size and not passages:
         parser.error(f"--passages: no lines in {args.passages} before its last {args.passage_holdout}")
@@ -610,7 +613,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "commit": git_commit() or "unknown",
         "started_from": args.model,
         "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
-                 "sentences": args.sentences, "short_texts": len(sentences),
+                 "sentences": args.sentences if sentences else None, "short_texts": len(sentences),
                  "passages": args.passages if passages else None, "passage_texts": len(passages),
                  "stsb_train_sentences": len(stsb_train), "stsb_train_fraction": args.stsb_train_fraction},
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
