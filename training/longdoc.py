@@ -385,8 +385,11 @@ def main(argv=None) -> dict:
         texts = read_long_texts(args.articles)
         if args.squality:
             texts += read_long_texts(args.squality, split="train")
-        sentences = [] if args.long_input_min_tokens is not None else read_text_lines(args.sentences,
-                                                                                        limit=args.max_sentences)
+        sentences = []
+        if args.long_input_min_tokens is None:  # only the short-text term reads them
+            sentences = read_text_lines(args.sentences, limit=args.max_sentences)
+            if not sentences:
+                parser.error(f"--sentences: no lines in {args.sentences}")
         passages = []
         if args.passage_batch_size:
             passages = read_text_lines(args.passages)
@@ -399,8 +402,6 @@ def main(argv=None) -> dict:
             stsb_train = stsb_train_sentences(args.stsb)
         except (OSError, ValueError, UnicodeDecodeError) as err:
             parser.error(f"--stsb: {err}")
-    if not sentences and args.long_input_min_tokens is None:
-        parser.error(f"--sentences: no lines in {args.sentences}")
     if args.passage_batch_size and not passages:
         parser.error(f"--passages: no lines in {args.passages} before its last {args.passage_holdout}")
     return train(args, texts, sentences, passages, argv, stsb_train)
@@ -480,7 +481,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         lam.config.outlier_pooling_temperature = args.outlier_pooling_temperature or None
     if args.pooling is not None:
         set_pooling(model, args.pooling)
-    if args.long_input_min_tokens is not None:
+    long_inputs_only = args.long_input_min_tokens is not None
+    if long_inputs_only:
         if lam.config.long_input_min_tokens is None:
             lam = lam.with_long_input_layers(args.long_input_min_tokens)
             replace_transformer_model(model, lam)
@@ -502,7 +504,6 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         lam.embeddings.requires_grad_(False)
     if args.train_only_token_mixers:
         freeze_all_but_token_mixers(lam)
-    long_inputs_only = args.long_input_min_tokens is not None
     if long_inputs_only:
         train_only(lam, lambda name: name.startswith("long_input_layers."), "long-input layers")
     ranking = (losses.MultipleNegativesRankingLoss(model, scale=args.scale) if args.mini_batch_size is None else
