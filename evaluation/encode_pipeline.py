@@ -11,7 +11,10 @@ Rows per set:
   best kept (sentences and passages); for the articles, ``minilm chunk-mean``: the articles
   tokenized whole, cut into 512-token chunks, the chunk embeddings averaged per article
   (what MiniLM takes to cover them), tokenizing included;
-- ``lam forward``: the LAM forward alone over the pre-tokenized batches of encode_texts.
+- ``lam forward``: the LAM forward alone over the pre-tokenized batches of encode_texts;
+- ``tokenize``: the tokenizer's Rust backend alone over all texts of the set at once (the
+  most the fast path's tokenization can give; it runs on as many threads as
+  ``TOKENIZERS_PARALLELISM`` allows, recorded with the figures).
 
 Tokens are the valid tokens of the set (special tokens included, after truncation at the
 model's limit); a set's figure is texts/s and tokens/s of the whole call.
@@ -176,7 +179,9 @@ def run(args, save=lambda result: None) -> dict:
     lam = load_model(args.lam, args.device, args.dtype, args.document_tokens)
     minilm = load_model(args.minilm, args.device, args.dtype)
     result = {"schema": SCHEMA, "settings": {k: v for k, v in vars(args).items() if k != "first_call"},
-              "minilm_attention": getattr(minilm[0].auto_model.config, "_attn_implementation", None), "sets": {}}
+              "minilm_attention": getattr(minilm[0].auto_model.config, "_attn_implementation", None),
+              "host": {"cpu_count": os.cpu_count(), "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")},
+              "sets": {}}
     for name in SETS:
         texts = sets[name]
         lam.max_seq_length = args.document_tokens if name == "documents" else 512
@@ -214,6 +219,7 @@ def run(args, save=lambda result: None) -> dict:
                 logger.info("%s %s: %s", name, method, {k: round(v, 4) for k, v in row.items()})
             entry["lam_forward_tokens_per_s"] = tokens / forward_seconds(lam, texts, ids, args.batch_tokens, device,
                                                                          args.repeats)
+        entry["tokenize_tokens_per_s"] = tokens / warm_seconds(lambda: token_ids(lam, texts), device, args.repeats)[0]
         summarise(entry)
         save(result)
     return result
@@ -243,6 +249,7 @@ def format_table(result: dict) -> str:
             cells += [f"{row[k] / 1e6:.2f}" if k in row else "-" for k in ("first_call_tokens_per_s", "warm_tokens_per_s")]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
         lines.append(f"| {name} | lam forward | | | | {entry['lam_forward_tokens_per_s'] / 1e6:.2f} |")
+        lines.append(f"| {name} | tokenize | | | | {entry['tokenize_tokens_per_s'] / 1e6:.2f} |")
     for name, entry in result["sets"].items():
         ratios = {k: round(v, 2) for k, v in entry.items() if "share" in k or "_x_" in k}
         lines.append(f"{name}: {ratios}")
@@ -307,7 +314,11 @@ def main(argv=None) -> int:
 
     args.minilm = args.minilm or resolve_teacher_path()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The fast path's tokenization runs on the tokenizer's threads; with
+    # TOKENIZERS_PARALLELISM=false it runs on one, and the figures measure that.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if os.environ["TOKENIZERS_PARALLELISM"].lower() in ("0", "false", "off", "no"):
+        logger.warning("TOKENIZERS_PARALLELISM=%s: the tokenizer runs on one thread", os.environ["TOKENIZERS_PARALLELISM"])
     from lam_embed.environment import write_result
 
     def save(result):

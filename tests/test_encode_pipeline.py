@@ -52,6 +52,8 @@ def test_every_row_and_ratio(setup, tmp_path):
         assert entry["rows"]["lam encode@256"]["max_abs_diff_to_encode_texts"] < 1e-5
         assert entry["warm_share_of_forward"] == pytest.approx(fast["warm_tokens_per_s"] / entry["lam_forward_tokens_per_s"])
         assert entry["warm_x_minilm_best"] > 0 and fast["warm_texts_per_s"] == pytest.approx(entry["texts"] / fast["warm_s"])
+        assert entry["tokenize_tokens_per_s"] > 0
+    assert result["host"]["cpu_count"] >= 1 and "tokenizers_parallelism" in result["host"]
 
 
 def test_first_call_in_a_fresh_process(setup):
