@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the plain encode of LAM")
     p.add_argument("--minilm-batch-sizes", type=int, nargs="+", default=[64, 256, 1024],
                    help="batch sizes tried for MiniLM's encode (the best is compared)")
-    p.add_argument("--batch-tokens", type=int, default=65536, help="padded tokens a batch of encode_texts and of chunk-mean")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens a batch of encode_texts and of chunk-mean (default: encode_texts' default on the device)")
     p.add_argument("--repeats", type=int, default=2, help="timed warm calls (the fastest is kept)")
     p.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the first call of LAM's encode_texts and of MiniLM (its largest batch, chunk-mean) in a fresh process each")
@@ -292,6 +293,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.batch_tokens is None:
+        from lam_embed.inference.pipeline import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+
+        args.batch_tokens = GPU_BATCH_TOKENS if args.device.startswith("cuda") else CPU_BATCH_TOKENS
     if not args.data_dir or not Path(args.data_dir).is_dir():
         p.error(f"--data-dir: no folder {args.data_dir} (set LAM_DATA_DIR)")
     for option in ("sentences", "passages", "documents", "document_tokens", "batch_size", "batch_tokens", "repeats"):

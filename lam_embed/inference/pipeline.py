@@ -16,7 +16,9 @@ on the host for most of the run. ``encode_texts``:
 - orders texts by length and forms batches by a token budget: a batch of texts of padded
   length ``n`` holds ``batch_tokens // n`` of them, so short texts come many to a batch and
   long ones few, padding stays small, and each length bucket has one batch size (for LAM,
-  whose CUDA graphs are kept per shape, that means few shapes, each seen many times);
+  whose CUDA graphs are kept per shape, that means few shapes, each seen many times; a
+  batch past ``cuda_graphs.MAX_SHAPE_TOKENS`` runs eagerly, its kernels outlasting the
+  launch work);
 - copies each batch to the device from pinned memory without waiting, and keeps the
   embeddings on the device, in input order, until the end: one transfer to the host.
 """
@@ -221,10 +223,12 @@ def batch_features(template: dict, ids: list[list[int]], lengths: np.ndarray, ba
     return _features_for(template, _to_device(torch.from_numpy(rows), device), mask)
 
 
-# Padded tokens a batch holds by default: large batches keep a GPU busy; on a CPU, batches
+# Padded tokens a batch holds by default: large batches keep a GPU busy (on an H100,
+# 131,072 tokens encoded passages 12% and long documents 14% faster than 65,536, and
+# 262,144 no faster; benchmarks/results/encode-batch-tokens-h100.json); on a CPU, batches
 # past a few thousand tokens ran slower (STS-B sentences on 2 cores: 2,048 tokens as fast as
 # encode's 32 sentences, 65,536 tokens 15% slower).
-GPU_BATCH_TOKENS = 65536
+GPU_BATCH_TOKENS = 131072
 CPU_BATCH_TOKENS = 2048
 
 
