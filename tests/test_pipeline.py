@@ -45,20 +45,18 @@ def test_same_embeddings_in_the_same_order_as_encode(models, which):
     np.testing.assert_allclose(got[10], got[11], atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("limit", [("BLOCK_TEXTS", 7), ("BLOCK_CHARACTERS", 300)])
-def test_blocks_and_prefetching_keep_the_order(models, monkeypatch, limit):
-    monkeypatch.setattr(pipeline, *limit)
+@pytest.mark.parametrize("limit", [{"block_texts": 7}, {"block_characters": 300}])
+def test_blocks_and_prefetching_keep_the_order(models, limit):
     model = models[0]
     texts = mixed_texts(50, seed=1)
-    got = pipeline.encode_texts(model, texts, batch_tokens=128, show_progress_bar=False)
+    got = pipeline.encode_texts(model, texts, batch_tokens=128, show_progress_bar=False, **limit)
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 
-def test_blocks_are_bounded_in_texts_and_characters(monkeypatch):
-    monkeypatch.setattr(pipeline, "BLOCK_TEXTS", 4)
-    monkeypatch.setattr(pipeline, "BLOCK_CHARACTERS", 10)
+def test_blocks_are_bounded_in_texts_and_characters():
     texts = ["x" * n for n in (25, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0)]
-    blocks = list(pipeline._blocks(texts, np.arange(len(texts)), lambda batch: [len(t) for t in batch]))
+    blocks = list(pipeline._blocks(texts, np.arange(len(texts)), lambda batch: [len(t) for t in batch],
+                                   block_texts=4, block_characters=10))
     # The 25-character text alone (over the limit, a block of its own), then blocks of at
     # most 10 characters and 4 texts.
     assert [b[0].tolist() for b in blocks] == [[0], [1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
@@ -141,7 +139,7 @@ def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
 def test_an_error_in_the_tokenizing_thread_reaches_the_caller(models, monkeypatch):
     model = models[0]
 
-    def fail(texts, order, tokenize):
+    def fail(texts, order, tokenize, block_texts, block_characters):
         yield from ()
         raise RuntimeError("tokenizer broke")
 
@@ -156,7 +154,7 @@ def test_bad_arguments_are_named(models):
         pipeline.encode_texts(model, ["a", 3])
     with pytest.raises(TypeError, match="texts must be a string or a sequence"):
         pipeline.encode_texts(model, 5)
-    for name in ("batch_tokens", "max_batch_size"):
+    for name in ("batch_tokens", "max_batch_size", "block_texts", "block_characters"):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
             pipeline.encode_texts(model, ["a"], **{name: 0})
 

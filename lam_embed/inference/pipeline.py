@@ -37,13 +37,11 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-BLOCK_TEXTS = 4096  # texts tokenized at a time in the background, at most
-BLOCK_CHARACTERS = 500_000  # and characters at a time, at most (a text longer than this is a block)
 PREFETCH_BLOCKS = 2  # blocks the tokenizer may run ahead of the model
 CHECK_TEXTS = 16  # texts whose fast-path ids are compared with the module's tokenization
 
 
-def _check_arguments(texts, batch_tokens: int, max_batch_size: int) -> list[str]:
+def _check_arguments(texts, **limits: int) -> list[str]:
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, Sequence):
@@ -51,7 +49,7 @@ def _check_arguments(texts, batch_tokens: int, max_batch_size: int) -> list[str]
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a string, got {type(text).__name__}")
-    for name, value in (("batch_tokens", batch_tokens), ("max_batch_size", max_batch_size)):
+    for name, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return list(texts)
@@ -136,14 +134,15 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size:
     return batches
 
 
-def _blocks(texts: list[str], order: np.ndarray, tokenize) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
-    """(positions, ids) of consecutive blocks of ``order``: at most BLOCK_TEXTS texts and
-    BLOCK_CHARACTERS characters each, and at least one text."""
+def _blocks(texts: list[str], order: np.ndarray, tokenize, block_texts: int,
+            block_characters: int) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
+    """(positions, ids) of consecutive blocks of ``order``: at most ``block_texts`` texts and
+    ``block_characters`` characters each, and at least one text."""
     start = 0
     while start < len(order):
         end, characters = start + 1, len(texts[order[start]])
-        while (end < len(order) and end - start < BLOCK_TEXTS
-               and characters + len(texts[order[end]]) <= BLOCK_CHARACTERS):
+        while (end < len(order) and end - start < block_texts
+               and characters + len(texts[order[end]]) <= block_characters):
             characters += len(texts[order[end]])
             end += 1
         indices = order[start:end]
@@ -234,7 +233,7 @@ CPU_BATCH_TOKENS = 2048
 
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
-                 show_progress_bar: bool | None = None):
+                 show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int = 500_000):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -242,12 +241,16 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     ``batch_tokens``: padded tokens a batch holds at most (a text longer than that is a batch
     of its own; default GPU_BATCH_TOKENS on CUDA, CPU_BATCH_TOKENS elsewhere);
     ``max_batch_size``: texts a batch holds at most. Texts are cut at the model's
-    ``max_seq_length`` tokens, as ``encode`` cuts them."""
+    ``max_seq_length`` tokens, as ``encode`` cuts them. ``block_texts``, ``block_characters``:
+    texts and characters the background thread tokenizes at a time, at most (a text longer
+    than ``block_characters`` is a block of its own): small blocks let the model start
+    sooner, large ones keep the tokenizer's threads busy."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
         batch_tokens = GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
-    texts = _check_arguments(texts, batch_tokens, max_batch_size)
+    texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
+                             block_texts=block_texts, block_characters=block_characters)
     module = _first_module(model)
     dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     out = torch.empty(len(texts), dimension, dtype=torch.float32, device=device)
@@ -264,7 +267,8 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     model.eval()
     try:
         with torch.inference_mode():
-            for indices, ids in _prefetched(_blocks(texts, order, tokenize), PREFETCH_BLOCKS):
+            blocks = _blocks(texts, order, tokenize, block_texts, block_characters)
+            for indices, ids in _prefetched(blocks, PREFETCH_BLOCKS):
                 lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                 for batch in token_budget_batches(lengths, batch_tokens, max_batch_size):
                     embeddings = model(batch_features(template, ids, lengths, batch, device))["sentence_embedding"]
