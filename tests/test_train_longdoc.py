@@ -102,6 +102,63 @@ def test_inserted_share_mixes_the_two_kinds():
     assert 70 < inserted < 130
 
 
+class _LookupTeacher:
+    """A teacher whose embeddings are given: paraphrase mining calls encode only."""
+
+    def __init__(self, vectors: dict):
+        self.vectors = vectors
+
+    def encode(self, sentences, **kwargs):
+        return F.normalize(torch.stack([self.vectors[s] for s in sentences]), dim=-1)
+
+
+def test_paraphrase_pairs_are_the_related_sentences_within_the_band():
+    generator = torch.Generator().manual_seed(0)
+    sentences = [f"sentence number {i} has enough words here" for i in range(7)]
+    vectors = {s: torch.randn(8, generator=generator) for s in sentences}
+    # Near-copies of sentence 0 and 1 (above the band), and a short line that is never a query.
+    vectors[sentences[2]] = vectors[sentences[0]] + 0.01
+    vectors["too short."] = vectors[sentences[1]]
+    low, high = 0.1, 0.95
+    pairs = longdoc.paraphrase_pairs(_LookupTeacher(vectors), sentences + ["too short."], count=100, low=low,
+                                     high=high, seed=0)
+    unit = {s: F.normalize(v, dim=0) for s, v in vectors.items()}
+    want = {frozenset((a, b)) for i, a in enumerate(sentences) for b in sentences[i + 1:]
+            if low <= float(unit[a] @ unit[b]) < high}
+    assert want and {frozenset(p) for p in pairs} == want and len(pairs) == len(want)
+    scores = [float(unit[a] @ unit[b]) for a, b in pairs]
+    assert scores == sorted(scores, reverse=True)
+    assert frozenset((sentences[0], sentences[2])) not in want  # the near-copy is left out
+
+
+def _pair_sentence(number: int, side: str) -> str:
+    return f"pair{number} {side} " + " ".join(WORDS[number % 10:number % 10 + 5]) + "."
+
+
+def test_inserted_examples_with_pairs_query_with_the_other_sentence_of_a_pair():
+    """With pairs, the positive holds the partner of the query (never the query itself) and
+    the negative a sentence of another pair; either side of a pair can be the query."""
+    pairs = [(_pair_sentence(i, "left"), _pair_sentence(i, "right")) for i in range(8)]
+    partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+
+    def build():
+        return longdoc.DocumentQueryExamples(_sourced_texts(), words_count, min_tokens=30, max_tokens=120, seed=1,
+                                             inserted_share=1.0, pairs=pairs)
+
+    examples, sides = build(), set()
+    for number in range(100):
+        query, positive, negative = examples.example(number)
+        assert query in partner
+        documents = [longdoc.split_sentences(d) for d in (positive, negative)]
+        assert partner[query] in documents[0] and query not in documents[0]
+        in_negative = [s for s in documents[1] if s in partner]
+        assert len(in_negative) == 1 and in_negative[0] not in (query, partner[query])
+        assert [s for s in documents[0] if s in partner] == [partner[query]]
+        sides.add(query.split()[1])
+        assert build().example(number) == (query, positive, negative)
+    assert sides == {"left", "right"}
+
+
 def test_examples_fail_clearly_when_no_window_fits():
     examples = longdoc.DocumentQueryExamples(["Short."], words_count, min_tokens=1, max_tokens=2, seed=0)
     with pytest.raises(ValueError, match="raise --min-tokens"):
@@ -314,6 +371,9 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--long-input-min-tokens", "-1"], "--long-input-min-tokens: must be an integer >= 0, got -1"),
         (["--long-input-min-tokens", "8", "--short-text-tail-steps", "2"],
          "--long-input-min-tokens trains the long-input layers only: drop --short-text-tail-steps"),
+        (["--paraphrase-queries", "10"], "--paraphrase-queries makes the queries of inserted examples: give "
+                                         "--inserted-share too"),
+        (["--paraphrase-similarity", "0.9", "0.5"], "--paraphrase-similarity: need -1 <= LOW < HIGH <= 1, got 0.9 0.5"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -526,3 +586,27 @@ def test_long_input_layers_train_alone_and_short_inputs_keep_their_embeddings(tm
     manifest = json.loads((tmp_path / "long" / "release" / "manifest.json").read_text())
     assert manifest["trained"] == "long-input layers" and manifest["long_input_min_tokens"] == 12
     assert manifest["data"]["sentences"] is None and manifest["data"]["short_texts"] == 0
+
+
+def test_paraphrase_queries_are_mined_once_and_read_back_on_resume(tmp_path, tiny_model, monkeypatch):
+    """--paraphrase-queries with the long-input layers alone: the sentences are read for the
+    pairs only, the pairs are saved with the run and a resumed run reads them instead of
+    mining again; the manifest counts them."""
+    model_dir, articles, _ = _saved_model_and_data(tmp_path, tiny_model)
+    sentences = tmp_path / "queries.txt"
+    sentences.write_text("\n".join(" ".join(WORDS[i:i + 8]) for i in range(10)) + "\n")
+    args = _smoke_args(tmp_path, model_dir, articles, sentences, "pairs", "--long-input-min-tokens", "12",
+                       "--inserted-share", "1", "--paraphrase-queries", "10", "--paraphrase-similarity", "-1", "1")
+    first = longdoc.main(args + ["--stop-after-minutes", "1e-6"])
+    assert not first["finished"]
+    saved = json.loads((tmp_path / "pairs" / longdoc.PAIRS_FILE).read_text())
+    assert len(saved) >= 2 and all(len(pair) == 2 for pair in saved)
+
+    def mined_again(*args, **kwargs):
+        raise AssertionError("a resumed run mines its pairs again")
+
+    monkeypatch.setattr(longdoc, "paraphrase_pairs", mined_again)
+    assert longdoc.main(args + ["--resume"])["finished"]
+    manifest = json.loads((tmp_path / "pairs" / "release" / "manifest.json").read_text())
+    assert manifest["data"]["paraphrase_pairs"] == len(saved) and manifest["data"]["short_texts"] == 0
+    assert manifest["data"]["paraphrase_similarity"] == [-1.0, 1.0]

@@ -90,7 +90,12 @@ class DocumentQueryExamples:
       boundary of the window and is the query; the hard negative is a window of the same
       text from another random offset with a sentence of yet another text inserted. Documents
       then differ by where their text was cut as well as by one sentence that is not about
-      their text, and the document embedding has to keep that sentence against both."""
+      their text, and the document embedding has to keep that sentence against both.
+
+    With ``pairs`` (two related sentences each, see paraphrase_pairs), an inserted example
+    inserts one sentence of a pair and queries with the other, and the hard negative holds a
+    sentence of another pair: the query is then related to the line it finds, as a question
+    is to a fact, instead of a copy of it."""
 
     texts: list[str]
     count_tokens: object
@@ -98,7 +103,9 @@ class DocumentQueryExamples:
     max_tokens: int
     seed: int
     inserted_share: float = 0.0
+    pairs: list[tuple[str, str]] = ()
     _sentences: dict = field(default_factory=dict)
+    _pair_tokens: dict = field(default_factory=dict)
 
     def sentences(self, index: int) -> tuple[list[str], list[int], list[int]]:
         """The text's sentences, their tokens and the positions of those of query length."""
@@ -154,24 +161,77 @@ class DocumentQueryExamples:
         raise ValueError("no text has two sentences within the token budget and a query-length sentence; "
                          "raise --min-tokens or check the texts")
 
+    def _pair_sentence(self, sentence: str) -> tuple[str, int]:
+        if sentence not in self._pair_tokens:
+            self._pair_tokens[sentence] = self.count_tokens([sentence])[0]
+        return sentence, self._pair_tokens[sentence]
+
+    def _related_sentences(self, rng: random.Random) -> tuple[str, tuple[str, int], tuple[str, int]] | None:
+        """(query, inserted sentence, the negative's inserted sentence) from two pairs."""
+        first, second = rng.sample(range(len(self.pairs)), 2)
+        flip = rng.random() < 0.5
+        query, inserted = self.pairs[first][::-1] if flip else self.pairs[first]
+        other = self.pairs[second][int(rng.random() < 0.5)]
+        if other in (query, inserted):  # a sentence may belong to several pairs
+            return None
+        return query, self._pair_sentence(inserted), self._pair_sentence(other)
+
     def _inserted_example(self, rng: random.Random, index: int, target: float) -> tuple[str, str, str] | None:
         sentences, tokens, _ = self.sentences(index)
-        query, other = self._query_sentence(rng, index), self._query_sentence(rng, index)
-        if query is None or other is None or query[0] == other[0]:
-            return None
+        if self.pairs:
+            related = self._related_sentences(rng)
+            if related is None:
+                return None
+            query_text, inserted, other = related
+        else:
+            inserted, other = self._query_sentence(rng, index), self._query_sentence(rng, index)
+            if inserted is None or other is None or inserted[0] == other[0]:
+                return None
+            query_text = inserted[0]
         documents = []
-        for sentence, length in (query, other):
+        for sentence, length in (inserted, other):
             start, end = self._window(rng, tokens, target - length)
             window = sentences[start:end]
             if not window:
                 return None
             at = rng.randint(0, len(window))
             documents.append(" ".join(window[:at] + [sentence] + window[at:]))
-        return query[0], documents[0], documents[1]
+        return query_text, documents[0], documents[1]
 
     def batch(self, step: int, size: int) -> tuple[list[str], list[str], list[str]]:
         queries, positives, negatives = zip(*(self.example(step * size + i) for i in range(size)))
         return list(queries), list(positives), list(negatives)
+
+
+def paraphrase_pairs(teacher, sentences: list[str], count: int, low: float, high: float,
+                     seed: int) -> list[tuple[str, str]]:
+    """Pairs of related sentences among ``count`` query-length sentences drawn from
+    ``sentences``: those whose teacher embeddings have a cosine in [``low``, ``high``) among
+    each one's five nearest (sentence-transformers' paraphrase mining), most similar first;
+    ``high`` leaves near-copies out."""
+    from sentence_transformers.util import paraphrase_mining
+
+    pool = sorted({s for s in sentences if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]})
+    pool = random.Random(seed).sample(pool, min(count, len(pool)))
+    if len(pool) < 2:
+        return []
+    mined = paraphrase_mining(teacher, pool, top_k=5, max_pairs=5 * len(pool), batch_size=256)
+    return [(pool[i], pool[j]) for score, i, j in mined if low <= score < high]
+
+
+PAIRS_FILE = "paraphrase_pairs.json"
+
+
+def load_or_mine_pairs(out: Path, resume: bool, mine) -> list[tuple[str, str]]:
+    """The pairs of a resumed run as its first process saved them; else ``mine()``, saved."""
+    path = out / PAIRS_FILE
+    if resume and path.is_file():
+        return [tuple(pair) for pair in json.loads(path.read_text())]
+    pairs = mine()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pairs) + "\n")
+    os.replace(tmp, path)
+    return pairs
 
 
 # --------------------------------------------------------------------------------------
@@ -205,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--squality", default=str(longdoc / "squality.jsonl.gz") if longdoc else None,
                    help="SQuALITY stories; only the train split is read. '' to leave them out")
     p.add_argument("--sentences", default=str(data / "corpus" / "sentences.txt.gz") if data else None,
-                   help="short texts for the term that keeps LAM close to the teacher on them (not read with "
-                        "--long-input-min-tokens, which leaves that term out)")
+                   help="short texts for the term that keeps LAM close to the teacher on them (with "
+                        "--long-input-min-tokens, which leaves that term out, read only by --paraphrase-queries)")
     p.add_argument("--max-sentences", type=_positive, default=200_000, help="sentences read from --sentences")
     p.add_argument("--stsb", default=str(data / "stsb") if data else None,
                    help="folder of the STS-B csv files; only the sentences of sts-train.csv are read, with "
@@ -236,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the examples whose query is a sentence of another text inserted into the "
                         "document, against a window of the same text from elsewhere with another inserted "
                         "sentence (the rest: a sentence of the document, against the document without it)")
+    p.add_argument("--paraphrase-queries", type=non_negative_int, default=0, metavar="N",
+                   help="with --inserted-share: draw N query-length sentences of --sentences, pair those the "
+                        "teacher finds related (--paraphrase-similarity; sentence-transformers' paraphrase "
+                        "mining), and let each inserted example insert one sentence of a pair and query with the "
+                        "other, so that a query is related to the line it finds instead of a copy of it (0: the "
+                        "query is the inserted sentence itself)")
+    p.add_argument("--paraphrase-similarity", type=float, nargs=2, default=(0.6, 0.9), metavar=("LOW", "HIGH"),
+                   help="teacher cosine of a pair of --paraphrase-queries: at least LOW and below HIGH (near-copies "
+                        "left out)")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
     p.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     p.add_argument("--scale", type=float, default=20.0, help="scale of the cosine scores in the ranking loss")
@@ -315,8 +384,7 @@ def _temperature(text: str) -> float:
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Usage errors (exit 2) before any model loads: missing or empty files, bad sizes."""
-    # With long-input layers alone trained, no short-text term reads the sentences.
-    for option in ("articles",) if args.long_input_min_tokens is not None else ("articles", "sentences"):
+    for option in ("articles", "sentences") if reads_sentences(args) else ("articles",):
         path = getattr(args, option)
         if not path:
             parser.error(f"--{option} is required: no data folder found (set LAM_DATA_DIR)")
@@ -344,6 +412,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--stsb-train-fraction needs --stsb (or LAM_DATA_DIR)")
     if not 0 <= args.inserted_share <= 1:
         parser.error(f"--inserted-share must lie in [0, 1], got {args.inserted_share}")
+    if args.paraphrase_queries and not args.inserted_share:
+        parser.error("--paraphrase-queries makes the queries of inserted examples: give --inserted-share too")
+    low, high = args.paraphrase_similarity
+    if not -1 <= low < high <= 1:
+        parser.error(f"--paraphrase-similarity: need -1 <= LOW < HIGH <= 1, got {low} {high}")
     if args.short_text_tail_steps < 0:
         parser.error(f"--short-text-tail-steps must be >= 0, got {args.short_text_tail_steps}")
     if not args.short_text_tail_lr > 0:
@@ -358,6 +431,12 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def reads_sentences(args) -> bool:
+    """Whether the run reads --sentences: the short-text term does (left out when the
+    long-input layers train alone), and so does --paraphrase-queries."""
+    return args.long_input_min_tokens is None or bool(args.paraphrase_queries)
 
 
 def run_arguments(argv: list[str]) -> list[str]:
@@ -386,7 +465,7 @@ def main(argv=None) -> dict:
         if args.squality:
             texts += read_long_texts(args.squality, split="train")
         sentences = []
-        if args.long_input_min_tokens is None:  # only the short-text term reads them
+        if reads_sentences(args):
             sentences = read_text_lines(args.sentences, limit=args.max_sentences)
             if not sentences:
                 parser.error(f"--sentences: no lines in {args.sentences}")
@@ -498,8 +577,17 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     def count_tokens(batch: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]]
 
+    pairs = []
+    if args.paraphrase_queries:
+        pairs = load_or_mine_pairs(out, args.resume, lambda: paraphrase_pairs(
+            teacher, sentences, args.paraphrase_queries, *args.paraphrase_similarity, seed=args.seed))
+        logger.info("%d related sentence pairs for the inserted examples' queries", len(pairs))
+        if len(pairs) < 2:
+            raise SystemExit(f"--paraphrase-queries: {len(pairs)} pairs within --paraphrase-similarity "
+                             f"{args.paraphrase_similarity[0]} {args.paraphrase_similarity[1]}; draw more sentences "
+                             "or widen the range")
     examples = DocumentQueryExamples(texts, count_tokens, args.min_tokens, args.max_tokens, args.seed,
-                                     args.inserted_share)
+                                     args.inserted_share, pairs)
     if not args.train_embeddings:
         lam.embeddings.requires_grad_(False)
     if args.train_only_token_mixers:
@@ -614,7 +702,10 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "commit": git_commit() or "unknown",
         "started_from": args.model,
         "data": {"articles": args.articles, "squality": args.squality or None, "texts": len(texts),
-                 "sentences": args.sentences if sentences else None, "short_texts": len(sentences),
+                 "sentences": args.sentences if sentences else None,
+                 "short_texts": 0 if long_inputs_only else len(sentences),
+                 "paraphrase_pairs": len(pairs),
+                 "paraphrase_similarity": list(args.paraphrase_similarity) if pairs else None,
                  "passages": args.passages if passages else None, "passage_texts": len(passages),
                  "stsb_train_sentences": len(stsb_train), "stsb_train_fraction": args.stsb_train_fraction},
         "pooling": pooling_mode(model), "token_repeat_cap": lam.config.token_repeat_cap,
