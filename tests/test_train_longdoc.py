@@ -1,5 +1,5 @@
-"""The long-document stage (training/longdoc.py): its examples, its loss against a
-computation of its own, a CPU smoke run that resumes exactly, and its usage errors."""
+"""The long-document stage (training/longdoc.py; its examples: training/longdoc_examples.py):
+its examples, its loss against a computation of its own, a CPU smoke run that resumes exactly, and its usage errors."""
 
 import copy
 import gzip
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lam_embed.data import default_data_dir
-from lam_embed.training import longdoc
+from lam_embed.data import default_data_dir, split_sentences
+from lam_embed.training import longdoc, longdoc_examples
 
 DATA = default_data_dir()
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -30,14 +30,14 @@ def synthetic_texts(n=6, sentences=40, seed=0):
 
 
 def test_split_sentences():
-    assert longdoc.split_sentences("One two. Three? Four!\n\nFive six\nSeven.") == [
+    assert split_sentences("One two. Three? Four!\n\nFive six\nSeven.") == [
         "One two.", "Three?", "Four!", "Five six", "Seven."]
 
 
 def test_examples_are_deterministic_within_budget_and_differ_by_the_query_only():
     texts = synthetic_texts()
-    examples = longdoc.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=3)
-    again = longdoc.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=3)
+    examples = longdoc_examples.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=3)
+    again = longdoc_examples.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=3)
     positions = []
     for number in range(200):
         query, positive, negative = examples.example(number)
@@ -46,8 +46,8 @@ def test_examples_are_deterministic_within_budget_and_differ_by_the_query_only()
         assert query in positive
         # The negative is the positive without that one sentence.
         assert sorted(negative.split() + query.split()) == sorted(positive.split())
-        assert longdoc.QUERY_WORDS[0] <= len(query.split()) <= longdoc.QUERY_WORDS[1]
-        sentences = longdoc.split_sentences(positive.replace(". ", ".\n"))
+        assert longdoc_examples.QUERY_WORDS[0] <= len(query.split()) <= longdoc_examples.QUERY_WORDS[1]
+        sentences = split_sentences(positive.replace(". ", ".\n"))
         positions.append(sentences.index(query) / max(1, len(sentences) - 1))
     # Queries come from every part of the documents, not only their start.
     assert min(positions) < 0.2 and max(positions) > 0.8 and 0.35 < sum(positions) / len(positions) < 0.65
@@ -67,13 +67,13 @@ def _source(sentence: str) -> str:
 def test_inserted_examples_hold_a_foreign_sentence_in_a_window_of_one_text():
     """--inserted-share 1: the query is a sentence of another text inserted into a window of
     one text; the negative is a window of the same text with another foreign sentence."""
-    examples = longdoc.DocumentQueryExamples(_sourced_texts(), words_count, min_tokens=30, max_tokens=120, seed=1,
+    examples = longdoc_examples.DocumentQueryExamples(_sourced_texts(), words_count, min_tokens=30, max_tokens=120, seed=1,
                                              inserted_share=1.0)
     positions, offsets_differ = [], 0
     for number in range(200):
         query, positive, negative = examples.example(number)
         assert len(positive.split()) <= 120 and len(negative.split()) <= 120
-        documents = [longdoc.split_sentences(d) for d in (positive, negative)]
+        documents = [split_sentences(d) for d in (positive, negative)]
         assert query in documents[0] and query not in documents[1]
         owners = []
         for sentences in documents:
@@ -92,12 +92,12 @@ def test_inserted_examples_hold_a_foreign_sentence_in_a_window_of_one_text():
 
 def test_inserted_share_mixes_the_two_kinds():
     texts = _sourced_texts()
-    examples = longdoc.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=2,
+    examples = longdoc_examples.DocumentQueryExamples(texts, words_count, min_tokens=30, max_tokens=120, seed=2,
                                              inserted_share=0.5)
     inserted = 0
     for number in range(200):
         query, positive, _ = examples.example(number)
-        others = [s for s in longdoc.split_sentences(positive) if s != query]
+        others = [s for s in split_sentences(positive) if s != query]
         inserted += _source(query) != _source(others[0])
     assert 70 < inserted < 130
 
@@ -120,7 +120,7 @@ def test_paraphrase_pairs_are_the_related_sentences_within_the_band():
     vectors[sentences[2]] = vectors[sentences[0]] + 0.01
     vectors["too short."] = vectors[sentences[1]]
     low, high = 0.1, 0.95
-    pairs = longdoc.paraphrase_pairs(_LookupTeacher(vectors), sentences + ["too short."], count=100, low=low,
+    pairs = longdoc_examples.paraphrase_pairs(_LookupTeacher(vectors), sentences + ["too short."], count=100, low=low,
                                      high=high, seed=0)
     unit = {s: F.normalize(v, dim=0) for s, v in vectors.items()}
     want = {frozenset((a, b)) for i, a in enumerate(sentences) for b in sentences[i + 1:]
@@ -142,14 +142,14 @@ def test_inserted_examples_with_pairs_query_with_the_other_sentence_of_a_pair():
     partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
 
     def build():
-        return longdoc.DocumentQueryExamples(_sourced_texts(), words_count, min_tokens=30, max_tokens=120, seed=1,
+        return longdoc_examples.DocumentQueryExamples(_sourced_texts(), words_count, min_tokens=30, max_tokens=120, seed=1,
                                              inserted_share=1.0, pairs=pairs)
 
     examples, sides = build(), set()
     for number in range(100):
         query, positive, negative = examples.example(number)
         assert query in partner
-        documents = [longdoc.split_sentences(d) for d in (positive, negative)]
+        documents = [split_sentences(d) for d in (positive, negative)]
         assert partner[query] in documents[0] and query not in documents[0]
         in_negative = [s for s in documents[1] if s in partner]
         assert len(in_negative) == 1 and in_negative[0] not in (query, partner[query])
@@ -160,7 +160,7 @@ def test_inserted_examples_with_pairs_query_with_the_other_sentence_of_a_pair():
 
 
 def test_examples_fail_clearly_when_no_window_fits():
-    examples = longdoc.DocumentQueryExamples(["Short."], words_count, min_tokens=1, max_tokens=2, seed=0)
+    examples = longdoc_examples.DocumentQueryExamples(["Short."], words_count, min_tokens=1, max_tokens=2, seed=0)
     with pytest.raises(ValueError, match="raise --min-tokens"):
         examples.example(0)
 
@@ -170,13 +170,13 @@ def test_read_long_texts_keeps_the_split_and_names_bad_lines(tmp_path):
     with gzip.open(path, "wt") as f:
         for split in ("train", "dev", "test", "train"):
             f.write(json.dumps({"split": split, "text": f"a {split} story"}) + "\n")
-    assert longdoc.read_long_texts(path, split="train") == ["a train story", "a train story"]
+    assert longdoc_examples.read_long_texts(path, split="train") == ["a train story", "a train story"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not JSON"):
-        longdoc.read_long_texts(bad)
+        longdoc_examples.read_long_texts(bad)
     with pytest.raises(ValueError, match="no texts of split 'validation'"):
-        longdoc.read_long_texts(path, split="validation")
+        longdoc_examples.read_long_texts(path, split="validation")
 
 
 @pytest.fixture(scope="module")
@@ -554,12 +554,12 @@ def test_training_texts_hold_no_evaluation_material():
     no story of SQuALITY dev or test."""
     from lam_embed.evaluation.longdoc import PASSKEY_FILLER
 
-    texts = longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="train")
-    held_out = set(longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="dev")
-                   + longdoc.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="test"))
+    texts = longdoc_examples.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="train")
+    held_out = set(longdoc_examples.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="dev")
+                   + longdoc_examples.read_long_texts(DATA / "longdoc" / "squality.jsonl.gz", split="test"))
     assert not held_out & set(texts)
     filler = PASSKEY_FILLER.split(". ")[0]
-    for text in longdoc.read_long_texts(DATA / "longdoc" / "wiki_articles.jsonl.gz")[:500] + texts:
+    for text in longdoc_examples.read_long_texts(DATA / "longdoc" / "wiki_articles.jsonl.gz")[:500] + texts:
         assert "pass key" not in text and filler not in text
 
 
@@ -599,7 +599,7 @@ def test_paraphrase_queries_are_mined_once_and_read_back_on_resume(tmp_path, tin
                        "--inserted-share", "1", "--paraphrase-queries", "10", "--paraphrase-similarity", "-1", "1")
     first = longdoc.main(args + ["--stop-after-minutes", "1e-6"])
     assert not first["finished"]
-    saved = json.loads((tmp_path / "pairs" / longdoc.PAIRS_FILE).read_text())
+    saved = json.loads((tmp_path / "pairs" / longdoc_examples.PAIRS_FILE).read_text())
     assert len(saved) >= 2 and all(len(pair) == 2 for pair in saved)
 
     def mined_again(*args, **kwargs):
