@@ -71,3 +71,13 @@ def test_usage_errors(setup, capsys):
         with pytest.raises(SystemExit):
             encode_pipeline.main(args_for(folder, teacher) + extra)
         assert message in capsys.readouterr().err
+
+
+def test_a_single_threaded_tokenizer_is_recorded_and_warned_of(setup, tmp_path, monkeypatch, caplog):
+    folder, teacher = setup
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    output = tmp_path / "encode.json"
+    with caplog.at_level("WARNING"):
+        assert encode_pipeline.main(args_for(folder, teacher, "--no-fresh", "--output", str(output))) == 0
+    assert json.loads(output.read_text())["host"]["tokenizers_parallelism"] == "false"
+    assert "the tokenizer runs on one thread" in caplog.text
