@@ -102,14 +102,6 @@ def load_model(path: str, device: str, dtype: str, max_seq_length: int | None = 
     return model.eval()
 
 
-def fast_tokenizer(model):
-    """texts -> token ids as the model reads them (special tokens included, cut at its limit),
-    through the tokenizer's Rust backend, built once."""
-    from lam_embed.inference.pipeline import FastTokenizer
-
-    return FastTokenizer(model.tokenizer, model.max_seq_length)
-
-
 def first_call(args, set_name: str, method: str, model_path: str, max_seq_length: int | None) -> float:
     """Seconds of ``method``'s first call in a fresh process (model loading not counted)."""
     command = [sys.executable, "-m", "lam_embed.evaluation.encode_pipeline", "--first-call", set_name, method,
@@ -175,6 +167,8 @@ def run(args, save=lambda result: None) -> dict:
     """All rows of all sets; ``save(result)`` after each set."""
     import torch
 
+    from lam_embed.inference.pipeline import FastTokenizer
+
     device = torch.device(args.device)
     sets = {name: load_set(Path(args.data_dir), name, getattr(args, name)) for name in SETS}
     lam = load_model(args.lam, args.device, args.dtype, args.document_tokens)
@@ -191,7 +185,8 @@ def run(args, save=lambda result: None) -> dict:
             methods["minilm chunk-mean"] = (minilm, args.minilm)
         else:
             methods.update({f"minilm encode@{b}": (minilm, args.minilm) for b in args.minilm_batch_sizes})
-        tokenize = fast_tokenizer(lam)
+        # Token ids as LAM reads them (special tokens included, cut at its limit).
+        tokenize = FastTokenizer(lam.tokenizer, lam.max_seq_length)
         ids = tokenize(texts)
         tokens = sum(map(len, ids))
         entry = {"texts": len(texts), "tokens": tokens, "rows": {}}

@@ -66,7 +66,7 @@ def device_name(device) -> str:
     return cpu_name()
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
+def write_json(path: str | os.PathLike, data: dict | list) -> None:
     """Write ``data`` as JSON atomically (its folder made if needed): a reader, or a run
     stopped mid-write, never sees half a file."""
     path = Path(path)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lam_embed.data import split_sentences
+from lam_embed.environment import write_json
 
 QUERY_WORDS = (6, 60)  # the length of a sentence that can be a query, in words
 
@@ -194,7 +194,5 @@ def load_or_mine_pairs(out: Path, resume: bool, mine) -> list[tuple[str, str]]:
     if resume and path.is_file():
         return [tuple(pair) for pair in json.loads(path.read_text())]
     pairs = mine()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(pairs) + "\n")
-    os.replace(tmp, path)
+    write_json(path, pairs)
     return pairs
