@@ -167,3 +167,21 @@ def test_the_default_budget_follows_the_device(models, monkeypatch):
                             lengths, batch_tokens, max_batch_size))
     pipeline.encode_texts(models[0], ["a short text"], show_progress_bar=False)
     assert seen == [pipeline.CPU_BATCH_TOKENS]
+
+
+def test_batches_across_blocks_are_those_of_one_pass():
+    # Blocks follow the length order (longest first), as encode_texts forms them.
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(1, 300, size=400))[::-1]
+    ids = [[7] * int(n) for n in lengths]
+    blocks = [(np.arange(start, min(start + 37, 400)), ids[start:start + 37]) for start in range(0, 400, 37)]
+    got = list(pipeline._batches_across_blocks(iter(blocks), batch_tokens=2048, max_batch_size=64))
+    seen = np.concatenate([positions[batch] for positions, _, _, batch in got])
+    assert sorted(seen.tolist()) == list(range(400))  # every text once
+    for positions, batch_ids, batch_lengths, batch in got:
+        assert [batch_ids[i] for i in batch] == [ids[p] for p in positions[batch]]
+        assert np.array_equal(batch_lengths[batch], lengths[positions[batch]])
+    one_pass = pipeline.token_budget_batches(lengths, batch_tokens=2048, max_batch_size=64)
+    per_block = sum(len(pipeline.token_budget_batches(lengths[p], 2048, 64)) for p, _ in blocks)
+    # Blocks cut wherever they are add at most one batch, not one a block.
+    assert len(got) <= len(one_pass) + 1 < per_block

@@ -18,7 +18,8 @@ on the host for most of the run. ``encode_texts``:
   long ones few, padding stays small, and each length bucket has one batch size (for LAM,
   whose CUDA graphs are kept per shape, that means few shapes, each seen many times; a
   batch past ``cuda_graphs.MAX_SHAPE_TOKENS`` runs eagerly, its kernels outlasting the
-  launch work);
+  launch work); a block's last, partial batch is completed with the next block's texts,
+  so the batches are as full as those of one pass over all texts;
 - copies each batch to the device from pinned memory without waiting, and keeps the
   embeddings on the device, in input order, until the end: one transfer to the host.
 """
@@ -150,6 +151,27 @@ def _blocks(texts: list[str], order: np.ndarray, tokenize, block_texts: int,
         start = end
 
 
+def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, list[list[int]]]], batch_tokens: int,
+                           max_batch_size: int) -> Iterator[tuple[np.ndarray, list[list[int]], np.ndarray, np.ndarray]]:
+    """(text positions, ids, lengths, batch) of each batch of ``blocks``' texts, ``batch``
+    indexing the other three. A block's last batch (its shortest texts, most often a partial
+    batch) is held back and batched with the next block, whose texts follow them in the
+    length order: the batches come out nearly as full and as few as those of one pass over
+    all texts, where each block's own remainder would add a small batch (a forward whose
+    launch work outlasts its kernels on a GPU)."""
+    held_positions, held_ids = np.empty(0, dtype=np.int64), []
+    for positions, ids in blocks:
+        positions, ids = np.concatenate([held_positions, positions]), held_ids + ids
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        *batches, last = token_budget_batches(lengths, batch_tokens, max_batch_size)
+        for batch in batches:
+            yield positions, ids, lengths, batch
+        held_positions, held_ids = positions[last], [ids[i] for i in last]
+    if held_ids:
+        lengths = np.fromiter(map(len, held_ids), dtype=np.int64, count=len(held_ids))
+        yield held_positions, held_ids, lengths, np.arange(len(held_ids))
+
+
 def _prefetched(iterator: Iterator, depth: int) -> Iterator:
     """The items of ``iterator``, produced by a background thread at most ``depth`` ahead; an
     exception there is raised here."""
@@ -267,13 +289,11 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     model.eval()
     try:
         with torch.inference_mode():
-            blocks = _blocks(texts, order, tokenize, block_texts, block_characters)
-            for indices, ids in _prefetched(blocks, PREFETCH_BLOCKS):
-                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                for batch in token_budget_batches(lengths, batch_tokens, max_batch_size):
-                    embeddings = model(batch_features(template, ids, lengths, batch, device))["sentence_embedding"]
-                    out[_to_device(torch.from_numpy(indices[batch].astype(np.int64)), device)] = embeddings.float()
-                    progress.update(len(batch))
+            blocks = _prefetched(_blocks(texts, order, tokenize, block_texts, block_characters), PREFETCH_BLOCKS)
+            for positions, ids, lengths, batch in _batches_across_blocks(blocks, batch_tokens, max_batch_size):
+                embeddings = model(batch_features(template, ids, lengths, batch, device))["sentence_embedding"]
+                out[_to_device(torch.from_numpy(positions[batch].astype(np.int64)), device)] = embeddings.float()
+                progress.update(len(batch))
     finally:
         progress.close()
         model.train(was_training)
