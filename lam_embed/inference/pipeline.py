@@ -157,8 +157,8 @@ def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, list[list[int]]]],
     indexing the other three. A block's last batch (its shortest texts, most often a partial
     batch) is held back and batched with the next block, whose texts follow them in the
     length order: the batches come out nearly as full and as few as those of one pass over
-    all texts, where each block's own remainder would add a small batch (a forward whose
-    launch work outlasts its kernels on a GPU)."""
+    all texts, where each block's own remainder would add a small batch (on a GPU, one more
+    shape for the CUDA graphs to capture when the texts are new)."""
     held_positions, held_ids = np.empty(0, dtype=np.int64), []
     for positions, ids in blocks:
         positions, ids = np.concatenate([held_positions, positions]), held_ids + ids
