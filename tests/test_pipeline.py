@@ -46,21 +46,36 @@ def test_same_embeddings_in_the_same_order_as_encode(models, which):
 
 
 @pytest.mark.parametrize("limit", [{"block_texts": 7}, {"block_characters": 300}])
-def test_blocks_and_prefetching_keep_the_order(models, limit):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_blocks_and_threads_keep_the_order(models, limit, threads):
     model = models[0]
     texts = mixed_texts(50, seed=1)
-    got = pipeline.encode_texts(model, texts, batch_tokens=128, show_progress_bar=False, **limit)
+    got = pipeline.encode_texts(model, texts, batch_tokens=128, show_progress_bar=False, tokenizer_threads=threads,
+                                **limit)
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 
 def test_blocks_are_bounded_in_texts_and_characters():
     texts = ["x" * n for n in (25, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0)]
-    blocks = list(pipeline._blocks(texts, np.arange(len(texts)), lambda batch: [len(t) for t in batch],
-                                   block_texts=4, block_characters=10))
+    blocks = list(pipeline._block_positions(texts, np.arange(len(texts)), block_texts=4, block_characters=10))
     # The 25-character text alone (over the limit, a block of its own), then blocks of at
     # most 10 characters and 4 texts.
-    assert [b[0].tolist() for b in blocks] == [[0], [1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert [b[1] for b in blocks][2] == [5, 4]
+    assert [b.tolist() for b in blocks] == [[0], [1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_tokenized_blocks_come_in_order_whichever_thread_ends_first():
+    import time
+
+    texts = [f"text {i}" for i in range(40)]
+
+    def tokenize(batch):  # the earlier blocks take longer
+        time.sleep(0.002 * (40 - int(batch[0].split()[1])) / 4)
+        return [[int(t.split()[1])] for t in batch]
+
+    blocks = (np.arange(start, start + 4) for start in range(0, 40, 4))
+    got = list(pipeline._tokenized_blocks(texts, blocks, tokenize, threads=4))
+    assert [positions.tolist() for positions, _ in got] == [list(range(s, s + 4)) for s in range(0, 40, 4)]
+    assert [ids for _, ids in got] == [[[i] for i in range(s, s + 4)] for s in range(0, 40, 4)]
 
 
 def test_the_tokenizer_is_checked_once_per_model_and_limit(models, monkeypatch):
@@ -136,16 +151,19 @@ def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 
-def test_an_error_in_the_tokenizing_thread_reaches_the_caller(models, monkeypatch):
+def test_an_error_in_a_tokenizing_thread_reaches_the_caller(models, monkeypatch):
     model = models[0]
+    texts = mixed_texts(40)
+    pipeline.encode_texts(model, texts[:2], show_progress_bar=False)  # the tokenizer chosen and checked
 
-    def fail(texts, order, tokenize, block_texts, block_characters):
-        yield from ()
-        raise RuntimeError("tokenizer broke")
+    def fail(self, batch):
+        if any("punctuation" in text for text in batch):
+            raise RuntimeError("tokenizer broke")
+        return [[101, 102] for _ in batch]
 
-    monkeypatch.setattr(pipeline, "_blocks", fail)
+    monkeypatch.setattr(pipeline.FastTokenizer, "__call__", fail)
     with pytest.raises(RuntimeError, match="tokenizer broke"):
-        pipeline.encode_texts(model, ["a", "b"], show_progress_bar=False)
+        pipeline.encode_texts(model, texts, block_texts=3, show_progress_bar=False)
 
 
 def test_bad_arguments_are_named(models):
@@ -154,7 +172,7 @@ def test_bad_arguments_are_named(models):
         pipeline.encode_texts(model, ["a", 3])
     with pytest.raises(TypeError, match="texts must be a string or a sequence"):
         pipeline.encode_texts(model, 5)
-    for name in ("batch_tokens", "max_batch_size", "block_texts", "block_characters"):
+    for name in ("batch_tokens", "max_batch_size", "block_texts", "block_characters", "tokenizer_threads"):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
             pipeline.encode_texts(model, ["a"], **{name: 0})
 

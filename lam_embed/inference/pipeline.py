@@ -7,8 +7,9 @@ next, so a GPU that embeds a batch in a fraction of the time it takes to tokeniz
 on the host for most of the run. ``encode_texts``:
 
 - tokenizes with the tokenizer's Rust backend (``encode_batch_fast``: ids only, no offsets),
-  block by block in a background thread that runs ahead of the model (the backend releases
-  the GIL while it works); blocks are bounded in texts and in characters, so that the model
+  block by block in background threads that run ahead of the model (the backend releases
+  the GIL while it tokenizes, not while it reads a block's texts and builds its id lists:
+  several blocks at a time keep its cores busy meanwhile); blocks are bounded in texts and in characters, so that the model
   starts after a small first block and long documents overlap their tokenization with the
   model's work; the ids of a few texts are checked against the module's own tokenization
   at a model's first call (and again when its tokenizer or length limit changes), and any
@@ -26,11 +27,12 @@ on the host for most of the run. ``encode_texts``:
 
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
-import threading
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-PREFETCH_BLOCKS = 2  # blocks the tokenizer may run ahead of the model
+PREFETCH_BLOCKS = 2  # blocks the tokenizer may run ahead of the model, besides one a thread
 CHECK_TEXTS = 16  # texts whose fast-path ids are compared with the module's tokenization
 
 
@@ -135,10 +137,10 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size:
     return batches
 
 
-def _blocks(texts: list[str], order: np.ndarray, tokenize, block_texts: int,
-            block_characters: int) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
-    """(positions, ids) of consecutive blocks of ``order``: at most ``block_texts`` texts and
-    ``block_characters`` characters each, and at least one text."""
+def _block_positions(texts: list[str], order: np.ndarray, block_texts: int,
+                     block_characters: int) -> Iterator[np.ndarray]:
+    """Positions (into ``texts``) of consecutive blocks of ``order``: at most ``block_texts``
+    texts and ``block_characters`` characters each, and at least one text."""
     start = 0
     while start < len(order):
         end, characters = start + 1, len(texts[order[start]])
@@ -146,9 +148,35 @@ def _blocks(texts: list[str], order: np.ndarray, tokenize, block_texts: int,
                and characters + len(texts[order[end]]) <= block_characters):
             characters += len(texts[order[end]])
             end += 1
-        indices = order[start:end]
-        yield indices, tokenize([texts[i] for i in indices])
+        yield order[start:end]
         start = end
+
+
+def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], tokenize,
+                      threads: int) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
+    """(positions, ids) of each block, in order, tokenized by ``threads`` background threads
+    at most ``threads + PREFETCH_BLOCKS`` blocks ahead; an exception in a thread is raised
+    here. Several threads help although the backend runs each call on all cores: a call
+    holds the interpreter lock while it reads its texts and builds its id lists, and another
+    call's backend work goes on meanwhile."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="lam-tokenize") as pool:
+        pending: deque = deque()
+
+        def submit(positions: np.ndarray) -> None:
+            pending.append((positions, pool.submit(tokenize, [texts[i] for i in positions])))
+
+        for positions in itertools.islice(blocks, threads + PREFETCH_BLOCKS):
+            submit(positions)
+        try:
+            while pending:
+                positions, future = pending.popleft()
+                following = next(blocks, None)
+                if following is not None:
+                    submit(following)
+                yield positions, future.result()
+        finally:  # a call that ends early (an error, a closed generator) drops the blocks not begun
+            for _, future in pending:
+                future.cancel()
 
 
 def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, list[list[int]]]], batch_tokens: int,
@@ -170,43 +198,6 @@ def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, list[list[int]]]],
     if held_ids:
         lengths = np.fromiter(map(len, held_ids), dtype=np.int64, count=len(held_ids))
         yield held_positions, held_ids, lengths, np.arange(len(held_ids))
-
-
-def _prefetched(iterator: Iterator, depth: int) -> Iterator:
-    """The items of ``iterator``, produced by a background thread at most ``depth`` ahead; an
-    exception there is raised here."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put(done)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            items.put(err)
-
-    thread = threading.Thread(target=produce, name="lam-tokenize", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -255,7 +246,8 @@ CPU_BATCH_TOKENS = 2048
 
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
-                 show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int = 500_000):
+                 show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int = 500_000,
+                 tokenizer_threads: int = 4):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -264,15 +256,17 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     of its own; default GPU_BATCH_TOKENS on CUDA, CPU_BATCH_TOKENS elsewhere);
     ``max_batch_size``: texts a batch holds at most. Texts are cut at the model's
     ``max_seq_length`` tokens, as ``encode`` cuts them. ``block_texts``, ``block_characters``:
-    texts and characters the background thread tokenizes at a time, at most (a text longer
+    texts and characters a background thread tokenizes at a time, at most (a text longer
     than ``block_characters`` is a block of its own): small blocks let the model start
-    sooner, large ones keep the tokenizer's threads busy."""
+    sooner, large ones keep the tokenizer's cores busy. ``tokenizer_threads``: blocks
+    tokenized at once."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
         batch_tokens = GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
     texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
-                             block_texts=block_texts, block_characters=block_characters)
+                             block_texts=block_texts, block_characters=block_characters,
+                             tokenizer_threads=tokenizer_threads)
     module = _first_module(model)
     dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     out = torch.empty(len(texts), dimension, dtype=torch.float32, device=device)
@@ -289,7 +283,8 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     model.eval()
     try:
         with torch.inference_mode():
-            blocks = _prefetched(_blocks(texts, order, tokenize, block_texts, block_characters), PREFETCH_BLOCKS)
+            blocks = _tokenized_blocks(texts, _block_positions(texts, order, block_texts, block_characters),
+                                       tokenize, tokenizer_threads)
             for positions, ids, lengths, batch in _batches_across_blocks(blocks, batch_tokens, max_batch_size):
                 embeddings = model(batch_features(template, ids, lengths, batch, device))["sentence_embedding"]
                 out[_to_device(torch.from_numpy(positions[batch].astype(np.int64)), device)] = embeddings.float()
