@@ -318,10 +318,11 @@ def main(argv=None) -> int:
     args.minilm = args.minilm or resolve_teacher_path()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # The fast path's tokenization runs on the tokenizer's threads; with
-    # TOKENIZERS_PARALLELISM=false it runs on one, and the figures measure that.
+    # TOKENIZERS_PARALLELISM=false each call runs on one, and the figures measure that.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if os.environ["TOKENIZERS_PARALLELISM"].lower() in ("0", "false", "off", "no"):
-        logger.warning("TOKENIZERS_PARALLELISM=%s: the tokenizer runs on one thread", os.environ["TOKENIZERS_PARALLELISM"])
+        logger.warning("TOKENIZERS_PARALLELISM=%s: each tokenizer call runs on one thread (the 'tokenize' row "
+                       "and MiniLM's encode on one core)", os.environ["TOKENIZERS_PARALLELISM"])
     from lam_embed.environment import write_result
 
     def save(result):

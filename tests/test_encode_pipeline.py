@@ -80,4 +80,4 @@ def test_a_single_threaded_tokenizer_is_recorded_and_warned_of(setup, tmp_path, 
     with caplog.at_level("WARNING"):
         assert encode_pipeline.main(args_for(folder, teacher, "--no-fresh", "--output", str(output))) == 0
     assert json.loads(output.read_text())["host"]["tokenizers_parallelism"] == "false"
-    assert "the tokenizer runs on one thread" in caplog.text
+    assert "each tokenizer call runs on one thread" in caplog.text
