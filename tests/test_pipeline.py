@@ -2,6 +2,7 @@
 in input order, through the fast tokenizer, token-budget batches and a background thread."""
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -64,8 +65,6 @@ def test_blocks_are_bounded_in_texts_and_characters():
 
 
 def test_tokenized_blocks_come_in_order_whichever_thread_ends_first():
-    import time
-
     texts = [f"text {i}" for i in range(40)]
 
     def tokenize(batch):  # the earlier blocks take longer
