@@ -11,9 +11,10 @@ on the host for most of the run. ``encode_texts``:
   the GIL while it tokenizes, not while it reads a block's texts and builds its id lists:
   several blocks at a time keep its cores busy meanwhile); blocks are bounded in texts and
   in characters, so that the model starts after a small first block and long documents
-  overlap their tokenization with the model's work; the ids of a few texts are checked against the module's own tokenization
-  at a model's first call (and again when its tokenizer or length limit changes), and any
-  difference sends its calls through the module's own;
+  overlap their tokenization with the model's work; the ids of a few texts are checked
+  against the module's own tokenization at a model's first call (and again when its
+  tokenizer or length limit changes), and any difference sends its calls through the
+  module's own;
 - orders texts by length and forms batches by a token budget: a batch of texts of padded
   length ``n`` holds ``batch_tokens // n`` of them, so short texts come many to a batch and
   long ones few, padding stays small, and each length bucket has one batch size (for LAM,
