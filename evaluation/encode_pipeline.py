@@ -4,7 +4,7 @@ Wikipedia articles), each measured as the first call of a fresh process and warm
 the LAM forward's tokens/s on the same batches for reference.
 
 Rows per set:
-- ``lam encode_texts``: ``lam_embed.encode_texts`` (fast tokenizer in a background thread,
+- ``lam encode_texts``: ``lam_embed.encode_texts`` (fast tokenizer in background threads,
   token-budget batches, one transfer to the host);
 - ``lam encode``: ``SentenceTransformer.encode`` at ``--batch-size``;
 - ``minilm encode``: ``SentenceTransformer.encode`` at each of ``--minilm-batch-sizes``, the
