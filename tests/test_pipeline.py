@@ -144,9 +144,14 @@ def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
     texts = mixed_texts(40)
     monkeypatch.setattr(pipeline, "_selected_tokenizers", pipeline.weakref.WeakKeyDictionary())
     monkeypatch.setattr(pipeline.FastTokenizer, "__call__", lambda self, batch: [[101, 102] for _ in batch])
+    threads = []
+    real = pipeline._tokenized_blocks
+    monkeypatch.setattr(pipeline, "_tokenized_blocks",
+                        lambda texts, blocks, tokenize, n: threads.append(n) or real(texts, blocks, tokenize, n))
     with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
         got = pipeline.encode_texts(model, texts, show_progress_bar=False)
     assert "gives other ids" in caplog.text
+    assert threads == [1]  # the module's own tokenizer is called one block at a time
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 

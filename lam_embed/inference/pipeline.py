@@ -260,7 +260,7 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     texts and characters a background thread tokenizes at a time, at most (a text longer
     than ``block_characters`` is a block of its own): small blocks let the model start
     sooner, large ones keep the tokenizer's cores busy. ``tokenizer_threads``: blocks
-    tokenized at once."""
+    tokenized at once (one when the module's own tokenization stands in for the fast backend)."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
@@ -274,6 +274,9 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     if not texts:
         return out.cpu().numpy() if convert_to_numpy else out
     tokenize = select_tokenizer(model, texts)
+    if not isinstance(tokenize, FastTokenizer):
+        # The module's own tokenizer sets its padding and truncation on each call: one at a time.
+        tokenizer_threads = 1
     template = module_features(model, texts[:1])
     # By characters first, as encode orders them: a block then holds texts of similar length.
     order = np.argsort([-len(t) for t in texts], kind="stable")
