@@ -17,6 +17,10 @@ from lam_embed.environment import write_json
 QUERY_WORDS = (6, 60)  # the length of a sentence that can be a query, in words
 
 
+def is_query_length(sentence: str) -> bool:
+    return QUERY_WORDS[0] <= len(sentence.split()) <= QUERY_WORDS[1]
+
+
 def read_long_texts(path: str | Path, split: str | None = None) -> list[str]:
     """The "text" of each JSON line of a .jsonl or .jsonl.gz file, keeping only lines whose
     "split" is ``split`` when it is given (SQuALITY: train only, never dev or test)."""
@@ -77,7 +81,7 @@ class DocumentQueryExamples:
         """The text's sentences, their tokens and the positions of those of query length."""
         if index not in self._sentences:
             sentences = split_sentences(self.texts[index])
-            queries = [i for i, s in enumerate(sentences) if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]]
+            queries = [i for i, s in enumerate(sentences) if is_query_length(s)]
             self._sentences[index] = (sentences, self.count_tokens(sentences), queries)
         return self._sentences[index]
 
@@ -177,7 +181,7 @@ def paraphrase_pairs(teacher, sentences: list[str], count: int, low: float, high
     ``high`` leaves near-copies out."""
     from sentence_transformers.util import paraphrase_mining
 
-    pool = sorted({s for s in sentences if QUERY_WORDS[0] <= len(s.split()) <= QUERY_WORDS[1]})
+    pool = sorted({s for s in sentences if is_query_length(s)})
     pool = random.Random(seed).sample(pool, min(count, len(pool)))
     if len(pool) < 2:
         return []

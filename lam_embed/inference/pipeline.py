@@ -188,7 +188,7 @@ def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, list[list[int]]]],
     length order: the batches come out nearly as full and as few as those of one pass over
     all texts, where each block's own remainder would add a small batch (on a GPU, one more
     shape for the CUDA graphs to capture when the texts are new)."""
-    held_positions, held_ids = np.empty(0, dtype=np.int64), []
+    held_positions, held_ids, last = np.empty(0, dtype=np.int64), [], None
     for positions, ids in blocks:
         positions, ids = np.concatenate([held_positions, positions]), held_ids + ids
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -196,9 +196,8 @@ def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, list[list[int]]]],
         for batch in batches:
             yield positions, ids, lengths, batch
         held_positions, held_ids = positions[last], [ids[i] for i in last]
-    if held_ids:
-        lengths = np.fromiter(map(len, held_ids), dtype=np.int64, count=len(held_ids))
-        yield held_positions, held_ids, lengths, np.arange(len(held_ids))
+    if last is not None:  # the last block's last batch has no block to wait for
+        yield positions, ids, lengths, last
 
 
 def _features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
