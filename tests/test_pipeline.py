@@ -3,12 +3,14 @@ in input order, through the fast tokenizer, token-budget batches and a backgroun
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from lam_embed.inference import pipeline
+from lam_embed.inference.tokenization import TokenIds, TokenizerPool
 
 WORDS = "the a river house blue seven quiet old road bird sang ran below over hill".split()
 
@@ -69,12 +71,27 @@ def test_tokenized_blocks_come_in_order_whichever_thread_ends_first():
 
     def tokenize(batch):  # the earlier blocks take longer
         time.sleep(0.002 * (40 - int(batch[0].split()[1])) / 4)
-        return [[int(t.split()[1])] for t in batch]
+        return TokenIds.from_lists([[int(t.split()[1])] for t in batch])
 
     blocks = (np.arange(start, start + 4) for start in range(0, 40, 4))
-    got = list(pipeline._tokenized_blocks(texts, blocks, tokenize, threads=4))
+    with ThreadPoolExecutor(4) as threads:
+        got = list(pipeline._tokenized_blocks(texts, blocks, lambda batch: threads.submit(tokenize, batch), ahead=6))
     assert [positions.tolist() for positions, _ in got] == [list(range(s, s + 4)) for s in range(0, 40, 4)]
-    assert [ids for _, ids in got] == [[[i] for i in range(s, s + 4)] for s in range(0, 40, 4)]
+    assert [ids.flat.tolist() for _, ids in got] == [list(range(s, s + 4)) for s in range(0, 40, 4)]
+
+
+def test_token_ids_pad_select_and_concatenate_as_lists_do():
+    lists = [[5, 6, 7], [], [8], [9, 10, 11, 12], [13, 14]]
+    ids = TokenIds.from_lists(lists)
+    rows = np.array([3, 1, 0])
+    padded, mask = ids.padded(rows)
+    assert padded.tolist() == [[9, 10, 11, 12], [0, 0, 0, 0], [5, 6, 7, 0]]
+    assert mask.sum(1).tolist() == [4, 0, 3]
+    chosen = ids.select(rows)
+    assert chosen.flat.tolist() == [9, 10, 11, 12, 5, 6, 7] and chosen.lengths.tolist() == [4, 0, 3]
+    both = TokenIds.concatenate(chosen, TokenIds.from_lists([[1], [2, 3]]))
+    assert both.padded(np.arange(5))[0].tolist() == [[9, 10, 11, 12], [0, 0, 0, 0], [5, 6, 7, 0],
+                                                     [1, 0, 0, 0], [2, 3, 0, 0]]
 
 
 def test_the_tokenizer_is_checked_once_per_model_and_limit(models, monkeypatch):
@@ -145,13 +162,16 @@ def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
     monkeypatch.setattr(pipeline, "_selected_tokenizers", pipeline.weakref.WeakKeyDictionary())
     monkeypatch.setattr(pipeline.FastTokenizer, "__call__", lambda self, batch: [[101, 102] for _ in batch])
     threads = []
-    real = pipeline._tokenized_blocks
-    monkeypatch.setattr(pipeline, "_tokenized_blocks",
-                        lambda texts, blocks, tokenize, n: threads.append(n) or real(texts, blocks, tokenize, n))
+    real = pipeline.ThreadPoolExecutor
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", lambda n, **kw: threads.append(n) or real(n, **kw))
     with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
         got = pipeline.encode_texts(model, texts, show_progress_bar=False)
     assert "gives other ids" in caplog.text
     assert threads == [1]  # the module's own tokenizer is called one block at a time
+    np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
+    with TokenizerPool(model, processes=1) as pool, caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+        got = pipeline.encode_texts(model, texts, show_progress_bar=False, tokenizer_pool=pool)
+    assert "tokenizer_pool not used" in caplog.text
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 
@@ -195,15 +215,41 @@ def test_batches_across_blocks_are_those_of_one_pass():
     # Blocks follow the length order (longest first), as encode_texts forms them.
     rng = np.random.default_rng(0)
     lengths = np.sort(rng.integers(1, 300, size=400))[::-1]
-    ids = [[7] * int(n) for n in lengths]
-    blocks = [(np.arange(start, min(start + 37, 400)), ids[start:start + 37]) for start in range(0, 400, 37)]
+    ids = [list(range(int(n))) for n in lengths]
+    blocks = [(np.arange(start, min(start + 37, 400)), TokenIds.from_lists(ids[start:start + 37]))
+              for start in range(0, 400, 37)]
     got = list(pipeline._batches_across_blocks(iter(blocks), batch_tokens=2048, max_batch_size=64))
-    seen = np.concatenate([positions[batch] for positions, _, _, batch in got])
+    seen = np.concatenate([positions[batch] for positions, _, batch in got])
     assert sorted(seen.tolist()) == list(range(400))  # every text once
-    for positions, batch_ids, batch_lengths, batch in got:
-        assert [batch_ids[i] for i in batch] == [ids[p] for p in positions[batch]]
-        assert np.array_equal(batch_lengths[batch], lengths[positions[batch]])
+    for positions, batch_ids, batch in got:
+        rows, mask = batch_ids.padded(batch)
+        assert [row[m].tolist() for row, m in zip(rows, mask)] == [ids[p] for p in positions[batch]]
     one_pass = pipeline.token_budget_batches(lengths, batch_tokens=2048, max_batch_size=64)
     per_block = sum(len(pipeline.token_budget_batches(lengths[p], 2048, 64)) for p, _ in blocks)
     # Blocks cut wherever they are add at most one batch, not one a block.
     assert len(got) <= len(one_pass) + 1 < per_block
+
+
+def test_a_tokenizer_pool_gives_the_threads_embeddings(models):
+    model = models[0]
+    texts = mixed_texts(60, seed=2)
+    with TokenizerPool(model, processes=2) as pool:
+        for limit in (64, 16):  # a changed max_seq_length reaches the processes
+            model.max_seq_length = limit
+            want = model.encode(texts)
+            got = pipeline.encode_texts(model, texts, batch_tokens=128, block_texts=7, show_progress_bar=False,
+                                        tokenizer_pool=pool)
+            np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+        model.max_seq_length = 64
+    with pytest.raises(ValueError, match="tokenizer_pool is closed"):
+        pipeline.encode_texts(model, texts, tokenizer_pool=pool)
+
+
+def test_a_tokenizer_pool_of_another_tokenizer_is_refused(models):
+    with TokenizerPool(models[1], processes=1) as pool:
+        with pytest.raises(ValueError, match="tokenizer_pool was started with another tokenizer"):
+            pipeline.encode_texts(models[0], ["a"], tokenizer_pool=pool)
+    with pytest.raises(TypeError, match="tokenizer_pool must be a lam_embed.TokenizerPool, got int"):
+        pipeline.encode_texts(models[0], ["a"], tokenizer_pool=3)
+    with pytest.raises(ValueError, match="processes must be a positive integer, got 0"):
+        TokenizerPool(models[0], processes=0)

@@ -28,16 +28,19 @@ on the host for most of the run. ``encode_texts``:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .tokenization import FastTokenizer, TokenIds, TokenizerPool, first_module
 
 logger = logging.getLogger(__name__)
 
@@ -57,28 +60,6 @@ def _check_arguments(texts, **limits: int) -> list[str]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return list(texts)
-
-
-def _first_module(model):
-    module = model[0]
-    if not hasattr(module, "tokenizer") or not hasattr(module, "max_seq_length"):
-        raise TypeError(f"the model's first module must be a text Transformer module, got {type(module).__name__}")
-    return module
-
-
-class FastTokenizer:
-    """The backend of a fast tokenizer, set to truncate at ``max_length`` with no padding, on a
-    copy so that the module's own tokenizer is left as it was."""
-
-    def __init__(self, tokenizer, max_length: int):
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.backend.no_padding()
-        self.backend.enable_truncation(max_length)
-
-    def __call__(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
 
 
 def module_features(model, texts: list[str]) -> dict:
@@ -105,7 +86,7 @@ def select_tokenizer(model, texts: list[str]):
     module's own ids on the first CHECK_TEXTS texts (and on a text longer than the limit),
     else the module's own tokenization. Chosen at a module's first call, and again when its
     tokenizer or its max_seq_length changes."""
-    module = _first_module(model)
+    module = first_module(model)
     tokenizer = module.tokenizer
     # A module without max_seq_length truncates at the tokenizer's own limit.
     limit = module.max_seq_length or tokenizer.model_max_length
@@ -153,51 +134,44 @@ def _block_positions(texts: list[str], order: np.ndarray, block_texts: int,
         start = end
 
 
-def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], tokenize,
-                      threads: int) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
-    """(positions, ids) of each block, in order, tokenized by ``threads`` background threads
-    at most ``threads + PREFETCH_BLOCKS`` blocks ahead; an exception in a thread is raised
-    here. Several threads help although the backend runs each call on all cores: a call
-    holds the interpreter lock while it reads its texts and builds its id lists, and another
-    call's backend work goes on meanwhile."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="lam-tokenize") as pool:
-        pending: deque = deque()
-
-        def submit(positions: np.ndarray) -> None:
-            pending.append((positions, pool.submit(tokenize, [texts[i] for i in positions])))
-
-        for positions in itertools.islice(blocks, threads + PREFETCH_BLOCKS):
-            submit(positions)
-        try:
-            while pending:
-                positions, future = pending.popleft()
-                following = next(blocks, None)
-                if following is not None:
-                    submit(following)
-                yield positions, future.result()
-        finally:  # a call that ends early (an error, a closed generator) drops the blocks not begun
-            for _, future in pending:
-                future.cancel()
+def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], submit: Callable[[list[str]], Future],
+                      ahead: int) -> Iterator[tuple[np.ndarray, TokenIds]]:
+    """(positions, ids) of each block, in order; ``submit(texts)`` starts a block's
+    tokenization elsewhere (a thread, a process) and gives a future of its ``TokenIds``; at
+    most ``ahead`` blocks are under way. An exception where a block is tokenized is raised
+    here."""
+    pending: deque = deque()
+    for positions in itertools.islice(blocks, ahead):
+        pending.append((positions, submit([texts[i] for i in positions])))
+    try:
+        while pending:
+            positions, future = pending.popleft()
+            following = next(blocks, None)
+            if following is not None:
+                pending.append((following, submit([texts[i] for i in following])))
+            yield positions, future.result()
+    finally:  # a call that ends early (an error, a closed generator) drops the blocks not begun
+        for _, future in pending:
+            future.cancel()
 
 
-def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, list[list[int]]]], batch_tokens: int,
-                           max_batch_size: int) -> Iterator[tuple[np.ndarray, list[list[int]], np.ndarray, np.ndarray]]:
-    """(text positions, ids, lengths, batch) of each batch of ``blocks``' texts, ``batch``
-    indexing the other three. A block's last batch (its shortest texts, most often a partial
-    batch) is held back and batched with the next block, whose texts follow them in the
-    length order: the batches come out nearly as full and as few as those of one pass over
-    all texts, where each block's own remainder would add a small batch (on a GPU, one more
-    shape for the CUDA graphs to capture when the texts are new)."""
-    held_positions, held_ids, last = np.empty(0, dtype=np.int64), [], None
+def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, TokenIds]], batch_tokens: int,
+                           max_batch_size: int) -> Iterator[tuple[np.ndarray, TokenIds, np.ndarray]]:
+    """(text positions, ids, batch) of each batch of ``blocks``' texts, ``batch`` indexing
+    the other two. A block's last batch (its shortest texts, most often a partial batch) is
+    held back and batched with the next block, whose texts follow them in the length order:
+    the batches come out nearly as full and as few as those of one pass over all texts,
+    where each block's own remainder would add a small batch (on a GPU, one more shape for
+    the CUDA graphs to capture when the texts are new)."""
+    held_positions, held_ids, last = np.empty(0, dtype=np.int64), TokenIds.from_lists([]), None
     for positions, ids in blocks:
-        positions, ids = np.concatenate([held_positions, positions]), held_ids + ids
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        *batches, last = token_budget_batches(lengths, batch_tokens, max_batch_size)
+        positions, ids = np.concatenate([held_positions, positions]), TokenIds.concatenate(held_ids, ids)
+        *batches, last = token_budget_batches(ids.lengths, batch_tokens, max_batch_size)
         for batch in batches:
-            yield positions, ids, lengths, batch
-        held_positions, held_ids = positions[last], [ids[i] for i in last]
+            yield positions, ids, batch
+        held_positions, held_ids = positions[last], ids.select(last)
     if last is not None:  # the last block's last batch has no block to wait for
-        yield positions, ids, lengths, last
+        yield positions, ids, last
 
 
 def _features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -222,17 +196,13 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def batch_features(template: dict, ids: list[list[int]], lengths: np.ndarray, batch: np.ndarray,
-                   device: torch.device) -> dict:
-    """The module's features of the texts at ``batch`` (positions into ``ids`` and
-    ``lengths``), right-padded to the longest, on ``device``; ``template``: the module's
-    features of any text (for the keys it expects)."""
-    rows = np.zeros((len(batch), int(lengths[batch].max())), dtype=np.int64)
-    for row, position in zip(rows, batch):
-        row[: lengths[position]] = ids[position]
-    batch_lengths = _to_device(torch.from_numpy(lengths[batch]), device)
-    mask = (torch.arange(rows.shape[1], device=device) < batch_lengths[:, None]).long()
-    return _features_for(template, _to_device(torch.from_numpy(rows), device), mask)
+def batch_features(template: dict, ids: TokenIds, batch: np.ndarray, device: torch.device) -> dict:
+    """The module's features of the texts at ``batch`` (positions into ``ids``), right-padded
+    to the longest, on ``device``; ``template``: the module's features of any text (for the
+    keys it expects)."""
+    rows, mask = ids.padded(batch)
+    return _features_for(template, _to_device(torch.from_numpy(rows), device),
+                         _to_device(torch.from_numpy(mask.astype(np.int64)), device))
 
 
 # Padded tokens a batch holds by default: large batches keep a GPU busy (on an H100,
@@ -247,7 +217,7 @@ CPU_BATCH_TOKENS = 2048
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
                  show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int = 500_000,
-                 tokenizer_threads: int = 4):
+                 tokenizer_threads: int = 4, tokenizer_pool: TokenizerPool | None = None):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -259,7 +229,10 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     texts and characters a background thread tokenizes at a time, at most (a text longer
     than ``block_characters`` is a block of its own): small blocks let the model start
     sooner, large ones keep the tokenizer's cores busy. ``tokenizer_threads``: blocks
-    tokenized at once (one when the module's own tokenization stands in for the fast backend)."""
+    tokenized at once by background threads (one when the module's own tokenization stands
+    in for the fast backend). ``tokenizer_pool``: a ``TokenizerPool`` of this model's
+    tokenizer whose processes tokenize the blocks instead of threads (ignored, with a
+    warning, when the module's own tokenization stands in for the fast backend)."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
@@ -267,13 +240,24 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
                              block_texts=block_texts, block_characters=block_characters,
                              tokenizer_threads=tokenizer_threads)
-    module = _first_module(model)
+    module = first_module(model)
     dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     out = torch.empty(len(texts), dimension, dtype=torch.float32, device=device)
     if not texts:
         return out.cpu().numpy() if convert_to_numpy else out
+    if tokenizer_pool is not None:
+        if not isinstance(tokenizer_pool, TokenizerPool):
+            raise TypeError(f"tokenizer_pool must be a lam_embed.TokenizerPool, got {type(tokenizer_pool).__name__}")
+        if tokenizer_pool.closed:
+            raise ValueError("tokenizer_pool is closed")
+        if tokenizer_pool.tokenizer is not module.tokenizer:
+            raise ValueError("tokenizer_pool was started with another tokenizer than the model's; "
+                             "start a TokenizerPool with this model")
     tokenize = select_tokenizer(model, texts)
     if not isinstance(tokenize, FastTokenizer):
+        if tokenizer_pool is not None:
+            logger.warning("tokenizer_pool not used: the model's own tokenization stands in for the fast backend")
+            tokenizer_pool = None
         # The module's own tokenizer sets its padding and truncation on each call: one at a time.
         tokenizer_threads = 1
     template = module_features(model, texts[:1])
@@ -285,11 +269,18 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            blocks = _tokenized_blocks(texts, _block_positions(texts, order, block_texts, block_characters),
-                                       tokenize, tokenizer_threads)
-            for positions, ids, lengths, batch in _batches_across_blocks(blocks, batch_tokens, max_batch_size):
-                embeddings = model(batch_features(template, ids, lengths, batch, device))["sentence_embedding"]
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if tokenizer_pool is not None:
+                limit = tokenize.max_length
+                submit, ahead = (lambda block: tokenizer_pool.submit(block, limit)), tokenizer_pool.processes
+            else:
+                threads = stack.enter_context(ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="lam-tokenize"))
+                submit, ahead = (lambda block: threads.submit(lambda: TokenIds.from_lists(tokenize(block)))), tokenizer_threads
+            # Closed before the threads are shut down: the blocks not begun are dropped first.
+            blocks = stack.enter_context(contextlib.closing(_tokenized_blocks(
+                texts, _block_positions(texts, order, block_texts, block_characters), submit, ahead + PREFETCH_BLOCKS)))
+            for positions, ids, batch in _batches_across_blocks(blocks, batch_tokens, max_batch_size):
+                embeddings = model(batch_features(template, ids, batch, device))["sentence_embedding"]
                 out[_to_device(torch.from_numpy(positions[batch].astype(np.int64)), device)] = embeddings.float()
                 progress.update(len(batch))
     finally:
