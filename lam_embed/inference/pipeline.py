@@ -9,7 +9,8 @@ on the host for most of the run. ``encode_texts``:
 - tokenizes with the tokenizer's Rust backend (``encode_batch_fast``: ids only, no offsets),
   block by block in background threads that run ahead of the model (the backend releases
   the GIL while it tokenizes, not while it reads a block's texts and builds its id lists:
-  several blocks at a time keep its cores busy meanwhile); blocks are bounded in texts and
+  several blocks at a time keep its cores busy meanwhile), or in the processes of a
+  ``TokenizerPool``, whose interpreters do not wait on the model's; blocks are bounded in texts and
   in characters, so that the model starts after a small first block and long documents
   overlap their tokenization with the model's work; the ids of a few texts are checked
   against the module's own tokenization at a model's first call (and again when its
