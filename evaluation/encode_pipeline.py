@@ -74,19 +74,12 @@ def chunk_mean(model, texts: list[str], batch_tokens: int, max_tokens: int) -> n
     return summed / np.linalg.norm(summed, axis=1, keepdims=True)
 
 
-POOL_METHOD = "lam encode_texts, tokenizer pool"
-
-
-def method_call(method: str, model, texts: list[str], args, pool=None):
-    """A function that runs ``method`` on ``texts`` once and returns the embeddings (``pool``:
-    the TokenizerPool of POOL_METHOD)."""
+def method_call(method: str, model, texts: list[str], args):
+    """A function that runs ``method`` on ``texts`` once and returns the embeddings."""
     from lam_embed import encode_texts
 
     if method == "lam encode_texts":
         return lambda: encode_texts(model, texts, batch_tokens=args.batch_tokens, show_progress_bar=False)
-    if method == POOL_METHOD:
-        return lambda: encode_texts(model, texts, batch_tokens=args.batch_tokens, show_progress_bar=False,
-                                    tokenizer_pool=pool)
     if method.startswith("lam encode") or method.startswith("minilm encode"):
         batch = int(method.rsplit("@", 1)[1])
         return lambda: model.encode(texts, batch_size=batch, show_progress_bar=False)
@@ -115,7 +108,7 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
                model_path, str(max_seq_length or 0), "--data-dir", str(args.data_dir), "--device", args.device,
                "--dtype", args.dtype, "--sentences", str(args.sentences), "--passages", str(args.passages),
                "--documents", str(args.documents), "--batch-tokens", str(args.batch_tokens),
-               "--document-tokens", str(args.document_tokens), "--tokenizer-processes", str(args.tokenizer_processes)]
+               "--document-tokens", str(args.document_tokens)]
     # PYTHONSAFEPATH (python -P): the working directory stays off sys.path, so that a source
     # checkout's lam_embed/ (it holds no evaluation/ package) does not shadow the installed one.
     done = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -126,24 +119,19 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
 
 
 def _first_call_main(args) -> None:
-    """The child of ``first_call``: load, run once (starting the tokenizer pool first, for
-    POOL_METHOD), print the seconds."""
+    """The child of ``first_call``: load, run once, print the seconds."""
     import torch
-
-    from lam_embed import TokenizerPool
 
     set_name, method, model_path, max_seq_length = args.first_call
     texts = load_set(Path(args.data_dir), set_name, getattr(args, set_name))
     model = load_model(model_path, args.device, args.dtype, int(max_seq_length) or None)
+    call = method_call(method, model, texts, args)
     device = torch.device(args.device)
     with torch.inference_mode():
         start = time.perf_counter()
-        pool = TokenizerPool(model, args.tokenizer_processes) if method == POOL_METHOD else None
-        method_call(method, model, texts, args, pool)()
+        call()
         synchronize(device)
     print(time.perf_counter() - start)
-    if pool is not None:
-        pool.close()
 
 
 def warm_seconds(call, device, repeats: int):
@@ -180,7 +168,7 @@ def run(args, save=lambda result: None) -> dict:
     """All rows of all sets; ``save(result)`` after each set."""
     import torch
 
-    from lam_embed import TokenizerPool
+    from lam_embed.inference.pipeline import FastTokenizer
 
     device = torch.device(args.device)
     sets = {name: load_set(Path(args.data_dir), name, getattr(args, name)) for name in SETS}
@@ -190,87 +178,65 @@ def run(args, save=lambda result: None) -> dict:
               "minilm_attention": getattr(minilm[0].auto_model.config, "_attn_implementation", None),
               "host": {"cpu_count": os.cpu_count(), "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")},
               "sets": {}}
-    pool = None
-    if args.tokenizer_processes:
-        start = time.perf_counter()
-        pool = TokenizerPool(lam, args.tokenizer_processes)
-        pool.submit(["a"], 8).result()  # the processes are up
-        result["tokenizer_pool_start_s"] = time.perf_counter() - start
-    try:
-        for name in SETS:
-            _run_set(args, name, sets[name], lam, minilm, pool, device, result)
-            save(result)
-    finally:
-        if pool is not None:
-            pool.close()
+    for name in SETS:
+        texts = sets[name]
+        lam.max_seq_length = args.document_tokens if name == "documents" else 512
+        methods = {"lam encode_texts": (lam, args.lam), f"lam encode@{args.batch_size}": (lam, args.lam)}
+        if name == "documents":
+            methods["minilm chunk-mean"] = (minilm, args.minilm)
+        else:
+            methods.update({f"minilm encode@{b}": (minilm, args.minilm) for b in args.minilm_batch_sizes})
+        # Token ids as LAM reads them (special tokens included, cut at its limit).
+        tokenize = FastTokenizer(lam.tokenizer, lam.max_seq_length)
+        ids = tokenize(texts)
+        tokens = sum(map(len, ids))
+        entry = {"texts": len(texts), "tokens": tokens, "rows": {}}
+        result["sets"][name] = entry
+        reference = None
+        # First calls (a fresh process each) of the fast path and of MiniLM at its largest batch.
+        fresh = ["lam encode_texts", "minilm chunk-mean", f"minilm encode@{max(args.minilm_batch_sizes)}"]
+        with torch.inference_mode():
+            for method, (model, path) in methods.items():
+                row = {}
+                if args.fresh and method in fresh:
+                    row["first_call_s"] = first_call(args, name, method, path,
+                                                     lam.max_seq_length if model is lam else None)
+                call = method_call(method, model, texts, args)
+                row["warm_s"], embeddings = warm_seconds(call, device, args.repeats)
+                embeddings = np.asarray(embeddings, dtype=np.float32)
+                if method.startswith("lam"):
+                    if reference is None:
+                        reference = embeddings
+                    else:  # the plain path's against the fast path's
+                        row["max_abs_diff_to_encode_texts"] = float(np.abs(embeddings - reference).max())
+                for key in ("first_call_s", "warm_s"):
+                    if key in row:
+                        row[key.replace("_s", "_texts_per_s")] = len(texts) / row[key]
+                        row[key.replace("_s", "_tokens_per_s")] = tokens / row[key]
+                entry["rows"][method] = row
+                logger.info("%s %s: %s", name, method, {k: round(v, 4) for k, v in row.items()})
+            entry["lam_forward_tokens_per_s"] = tokens / forward_seconds(lam, texts, ids, args.batch_tokens, device,
+                                                                         args.repeats)
+        # The backend built once, as encode_texts keeps it for a model.
+        entry["tokenize_tokens_per_s"] = tokens / warm_seconds(lambda: tokenize(texts), device, args.repeats)[0]
+        summarise(entry)
+        save(result)
     return result
 
 
-def _run_set(args, name: str, texts: list[str], lam, minilm, pool, device, result: dict) -> None:
-    """The rows of one set, into ``result["sets"][name]``."""
-    import torch
-
-    from lam_embed.inference.pipeline import FastTokenizer
-
-    lam.max_seq_length = args.document_tokens if name == "documents" else 512
-    methods = {"lam encode_texts": (lam, args.lam), f"lam encode@{args.batch_size}": (lam, args.lam)}
-    if pool is not None:
-        methods[POOL_METHOD] = (lam, args.lam)
-    if name == "documents":
-        methods["minilm chunk-mean"] = (minilm, args.minilm)
-    else:
-        methods.update({f"minilm encode@{b}": (minilm, args.minilm) for b in args.minilm_batch_sizes})
-    # Token ids as LAM reads them (special tokens included, cut at its limit).
-    tokenize = FastTokenizer(lam.tokenizer, lam.max_seq_length)
-    ids = tokenize(texts)
-    tokens = sum(map(len, ids))
-    entry = {"texts": len(texts), "tokens": tokens, "rows": {}}
-    result["sets"][name] = entry
-    reference = None
-    # First calls (a fresh process each) of the fast path and of MiniLM at its largest batch.
-    fresh = ["lam encode_texts", POOL_METHOD, "minilm chunk-mean", f"minilm encode@{max(args.minilm_batch_sizes)}"]
-    with torch.inference_mode():
-        for method, (model, path) in methods.items():
-            row = {}
-            if args.fresh and method in fresh:
-                row["first_call_s"] = first_call(args, name, method, path,
-                                                 lam.max_seq_length if model is lam else None)
-            call = method_call(method, model, texts, args, pool)
-            row["warm_s"], embeddings = warm_seconds(call, device, args.repeats)
-            embeddings = np.asarray(embeddings, dtype=np.float32)
-            if method.startswith("lam"):
-                if reference is None:
-                    reference = embeddings
-                else:  # the plain path's against the fast path's
-                    row["max_abs_diff_to_encode_texts"] = float(np.abs(embeddings - reference).max())
-            for key in ("first_call_s", "warm_s"):
-                if key in row:
-                    row[key.replace("_s", "_texts_per_s")] = len(texts) / row[key]
-                    row[key.replace("_s", "_tokens_per_s")] = tokens / row[key]
-            entry["rows"][method] = row
-            logger.info("%s %s: %s", name, method, {k: round(v, 4) for k, v in row.items()})
-        entry["lam_forward_tokens_per_s"] = tokens / forward_seconds(lam, texts, ids, args.batch_tokens, device,
-                                                                     args.repeats)
-    # The backend built once, as encode_texts keeps it for a model.
-    entry["tokenize_tokens_per_s"] = tokens / warm_seconds(lambda: tokenize(texts), device, args.repeats)[0]
-    summarise(entry)
-
-
 def summarise(entry: dict) -> None:
-    """The ratios the figures are read by: LAM's fast path (with threads, and with the
-    tokenizer pool when it ran) against its forward and against MiniLM's best row, first
-    call and warm."""
+    """The ratios the figures are read by: LAM's fast path against its forward and against
+    MiniLM's best row, first call and warm."""
     rows = entry["rows"]
+    fast = rows["lam encode_texts"]
     minilm = [row for method, row in rows.items() if method.startswith("minilm")]
-    for method, suffix in (("lam encode_texts", ""), (POOL_METHOD, "_tokenizer_pool")):
-        fast = rows.get(method, {})
-        for kind in ("first_call", "warm"):
-            key = f"{kind}_tokens_per_s"
-            if key in fast:
-                entry[f"{kind}_share_of_forward{suffix}"] = fast[key] / entry["lam_forward_tokens_per_s"]
-                best = max((row[key] for row in minilm if key in row), default=None)
-                if best:
-                    entry[f"{kind}_x_minilm_best{suffix}"] = fast[key] / best
+    for kind in ("first_call", "warm"):
+        key = f"{kind}_tokens_per_s"
+        if key in fast:
+            entry[f"{kind}_share_of_forward"] = fast[key] / entry["lam_forward_tokens_per_s"]
+            best = max((row[key] for row in minilm if key in row), default=None)
+            if best:
+                entry[f"{kind}_x_minilm_best"] = fast[key] / best
 
 
 def format_table(result: dict) -> str:
@@ -308,9 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="padded tokens a batch of encode_texts and of chunk-mean (default: encode_texts' default on the device)")
     p.add_argument("--repeats", type=int, default=2, help="timed warm calls (the fastest is kept)")
-    p.add_argument("--tokenizer-processes", type=int, default=0,
-                   help="also time encode_texts with a lam_embed.TokenizerPool of this many processes, started "
-                        "once before the sets (its first call in a fresh process includes the start); 0: not timed")
     p.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the first call of LAM's encode_texts and of MiniLM (its largest batch, chunk-mean) in a fresh process each")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -335,8 +298,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.batch_tokens = GPU_BATCH_TOKENS if args.device.startswith("cuda") else CPU_BATCH_TOKENS
     if not args.data_dir or not Path(args.data_dir).is_dir():
         p.error(f"--data-dir: no folder {args.data_dir} (set LAM_DATA_DIR)")
-    if args.tokenizer_processes < 0:
-        p.error(f"--tokenizer-processes must be 0 or a positive integer, got {args.tokenizer_processes}")
     for option in ("sentences", "passages", "documents", "document_tokens", "batch_size", "batch_tokens", "repeats"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be a positive integer, got {getattr(args, option)}")

@@ -9,7 +9,6 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_lam import LAMConfig
 from .inference.pipeline import encode_texts
-from .inference.tokenization import TokenizerPool
 from .modeling_lam import LAMModel
 from .release import load, model_path
 from .sentence_transformer import build_sentence_transformer
@@ -24,7 +23,6 @@ __all__ = [
     "DocumentState",
     "LAMConfig",
     "LAMModel",
-    "TokenizerPool",
     "build_sentence_transformer",
     "encode_document",
     "encode_documents",

@@ -63,29 +63,11 @@ def test_first_call_in_a_fresh_process(setup):
     assert 0 < seconds < 60
 
 
-def test_the_tokenizer_pool_row(setup, tmp_path):
-    folder, teacher = setup
-    output = tmp_path / "encode.json"
-    assert encode_pipeline.main(args_for(folder, teacher, "--no-fresh", "--tokenizer-processes", "2",
-                                         "--output", str(output))) == 0
-    result = json.loads(output.read_text())
-    assert result["tokenizer_pool_start_s"] > 0
-    for entry in result["sets"].values():
-        row = entry["rows"][encode_pipeline.POOL_METHOD]
-        assert row["max_abs_diff_to_encode_texts"] < 1e-5
-        assert entry["warm_share_of_forward_tokenizer_pool"] == pytest.approx(
-            row["warm_tokens_per_s"] / entry["lam_forward_tokens_per_s"])
-    # Its first call in a fresh process starts the pool there.
-    args = encode_pipeline.parse_args(args_for(folder, teacher, "--tokenizer-processes", "1"))
-    assert 0 < encode_pipeline.first_call(args, "passages", encode_pipeline.POOL_METHOD, str(folder / "lam"), 512) < 120
-
-
 def test_usage_errors(setup, capsys):
     folder, teacher = setup
     for extra, message in ((["--repeats", "0"], "--repeats must be a positive integer"),
                            (["--data-dir", str(folder / "none")], "--data-dir: no folder"),
-                           (["--lam", str(folder / "none")], "--lam: no folder"),
-                           (["--tokenizer-processes", "-1"], "--tokenizer-processes must be 0 or a positive")):
+                           (["--lam", str(folder / "none")], "--lam: no folder")):
         with pytest.raises(SystemExit):
             encode_pipeline.main(args_for(folder, teacher) + extra)
         assert message in capsys.readouterr().err

@@ -3,14 +3,13 @@ in input order, through the fast tokenizer, token-budget batches and a backgroun
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from lam_embed.inference import pipeline
-from lam_embed.inference.tokenization import TokenIds, TokenizerPool
+from lam_embed.inference.tokenization import TokenIds
 
 WORDS = "the a river house blue seven quiet old road bird sang ran below over hill".split()
 
@@ -71,11 +70,10 @@ def test_tokenized_blocks_come_in_order_whichever_thread_ends_first():
 
     def tokenize(batch):  # the earlier blocks take longer
         time.sleep(0.002 * (40 - int(batch[0].split()[1])) / 4)
-        return TokenIds.from_lists([[int(t.split()[1])] for t in batch])
+        return [[int(t.split()[1])] for t in batch]
 
     blocks = (np.arange(start, start + 4) for start in range(0, 40, 4))
-    with ThreadPoolExecutor(4) as threads:
-        got = list(pipeline._tokenized_blocks(texts, blocks, lambda batch: threads.submit(tokenize, batch), ahead=6))
+    got = list(pipeline._tokenized_blocks(texts, blocks, tokenize, threads=4))
     assert [positions.tolist() for positions, _ in got] == [list(range(s, s + 4)) for s in range(0, 40, 4)]
     assert [ids.flat.tolist() for _, ids in got] == [list(range(s, s + 4)) for s in range(0, 40, 4)]
 
@@ -162,16 +160,13 @@ def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
     monkeypatch.setattr(pipeline, "_selected_tokenizers", pipeline.weakref.WeakKeyDictionary())
     monkeypatch.setattr(pipeline.FastTokenizer, "__call__", lambda self, batch: [[101, 102] for _ in batch])
     threads = []
-    real = pipeline.ThreadPoolExecutor
-    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", lambda n, **kw: threads.append(n) or real(n, **kw))
+    real = pipeline._tokenized_blocks
+    monkeypatch.setattr(pipeline, "_tokenized_blocks",
+                        lambda texts, blocks, tokenize, n: threads.append(n) or real(texts, blocks, tokenize, n))
     with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
         got = pipeline.encode_texts(model, texts, show_progress_bar=False)
     assert "gives other ids" in caplog.text
     assert threads == [1]  # the module's own tokenizer is called one block at a time
-    np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
-    with TokenizerPool(model, processes=1) as pool, caplog.at_level(logging.WARNING, logger=pipeline.__name__):
-        got = pipeline.encode_texts(model, texts, show_progress_bar=False, tokenizer_pool=pool)
-    assert "tokenizer_pool not used" in caplog.text
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 
@@ -228,28 +223,3 @@ def test_batches_across_blocks_are_those_of_one_pass():
     per_block = sum(len(pipeline.token_budget_batches(lengths[p], 2048, 64)) for p, _ in blocks)
     # Blocks cut wherever they are add at most one batch, not one a block.
     assert len(got) <= len(one_pass) + 1 < per_block
-
-
-def test_a_tokenizer_pool_gives_the_threads_embeddings(models):
-    model = models[0]
-    texts = mixed_texts(60, seed=2)
-    with TokenizerPool(model, processes=2) as pool:
-        for limit in (64, 16):  # a changed max_seq_length reaches the processes
-            model.max_seq_length = limit
-            want = model.encode(texts)
-            got = pipeline.encode_texts(model, texts, batch_tokens=128, block_texts=7, show_progress_bar=False,
-                                        tokenizer_pool=pool)
-            np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
-        model.max_seq_length = 64
-    with pytest.raises(ValueError, match="tokenizer_pool is closed"):
-        pipeline.encode_texts(model, texts, tokenizer_pool=pool)
-
-
-def test_a_tokenizer_pool_of_another_tokenizer_is_refused(models):
-    with TokenizerPool(models[1], processes=1) as pool:
-        with pytest.raises(ValueError, match="tokenizer_pool was started with another tokenizer"):
-            pipeline.encode_texts(models[0], ["a"], tokenizer_pool=pool)
-    with pytest.raises(TypeError, match="tokenizer_pool must be a lam_embed.TokenizerPool, got int"):
-        pipeline.encode_texts(models[0], ["a"], tokenizer_pool=3)
-    with pytest.raises(ValueError, match="processes must be a positive integer, got 0"):
-        TokenizerPool(models[0], processes=0)

@@ -9,8 +9,7 @@ on the host for most of the run. ``encode_texts``:
 - tokenizes with the tokenizer's Rust backend (``encode_batch_fast``: ids only, no offsets),
   block by block in background threads that run ahead of the model (the backend releases
   the GIL while it tokenizes, not while it reads a block's texts and builds its id lists:
-  several blocks at a time keep its cores busy meanwhile), or in the processes of a
-  ``TokenizerPool``, whose interpreters do not wait on the model's; blocks are bounded in texts and
+  several blocks at a time keep its cores busy meanwhile); blocks are bounded in texts and
   in characters, so that the model starts after a small first block and long documents
   overlap their tokenization with the model's work; the ids of a few texts are checked
   against the module's own tokenization at a model's first call (and again when its
@@ -29,19 +28,18 @@ on the host for most of the run. ``encode_texts``:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .tokenization import FastTokenizer, TokenIds, TokenizerPool, first_module
+from .tokenization import FastTokenizer, TokenIds, first_module
 
 logger = logging.getLogger(__name__)
 
@@ -135,25 +133,32 @@ def _block_positions(texts: list[str], order: np.ndarray, block_texts: int,
         start = end
 
 
-def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], submit: Callable[[list[str]], Future],
-                      ahead: int) -> Iterator[tuple[np.ndarray, TokenIds]]:
-    """(positions, ids) of each block, in order; ``submit(texts)`` starts a block's
-    tokenization elsewhere (a thread, a process) and gives a future of its ``TokenIds``; at
-    most ``ahead`` blocks are under way. An exception where a block is tokenized is raised
-    here."""
-    pending: deque = deque()
-    for positions in itertools.islice(blocks, ahead):
-        pending.append((positions, submit([texts[i] for i in positions])))
-    try:
-        while pending:
-            positions, future = pending.popleft()
-            following = next(blocks, None)
-            if following is not None:
-                pending.append((following, submit([texts[i] for i in following])))
-            yield positions, future.result()
-    finally:  # a call that ends early (an error, a closed generator) drops the blocks not begun
-        for _, future in pending:
-            future.cancel()
+def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], tokenize,
+                      threads: int) -> Iterator[tuple[np.ndarray, TokenIds]]:
+    """(positions, ids) of each block, in order, tokenized by ``threads`` background threads
+    at most ``threads + PREFETCH_BLOCKS`` blocks ahead; an exception in a thread is raised
+    here. Several threads help although the backend runs each call on all cores: a call
+    holds the interpreter lock while it reads its texts and builds its id lists, and another
+    call's backend work goes on meanwhile."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="lam-tokenize") as pool:
+        pending: deque = deque()
+
+        def submit(positions: np.ndarray) -> None:
+            block = [texts[i] for i in positions]
+            pending.append((positions, pool.submit(lambda: TokenIds.from_lists(tokenize(block)))))
+
+        for positions in itertools.islice(blocks, threads + PREFETCH_BLOCKS):
+            submit(positions)
+        try:
+            while pending:
+                positions, future = pending.popleft()
+                following = next(blocks, None)
+                if following is not None:
+                    submit(following)
+                yield positions, future.result()
+        finally:  # a call that ends early (an error, a closed generator) drops the blocks not begun
+            for _, future in pending:
+                future.cancel()
 
 
 def _batches_across_blocks(blocks: Iterator[tuple[np.ndarray, TokenIds]], batch_tokens: int,
@@ -218,7 +223,7 @@ CPU_BATCH_TOKENS = 2048
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
                  show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int = 500_000,
-                 tokenizer_threads: int = 4, tokenizer_pool: TokenizerPool | None = None):
+                 tokenizer_threads: int = 4):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -230,10 +235,7 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     texts and characters a background thread tokenizes at a time, at most (a text longer
     than ``block_characters`` is a block of its own): small blocks let the model start
     sooner, large ones keep the tokenizer's cores busy. ``tokenizer_threads``: blocks
-    tokenized at once by background threads (one when the module's own tokenization stands
-    in for the fast backend). ``tokenizer_pool``: a ``TokenizerPool`` of this model's
-    tokenizer whose processes tokenize the blocks instead of threads (ignored, with a
-    warning, when the module's own tokenization stands in for the fast backend)."""
+    tokenized at once (one when the module's own tokenization stands in for the fast backend)."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
@@ -241,24 +243,13 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
                              block_texts=block_texts, block_characters=block_characters,
                              tokenizer_threads=tokenizer_threads)
-    module = first_module(model)
+    first_module(model)  # a text module, else a TypeError naming what it is
     dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     out = torch.empty(len(texts), dimension, dtype=torch.float32, device=device)
     if not texts:
         return out.cpu().numpy() if convert_to_numpy else out
-    if tokenizer_pool is not None:
-        if not isinstance(tokenizer_pool, TokenizerPool):
-            raise TypeError(f"tokenizer_pool must be a lam_embed.TokenizerPool, got {type(tokenizer_pool).__name__}")
-        if tokenizer_pool.closed:
-            raise ValueError("tokenizer_pool is closed")
-        if tokenizer_pool.tokenizer is not module.tokenizer:
-            raise ValueError("tokenizer_pool was started with another tokenizer than the model's; "
-                             "start a TokenizerPool with this model")
     tokenize = select_tokenizer(model, texts)
     if not isinstance(tokenize, FastTokenizer):
-        if tokenizer_pool is not None:
-            logger.warning("tokenizer_pool not used: the model's own tokenization stands in for the fast backend")
-            tokenizer_pool = None
         # The module's own tokenizer sets its padding and truncation on each call: one at a time.
         tokenizer_threads = 1
     template = module_features(model, texts[:1])
@@ -270,16 +261,9 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            if tokenizer_pool is not None:
-                limit = tokenize.max_length
-                submit, ahead = (lambda block: tokenizer_pool.submit(block, limit)), tokenizer_pool.processes
-            else:
-                threads = stack.enter_context(ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="lam-tokenize"))
-                submit, ahead = (lambda block: threads.submit(lambda: TokenIds.from_lists(tokenize(block)))), tokenizer_threads
-            # Closed before the threads are shut down: the blocks not begun are dropped first.
-            blocks = stack.enter_context(contextlib.closing(_tokenized_blocks(
-                texts, _block_positions(texts, order, block_texts, block_characters), submit, ahead + PREFETCH_BLOCKS)))
+        with torch.inference_mode():
+            blocks = _tokenized_blocks(texts, _block_positions(texts, order, block_texts, block_characters),
+                                       tokenize, tokenizer_threads)
             for positions, ids, batch in _batches_across_blocks(blocks, batch_tokens, max_batch_size):
                 embeddings = model(batch_features(template, ids, batch, device))["sentence_embedding"]
                 out[_to_device(torch.from_numpy(positions[batch].astype(np.int64)), device)] = embeddings.float()
