@@ -210,7 +210,7 @@ def test_batches_across_blocks_are_those_of_one_pass():
     # Blocks follow the length order (longest first), as encode_texts forms them.
     rng = np.random.default_rng(0)
     lengths = np.sort(rng.integers(1, 300, size=400))[::-1]
-    ids = [list(range(int(n))) for n in lengths]
+    ids = [[1000 * text + i for i in range(int(n))] for text, n in enumerate(lengths)]  # no two alike
     blocks = [(np.arange(start, min(start + 37, 400)), TokenIds.from_lists(ids[start:start + 37]))
               for start in range(0, 400, 37)]
     got = list(pipeline._batches_across_blocks(iter(blocks), batch_tokens=2048, max_batch_size=64))
