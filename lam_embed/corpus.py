@@ -4,9 +4,10 @@ run resumes without duplicate or missing rows.
 Row i of the concatenated shards is the embedding of line i of the input (empty lines
 included, so row numbers are line numbers). Each shard is written to a temporary file and
 renamed when complete, so a shard file on disk is always whole; ``manifest.json`` records the
-settings, and a resumed run with other settings is an error naming them. With several
-``devices`` the texts are encoded by sentence-transformers' multi-process pool, one process a
-device.
+settings, and a resumed run with other settings is an error naming them. One process encodes
+through ``lam_embed.encode_texts`` (the embeddings of ``encode``, with the tokenizer in
+background threads and batches by a token budget); with several ``devices`` the texts are
+encoded by sentence-transformers' multi-process pool, one process a device.
 
     lam-encode-corpus corpus.txt.gz --output-dir embeddings --devices cuda:0 cuda:1
     embeddings = lam_embed.corpus.read_embeddings("embeddings")      # (lines, 384)
@@ -26,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .cli import DefaultsHelpFormatter
+from .inference.pipeline import encode_texts
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ def encode_corpus(model, input_path: str | os.PathLike, output_dir: str | os.Pat
                   devices: Sequence[str] | None = None, show_progress_bar: bool = True) -> dict:
     """Embed every line of ``input_path`` with ``model`` (a SentenceTransformer) into shards of
     ``shard_size`` rows under ``output_dir``; shards already complete are kept. ``devices``
-    (two or more): encode through a multi-process pool on them. Returns the manifest."""
+    (two or more): encode through a multi-process pool on them, ``batch_size`` texts a
+    forward; else through ``encode_texts`` (batches by tokens). Returns the manifest."""
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -109,8 +112,11 @@ def encode_corpus(model, input_path: str | os.PathLike, output_dir: str | os.Pat
     try:
         for index in tqdm(todo, desc="shards", unit="shard", disable=not show_progress_bar):
             batch = texts[index * shard_size:(index + 1) * shard_size]
-            embeddings = model.encode(batch, batch_size=batch_size, normalize_embeddings=normalize,
-                                      convert_to_numpy=True, show_progress_bar=False, pool=pool)
+            if pool is None:
+                embeddings = encode_texts(model, batch, normalize_embeddings=normalize, show_progress_bar=False)
+            else:
+                embeddings = model.encode(batch, batch_size=batch_size, normalize_embeddings=normalize,
+                                          convert_to_numpy=True, show_progress_bar=False, pool=pool)
             target = shard_path(output_dir, index)
             partial = target.with_suffix(".partial.npy")
             np.save(partial, embeddings.astype(dtype))
@@ -143,7 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="sentence-transformers folder or hub name; default: the released "
                    "LAM (lam_embed.model_path())")
     p.add_argument("--shard-size", type=int, default=100_000, help="rows a shard file")
-    p.add_argument("--batch-size", type=int, default=64, help="texts a forward")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="texts a forward in each process of --devices (one process batches by tokens)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored rows")
     p.add_argument("--no-normalize", action="store_true", help="store the embeddings without normalising them")
     p.add_argument("--device", default=None, help="torch device of a single process (default: cuda if available)")

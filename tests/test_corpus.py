@@ -46,15 +46,15 @@ def test_rows_are_lines_and_equal_plain_encode(model, corpus_file, tmp_path):
 def test_interrupted_run_resumes_without_duplicate_or_missing_rows(model, corpus_file, tmp_path, monkeypatch):
     st, _ = model
     calls = []
-    encode = st.encode
+    encode_texts = corpus.encode_texts
 
     def interrupted(texts, **kwargs):
         calls.append(texts[0])
         if len(calls) == 2:
             raise KeyboardInterrupt  # as a user's Ctrl-C between two shards
-        return encode(texts, **kwargs)
+        return encode_texts(st, texts, **kwargs)
 
-    monkeypatch.setattr(st, "encode", interrupted)
+    monkeypatch.setattr(corpus, "encode_texts", lambda model, texts, **kw: interrupted(texts, **kw))
     with pytest.raises(KeyboardInterrupt):
         corpus.encode_corpus(st, corpus_file, tmp_path / "out", shard_size=10, show_progress_bar=False)
     with pytest.raises(FileNotFoundError, match="is incomplete: missing .*embeddings-00001.npy"):
@@ -62,11 +62,12 @@ def test_interrupted_run_resumes_without_duplicate_or_missing_rows(model, corpus
     # A shard cut short on disk (not written by encode_corpus, which renames whole files) is redone too.
     np.save(tmp_path / "out" / "embeddings-00002.npy", np.zeros((3, 384), dtype=np.float32))
     resumed_calls = []
-    monkeypatch.setattr(st, "encode", lambda texts, **kw: resumed_calls.append(texts[0]) or encode(texts, **kw))
+    monkeypatch.setattr(corpus, "encode_texts",
+                        lambda model, texts, **kw: resumed_calls.append(texts[0]) or encode_texts(model, texts, **kw))
     corpus.encode_corpus(st, corpus_file, tmp_path / "out", shard_size=10, show_progress_bar=False)
     assert resumed_calls == [LINES[10], LINES[20]]  # shard 0 was kept
     got = corpus.read_embeddings(tmp_path / "out")
-    np.testing.assert_allclose(got, encode(LINES, normalize_embeddings=True), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, st.encode(LINES, normalize_embeddings=True), rtol=0, atol=1e-6)
     assert not list((tmp_path / "out").glob("*.partial*"))
 
 
