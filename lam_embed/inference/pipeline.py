@@ -206,9 +206,11 @@ def batch_features(template: dict, ids: TokenIds, batch: np.ndarray, device: tor
     """The module's features of the texts at ``batch`` (positions into ``ids``), right-padded
     to the longest, on ``device``; ``template``: the module's features of any text (for the
     keys it expects)."""
-    rows, mask = ids.padded(batch)
-    return _features_for(template, _to_device(torch.from_numpy(rows), device),
-                         _to_device(torch.from_numpy(mask.astype(np.int64)), device))
+    rows, _ = ids.padded(batch)
+    # The mask is built on the device from the lengths: one small copy instead of a (B, L) one.
+    lengths = _to_device(torch.from_numpy(ids.lengths[batch]), device)
+    mask = (torch.arange(rows.shape[1], device=device) < lengths[:, None]).long()
+    return _features_for(template, _to_device(torch.from_numpy(rows), device), mask)
 
 
 # Padded tokens a batch holds by default: large batches keep a GPU busy (on an H100,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class TokenIds:
     flat: np.ndarray
     lengths: np.ndarray
 
-    @property
+    @cached_property  # one cumulative sum a block, read by each of its batches
     def starts(self) -> np.ndarray:
         starts = np.zeros(len(self.lengths), dtype=np.int64)
         np.cumsum(self.lengths[:-1], out=starts[1:])
