@@ -57,6 +57,36 @@ def test_blocks_and_threads_keep_the_order(models, limit, threads):
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 
+def test_a_model_with_long_input_layers_is_given_the_lengths_on_the_host(models, monkeypatch):
+    """The routed model reads each batch's token counts from the host (no wait for the GPU to
+    count them) and gives encode's embeddings, with batches on both sides of its threshold."""
+    import copy
+
+    from lam_embed.sentence_transformer import replace_transformer_model
+
+    model = copy.deepcopy(models[0])
+    routed = model[0].auto_model.with_long_input_layers(24)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in routed.long_input_layers.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    replace_transformer_model(model, routed)
+    texts = mixed_texts()
+    want = model.encode(texts, batch_size=8)
+    seen = []
+    forward = routed.forward
+
+    def spy(input_ids=None, attention_mask=None, sequence_lengths=None, **kwargs):
+        seen.append((sequence_lengths, attention_mask.sum(1)))
+        return forward(input_ids=input_ids, attention_mask=attention_mask, sequence_lengths=sequence_lengths, **kwargs)
+
+    monkeypatch.setattr(routed, "forward", spy)
+    got = pipeline.encode_texts(model, texts, batch_tokens=256, max_batch_size=16, show_progress_bar=False)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    assert seen and all(given is not None and torch.equal(given, counted) for given, counted in seen)
+    assert any(bool((counted > 24).any() and (counted <= 24).any()) for _, counted in seen)  # a mixed batch
+
+
 def test_blocks_are_bounded_in_texts_and_characters():
     texts = ["x" * n for n in (25, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0)]
     blocks = list(pipeline._block_positions(texts, np.arange(len(texts)), block_texts=4, block_characters=10))
