@@ -149,13 +149,12 @@ def warm_seconds(call, device, repeats: int):
 
 def forward_seconds(model, texts: list[str], ids: list[list[int]], batch_tokens: int, device, repeats: int) -> float:
     """The LAM forward alone over encode_texts' batches of ``texts`` (token ``ids`` given)."""
-    from lam_embed.inference.pipeline import (batch_features, module_features, takes_sequence_lengths,
-                                              token_budget_batches)
+    from lam_embed.inference.pipeline import batch_features, module_features, token_budget_batches
     from lam_embed.inference.tokenization import TokenIds
 
     ids = TokenIds.from_lists(ids)
     template = module_features(model, texts[:1])
-    batches = [batch_features(template, ids, batch, device, takes_sequence_lengths(model))
+    batches = [batch_features(template, ids, batch, device)
                for batch in token_budget_batches(ids.lengths, batch_tokens, 1024)]
 
     def call():

@@ -499,7 +499,6 @@ class LAMModel(LAMPreTrainedModel):
         past_state: LAMState | None = None,
         use_cache: bool | None = None,
         state_after_tokens: torch.Tensor | None = None,
-        sequence_lengths: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
         """As BERT's forward. ``past_state`` (lam_embed/state.py): the input continues the
@@ -508,11 +507,7 @@ class LAMModel(LAMPreTrainedModel):
         given again with the next piece); ``state_after_tokens`` (B,): the state after the
         complete chunks of each sample's first that many tokens instead (the rest, say a
         closing [SEP], is read for the output only). These run the eager layer code, on CUDA
-        replayed from CUDA graphs. ``sequence_lengths`` (B,), optional, read by the plain
-        forward: each sample's valid tokens (the mask's row sums) as a CPU tensor, from a
-        caller that has them on the host: a model with long-input layers then routes its
-        samples without waiting for the GPU to count them (checked against the mask once
-        the forward pass is queued)."""
+        replayed from CUDA graphs."""
         input_checks.check_shapes(input_ids, attention_mask, token_type_ids)
         if self.config.token_weights_min_tokens is not None and getattr(self, "token_weights", None) is None:
             raise ValueError("config.token_weights_min_tokens is set but the model has no token_weights: "
@@ -522,19 +517,13 @@ class LAMModel(LAMPreTrainedModel):
         if past_state is not None or use_cache or state_after_tokens is not None:
             return self._carried_forward(input_ids, attention_mask, token_type_ids, past_state, return_dict,
                                          state_after_tokens)
-        # Checks that wait for the GPU, as (check, its pending summary), made once the output is built.
-        pendings = []
-        if sequence_lengths is not None:
-            pendings.append((input_checks.check_sequence_lengths_summary,
-                             input_checks.check_sequence_lengths(sequence_lengths, attention_mask)))
         if self.config.long_input_min_tokens is None:
             x, hidden_states, pending = self._last_hidden_state(input_ids, attention_mask, token_type_ids,
                                                                 output_hidden_states)
-            pendings.append((self._check_values, pending))
+            pendings = [pending]
         else:
-            x, hidden_states, routed = self._routed_last_hidden_state(input_ids, attention_mask, token_type_ids,
-                                                                      output_hidden_states, sequence_lengths)
-            pendings += routed
+            x, hidden_states, pendings = self._routed_last_hidden_state(input_ids, attention_mask, token_type_ids,
+                                                                        output_hidden_states)
         config = self.config
         id_weights = self.token_weights if config.token_weights_min_tokens is not None else None
         if config.token_repeat_cap is not None or id_weights is not None or config.outlier_pooling_temperature:
@@ -547,9 +536,9 @@ class LAMModel(LAMPreTrainedModel):
             output = (x,) if hidden_states is None else (x, tuple(hidden_states))
         else:
             output = BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
-        for check, pending in pendings:
+        for pending in pendings:
             if pending is not None:
-                check(*pending)
+                input_checks.check_values(self.config, *pending)
         return output
 
     def _last_hidden_state(self, input_ids, attention_mask, token_type_ids, output_hidden_states,
@@ -580,31 +569,21 @@ class LAMModel(LAMPreTrainedModel):
                              clamp=pending is not None, long_inputs=long_inputs)
         return x, hidden_states, pending
 
-    def _check_values(self, *pending) -> None:
-        input_checks.check_values(self.config, *pending)
-
-    def _routed_last_hidden_state(self, input_ids, attention_mask, token_type_ids, output_hidden_states,
-                                  sequence_lengths=None):
+    def _routed_last_hidden_state(self, input_ids, attention_mask, token_type_ids, output_hidden_states):
         """_last_hidden_state with the samples of more than config.long_input_min_tokens valid
         tokens through long_input_layers and the others through layers. A batch of both kinds
         runs each set on its own samples (each sample's computation is its own) and puts the
-        rows back in order; returns the pending value check of each part, as (check, its
-        pending summary). ``sequence_lengths``: as in forward (checked there)."""
+        rows back in order; returns the pending value checks of each part."""
         limit = self.config.long_input_min_tokens
-        n_long = 0
-        # A batch padded to at most the limit holds no long sample: known from the shape.
-        if attention_mask.shape[1] > limit:
-            # The lengths on the host: given, or read back from the GPU (the forward's one wait).
-            lengths = sequence_lengths if sequence_lengths is not None else attention_mask.sum(1).cpu()
-            is_long = lengths > limit
-            n_long = int(is_long.sum())
+        is_long = attention_mask.sum(1) > limit
+        # A batch padded to at most the limit holds no long sample: no host sync to find out.
+        n_long = int(is_long.sum()) if attention_mask.shape[1] > limit else 0
         if n_long in (0, input_ids.shape[0]):
             x, hidden_states, pending = self._last_hidden_state(input_ids, attention_mask, token_type_ids,
                                                                 output_hidden_states, long_inputs=n_long > 0)
-            return x, hidden_states, [(self._check_values, pending)]
+            return x, hidden_states, [pending]
         parts = []
-        for long_inputs, host_rows in ((False, (~is_long).nonzero().squeeze(1)), (True, is_long.nonzero().squeeze(1))):
-            rows = input_checks.host_to_device(host_rows, input_ids.device)
+        for long_inputs, rows in ((False, (~is_long).nonzero().squeeze(1)), (True, is_long.nonzero().squeeze(1))):
             types = None if token_type_ids is None else token_type_ids[rows]
             parts.append((rows, self._last_hidden_state(input_ids[rows], attention_mask[rows], types,
                                                         output_hidden_states, long_inputs=long_inputs)))
@@ -620,4 +599,4 @@ class LAMModel(LAMPreTrainedModel):
         hidden_states = None
         if output_hidden_states:
             hidden_states = [merged(lambda part, i=i: part[1][i]) for i in range(len(parts[0][1][1]))]
-        return x, hidden_states, [(self._check_values, part[2]) for _, part in parts]
+        return x, hidden_states, [part[2] for _, part in parts]

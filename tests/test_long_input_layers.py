@@ -70,29 +70,6 @@ def test_a_batch_of_one_kind_equals_the_one_set_model(models):
                                        rtol=0, atol=0)
 
 
-def test_lengths_given_on_the_host_route_as_the_mask_does(models):
-    routed = models[0]
-    routed.config.delta_impl = "chunk"
-    for lengths in ([5, THRESHOLD, THRESHOLD + 1, 40, 3], [THRESHOLD + 1, 30], [4, 9]):
-        ids, mask = _batch(lengths)
-        with torch.no_grad():
-            want = routed(input_ids=ids, attention_mask=mask).last_hidden_state
-            got = routed(input_ids=ids, attention_mask=mask, sequence_lengths=torch.tensor(lengths)).last_hidden_state
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("bad, message", [
-    (torch.tensor([THRESHOLD + 1, THRESHOLD + 1, 40]), "must equal attention_mask.sum"),  # the first as long
-    (torch.tensor([5, THRESHOLD + 1]), r"of shape \(3,\)"),
-    (torch.tensor([5.0, THRESHOLD + 1, 40]), "integer tensor"),
-    ([5, THRESHOLD + 1, 40], "got list"),
-])
-def test_lengths_that_do_not_fit_the_mask_are_named(models, bad, message):
-    ids, mask = _batch([5, THRESHOLD + 1, 40])
-    with torch.no_grad(), pytest.raises(ValueError, match=f"sequence_lengths .*{message}|sequence_lengths {message}"):
-        models[0](input_ids=ids, attention_mask=mask, sequence_lengths=bad)
-
-
 def test_the_threshold_is_checked():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="long_input_min_tokens must be None or an integer >= 0"):

@@ -52,39 +52,6 @@ def summary_to_host(stats: torch.Tensor) -> tuple:
     return host, done
 
 
-def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` (on the host) on ``device``; to CUDA through pinned memory, without waiting
-    for the copy or for the work queued before it."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def check_sequence_lengths(sequence_lengths, attention_mask: torch.Tensor) -> tuple | None:
-    """Raise ValueError unless ``sequence_lengths`` is a host integer tensor of one count per
-    sample equal to the mask's row sums. The equality is checked here on CPU; on a GPU its
-    summary is returned instead, for ``check_sequence_lengths_summary`` once the forward
-    pass is queued (the point of giving the lengths is not to wait for the GPU)."""
-    batch = attention_mask.shape[0]
-    if (not isinstance(sequence_lengths, torch.Tensor) or sequence_lengths.is_floating_point()
-            or sequence_lengths.shape != (batch,) or sequence_lengths.device.type != "cpu"):
-        got = (f"{tuple(sequence_lengths.shape)} {sequence_lengths.dtype} on {sequence_lengths.device}"
-               if isinstance(sequence_lengths, torch.Tensor) else type(sequence_lengths).__name__)
-        raise ValueError(f"sequence_lengths must be a CPU integer tensor of shape ({batch},), got {got}")
-    differs = (attention_mask.sum(1) != host_to_device(sequence_lengths, attention_mask.device)).any().reshape(1)
-    if not differs.is_cuda:
-        check_sequence_lengths_summary(differs)
-        return None
-    return summary_to_host(differs)
-
-
-def check_sequence_lengths_summary(differs: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
-    if done is not None:
-        done.synchronize()
-    if differs.item():
-        raise ValueError("sequence_lengths must equal attention_mask.sum(1), each sample's valid tokens")
-
-
 def check_values(config, stats: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
     """The checks of check_input_values, from its summary of the values."""
     if done is not None:

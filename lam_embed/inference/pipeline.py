@@ -28,7 +28,6 @@ on the host for most of the run. ``encode_texts``:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import weakref
@@ -40,7 +39,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .input_checks import host_to_device
 from .tokenization import FastTokenizer, TokenIds, first_module
 
 logger = logging.getLogger(__name__)
@@ -197,27 +195,22 @@ def _features_for(template: dict, ids: torch.Tensor, mask: torch.Tensor) -> dict
     return features
 
 
-def takes_sequence_lengths(model) -> bool:
-    """Whether the model under the text module reads ``sequence_lengths`` (LAMModel.forward:
-    each sample's valid tokens on the host, so that it need not wait for the GPU to count them)."""
-    inner = getattr(first_module(model), "auto_model", None)
-    return inner is not None and "sequence_lengths" in inspect.signature(inner.forward).parameters
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; to CUDA through pinned memory, without waiting for the copy."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
-def batch_features(template: dict, ids: TokenIds, batch: np.ndarray, device: torch.device,
-                   sequence_lengths: bool = False) -> dict:
+def batch_features(template: dict, ids: TokenIds, batch: np.ndarray, device: torch.device) -> dict:
     """The module's features of the texts at ``batch`` (positions into ``ids``), right-padded
     to the longest, on ``device``; ``template``: the module's features of any text (for the
-    keys it expects); ``sequence_lengths``: add each text's token count, on the host."""
+    keys it expects)."""
     rows, _ = ids.padded(batch)
-    host_lengths = torch.from_numpy(ids.lengths[batch])
     # The mask is built on the device from the lengths: one small copy instead of a (B, L) one.
-    lengths = host_to_device(host_lengths, device)
+    lengths = _to_device(torch.from_numpy(ids.lengths[batch]), device)
     mask = (torch.arange(rows.shape[1], device=device) < lengths[:, None]).long()
-    features = _features_for(template, host_to_device(torch.from_numpy(rows), device), mask)
-    if sequence_lengths:
-        features["sequence_lengths"] = host_lengths
-    return features
+    return _features_for(template, _to_device(torch.from_numpy(rows), device), mask)
 
 
 # Padded tokens a batch holds by default: large batches keep a GPU busy (on an H100,
@@ -262,7 +255,6 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
         # The module's own tokenizer sets its padding and truncation on each call: one at a time.
         tokenizer_threads = 1
     template = module_features(model, texts[:1])
-    with_lengths = takes_sequence_lengths(model)
     # By characters first, as encode orders them: a block then holds texts of similar length.
     order = np.argsort([-len(t) for t in texts], kind="stable")
     if show_progress_bar is None:
@@ -275,9 +267,8 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
             blocks = _tokenized_blocks(texts, _block_positions(texts, order, block_texts, block_characters),
                                        tokenize, tokenizer_threads)
             for positions, ids, batch in _batches_across_blocks(blocks, batch_tokens, max_batch_size):
-                features = batch_features(template, ids, batch, device, with_lengths)
-                embeddings = model(features)["sentence_embedding"]
-                out[host_to_device(torch.from_numpy(positions[batch].astype(np.int64)), device)] = embeddings.float()
+                embeddings = model(batch_features(template, ids, batch, device))["sentence_embedding"]
+                out[_to_device(torch.from_numpy(positions[batch].astype(np.int64)), device)] = embeddings.float()
                 progress.update(len(batch))
     finally:
         progress.close()
