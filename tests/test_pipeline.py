@@ -57,7 +57,7 @@ def test_blocks_and_threads_keep_the_order(models, limit, threads):
     np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
 
 
-def test_a_model_with_long_input_layers_gives_encodes_embeddings(models, monkeypatch):
+def test_a_model_with_long_input_layers_matches_encode(models, monkeypatch):
     """Batches on both sides of the threshold of a routed model (two sets of layers): each text
     through the layers of its own length, in input order, as encode gives it."""
     import copy
