@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 PREFETCH_BLOCKS = 2  # blocks the tokenizer may run ahead of the model, besides one a thread
 CHECK_TEXTS = 16  # texts whose fast-path ids are compared with the module's tokenization
 # Characters of each checked text: the comparison tests normalisation and word splitting, which
-# a text's start shows as well as its whole (truncation has a text of its own); long documents
-# made the check cost 0.27 s of a first call on an H100 host.
+# a text's start shows as well as its whole (truncation has a text of its own); whole long
+# documents made the check a quarter of a second of a process's first call (docs/performance.md).
 CHECK_CHARACTERS = 2000
 
 
@@ -86,9 +86,9 @@ _selected_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def select_tokenizer(model, texts: list[str]):
     """A function texts -> ids: the fast backend when the tokenizer has one and it gives the
-    module's own ids on the first CHECK_TEXTS texts (and on a text longer than the limit),
-    else the module's own tokenization. Chosen at a module's first call, and again when its
-    tokenizer or its max_seq_length changes."""
+    module's own ids on the start of the first CHECK_TEXTS texts (and on a text longer than
+    the limit), else the module's own tokenization. Chosen at a module's first call, and again
+    when its tokenizer or its max_seq_length changes."""
     module = first_module(model)
     tokenizer = module.tokenizer
     # A module without max_seq_length truncates at the tokenizer's own limit.
