@@ -1,6 +1,7 @@
 """lam_embed.encode_texts (inference/pipeline.py): the embeddings of SentenceTransformer.encode,
 in input order, through the fast tokenizer, token-budget batches and a background thread."""
 
+import copy
 import logging
 import time
 
@@ -60,8 +61,6 @@ def test_blocks_and_threads_keep_the_order(models, limit, threads):
 def test_a_model_with_long_input_layers_matches_encode(models, monkeypatch):
     """Batches on both sides of the threshold of a routed model (two sets of layers): each text
     through the layers of its own length, in input order, as encode gives it."""
-    import copy
-
     from lam_embed.sentence_transformer import replace_transformer_model
 
     model = copy.deepcopy(models[0])
@@ -184,6 +183,41 @@ def test_fast_tokenizer_gives_the_module_ids(models):
     fast = pipeline.FastTokenizer(model.tokenizer, model.max_seq_length)
     assert fast(texts) == pipeline._module_ids(model, texts)
     assert max(map(len, fast(texts))) == 64
+
+
+def test_a_text_far_past_the_limit_is_cut_before_tokenizing_with_the_same_ids(models):
+    """At a limit of 16 tokens a text over 160 characters is cut at a space first: the ids are
+    the module's own (its tokenization of the whole texts), also where the cut text gives too
+    few ids (a long run of spaces) or cannot be cut (no space, CJK characters)."""
+    model = copy.deepcopy(models[0])
+    model.max_seq_length = 16
+    rng = np.random.default_rng(2)
+    texts = [" ".join(rng.choice(WORDS, size=300)),  # cut
+             " " * 400 + " ".join(rng.choice(WORDS, size=30)),  # cut to too few ids: tokenized whole
+             "x" * 50 + "ünï" * 100,  # no space to cut at
+             "漢字テキスト" * 60 + " river house",  # CJK, one word each for BERT's splitter
+             "short text", ""]
+    fast = pipeline.FastTokenizer(model.tokenizer, 16)
+    backend, seen = fast.backend, []
+
+    class Recording:  # the backend is a Rust object: its methods cannot be replaced
+        def encode_batch_fast(self, batch, **kwargs):
+            seen.append([len(t) for t in batch])
+            return backend.encode_batch_fast(batch, **kwargs)
+
+    fast.backend = Recording()
+    assert fast(texts) == pipeline._module_ids(model, texts)
+    assert seen[0][0] <= 160 < len(texts[0])  # the first text was cut
+    assert seen[1] == [len(texts[1])]  # the spaces' text again, whole
+
+
+def test_a_tokenizer_that_reads_across_spaces_is_not_cut():
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(token_models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert pipeline.FastTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend), 16).cut_characters is None
 
 
 def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):
