@@ -71,7 +71,7 @@ class FastTokenizer:
     took a third of the time (docs/performance.md)."""
 
     # Characters kept of a text, per token of max_length: all-MiniLM-L6-v2's tokenizer reads
-    # about 4.5 characters a token in English prose.
+    # about 4.7 characters a token in Wikipedia articles.
     CUT_CHARACTERS_PER_TOKEN = 10
 
     def __init__(self, tokenizer, max_length: int):
