@@ -198,6 +198,8 @@ def test_a_text_far_past_the_limit_is_cut_before_tokenizing_with_the_same_ids(mo
              "漢字テキスト" * 60 + " river house",  # CJK, one word each for BERT's splitter
              "short text", ""]
     fast = pipeline.FastTokenizer(model.tokenizer, 16)
+    assert fast(texts) == pipeline._module_ids(model, texts)
+    fast.ascii_backend = None  # every text through the one recorded backend
     backend, seen = fast.backend, []
 
     class Recording:  # the backend is a Rust object: its methods cannot be replaced
@@ -211,13 +213,35 @@ def test_a_text_far_past_the_limit_is_cut_before_tokenizing_with_the_same_ids(mo
     assert seen[1] == [len(texts[1])]  # the spaces' text again, whole
 
 
-def test_a_tokenizer_that_reads_across_spaces_is_not_cut():
+def test_ascii_texts_get_the_module_ids_through_the_lighter_normaliser(models):
+    """ASCII texts go through a copy of the backend whose normaliser only removes control
+    characters and lowercases: the ids are the module's own, control characters, whitespace
+    of every kind and capitals included, in input order beside non-ASCII texts."""
+    model = models[0]
+    texts = ["Plain ASCII, With Capitals.", "bell\x07 vt\x0b ff\x0c del\x7f esc\x1b unit\x1f end",
+             "tab\tnew\nline\r\nreturn  spaces", "Ünïcödé café", "mixed ASCII then é", "漢字 and ascii", "", "   "]
+    fast = pipeline.FastTokenizer(model.tokenizer, model.max_seq_length)
+    assert fast.ascii_backend is not None
+    ascii_backend, seen = fast.ascii_backend, []
+
+    class Recording:
+        def encode_batch_fast(self, batch, **kwargs):
+            seen.extend(batch)
+            return ascii_backend.encode_batch_fast(batch, **kwargs)
+
+    fast.ascii_backend = Recording()
+    assert fast(texts) == pipeline._module_ids(model, texts)
+    assert seen == [t for t in texts if t.isascii()]
+
+
+def test_a_tokenizer_that_reads_across_spaces_is_not_cut_nor_given_the_ascii_normaliser():
     from tokenizers import Tokenizer, models as token_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(token_models.BPE(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel()
-    assert pipeline.FastTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend), 16).cut_characters is None
+    fast = pipeline.FastTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend), 16)
+    assert fast.cut_characters is None and fast.ascii_backend is None
 
 
 def test_a_tokenizer_that_disagrees_is_not_used(models, monkeypatch, caplog):

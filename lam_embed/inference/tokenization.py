@@ -5,6 +5,7 @@ per batch without a loop over its texts)."""
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -68,7 +69,8 @@ class FastTokenizer:
     a text are then those of the whole text's start, and a cut text that gives fewer than
     ``max_length`` ids (long runs of spaces, say) is tokenized whole again. The tokenizer's
     time grows with the text, not with the ids kept: 200 Wikipedia articles at 512 tokens
-    took a third of the time (docs/performance.md)."""
+    took a third of the time (docs/performance.md). ASCII texts go through a copy of the
+    backend with a lighter normaliser of the same output on them (``_ascii_backend``)."""
 
     # Characters kept of a text, per token of max_length: all-MiniLM-L6-v2's tokenizer reads
     # about 4.7 characters a token in Wikipedia articles.
@@ -82,34 +84,78 @@ class FastTokenizer:
         self.backend.enable_truncation(max_length)
         self.max_length = max_length
         self.cut_characters = max_length * self.CUT_CHARACTERS_PER_TOKEN if _reads_words_alone(self.backend) else None
+        self.ascii_backend = _ascii_backend(self.backend)
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         n = self.cut_characters
-        if n is None or all(len(text) <= n for text in texts):
-            return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
-        cut = [_cut_at_space(text, n) for text in texts]
-        ids = [encoding.ids for encoding in self.backend.encode_batch_fast(cut, add_special_tokens=True)]
+        cut = texts if n is None else [_cut_at_space(text, n) for text in texts]
+        ids = self._encode(cut)
         whole = [i for i, (text, part, row) in enumerate(zip(texts, cut, ids))
                  if part is not text and len(row) < self.max_length]
-        if whole:
-            again = self.backend.encode_batch_fast([texts[i] for i in whole], add_special_tokens=True)
-            for i, encoding in zip(whole, again):
-                ids[i] = encoding.ids
+        for i, row in zip(whole, self._encode([texts[i] for i in whole])):
+            ids[i] = row
         return ids
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """The ids of ``texts``; the ASCII ones through ``ascii_backend`` where there is one."""
+        if self.ascii_backend is None:
+            return _ids(self.backend, texts)
+        is_ascii = [text.isascii() for text in texts]
+        ids = [None] * len(texts)
+        for backend, wanted in ((self.ascii_backend, True), (self.backend, False)):
+            rows = [i for i, flag in enumerate(is_ascii) if flag is wanted]
+            for i, row in zip(rows, _ids(backend, [texts[i] for i in rows])):
+                ids[i] = row
+        return ids
+
+
+def _ids(backend, texts: list[str]) -> list[list[int]]:
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=True)] if texts else []
+
+
+def _ascii_backend(backend):
+    """A copy of ``backend`` whose normaliser gives BERT's normaliser's output on ASCII texts
+    with less work, or None when its normaliser is not BERT's: on ASCII, BERT's removes the
+    control characters and lowercases (when set to); its accent stripping and Chinese
+    character handling change nothing there. A fifth less tokenizer time on corpus sentences
+    and passages (docs/performance.md)."""
+    from tokenizers import Regex, Tokenizer, normalizers
+
+    settings = json.loads(backend.to_str()).get("normalizer") or {}
+    # The word splitter must drop every whitespace character, as BERT's normaliser turns tab,
+    # newline and carriage return into spaces and this one leaves them.
+    if settings.get("type") != "BertNormalizer" or not _splits_at_whitespace(backend):
+        return None
+    steps = []
+    if settings.get("clean_text", True):
+        # The ASCII characters BERT's normaliser removes as control characters (tab, newline
+        # and carriage return are whitespace to it, and to the word splitter).
+        steps.append(normalizers.Replace(Regex("[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]"), ""))
+    if settings.get("lowercase", True):
+        steps.append(normalizers.Lowercase())
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.normalizer = normalizers.Sequence(steps)
+    return copy
 
 
 def _reads_words_alone(backend) -> bool:
     """Whether ``backend`` tokenizes each whitespace-separated word on its own, so that a text cut
     at a space gives the ids of the whole text's start: WordPiece after BERT's (or no)
     normaliser and a whitespace or BERT word splitter, truncating at the end."""
-    from tokenizers import models, normalizers, pre_tokenizers
+    from tokenizers import models, normalizers
 
     truncation = backend.truncation or {}
     return (isinstance(backend.model, models.WordPiece)
             and (backend.normalizer is None or isinstance(backend.normalizer, normalizers.BertNormalizer))
-            and isinstance(backend.pre_tokenizer, (pre_tokenizers.BertPreTokenizer, pre_tokenizers.Whitespace,
-                                                   pre_tokenizers.WhitespaceSplit))
-            and truncation.get("direction", "right") == "right")
+            and _splits_at_whitespace(backend) and truncation.get("direction", "right") == "right")
+
+
+def _splits_at_whitespace(backend) -> bool:
+    """Whether ``backend``'s word splitter splits at every whitespace character and drops it."""
+    from tokenizers import pre_tokenizers
+
+    return isinstance(backend.pre_tokenizer, (pre_tokenizers.BertPreTokenizer, pre_tokenizers.Whitespace,
+                                              pre_tokenizers.WhitespaceSplit))
 
 
 def _cut_at_space(text: str, characters: int) -> str:
