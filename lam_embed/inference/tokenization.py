@@ -1,6 +1,7 @@
 """Tokenization for corpus-scale encoding: a fast tokenizer's Rust backend set to truncate
-without padding, and the token ids of a block of texts kept end to end in one array (padded
-per batch without a loop over its texts)."""
+without padding (with less work where the ids stay the same: texts far past the limit cut
+first, ASCII texts through a lighter normaliser), and the token ids of a block of texts kept
+end to end in one array (padded per batch without a loop over its texts)."""
 
 from __future__ import annotations
 
