@@ -168,8 +168,6 @@ def run(args, save=lambda result: None) -> dict:
     """All rows of all sets; ``save(result)`` after each set."""
     import torch
 
-    from lam_embed.inference.pipeline import FastTokenizer
-
     device = torch.device(args.device)
     sets = {name: load_set(Path(args.data_dir), name, getattr(args, name)) for name in SETS}
     lam = load_model(args.lam, args.device, args.dtype, args.document_tokens)
@@ -179,49 +177,57 @@ def run(args, save=lambda result: None) -> dict:
               "host": {"cpu_count": os.cpu_count(), "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")},
               "sets": {}}
     for name in SETS:
-        texts = sets[name]
-        lam.max_seq_length = args.document_tokens if name == "documents" else 512
-        methods = {"lam encode_texts": (lam, args.lam), f"lam encode@{args.batch_size}": (lam, args.lam)}
-        if name == "documents":
-            methods["minilm chunk-mean"] = (minilm, args.minilm)
-        else:
-            methods.update({f"minilm encode@{b}": (minilm, args.minilm) for b in args.minilm_batch_sizes})
-        # Token ids as LAM reads them (special tokens included, cut at its limit).
-        tokenize = FastTokenizer(lam.tokenizer, lam.max_seq_length)
-        ids = tokenize(texts)
-        tokens = sum(map(len, ids))
-        entry = {"texts": len(texts), "tokens": tokens, "rows": {}}
-        result["sets"][name] = entry
-        reference = None
-        # First calls (a fresh process each) of the fast path and of MiniLM at its largest batch.
-        fresh = ["lam encode_texts", "minilm chunk-mean", f"minilm encode@{max(args.minilm_batch_sizes)}"]
-        with torch.inference_mode():
-            for method, (model, path) in methods.items():
-                row = {}
-                if args.fresh and method in fresh:
-                    row["first_call_s"] = first_call(args, name, method, path,
-                                                     lam.max_seq_length if model is lam else None)
-                call = method_call(method, model, texts, args)
-                row["warm_s"], embeddings = warm_seconds(call, device, args.repeats)
-                embeddings = np.asarray(embeddings, dtype=np.float32)
-                if method.startswith("lam"):
-                    if reference is None:
-                        reference = embeddings
-                    else:  # the plain path's against the fast path's
-                        row["max_abs_diff_to_encode_texts"] = float(np.abs(embeddings - reference).max())
-                for key in ("first_call_s", "warm_s"):
-                    if key in row:
-                        row[key.replace("_s", "_texts_per_s")] = len(texts) / row[key]
-                        row[key.replace("_s", "_tokens_per_s")] = tokens / row[key]
-                entry["rows"][method] = row
-                logger.info("%s %s: %s", name, method, {k: round(v, 4) for k, v in row.items()})
-            entry["lam_forward_tokens_per_s"] = tokens / forward_seconds(lam, texts, ids, args.batch_tokens, device,
-                                                                         args.repeats)
-        # The backend built once, as encode_texts keeps it for a model.
-        entry["tokenize_tokens_per_s"] = tokens / warm_seconds(lambda: tokenize(texts), device, args.repeats)[0]
-        summarise(entry)
+        _run_set(args, name, sets[name], lam, minilm, device, result)
         save(result)
     return result
+
+
+def _run_set(args, name: str, texts: list[str], lam, minilm, device, result: dict) -> None:
+    """The rows of one set, into ``result["sets"][name]``."""
+    import torch
+
+    from lam_embed.inference.pipeline import FastTokenizer
+
+    lam.max_seq_length = args.document_tokens if name == "documents" else 512
+    methods = {"lam encode_texts": (lam, args.lam), f"lam encode@{args.batch_size}": (lam, args.lam)}
+    if name == "documents":
+        methods["minilm chunk-mean"] = (minilm, args.minilm)
+    else:
+        methods.update({f"minilm encode@{b}": (minilm, args.minilm) for b in args.minilm_batch_sizes})
+    # Token ids as LAM reads them (special tokens included, cut at its limit).
+    tokenize = FastTokenizer(lam.tokenizer, lam.max_seq_length)
+    ids = tokenize(texts)
+    tokens = sum(map(len, ids))
+    entry = {"texts": len(texts), "tokens": tokens, "rows": {}}
+    result["sets"][name] = entry
+    reference = None
+    # First calls (a fresh process each) of the fast path and of MiniLM at its largest batch.
+    fresh = ["lam encode_texts", "minilm chunk-mean", f"minilm encode@{max(args.minilm_batch_sizes)}"]
+    with torch.inference_mode():
+        for method, (model, path) in methods.items():
+            row = {}
+            if args.fresh and method in fresh:
+                row["first_call_s"] = first_call(args, name, method, path,
+                                                 lam.max_seq_length if model is lam else None)
+            call = method_call(method, model, texts, args)
+            row["warm_s"], embeddings = warm_seconds(call, device, args.repeats)
+            embeddings = np.asarray(embeddings, dtype=np.float32)
+            if method.startswith("lam"):
+                if reference is None:
+                    reference = embeddings
+                else:  # the plain path's against the fast path's
+                    row["max_abs_diff_to_encode_texts"] = float(np.abs(embeddings - reference).max())
+            for key in ("first_call_s", "warm_s"):
+                if key in row:
+                    row[key.replace("_s", "_texts_per_s")] = len(texts) / row[key]
+                    row[key.replace("_s", "_tokens_per_s")] = tokens / row[key]
+            entry["rows"][method] = row
+            logger.info("%s %s: %s", name, method, {k: round(v, 4) for k, v in row.items()})
+        entry["lam_forward_tokens_per_s"] = tokens / forward_seconds(lam, texts, ids, args.batch_tokens, device,
+                                                                     args.repeats)
+    # The backend built once, as encode_texts keeps it for a model.
+    entry["tokenize_tokens_per_s"] = tokens / warm_seconds(lambda: tokenize(texts), device, args.repeats)[0]
+    summarise(entry)
 
 
 def summarise(entry: dict) -> None:

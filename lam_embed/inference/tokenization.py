@@ -6,7 +6,6 @@ end to end in one array (padded per batch without a loop over its texts)."""
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -91,8 +90,9 @@ class FastTokenizer:
         n = self.cut_characters
         cut = texts if n is None else [_cut_at_space(text, n) for text in texts]
         ids = self._encode(cut)
-        whole = [i for i, (text, part, row) in enumerate(zip(texts, cut, ids))
-                 if part is not text and len(row) < self.max_length]
+        # Texts cut to fewer ids than the limit: tokenized whole again.
+        whole = [] if cut is texts else [i for i, (text, part, row) in enumerate(zip(texts, cut, ids))
+                                         if part is not text and len(row) < self.max_length]
         for i, row in zip(whole, self._encode([texts[i] for i in whole])):
             ids[i] = row
         return ids
@@ -122,17 +122,17 @@ def _ascii_backend(backend):
     and passages (docs/performance.md)."""
     from tokenizers import Regex, Tokenizer, normalizers
 
-    settings = json.loads(backend.to_str()).get("normalizer") or {}
+    bert = backend.normalizer
     # The word splitter must drop every whitespace character, as BERT's normaliser turns tab,
     # newline and carriage return into spaces and this one leaves them.
-    if settings.get("type") != "BertNormalizer" or not _splits_at_whitespace(backend):
+    if not isinstance(bert, normalizers.BertNormalizer) or not _splits_at_whitespace(backend):
         return None
     steps = []
-    if settings.get("clean_text", True):
+    if bert.clean_text:
         # The ASCII characters BERT's normaliser removes as control characters (tab, newline
         # and carriage return are whitespace to it, and to the word splitter).
         steps.append(normalizers.Replace(Regex("[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]"), ""))
-    if settings.get("lowercase", True):
+    if bert.lowercase:
         steps.append(normalizers.Lowercase())
     copy = Tokenizer.from_str(backend.to_str())
     copy.normalizer = normalizers.Sequence(steps)
