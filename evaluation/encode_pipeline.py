@@ -79,7 +79,8 @@ def method_call(method: str, model, texts: list[str], args):
     from lam_embed import encode_texts
 
     if method == "lam encode_texts":
-        return lambda: encode_texts(model, texts, batch_tokens=args.batch_tokens, show_progress_bar=False)
+        threads = {} if args.tokenizer_threads is None else {"tokenizer_threads": args.tokenizer_threads}
+        return lambda: encode_texts(model, texts, batch_tokens=args.batch_tokens, show_progress_bar=False, **threads)
     if method.startswith("lam encode") or method.startswith("minilm encode"):
         batch = int(method.rsplit("@", 1)[1])
         return lambda: model.encode(texts, batch_size=batch, show_progress_bar=False)
@@ -109,6 +110,8 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
                "--dtype", args.dtype, "--sentences", str(args.sentences), "--passages", str(args.passages),
                "--documents", str(args.documents), "--batch-tokens", str(args.batch_tokens),
                "--document-tokens", str(args.document_tokens)]
+    if args.tokenizer_threads is not None:
+        command += ["--tokenizer-threads", str(args.tokenizer_threads)]
     # PYTHONSAFEPATH (python -P): the working directory stays off sys.path, so that a source
     # checkout's lam_embed/ (it holds no evaluation/ package) does not shadow the installed one.
     done = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -279,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes tried for MiniLM's encode (the best is compared)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="padded tokens a batch of encode_texts and of chunk-mean (default: encode_texts' default on the device)")
+    p.add_argument("--tokenizer-threads", type=int, default=None,
+                   help="blocks encode_texts tokenizes at once (default: encode_texts' default)")
     p.add_argument("--repeats", type=int, default=2, help="timed warm calls (the fastest is kept)")
     p.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the first call of LAM's encode_texts and of MiniLM (its largest batch, chunk-mean) in a fresh process each")
@@ -307,6 +312,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for option in ("sentences", "passages", "documents", "document_tokens", "batch_size", "batch_tokens", "repeats"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be a positive integer, got {getattr(args, option)}")
+    if args.tokenizer_threads is not None and args.tokenizer_threads < 1:
+        p.error(f"--tokenizer-threads must be a positive integer, got {args.tokenizer_threads}")
     if not args.first_call and not Path(args.lam).is_dir():
         p.error(f"--lam: no folder {args.lam} (python scripts/assemble_lam.py writes 'lam')")
     return args

@@ -58,7 +58,8 @@ def test_every_row_and_ratio(setup, tmp_path):
 
 def test_first_call_in_a_fresh_process(setup):
     folder, teacher = setup
-    args = encode_pipeline.parse_args(args_for(folder, teacher))
+    # The child is given the parent's options, the tokenizer's threads among them.
+    args = encode_pipeline.parse_args(args_for(folder, teacher, "--tokenizer-threads", "2"))
     seconds = encode_pipeline.first_call(args, "sentences", "lam encode_texts", str(folder / "lam"), 512)
     assert 0 < seconds < 60
 
@@ -66,6 +67,7 @@ def test_first_call_in_a_fresh_process(setup):
 def test_usage_errors(setup, capsys):
     folder, teacher = setup
     for extra, message in ((["--repeats", "0"], "--repeats must be a positive integer"),
+                           (["--tokenizer-threads", "0"], "--tokenizer-threads must be a positive integer"),
                            (["--data-dir", str(folder / "none")], "--data-dir: no folder"),
                            (["--lam", str(folder / "none")], "--lam: no folder")):
         with pytest.raises(SystemExit):
