@@ -328,13 +328,14 @@ def main(argv=None) -> int:
         _first_call_main(args)
         return 0
     from lam_embed import resolve_teacher_path
+    from lam_embed.inference.tokenization import tokenizer_runs_serially
 
     args.minilm = args.minilm or resolve_teacher_path()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # The fast path's tokenization runs on the tokenizer's threads; with
     # TOKENIZERS_PARALLELISM=false each call runs on one, and the figures measure that.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    if os.environ["TOKENIZERS_PARALLELISM"].lower() in ("0", "false", "off", "no"):
+    if tokenizer_runs_serially():
         logger.warning("TOKENIZERS_PARALLELISM=%s: each tokenizer call runs on one thread (the 'tokenize' row "
                        "and MiniLM's encode on one core)", os.environ["TOKENIZERS_PARALLELISM"])
     from lam_embed.environment import write_result

@@ -3,6 +3,9 @@ in input order, through the fast tokenizer, token-budget batches and a backgroun
 
 import copy
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from lam_embed.inference import pipeline
-from lam_embed.inference.tokenization import TokenIds
+from lam_embed.inference.tokenization import TokenIds, tokenizer_runs_serially
 
 WORDS = "the a river house blue seven quiet old road bird sang ran below over hill".split()
 
@@ -294,6 +297,50 @@ def test_the_default_budget_follows_the_device(models, monkeypatch):
                             lengths, batch_tokens, max_batch_size))
     pipeline.encode_texts(models[0], ["a short text"], show_progress_bar=False)
     assert seen == [pipeline.CPU_BATCH_TOKENS]
+
+
+# Whether the tokenizers library ran a batch on its thread pool: the process has more threads after.
+USES_THREAD_POOL = """
+import os
+from tokenizers import Tokenizer, models, pre_tokenizers
+tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+before = len(os.listdir("/proc/self/task"))
+tokenizer.encode_batch(["a a a"] * 2000)
+print(len(os.listdir("/proc/self/task")) > before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+@pytest.mark.parametrize("value", [None, "true", "1", "yes", "FALSE", "False", "off", "", "no", "n", "f", "0"])
+def test_serial_tokenizer_as_the_tokenizers_library_reads_the_variable(value, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    if value is not None:
+        env["TOKENIZERS_PARALLELISM"] = value
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+    done = subprocess.run([sys.executable, "-c", USES_THREAD_POOL], env=env, capture_output=True, text=True,
+                          check=True)
+    assert tokenizer_runs_serially() is (done.stdout.strip() == "False")
+
+
+@pytest.mark.parametrize("value, defaults", [("false", pipeline.SERIAL_TOKENIZER_BLOCKS),
+                                             ("true", pipeline.PARALLEL_TOKENIZER_BLOCKS)])
+def test_the_default_blocks_follow_the_tokenizers_parallelism(models, monkeypatch, value, defaults):
+    seen = {}
+    positions, blocks = pipeline._block_positions, pipeline._tokenized_blocks
+    monkeypatch.setattr(pipeline, "_block_positions", lambda texts, order, block_texts, block_characters: (
+        seen.setdefault("characters", block_characters), positions(texts, order, block_texts, block_characters))[1])
+    monkeypatch.setattr(pipeline, "_tokenized_blocks", lambda texts, block_list, tokenize, threads: (
+        seen.setdefault("threads", threads), blocks(texts, block_list, tokenize, threads))[1])
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+    texts = mixed_texts(40, seed=2)
+    got = pipeline.encode_texts(models[0], texts, show_progress_bar=False)
+    assert (seen["threads"], seen["characters"]) == defaults
+    seen.clear()
+    pipeline.encode_texts(models[0], texts, show_progress_bar=False, tokenizer_threads=3, block_characters=99)
+    assert (seen["threads"], seen["characters"]) == (3, 99)
+    np.testing.assert_allclose(got, models[0].encode(texts), atol=2e-6, rtol=0)
 
 
 def test_batches_across_blocks_are_those_of_one_pass():

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .tokenization import FastTokenizer, TokenIds, first_module
+from .tokenization import FastTokenizer, TokenIds, first_module, tokenizer_runs_serially
 
 logger = logging.getLogger(__name__)
 
@@ -225,12 +225,20 @@ def batch_features(template: dict, ids: TokenIds, batch: np.ndarray, device: tor
 # encode's 32 sentences, 65,536 tokens 15% slower).
 GPU_BATCH_TOKENS = 131072
 CPU_BATCH_TOKENS = 2048
+# (tokenizer threads, block characters) by default. Where the tokenizer runs each call on all
+# cores, four blocks of 500,000 characters at once. Where it runs each call on one core
+# (TOKENIZERS_PARALLELISM off), the threads are the only parallelism, and more, smaller blocks
+# keep more cores busy: on 16 cores eight of 250,000 took 5,000 passages in 0.37 s against
+# 0.45 s and 200 articles in 0.23 s against 0.38 s; on 2 cores the two were level
+# (docs/performance.md).
+PARALLEL_TOKENIZER_BLOCKS = (4, 500_000)
+SERIAL_TOKENIZER_BLOCKS = (8, 250_000)
 
 
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
-                 show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int = 500_000,
-                 tokenizer_threads: int = 4):
+                 show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int | None = None,
+                 tokenizer_threads: int | None = None):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -242,11 +250,17 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     texts and characters a background thread tokenizes at a time, at most (a text longer
     than ``block_characters`` is a block of its own): small blocks let the model start
     sooner, large ones keep the tokenizer's cores busy. ``tokenizer_threads``: blocks
-    tokenized at once (one when the module's own tokenization stands in for the fast backend)."""
+    tokenized at once (one when the module's own tokenization stands in for the fast backend).
+    The two default to PARALLEL_TOKENIZER_BLOCKS, or to SERIAL_TOKENIZER_BLOCKS where
+    TOKENIZERS_PARALLELISM has the tokenizer run each call on one core."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
         batch_tokens = GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
+    default_threads, default_characters = (SERIAL_TOKENIZER_BLOCKS if tokenizer_runs_serially()
+                                           else PARALLEL_TOKENIZER_BLOCKS)
+    tokenizer_threads = default_threads if tokenizer_threads is None else tokenizer_threads
+    block_characters = default_characters if block_characters is None else block_characters
     texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
                              block_texts=block_texts, block_characters=block_characters,
                              tokenizer_threads=tokenizer_threads)

@@ -6,6 +6,7 @@ end to end in one array (padded per batch without a loop over its texts)."""
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -18,6 +19,17 @@ def first_module(model):
     if not hasattr(module, "tokenizer") or not hasattr(module, "max_seq_length"):
         raise TypeError(f"the model's first module must be a text Transformer module, got {type(module).__name__}")
     return module
+
+
+# The values of TOKENIZERS_PARALLELISM, in any case, with which the tokenizers library runs
+# each call on one core (its own reading of the variable; unset means on all cores).
+SERIAL_PARALLELISM_VALUES = ("", "off", "false", "f", "no", "n", "0")
+
+
+def tokenizer_runs_serially() -> bool:
+    """Whether TOKENIZERS_PARALLELISM tells the tokenizers library to run each call on one core."""
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    return value is not None and value.lower() in SERIAL_PARALLELISM_VALUES
 
 
 @dataclass(frozen=True)
