@@ -79,8 +79,8 @@ def method_call(method: str, model, texts: list[str], args):
     from lam_embed import encode_texts
 
     if method == "lam encode_texts":
-        threads = {} if args.tokenizer_threads is None else {"tokenizer_threads": args.tokenizer_threads}
-        return lambda: encode_texts(model, texts, batch_tokens=args.batch_tokens, show_progress_bar=False, **threads)
+        return lambda: encode_texts(model, texts, batch_tokens=args.batch_tokens, show_progress_bar=False,
+                                    tokenizer_threads=args.tokenizer_threads)
     if method.startswith("lam encode") or method.startswith("minilm encode"):
         batch = int(method.rsplit("@", 1)[1])
         return lambda: model.encode(texts, batch_size=batch, show_progress_bar=False)
