@@ -237,6 +237,36 @@ def test_ascii_texts_get_the_module_ids_through_the_lighter_normaliser(models):
     assert seen == [t for t in texts if t.isascii()]
 
 
+def test_a_tokenizer_that_truncates_on_the_left_keeps_the_end_of_long_texts(models):
+    """The module's tokenizer cuts from the left: the fast backend does too and does not cut a
+    text's end away first, also when the first texts (those checked) are all short."""
+    model = copy.deepcopy(models[0])
+    model.max_seq_length = 16
+    model.tokenizer.truncation_side = "left"
+    rng = np.random.default_rng(3)
+    texts = ["short text"] * 20 + [" ".join(rng.choice(WORDS, size=size)) for size in (30, 300)]
+    fast = pipeline.FastTokenizer(model.tokenizer, 16)
+    assert fast.cut_characters is None
+    assert fast(texts) == pipeline._module_ids(model, texts)
+    got = pipeline.encode_texts(model, texts, show_progress_bar=False)
+    np.testing.assert_allclose(got, model.encode(texts), atol=2e-6, rtol=0)
+
+
+def test_the_check_finds_a_backend_that_truncates_on_the_other_side(models, monkeypatch):
+    """The checked texts are all short; the check's own long text still shows the side."""
+    model = copy.deepcopy(models[0])
+    model.tokenizer.truncation_side = "left"
+    real_init = pipeline.FastTokenizer.__init__
+
+    def right_side(self, tokenizer, max_length):
+        real_init(self, tokenizer, max_length)
+        self.backend.enable_truncation(max_length, direction="right")
+        self.ascii_backend = None
+
+    monkeypatch.setattr(pipeline.FastTokenizer, "__init__", right_side)
+    assert not isinstance(pipeline.select_tokenizer(model, ["short text"] * 20), pipeline.FastTokenizer)
+
+
 def test_a_tokenizer_that_reads_across_spaces_is_not_cut_nor_given_the_ascii_normaliser():
     from tokenizers import Tokenizer, models as token_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -99,7 +99,9 @@ def select_tokenizer(model, texts: list[str]):
         if getattr(tokenizer, "is_fast", False):
             fast = FastTokenizer(tokenizer, limit)
             sample = [text[:CHECK_CHARACTERS] for text in texts[:CHECK_TEXTS]]
-            sample.append(" ".join(["word"] * min(2 * limit, 20_000)))  # cut at the limit: truncation
+            # Past the limit, with halves that differ: truncation, and on which side.
+            words = min(limit, 10_000)
+            sample.append(" ".join(["word"] * words + ["text"] * words))
             if fast(sample) != _module_ids(model, sample):
                 logger.warning("the tokenizer's fast backend gives other ids than the model's tokenization; "
                                "encoding through the model's own (slower)")

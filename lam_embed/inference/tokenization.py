@@ -93,7 +93,8 @@ class FastTokenizer:
 
         self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_padding()
-        self.backend.enable_truncation(max_length)
+        # On the side the module's tokenizer cuts (transformers' truncation_side, "right" by default).
+        self.backend.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
         self.max_length = max_length
         self.cut_characters = max_length * self.CUT_CHARACTERS_PER_TOKEN if _reads_words_alone(self.backend) else None
         self.ascii_backend = _ascii_backend(self.backend)
