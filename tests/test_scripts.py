@@ -42,7 +42,8 @@ def test_streaming_benchmark_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [row["tokens"] for row in result["exactness"]["documents"]] == [1, 150]
-    assert all(row["max_abs_hidden"] <= 1e-5 for row in result["exactness"]["documents"])
+    # float32 rounding of pieces against one pass: within 1e-5 of the hidden states' scale.
+    assert all(row["max_abs_hidden"] <= 1e-5 * row["hidden_scale"] for row in result["exactness"]["documents"])
     assert all(row["max_abs_embedding"] <= 1e-6 for row in result["exactness"]["documents"])
     assert result["lengths"][0]["tokens"] >= 300 and result["lengths"][0]["peak_rss_mib"] > 0
     append = result["append"]

@@ -4,6 +4,7 @@ its examples, its loss against a computation of its own, a CPU smoke run that re
 import copy
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -468,11 +469,15 @@ def test_mini_batches_give_the_step_of_the_whole_batch(tmp_path, tiny_model):
         assert mini["ranking_loss"] == pytest.approx(whole["ranking_loss"], rel=1e-4)
     start = load_file(Path(model_dir) / "model.safetensors")
     trained = {run: load_file(tmp_path / run / "sentence-transformer" / "model.safetensors") for run in runs}
-    moved = max((trained["whole"][name] - tensor).abs().max().item() for name, tensor in start.items())
-    apart = max((trained["mini"][name] - tensor).abs().max().item() for name, tensor in trained["whole"].items())
-    # Adam turns the rounding differences of near-zero gradients into steps of up to lr, so the
-    # two runs agree to a few percent of what they moved, not to float precision.
-    assert moved > 1e-3 and apart < 0.05 * moved, (moved, apart)
+
+    def distance(first: dict, second: dict) -> float:
+        return math.sqrt(sum(((first[name] - tensor).double() ** 2).sum().item() for name, tensor in second.items()))
+
+    moved, apart = distance(trained["whole"], start), distance(trained["mini"], trained["whole"])
+    # Adam turns the rounding differences of near-zero gradients into steps of up to lr, so single
+    # weights can differ by a tenth of what they moved; over all weights the two runs agree to
+    # about 1e-4 of the distance they moved (a step of other gradients is of its order).
+    assert moved > 1e-2 and apart < 1e-3 * moved, (moved, apart)
 
 
 def test_short_text_tail_follows_the_stage_without_its_ranking_term(tmp_path, tiny_model):
