@@ -92,11 +92,37 @@ def test_a_model_with_long_input_layers_matches_encode(models, monkeypatch):
 
 
 def test_blocks_are_bounded_in_texts_and_characters():
-    texts = ["x" * n for n in (25, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0)]
-    blocks = list(pipeline._block_positions(texts, np.arange(len(texts)), block_texts=4, block_characters=10))
+    characters = np.array([25, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 0])
+    blocks = list(pipeline._block_positions(characters, np.arange(len(characters)), block_texts=4, block_characters=10))
     # The 25-character text alone (over the limit, a block of its own), then blocks of at
     # most 10 characters and 4 texts.
     assert [b.tolist() for b in blocks] == [[0], [1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_blocks_equal_a_greedy_walk_over_the_texts():
+    """The blocks found from the running sum are those of adding texts one at a time while both
+    limits hold (any order, empty texts, texts over the character limit)."""
+
+    def greedy(characters, order, block_texts, block_characters):
+        blocks, start = [], 0
+        while start < len(order):
+            end, total = start + 1, characters[order[start]]
+            while (end < len(order) and end - start < block_texts
+                   and total + characters[order[end]] <= block_characters):
+                total += characters[order[end]]
+                end += 1
+            blocks.append(order[start:end].tolist())
+            start = end
+        return blocks
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        characters = rng.integers(0, 60, size=int(rng.integers(0, 40)))
+        characters[rng.random(len(characters)) < 0.2] = 0
+        order = rng.permutation(len(characters))
+        block_texts, block_characters = int(rng.integers(1, 8)), int(rng.integers(1, 150))
+        got = [b.tolist() for b in pipeline._block_positions(characters, order, block_texts, block_characters)]
+        assert got == greedy(characters, order, block_texts, block_characters)
 
 
 def test_tokenized_blocks_come_in_order_whichever_thread_ends_first():
@@ -359,8 +385,8 @@ def test_serial_tokenizer_as_the_tokenizers_library_reads_the_variable(value, mo
 def test_the_default_blocks_follow_the_tokenizers_parallelism(models, monkeypatch, value, defaults):
     seen = {}
     positions, blocks = pipeline._block_positions, pipeline._tokenized_blocks
-    monkeypatch.setattr(pipeline, "_block_positions", lambda texts, order, block_texts, block_characters: (
-        seen.setdefault("characters", block_characters), positions(texts, order, block_texts, block_characters))[1])
+    monkeypatch.setattr(pipeline, "_block_positions", lambda characters, order, block_texts, block_characters: (
+        seen.setdefault("characters", block_characters), positions(characters, order, block_texts, block_characters))[1])
     monkeypatch.setattr(pipeline, "_tokenized_blocks", lambda texts, block_list, tokenize, threads: (
         seen.setdefault("threads", threads), blocks(texts, block_list, tokenize, threads))[1])
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)

@@ -125,17 +125,17 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size:
     return batches
 
 
-def _block_positions(texts: list[str], order: np.ndarray, block_texts: int,
+def _block_positions(characters: np.ndarray, order: np.ndarray, block_texts: int,
                      block_characters: int) -> Iterator[np.ndarray]:
-    """Positions (into ``texts``) of consecutive blocks of ``order``: at most ``block_texts``
-    texts and ``block_characters`` characters each, and at least one text."""
+    """Positions (into ``characters``, the texts' lengths) of consecutive blocks of ``order``:
+    at most ``block_texts`` texts and ``block_characters`` characters each, and at least one
+    text. Found from the running sum of the lengths, without a Python step per text."""
+    ends = np.cumsum(characters[order])
     start = 0
     while start < len(order):
-        end, characters = start + 1, len(texts[order[start]])
-        while (end < len(order) and end - start < block_texts
-               and characters + len(texts[order[end]]) <= block_characters):
-            characters += len(texts[order[end]])
-            end += 1
+        before = int(ends[start - 1]) if start else 0
+        end = int(np.searchsorted(ends, before + block_characters, side="right"))
+        end = max(start + 1, min(end, start + block_texts))
         yield order[start:end]
         start = end
 
@@ -277,7 +277,8 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
         tokenizer_threads = 1
     template = module_features(model, texts[:1])
     # By characters first, as encode orders them: a block then holds texts of similar length.
-    order = np.argsort([-len(t) for t in texts], kind="stable")
+    characters = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    order = np.argsort(-characters, kind="stable")
     if show_progress_bar is None:
         show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
     progress = tqdm(total=len(texts), desc="encode", unit="text", disable=not show_progress_bar)
@@ -285,7 +286,7 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     model.eval()
     try:
         with torch.inference_mode():
-            blocks = _tokenized_blocks(texts, _block_positions(texts, order, block_texts, block_characters),
+            blocks = _tokenized_blocks(texts, _block_positions(characters, order, block_texts, block_characters),
                                        tokenize, tokenizer_threads)
             for positions, ids, batch in _batches_across_blocks(blocks, batch_tokens, max_batch_size):
                 embeddings = model(batch_features(template, ids, batch, device))["sentence_embedding"]
