@@ -476,7 +476,7 @@ def test_mini_batches_give_the_step_of_the_whole_batch(tmp_path, tiny_model):
     moved, apart = distance(trained["whole"], start), distance(trained["mini"], trained["whole"])
     # Adam turns the rounding differences of near-zero gradients into steps of up to lr, so single
     # weights can differ by a tenth of what they moved; over all weights the two runs agree to
-    # about 1e-4 of the distance they moved (a step of other gradients is of its order).
+    # about 1e-4 of the distance they moved, where a step from other gradients is of its order.
     assert moved > 1e-2 and apart < 1e-3 * moved, (moved, apart)
 
 
