@@ -384,11 +384,19 @@ def test_serial_tokenizer_as_the_tokenizers_library_reads_the_variable(value, mo
                                              ("true", pipeline.PARALLEL_TOKENIZER_BLOCKS)])
 def test_the_default_blocks_follow_the_tokenizers_parallelism(models, monkeypatch, value, defaults):
     seen = {}
-    positions, blocks = pipeline._block_positions, pipeline._tokenized_blocks
-    monkeypatch.setattr(pipeline, "_block_positions", lambda characters, order, block_texts, block_characters: (
-        seen.setdefault("characters", block_characters), positions(characters, order, block_texts, block_characters))[1])
-    monkeypatch.setattr(pipeline, "_tokenized_blocks", lambda texts, block_list, tokenize, threads: (
-        seen.setdefault("threads", threads), blocks(texts, block_list, tokenize, threads))[1])
+
+    def spy(name: str, key: str, argument: int) -> None:
+        """Record the first value of ``name``'s positional argument ``argument`` under ``key``."""
+        real = getattr(pipeline, name)
+
+        def recorded(*args):
+            seen.setdefault(key, args[argument])
+            return real(*args)
+
+        monkeypatch.setattr(pipeline, name, recorded)
+
+    spy("_block_positions", "characters", 3)
+    spy("_tokenized_blocks", "threads", 3)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
     texts = mixed_texts(40, seed=2)
     got = pipeline.encode_texts(models[0], texts, show_progress_bar=False)
