@@ -130,7 +130,7 @@ def test_tokenized_blocks_come_in_order_whichever_thread_ends_first():
 
     def tokenize(batch):  # the earlier blocks take longer
         time.sleep(0.002 * (40 - int(batch[0].split()[1])) / 4)
-        return [[int(t.split()[1])] for t in batch]
+        return TokenIds.from_lists([[int(t.split()[1])] for t in batch])
 
     blocks = (np.arange(start, start + 4) for start in range(0, 40, 4))
     got = list(pipeline._tokenized_blocks(texts, blocks, tokenize, threads=4))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .tokenization import FastTokenizer, TokenIds, first_module, tokenizer_runs_serially
+from .tokenizer_processes import TokenizerProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,22 @@ def select_tokenizer(model, texts: list[str]):
     return chosen[2] if chosen[2] is not None else (lambda batch: _module_ids(model, batch))
 
 
+# The worker processes of each fast tokenizer, started at its first call with processes and
+# kept for the next calls (closed when the tokenizer is collected or another count is asked for).
+_tokenizer_processes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_processes_of(tokenizer: FastTokenizer, processes: int) -> TokenizerProcesses:
+    """``processes`` worker processes running ``tokenizer``, the cores shared among them."""
+    running = _tokenizer_processes.get(tokenizer)
+    if running is None or running.processes != processes:
+        if running is not None:
+            running.close()
+        rayon_threads = max(1, (os.cpu_count() or 1) // processes)
+        running = _tokenizer_processes[tokenizer] = TokenizerProcesses(tokenizer, processes, rayon_threads)
+    return running
+
+
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int,
                          round_to: int = 16) -> list[np.ndarray]:
     """Positions (into ``lengths``) of each batch: by length, longest first; a batch whose
@@ -142,7 +160,7 @@ def _block_positions(characters: np.ndarray, order: np.ndarray, block_texts: int
 
 def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], tokenize,
                       threads: int) -> Iterator[tuple[np.ndarray, TokenIds]]:
-    """(positions, ids) of each block, in order, tokenized by ``threads`` background threads
+    """(positions, ids) of each block, in order, tokenized (``tokenize``: texts -> TokenIds) by ``threads`` background threads
     at most ``threads + PREFETCH_BLOCKS`` blocks ahead; an exception in a thread is raised
     here. Several threads help although the backend runs each call on all cores: a call
     holds the interpreter lock while it reads its texts and builds its id lists, and another
@@ -152,7 +170,7 @@ def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], tokenize,
 
         def submit(positions: np.ndarray) -> None:
             block = [texts[i] for i in positions]
-            pending.append((positions, pool.submit(lambda: TokenIds.from_lists(tokenize(block)))))
+            pending.append((positions, pool.submit(tokenize, block)))
 
         for positions in itertools.islice(blocks, threads + PREFETCH_BLOCKS):
             submit(positions)
@@ -240,7 +258,7 @@ SERIAL_TOKENIZER_BLOCKS = (8, 250_000)
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
                  show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int | None = None,
-                 tokenizer_threads: int | None = None):
+                 tokenizer_threads: int | None = None, tokenizer_processes: bool | None = None):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -254,7 +272,12 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     sooner, large ones keep the tokenizer's cores busy. ``tokenizer_threads``: blocks
     tokenized at once (one when the module's own tokenization stands in for the fast backend).
     The two default to PARALLEL_TOKENIZER_BLOCKS, or to SERIAL_TOKENIZER_BLOCKS where
-    TOKENIZERS_PARALLELISM has the tokenizer run each call on one core."""
+    TOKENIZERS_PARALLELISM has the tokenizer run each call on one core.
+    ``tokenizer_processes``: each of the ``tokenizer_threads`` hands its blocks to a worker
+    process of its own (``tokenizer_processes.py``), the cores shared among them, so that the
+    tokenizer's Python work does not hold up the main thread's; the workers start at the
+    first such call and serve the model's later calls. Default: on CUDA devices, where the
+    main thread launching the model's work is what the host must not delay."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
@@ -271,10 +294,17 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     out = torch.empty(len(texts), dimension, dtype=torch.float32, device=device)
     if not texts:
         return out.cpu().numpy() if convert_to_numpy else out
-    tokenize = select_tokenizer(model, texts)
-    if not isinstance(tokenize, FastTokenizer):
+    chosen = select_tokenizer(model, texts)
+    if not isinstance(chosen, FastTokenizer):
         # The module's own tokenizer sets its padding and truncation on each call: one at a time.
         tokenizer_threads = 1
+
+        def tokenize(block: list[str]) -> TokenIds:
+            return TokenIds.from_lists(chosen(block))
+    elif tokenizer_processes if tokenizer_processes is not None else device.type == "cuda":
+        tokenize = tokenizer_processes_of(chosen, tokenizer_threads).token_ids
+    else:
+        tokenize = chosen.token_ids
     template = module_features(model, texts[:1])
     # By characters first, as encode orders them: a block then holds texts of similar length.
     characters = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))

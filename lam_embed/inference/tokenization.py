@@ -99,6 +99,25 @@ class FastTokenizer:
         self.cut_characters = max_length * self.CUT_CHARACTERS_PER_TOKEN if _reads_words_alone(self.backend) else None
         self.ascii_backend = _ascii_backend(self.backend)
 
+    def state(self) -> tuple:
+        """What ``from_state`` rebuilds this tokenizer from (in another process)."""
+        ascii_json = None if self.ascii_backend is None else self.ascii_backend.to_str()
+        return self.backend.to_str(), ascii_json, self.max_length, self.cut_characters
+
+    @classmethod
+    def from_state(cls, state: tuple) -> FastTokenizer:
+        from tokenizers import Tokenizer
+
+        backend_json, ascii_json, max_length, cut_characters = state
+        tokenizer = cls.__new__(cls)
+        tokenizer.backend = Tokenizer.from_str(backend_json)
+        tokenizer.ascii_backend = None if ascii_json is None else Tokenizer.from_str(ascii_json)
+        tokenizer.max_length, tokenizer.cut_characters = max_length, cut_characters
+        return tokenizer
+
+    def token_ids(self, texts: list[str]) -> TokenIds:
+        return TokenIds.from_lists(self(texts))
+
     def __call__(self, texts: list[str]) -> list[list[int]]:
         n = self.cut_characters
         cut = texts if n is None else [_cut_at_space(text, n) for text in texts]
