@@ -43,8 +43,9 @@ class TokenizerWorker:
         self.ready = False
 
     def is_ready(self) -> bool:
-        """Whether the worker has built its tokenizer (its first message has come), without waiting."""
-        if not self.ready and select.select([self.process.stdout], [], [], 0)[0]:
+        """Whether the worker has built its tokenizer (its first message has come), without
+        waiting where pipes can be polled (POSIX; elsewhere it waits for the message)."""
+        if not self.ready and (os.name != "posix" or select.select([self.process.stdout], [], [], 0)[0]):
             self.ready = self._reply() == READY
         return self.ready
 
