@@ -80,7 +80,8 @@ def method_call(method: str, model, texts: list[str], args):
 
     if method == "lam encode_texts":
         return lambda: encode_texts(model, texts, batch_tokens=args.batch_tokens, show_progress_bar=False,
-                                    tokenizer_threads=args.tokenizer_threads)
+                                    tokenizer_threads=args.tokenizer_threads,
+                                    tokenizer_processes=args.tokenizer_processes)
     if method.startswith("lam encode") or method.startswith("minilm encode"):
         batch = int(method.rsplit("@", 1)[1])
         return lambda: model.encode(texts, batch_size=batch, show_progress_bar=False)
@@ -112,6 +113,8 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
                "--document-tokens", str(args.document_tokens)]
     if args.tokenizer_threads is not None:
         command += ["--tokenizer-threads", str(args.tokenizer_threads)]
+    if args.tokenizer_processes:
+        command.append("--tokenizer-processes")
     # PYTHONSAFEPATH (python -P): the working directory stays off sys.path, so that a source
     # checkout's lam_embed/ (it holds no evaluation/ package) does not shadow the installed one.
     done = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -284,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padded tokens a batch of encode_texts and of chunk-mean (default: encode_texts' default on the device)")
     p.add_argument("--tokenizer-threads", type=int, default=None,
                    help="blocks encode_texts tokenizes at once (default: encode_texts' default)")
+    p.add_argument("--tokenizer-processes", action="store_true",
+                   help="encode_texts tokenizes in worker processes, one a tokenizer thread")
     p.add_argument("--repeats", type=int, default=2, help="timed warm calls (the fastest is kept)")
     p.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the first call of LAM's encode_texts and of MiniLM (its largest batch, chunk-mean) in a fresh process each")

@@ -59,7 +59,7 @@ def test_every_row_and_ratio(setup, tmp_path):
 def test_first_call_in_a_fresh_process(setup):
     folder, teacher = setup
     # The child is given the parent's options, the tokenizer's threads among them.
-    args = encode_pipeline.parse_args(args_for(folder, teacher, "--tokenizer-threads", "2"))
+    args = encode_pipeline.parse_args(args_for(folder, teacher, "--tokenizer-threads", "2", "--tokenizer-processes"))
     seconds = encode_pipeline.first_call(args, "sentences", "lam encode_texts", str(folder / "lam"), 512)
     assert 0 < seconds < 60
 

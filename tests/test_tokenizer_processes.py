@@ -91,7 +91,7 @@ def test_the_workers_serve_later_calls_and_a_new_count_replaces_them(models, mon
     second.close()
 
 
-def test_by_default_the_workers_run_only_for_cuda_models(models, monkeypatch):  # noqa: F811
+def test_by_default_no_workers_run(models, monkeypatch):  # noqa: F811
     started = []
     real = pipeline.tokenizer_processes_of
     monkeypatch.setattr(pipeline, "tokenizer_processes_of", lambda *args: started.append(args) or real(*args))

@@ -14,10 +14,10 @@ on the host for most of the run. ``encode_texts``:
   overlap their tokenization with the model's work; the ids of a few texts are checked
   against the module's own tokenization at a model's first call (and again when its
   tokenizer or length limit changes), and any difference sends its calls through the
-  module's own; on a CUDA device each thread hands its blocks to a worker process
-  (``tokenizer_processes.py``), where the tokenizer's own Python work (its output turned
-  into lists, the lists into an array) does not hold the interpreter lock that the main
-  thread needs to launch the model's work;
+  module's own; with ``tokenizer_processes`` each thread hands its blocks to a worker
+  process (``tokenizer_processes.py``), where the tokenizer's own Python work (its output
+  turned into lists, the lists into an array) does not hold the interpreter lock that the
+  main thread needs to launch the model's work;
 - orders texts by length and forms batches by a token budget: a batch of texts of padded
   length ``n`` holds ``batch_tokens // n`` of them, so short texts come many to a batch and
   long ones few, padding stays small, and each length bucket has one batch size (for LAM,
@@ -261,7 +261,7 @@ SERIAL_TOKENIZER_BLOCKS = (8, 250_000)
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
                  show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int | None = None,
-                 tokenizer_threads: int | None = None, tokenizer_processes: bool | None = None):
+                 tokenizer_threads: int | None = None, tokenizer_processes: bool = False):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -279,9 +279,8 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     ``tokenizer_processes``: each of the ``tokenizer_threads`` hands its blocks to a worker
     process of its own (``tokenizer_processes.py``), the cores shared among them, so that the
     tokenizer's Python work does not hold up the main thread's; the workers start at the
-    first such call and serve the model's later calls. Default: on CUDA devices (of POSIX
-    systems), where the main thread launching the model's work is what the host must not
-    delay."""
+    first such call and serve the model's later calls. Off by default: its gain on a GPU
+    host is not yet measured (docs/performance.md)."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
@@ -305,7 +304,7 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
 
         def tokenize(block: list[str]) -> TokenIds:
             return TokenIds.from_lists(chosen(block))
-    elif tokenizer_processes if tokenizer_processes is not None else (device.type == "cuda" and os.name == "posix"):
+    elif tokenizer_processes:
         tokenize = tokenizer_processes_of(chosen, tokenizer_threads).token_ids
     else:
         tokenize = chosen.token_ids
