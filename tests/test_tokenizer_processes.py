@@ -123,3 +123,23 @@ def test_the_workers_end_when_their_owner_is_collected(models):  # noqa: F811
     gc.collect()
     assert all(process.poll() == 0 for process in workers)
 
+
+
+def test_the_caller_does_not_wait_for_a_worker_to_read_its_state(models, tmp_path, monkeypatch):  # noqa: F811
+    """The state (a megabyte, more than a pipe holds) goes from a thread: a worker that has not
+    started reading does not hold up the constructor."""
+    from types import SimpleNamespace
+
+    from lam_embed.inference import tokenizer_processes
+
+    asleep = tmp_path / "asleep.py"
+    asleep.write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setattr(tokenizer_processes, "tokenizer_worker", SimpleNamespace(__file__=str(asleep)))
+    processes = TokenizerProcesses(pipeline.FastTokenizer(models[0].tokenizer, 64), 2)
+    try:
+        assert all(worker.sending.is_alive() and not worker.is_ready() for worker in processes.workers)
+    finally:
+        for worker in processes.workers:
+            worker.process.kill()
+        processes.close()
+    assert not any(worker.sending.is_alive() for worker in processes.workers)

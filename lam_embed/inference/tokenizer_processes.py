@@ -17,6 +17,7 @@ import queue
 import select
 import subprocess
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -39,8 +40,19 @@ class TokenizerWorker:
             env["RAYON_NUM_THREADS"] = str(rayon_threads)  # the tokenizers library's thread pool
         self.process = subprocess.Popen([sys.executable, tokenizer_worker.__file__], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env)
-        write_message(self.process.stdin, state)
+        # The tokenizer's state (about a megabyte) fills the pipe, and the worker reads it only
+        # once its imports are done: written in the caller's thread, four workers' starts came
+        # one after the other, 1.4 s of a first call on a GPU host (docs/performance.md).
+        self.sending = threading.Thread(target=self._send_state, args=(state,), name="lam-tokenizer-start",
+                                        daemon=True)
+        self.sending.start()
         self.ready = False
+
+    def _send_state(self, state: tuple) -> None:
+        try:
+            write_message(self.process.stdin, state)
+        except (OSError, ValueError):
+            pass  # the worker has ended or was closed: its first read says so
 
     def is_ready(self) -> bool:
         """Whether the worker has built its tokenizer (its first message has come), without
@@ -68,6 +80,7 @@ class TokenizerWorker:
         return TokenIds(np.frombuffer(flat, dtype=np.int64), np.frombuffer(lengths, dtype=np.int64))
 
     def close(self) -> None:
+        self.sending.join(CLOSE_TIMEOUT_S)
         try:
             self.process.stdin.close()
             self.process.wait(CLOSE_TIMEOUT_S)
