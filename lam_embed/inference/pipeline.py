@@ -163,11 +163,11 @@ def _block_positions(characters: np.ndarray, order: np.ndarray, block_texts: int
 
 def _tokenized_blocks(texts: list[str], blocks: Iterator[np.ndarray], tokenize,
                       threads: int) -> Iterator[tuple[np.ndarray, TokenIds]]:
-    """(positions, ids) of each block, in order, tokenized (``tokenize``: texts -> TokenIds) by ``threads`` background threads
-    at most ``threads + PREFETCH_BLOCKS`` blocks ahead; an exception in a thread is raised
-    here. Several threads help although the backend runs each call on all cores: a call
-    holds the interpreter lock while it reads its texts and builds its id lists, and another
-    call's backend work goes on meanwhile."""
+    """(positions, ids) of each block, in order, tokenized (``tokenize``: texts -> TokenIds)
+    by ``threads`` background threads at most ``threads + PREFETCH_BLOCKS`` blocks ahead; an
+    exception in a thread is raised here. Several threads help although the backend runs
+    each call on all cores: a call holds the interpreter lock while it reads its texts and
+    builds its id lists, and another call's backend work goes on meanwhile."""
     with ThreadPoolExecutor(threads, thread_name_prefix="lam-tokenize") as pool:
         pending: deque = deque()
 
@@ -289,6 +289,8 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
                                            else PARALLEL_TOKENIZER_BLOCKS)
     tokenizer_threads = default_threads if tokenizer_threads is None else tokenizer_threads
     block_characters = default_characters if block_characters is None else block_characters
+    if not isinstance(tokenizer_processes, bool):
+        raise TypeError(f"tokenizer_processes must be True or False, got {tokenizer_processes!r}")
     texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
                              block_texts=block_texts, block_characters=block_characters,
                              tokenizer_threads=tokenizer_threads)

@@ -11,7 +11,6 @@ the ids are the same.
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import select
@@ -25,8 +24,6 @@ import numpy as np
 from . import tokenizer_worker
 from .tokenization import FastTokenizer, TokenIds
 from .tokenizer_worker import READY, read_message, write_message
-
-logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 5.0  # a worker that has not ended this long after its input closed is killed
 
