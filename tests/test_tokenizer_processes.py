@@ -72,7 +72,7 @@ def test_encode_texts_through_the_workers_matches_encode(models, monkeypatch):  
                                      tokenizer_processes=True, show_progress_bar=False)
 
     np.testing.assert_allclose(call(), want, atol=2e-6, rtol=0)  # workers starting: some blocks in this process
-    wait_until_ready(pipeline.tokenizer_processes_of(pipeline.select_tokenizer(model, texts), 3))
+    wait_until_ready(pipeline.tokenizer_processes_of(model, pipeline.select_tokenizer(model, texts), 3))
     fail_in_this_process(monkeypatch)
     np.testing.assert_allclose(call(), want, atol=2e-6, rtol=0)
 
@@ -143,3 +143,34 @@ def test_the_caller_does_not_wait_for_a_worker_to_read_its_state(models, tmp_pat
             worker.process.kill()
         processes.close()
     assert not any(worker.sending.is_alive() for worker in processes.workers)
+
+
+def test_the_workers_end_when_the_model_is_collected(models, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(pipeline, "_tokenizer_processes", pipeline.weakref.WeakKeyDictionary())
+    model = copy.deepcopy(models[0])
+    pipeline.encode_texts(model, mixed_texts(40), tokenizer_processes=True, tokenizer_threads=2,
+                          show_progress_bar=False)
+    (running,) = pipeline._tokenizer_processes.values()
+    workers = [worker.process for worker in running.workers]
+    del model, running
+    gc.collect()
+    assert all(process.poll() is not None for process in workers)
+
+
+def test_a_new_length_limit_gets_workers_of_its_own(models, monkeypatch):  # noqa: F811
+    model = copy.deepcopy(models[0])
+    texts = mixed_texts(40, seed=5)
+
+    def call():
+        return pipeline.encode_texts(model, texts, tokenizer_processes=True, tokenizer_threads=2,
+                                     show_progress_bar=False)
+
+    call()
+    first = pipeline.tokenizer_processes_of(model, pipeline.select_tokenizer(model, texts), 2)
+    model.max_seq_length = 16
+    call()
+    second = pipeline.tokenizer_processes_of(model, pipeline.select_tokenizer(model, texts), 2)
+    assert second is not first and second.tokenizer.max_length == 16
+    wait_until_ready(second)
+    fail_in_this_process(monkeypatch)
+    np.testing.assert_allclose(call(), model.encode(texts, batch_size=8), atol=2e-6, rtol=0)

@@ -115,19 +115,22 @@ def select_tokenizer(model, texts: list[str]):
     return chosen[2] if chosen[2] is not None else (lambda batch: _module_ids(model, batch))
 
 
-# The worker processes of each fast tokenizer, started at its first call with processes and
-# kept for the next calls (closed when the tokenizer is collected or another count is asked for).
+# The worker processes of each first module's fast tokenizer, started at its first call with
+# processes and kept for the next calls; replaced when the tokenizer or the count changes, closed
+# when the module is collected (the value holds the tokenizer, never the module).
 _tokenizer_processes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def tokenizer_processes_of(tokenizer: FastTokenizer, processes: int) -> TokenizerProcesses:
-    """``processes`` worker processes running ``tokenizer``, the cores shared among them."""
-    running = _tokenizer_processes.get(tokenizer)
-    if running is None or running.processes != processes:
+def tokenizer_processes_of(model, tokenizer: FastTokenizer, processes: int) -> TokenizerProcesses:
+    """``processes`` worker processes running ``tokenizer`` (the model's chosen one), the
+    cores shared among them."""
+    module = first_module(model)
+    running = _tokenizer_processes.get(module)
+    if running is None or running.tokenizer is not tokenizer or running.processes != processes:
         if running is not None:
             running.close()
         rayon_threads = max(1, (os.cpu_count() or 1) // processes)
-        running = _tokenizer_processes[tokenizer] = TokenizerProcesses(tokenizer, processes, rayon_threads)
+        running = _tokenizer_processes[module] = TokenizerProcesses(tokenizer, processes, rayon_threads)
     return running
 
 
@@ -307,7 +310,7 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
         def tokenize(block: list[str]) -> TokenIds:
             return TokenIds.from_lists(chosen(block))
     elif tokenizer_processes:
-        tokenize = tokenizer_processes_of(chosen, tokenizer_threads).token_ids
+        tokenize = tokenizer_processes_of(model, chosen, tokenizer_threads).token_ids
     else:
         tokenize = chosen.token_ids
     template = module_features(model, texts[:1])
