@@ -124,7 +124,6 @@ def test_the_workers_end_when_their_owner_is_collected(models):  # noqa: F811
     assert all(process.poll() == 0 for process in workers)
 
 
-
 def test_the_caller_does_not_wait_for_a_worker_to_read_its_state(models, tmp_path, monkeypatch):  # noqa: F811
     """The state (a megabyte, more than a pipe holds) goes from a thread: a worker that has not
     started reading does not hold up the constructor."""

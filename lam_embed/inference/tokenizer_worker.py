@@ -11,6 +11,7 @@ import os
 import pickle
 import struct
 import sys
+import traceback
 
 HEADER = struct.Struct("<Q")  # the byte length of the pickled message that follows
 READY = "ready"  # a worker's first message: its tokenizer is built
@@ -57,8 +58,6 @@ def main() -> None:
             ids = tokenization.TokenIds.from_lists(tokenizer(texts))
             write_message(replies, (ids.lengths.tobytes(), ids.flat.tobytes()))
         except Exception as error:  # sent back, raised in the main process
-            import traceback
-
             write_message(replies, "".join(traceback.format_exception(error)))
 
 
