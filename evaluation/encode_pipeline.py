@@ -113,8 +113,8 @@ def first_call(args, set_name: str, method: str, model_path: str, max_seq_length
                "--document-tokens", str(args.document_tokens)]
     if args.tokenizer_threads is not None:
         command += ["--tokenizer-threads", str(args.tokenizer_threads)]
-    if args.tokenizer_processes:
-        command.append("--tokenizer-processes")
+    if args.tokenizer_processes is not None:
+        command.append("--tokenizer-processes" if args.tokenizer_processes else "--no-tokenizer-processes")
     # PYTHONSAFEPATH (python -P): the working directory stays off sys.path, so that a source
     # checkout's lam_embed/ (it holds no evaluation/ package) does not shadow the installed one.
     done = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padded tokens a batch of encode_texts and of chunk-mean (default: encode_texts' default on the device)")
     p.add_argument("--tokenizer-threads", type=int, default=None,
                    help="blocks encode_texts tokenizes at once (default: encode_texts' default)")
-    p.add_argument("--tokenizer-processes", action="store_true",
-                   help="encode_texts tokenizes in worker processes, one a tokenizer thread")
+    p.add_argument("--tokenizer-processes", action=argparse.BooleanOptionalAction, default=None,
+                   help="encode_texts tokenizes in worker processes, one a tokenizer thread "
+                        "(default: encode_texts' default, on where the model runs on CUDA)")
     p.add_argument("--repeats", type=int, default=2, help="timed warm calls (the fastest is kept)")
     p.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the first call of LAM's encode_texts and of MiniLM (its largest batch, chunk-mean) in a fresh process each")

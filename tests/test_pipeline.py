@@ -340,7 +340,7 @@ def test_bad_arguments_are_named(models):
         pipeline.encode_texts(model, ["a", 3])
     with pytest.raises(TypeError, match="texts must be a string or a sequence"):
         pipeline.encode_texts(model, 5)
-    with pytest.raises(TypeError, match="tokenizer_processes must be True or False, got 4"):
+    with pytest.raises(TypeError, match="tokenizer_processes must be True, False or None, got 4"):
         pipeline.encode_texts(model, ["a"], tokenizer_processes=4)
     for name in ("batch_tokens", "max_batch_size", "block_texts", "block_characters", "tokenizer_threads"):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from lam_embed.inference import pipeline
 from lam_embed.inference.tokenizer_processes import TokenizerProcesses
@@ -91,12 +92,27 @@ def test_the_workers_serve_later_calls_and_a_new_count_replaces_them(models, mon
     second.close()
 
 
-def test_by_default_no_workers_run(models, monkeypatch):  # noqa: F811
+def workers_started(model, monkeypatch, **options) -> list:
     started = []
     real = pipeline.tokenizer_processes_of
     monkeypatch.setattr(pipeline, "tokenizer_processes_of", lambda *args: started.append(args) or real(*args))
-    pipeline.encode_texts(models[0], mixed_texts(40), show_progress_bar=False)
-    assert started == []
+    pipeline.encode_texts(model, mixed_texts(40), show_progress_bar=False, **options)
+    return started
+
+
+def test_by_default_no_workers_run_on_a_cpu(models, monkeypatch):  # noqa: F811
+    assert workers_started(models[0], monkeypatch) == []
+    assert workers_started(models[0], monkeypatch, tokenizer_processes=None) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_by_default_workers_run_on_cuda(models, monkeypatch):  # noqa: F811
+    model = models[0].to("cuda")
+    try:
+        assert len(workers_started(model, monkeypatch)) == 1
+        assert workers_started(model, monkeypatch, tokenizer_processes=False) == []
+    finally:
+        model.to("cpu")
 
 
 def test_an_error_in_a_worker_reaches_the_caller(models):  # noqa: F811

@@ -264,7 +264,7 @@ SERIAL_TOKENIZER_BLOCKS = (8, 250_000)
 def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = None, max_batch_size: int = 1024,
                  normalize_embeddings: bool = False, convert_to_numpy: bool = True,
                  show_progress_bar: bool | None = None, block_texts: int = 4096, block_characters: int | None = None,
-                 tokenizer_threads: int | None = None, tokenizer_processes: bool = False):
+                 tokenizer_threads: int | None = None, tokenizer_processes: bool | None = None):
     """Embed ``texts`` with the SentenceTransformer ``model``: the same embeddings, in the same
     order, as ``model.encode(texts)``, as a float32 array (a tensor on the model's device with
     ``convert_to_numpy=False``; one row for a single string).
@@ -282,8 +282,9 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
     ``tokenizer_processes``: each of the ``tokenizer_threads`` hands its blocks to a worker
     process of its own (``tokenizer_processes.py``), the cores shared among them, so that the
     tokenizer's Python work does not hold up the main thread's; the workers start at the
-    first such call and serve the model's later calls. Off by default: its gain on a GPU
-    host is not yet measured (docs/performance.md)."""
+    first such call and serve the model's later calls. Default (None): on where the model
+    runs on CUDA, whose forward waits on the host's tokenization; off on a CPU, where the
+    model's own arithmetic needs the cores (docs/performance.md)."""
     single = isinstance(texts, str)
     device = model.device
     if batch_tokens is None:
@@ -292,8 +293,10 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
                                            else PARALLEL_TOKENIZER_BLOCKS)
     tokenizer_threads = default_threads if tokenizer_threads is None else tokenizer_threads
     block_characters = default_characters if block_characters is None else block_characters
-    if not isinstance(tokenizer_processes, bool):
-        raise TypeError(f"tokenizer_processes must be True or False, got {tokenizer_processes!r}")
+    if tokenizer_processes is not None and not isinstance(tokenizer_processes, bool):
+        raise TypeError(f"tokenizer_processes must be True, False or None, got {tokenizer_processes!r}")
+    if tokenizer_processes is None:
+        tokenizer_processes = device.type == "cuda"
     texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
                              block_texts=block_texts, block_characters=block_characters,
                              tokenizer_threads=tokenizer_threads)
