@@ -293,10 +293,10 @@ def encode_texts(model, texts: str | Sequence[str], batch_tokens: int | None = N
                                            else PARALLEL_TOKENIZER_BLOCKS)
     tokenizer_threads = default_threads if tokenizer_threads is None else tokenizer_threads
     block_characters = default_characters if block_characters is None else block_characters
-    if tokenizer_processes is not None and not isinstance(tokenizer_processes, bool):
-        raise TypeError(f"tokenizer_processes must be True, False or None, got {tokenizer_processes!r}")
     if tokenizer_processes is None:
         tokenizer_processes = device.type == "cuda"
+    elif not isinstance(tokenizer_processes, bool):
+        raise TypeError(f"tokenizer_processes must be True, False or None, got {tokenizer_processes!r}")
     texts = _check_arguments(texts, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
                              block_texts=block_texts, block_characters=block_characters,
                              tokenizer_threads=tokenizer_threads)
