@@ -38,8 +38,9 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
     training = "; ".join(f"`{c}`" for c in command) if isinstance(command, list) else f"`{command}`"
     minutes = manifest.get("train_minutes")
     cap = manifest.get("token_repeat_cap")
-    pooling_text = (f", in which no token id weighs more than {cap} occurrences (`token_repeat_cap` in the config: a "
-                    "long document's frequent tokens would otherwise drown a line that occurs once)" if cap else "")
+    pooling_text = (f", in which no token id weighs more than {cap} occurrence{'s' if cap != 1 else ''} "
+                    "(`token_repeat_cap` in the config: a long document's frequent tokens would otherwise "
+                    "drown a line that occurs once)" if cap else "")
     temperature = manifest.get("outlier_pooling_temperature")
     if temperature:
         pooling_text += (f"; in inputs of more than {manifest.get('outlier_pooling_min_tokens', 512)} tokens each "

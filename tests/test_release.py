@@ -287,6 +287,8 @@ def test_assembled_folder_has_a_model_card_with_figures_and_loading_lines(assemb
     assert "sentence_transformers_model_id" not in card  # not the generic template
     assert (f"Inputs of more than {manifest['long_input_min_tokens']} tokens are read by a second set of layers"
             in card)
+    assert manifest["token_repeat_cap"] == 1 and "no token id weighs more than 1 occurrence (" in card
+    assert f"exp(-{manifest['outlier_pooling_temperature']:g} cos(token, mean))" in card
 
 
 def test_set_release_pooling_changes_the_config_and_manifest_only(tmp_path):
