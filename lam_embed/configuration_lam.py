@@ -61,6 +61,14 @@ class LAMConfig(PretrainedConfig):
             weighted).
         outlier_pooling_min_tokens: the length above which ``outlier_pooling_temperature``
             applies (in full from 4 times this on).
+        pooling_gate_min_tokens: None (off) or a token count: the model has a learned
+            ``pooling_gate`` (a linear map of a last hidden row to one logit g, saved with the
+            weights, zero when added so that nothing changes until it is trained), and in
+            samples of more valid tokens than this each row's pooling weight (after the cap,
+            the token weights and the outlier factor) is also multiplied by exp(s * g(row)),
+            s faded in as for the token weights (in full from 4 times this on). Training
+            decides which rows of a long document weigh, where the outlier factor is a fixed
+            guess. Shorter samples are unchanged.
         long_input_min_tokens: None (one set of layers) or a token count: samples of more
             valid tokens than this are read by a second set of layers, ``long_input_layers``
             (of the same shape, saved with the weights), the others by ``layers``. The long-
@@ -137,6 +145,7 @@ class LAMConfig(PretrainedConfig):
         token_weights_min_tokens: int | None = None,
         outlier_pooling_temperature: float | None = None,
         outlier_pooling_min_tokens: int = 512,
+        pooling_gate_min_tokens: int | None = None,
         long_input_min_tokens: int | None = None,
         chunk_size: int = 128,
         conv_size: int = 4,
@@ -171,6 +180,7 @@ class LAMConfig(PretrainedConfig):
         self.token_weights_min_tokens = token_weights_min_tokens
         self.outlier_pooling_temperature = outlier_pooling_temperature
         self.outlier_pooling_min_tokens = outlier_pooling_min_tokens
+        self.pooling_gate_min_tokens = pooling_gate_min_tokens
         self.long_input_min_tokens = long_input_min_tokens
         self.chunk_size = chunk_size
         self.conv_size = conv_size
@@ -241,8 +251,9 @@ class LAMConfig(PretrainedConfig):
         least = self.outlier_pooling_min_tokens
         if isinstance(least, bool) or not isinstance(least, int) or least < 0:
             raise ValueError(f"LAMConfig.outlier_pooling_min_tokens must be an integer >= 0, got {least!r}")
-        least = self.long_input_min_tokens
-        if least is not None and (isinstance(least, bool) or not isinstance(least, int) or least < 0):
-            raise ValueError(f"LAMConfig.long_input_min_tokens must be None or an integer >= 0, got {least!r}")
+        for name in ("long_input_min_tokens", "pooling_gate_min_tokens"):
+            least = getattr(self, name)
+            if least is not None and (isinstance(least, bool) or not isinstance(least, int) or least < 0):
+                raise ValueError(f"LAMConfig.{name} must be None or an integer >= 0, got {least!r}")
         if self.delta_impl not in BACKEND_NAMES:
             raise ValueError(f"LAMConfig.delta_impl must be one of {BACKEND_NAMES}, got {self.delta_impl!r}")

@@ -46,6 +46,11 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
         pooling_text += (f"; in inputs of more than {manifest.get('outlier_pooling_min_tokens', 512)} tokens each "
                          f"token also weighs exp(-{temperature:g} cos(token, mean)) (`outlier_pooling_temperature`: "
                          "the line that sets a long document apart weighs more than the thousands that agree with its mean)")
+    gate_min_tokens = manifest.get("pooling_gate_min_tokens")
+    if gate_min_tokens is not None:
+        pooling_text += (f"; in inputs of more than {gate_min_tokens} tokens each token also weighs exp(g), g a learned "
+                         "logit of its last hidden state (`pooling_gate_min_tokens`), trained with the long-document "
+                         "layers")
     long_figures = figures.get("long_documents")
     stage = ", then on long documents (a sentence from anywhere in a document as the query)" if long_figures else ""
     long_input_min_tokens = manifest.get("long_input_min_tokens")

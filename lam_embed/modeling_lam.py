@@ -69,7 +69,14 @@ def outlier_factors(x: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
     rows = x.float()
     mean = (weights[..., None] * rows).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-12)
     cosine = nn.functional.cosine_similarity(rows, mean[:, None, :], dim=-1)
-    logits = -temperature * ramp_share(valid.sum(1, keepdim=True), min_tokens) * cosine
+    return row_factors(-temperature * cosine, valid, min_tokens)
+
+
+def row_factors(logits: torch.Tensor, valid: torch.Tensor, min_tokens: int) -> torch.Tensor:
+    """exp(s * logits) for each row, s = ramp_share of the sample's length in ``valid`` (B, L),
+    scaled so that each sample's largest valid factor is 1 (the pooling renormalises), 0 on
+    padding."""
+    logits = ramp_share(valid.sum(1, keepdim=True), min_tokens) * logits.float()
     logits = logits.masked_fill(valid == 0, float("-inf"))
     return torch.exp(logits - logits.amax(1, keepdim=True))
 
@@ -77,14 +84,16 @@ def outlier_factors(x: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
 def weight_rows_for_pooling(x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             cap: int | None, vocab_size: int, id_weights: torch.Tensor | None = None,
                             min_tokens: int = 0, outlier_temperature: float | None = None,
-                            outlier_min_tokens: int = 0) -> torch.Tensor:
+                            outlier_min_tokens: int = 0, gate: nn.Module | None = None,
+                            gate_min_tokens: int = 0) -> torch.Tensor:
     """``x`` (B, L, D) with each valid row of a sample scaled by its pooling weight times
     valid / summed weights, so that mean pooling of the result is the weighted mean
-    (LAMConfig.token_repeat_cap, token_weights_min_tokens, outlier_pooling_temperature).
-    The weight: repeat_cap_weights of its id over the sample's valid tokens (1 without a
-    cap); times ``id_weights[id] ** ramp_share(n, min_tokens)`` for a sample of n valid
-    tokens; times outlier_factors of the rows under the weights so far. Padded rows are
-    left as they are."""
+    (LAMConfig.token_repeat_cap, token_weights_min_tokens, outlier_pooling_temperature,
+    pooling_gate_min_tokens). The weight: repeat_cap_weights of its id over the sample's
+    valid tokens (1 without a cap); times ``id_weights[id] ** ramp_share(n, min_tokens)``
+    for a sample of n valid tokens; times outlier_factors of the rows under the weights so
+    far; times row_factors of the logits of ``gate`` (an nn.Linear of a row to one logit).
+    Padded rows are left as they are."""
     valid = attention_mask.to(torch.float32)
     ids = input_ids.clamp(0, vocab_size - 1)
     weights = valid
@@ -98,6 +107,10 @@ def weight_rows_for_pooling(x: torch.Tensor, input_ids: torch.Tensor, attention_
         weights = weights * id_weights.float()[ids] ** ramp_share(valid.sum(1, keepdim=True), min_tokens)
     if outlier_temperature is not None and padded_length > outlier_min_tokens:
         weights = weights * outlier_factors(x, weights, valid, outlier_temperature, outlier_min_tokens)
+    if gate is not None and padded_length > gate_min_tokens:
+        # In float32 whatever the model's dtype, as the other factors.
+        logits = nn.functional.linear(x.float(), gate.weight.float(), gate.bias.float()).squeeze(-1)
+        weights = weights * row_factors(logits, valid, gate_min_tokens)
     weights = weights * (valid.sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1e-12))
     weights = torch.where(valid > 0, weights, torch.ones_like(weights))
     return x * weights[..., None].to(x.dtype)
@@ -272,6 +285,10 @@ class LAMPreTrainedModel(PreTrainedModel):
             init.constant_(module.fast_decay_proj.bias, math.log(config.fast_decay_init / (1 - config.fast_decay_init)))
             init.constant_(module.slow_decay_proj.bias, math.log(config.slow_decay_init / (1 - config.slow_decay_init)))
             init.ones_(module.norm_weight)
+        if module is getattr(self, "pooling_gate", None):
+            # Zero logits: a gate added to a trained model leaves its embeddings as they were.
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 class LAMModel(LAMPreTrainedModel):
@@ -284,6 +301,10 @@ class LAMModel(LAMPreTrainedModel):
         if config.long_input_min_tokens is not None:
             # The layers that read samples of more than long_input_min_tokens valid tokens.
             self.long_input_layers = nn.ModuleList(LAMLayer(config) for _ in range(config.num_hidden_layers))
+        if config.pooling_gate_min_tokens is not None:
+            # One logit a last hidden row: how much more (or less) the row weighs in the
+            # pooling of a long input (LAMConfig.pooling_gate_min_tokens).
+            self.pooling_gate = nn.Linear(config.hidden_size, 1)
         if config.token_weights_min_tokens is not None:
             # One pooling weight per token id (LAMConfig.token_weights_min_tokens), saved with the weights.
             self.register_buffer("token_weights", torch.ones(config.vocab_size))
@@ -296,11 +317,24 @@ class LAMModel(LAMPreTrainedModel):
         by default a copy of this model's layers."""
         if self.config.long_input_min_tokens is not None:
             raise ValueError("the model has long-input layers already")
+        return self._extended({"long_input_min_tokens": min_tokens}, {
+            f"long_input_layers.{k}": v for k, v in (long_input_layers or self.layers.state_dict()).items()})
+
+    def with_pooling_gate(self, min_tokens: int) -> "LAMModel":
+        """A new LAMModel with this one's weights and a pooling gate for inputs of more than
+        ``min_tokens`` valid tokens (LAMConfig.pooling_gate_min_tokens), at zero: it gives this
+        model's embeddings until it is trained."""
+        if self.config.pooling_gate_min_tokens is not None:
+            raise ValueError("the model has a pooling gate already")
+        return self._extended({"pooling_gate_min_tokens": min_tokens}, {})
+
+    def _extended(self, config_changes: dict, tensors: dict) -> "LAMModel":
+        """A new LAMModel of this config with ``config_changes``, holding this model's weights,
+        then ``tensors``; what neither gives keeps its initial value."""
         config = self.config.to_dict()
         config.pop("model_type", None)
-        model = LAMModel(LAMConfig(**{**config, "long_input_min_tokens": min_tokens}))
-        model.load_state_dict({**self.state_dict(), **{f"long_input_layers.{k}": v for k, v in
-                                                       (long_input_layers or self.layers.state_dict()).items()}})
+        model = LAMModel(LAMConfig(**{**config, **config_changes}))
+        model.load_state_dict({**model.state_dict(), **self.state_dict(), **tensors})
         weight = self.embeddings.word_embeddings.weight
         return model.to(device=weight.device, dtype=weight.dtype).train(self.training)
 
@@ -524,12 +558,7 @@ class LAMModel(LAMPreTrainedModel):
         else:
             x, hidden_states, pendings = self._routed_last_hidden_state(input_ids, attention_mask, token_type_ids,
                                                                         output_hidden_states)
-        config = self.config
-        id_weights = self.token_weights if config.token_weights_min_tokens is not None else None
-        if config.token_repeat_cap is not None or id_weights is not None or config.outlier_pooling_temperature:
-            x = weight_rows_for_pooling(x, input_ids, attention_mask, config.token_repeat_cap, config.vocab_size,
-                                        id_weights, config.token_weights_min_tokens or 0,
-                                        config.outlier_pooling_temperature, config.outlier_pooling_min_tokens)
+        x = self.weight_rows_for_pooling(x, input_ids, attention_mask)
         # The output is built before the check waits for the GPU (on CUDA the forward pass is
         # still running), and returned only after it: bad input gives the error, never a result.
         if return_dict is False:
@@ -540,6 +569,21 @@ class LAMModel(LAMPreTrainedModel):
             if pending is not None:
                 input_checks.check_values(self.config, *pending)
         return output
+
+    def weight_rows_for_pooling(self, x: torch.Tensor, input_ids: torch.Tensor,
+                                attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden rows ``x`` scaled so that mean pooling gives the weighted mean the
+        config asks for (weight_rows_for_pooling); ``x`` itself when it asks for none."""
+        config = self.config
+        id_weights = self.token_weights if config.token_weights_min_tokens is not None else None
+        gate = self.pooling_gate if config.pooling_gate_min_tokens is not None else None
+        if config.token_repeat_cap is None and id_weights is None and not config.outlier_pooling_temperature \
+                and gate is None:
+            return x
+        return weight_rows_for_pooling(x, input_ids, attention_mask, config.token_repeat_cap, config.vocab_size,
+                                       id_weights, config.token_weights_min_tokens or 0,
+                                       config.outlier_pooling_temperature, config.outlier_pooling_min_tokens,
+                                       gate, config.pooling_gate_min_tokens or 0)
 
     def _last_hidden_state(self, input_ids, attention_mask, token_type_ids, output_hidden_states,
                            long_inputs: bool = False):

@@ -5,8 +5,9 @@ LAM reads a document chunk by chunk and carries two d x d states per head and la
 (lam_embed/state.py). A document here is the token ids of its pieces, each tokenized on its
 own, between [CLS] and [SEP], exactly as a one-pass ``SentenceTransformer.encode`` of those
 ids would see them (without its truncation). Complete chunks are encoded once; the tokens of
-the incomplete last chunk wait for more text and are read again with it. With outlier pooling
-or token weights (LAMConfig.outlier_pooling_temperature, token_weights_min_tokens) a token's
+the incomplete last chunk wait for more text and are read again with it. With outlier pooling,
+token weights or a pooling gate (LAMConfig.outlier_pooling_temperature,
+token_weights_min_tokens, pooling_gate_min_tokens) a token's
 weight depends on the whole document, so the document keeps its tokens' last hidden rows
 (4 * hidden_size bytes a token) instead of sums, and memory grows with it. The embedding is
 the model's own pooling (mean over all tokens, then its Normalize module if it has one).
@@ -38,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .modeling_lam import repeat_cap_weights, weight_rows_for_pooling
+from .modeling_lam import repeat_cap_weights
 from .sentence_transformer import Normalize, Pooling, module_pooling_mode
 from .state import LAMState
 
@@ -53,7 +54,8 @@ FORMAT_SINGLE_SUM = "lam-document-state/1"  # before the per-id sums: one sum, n
 class PooledRows:
     """The pooled part of a document whose pooling weights depend on all of its rows
     (LAMConfig.outlier_pooling_temperature: each row against the document's mean; or
-    token_weights_min_tokens: the weights' share depends on the final length): the ids and
+    token_weights_min_tokens, pooling_gate_min_tokens: the weights' share depends on the
+    final length): the ids and
     final hidden rows (float32) themselves, weighted as the model's one pass weighs them
     when the embedding is read. Memory grows with the document: 4 * hidden_size bytes a token."""
 
@@ -73,12 +75,7 @@ class PooledRows:
         return out
 
     def mean(self) -> torch.Tensor:
-        config = self.lam.config
-        id_weights = self.lam.token_weights if config.token_weights_min_tokens is not None else None
-        weighted = weight_rows_for_pooling(
-            self.rows[None], self.ids[None], torch.ones_like(self.ids)[None], config.token_repeat_cap,
-            config.vocab_size, id_weights, config.token_weights_min_tokens or 0,
-            config.outlier_pooling_temperature, config.outlier_pooling_min_tokens)
+        weighted = self.lam.weight_rows_for_pooling(self.rows[None], self.ids[None], torch.ones_like(self.ids)[None])
         return weighted[0].double().mean(0)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -96,7 +93,8 @@ class PooledRows:
 
 def keeps_rows(config) -> bool:
     """Whether a streamed document must keep its rows (PooledRows) rather than sums."""
-    return config.outlier_pooling_temperature is not None or config.token_weights_min_tokens is not None
+    return (config.outlier_pooling_temperature is not None or config.token_weights_min_tokens is not None
+            or config.pooling_gate_min_tokens is not None)
 
 
 class PooledSums:

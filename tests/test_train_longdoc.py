@@ -372,6 +372,9 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--long-input-min-tokens", "-1"], "--long-input-min-tokens: must be an integer >= 0, got -1"),
         (["--long-input-min-tokens", "8", "--short-text-tail-steps", "2"],
          "--long-input-min-tokens trains the long-input layers only: drop --short-text-tail-steps"),
+        (["--pooling-gate"], "--pooling-gate trains with the long-input layers: give --long-input-min-tokens too"),
+        (["--long-input-min-tokens", "8", "--pooling-gate", "--pooling-gate-lr", "0"],
+         "--pooling-gate-lr must be positive, got 0.0"),
         (["--paraphrase-queries", "10"], "--paraphrase-queries makes the queries of inserted examples: give "
                                          "--inserted-share too"),
         (["--paraphrase-similarity", "0.9", "0.5"], "--paraphrase-similarity: need -1 <= LOW < HIGH <= 1, got 0.9 0.5"),
@@ -591,6 +594,34 @@ def test_long_input_layers_train_alone_and_short_inputs_keep_their_embeddings(tm
     manifest = json.loads((tmp_path / "long" / "release" / "manifest.json").read_text())
     assert manifest["trained"] == "long-input layers" and manifest["long_input_min_tokens"] == 12
     assert manifest["data"]["sentences"] is None and manifest["data"]["short_texts"] == 0
+
+
+@pytest.mark.slow
+def test_pooling_gate_trains_with_the_long_input_layers_and_short_inputs_keep_their_embeddings(tmp_path, tiny_model):
+    """--pooling-gate: the gate starts at zero and moves with the long-input layers at its own
+    rate; the first set and the embeddings stay as loaded, so short texts embed as before; the
+    release and its manifest carry it."""
+    from lam_embed import LAMModel
+    from lam_embed.release import load_release
+
+    model_dir, articles, _ = _saved_model_and_data(tmp_path, tiny_model)
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, tmp_path / "no-such-file.txt", "gate", "--steps", "2",
+                             "--lr", "1e-3", "--long-input-min-tokens", "12", "--pooling-gate",
+                             "--pooling-gate-lr", "1e-2"))
+    start = tiny_model[0][0].auto_model
+    trained = LAMModel.from_pretrained(tmp_path / "gate" / "sentence-transformer")
+    assert trained.config.pooling_gate_min_tokens == 12
+    before, after = start.state_dict(), trained.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    # Adam's first steps move each value by about the rate: the gate's, not the layers'.
+    assert 0.01 < trained.pooling_gate.weight.abs().max() < 0.03
+    history = json.loads((tmp_path / "gate" / "history.json").read_text())
+    assert history[-1]["pooling_gate_norm"] == pytest.approx(float(trained.pooling_gate.weight.detach().norm()), abs=1e-4)
+    manifest = json.loads((tmp_path / "gate" / "release" / "manifest.json").read_text())
+    assert manifest["trained"] == "long-input layers and pooling gate"
+    assert manifest["pooling_gate_min_tokens"] == 12 and manifest["pooling_gate_lr"] == 1e-2
+    released = load_release(tmp_path / "gate" / "release")
+    torch.testing.assert_close(released.pooling_gate.weight, trained.pooling_gate.weight, atol=1e-4, rtol=1e-3)
 
 
 def test_paraphrase_queries_are_mined_once_and_read_back_on_resume(tmp_path, tiny_model, monkeypatch):

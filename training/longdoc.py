@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs of up to N tokens (the queries, the short-text sentences) keep the loaded model's "
                         "embeddings exactly, so the sentence term and its tail are left out (default: one set of "
                         "layers)")
+    p.add_argument("--pooling-gate", action="store_true",
+                   help="with --long-input-min-tokens: give the model a pooling gate for the inputs the long-input "
+                        "layers read (LAMConfig.pooling_gate_min_tokens, a learned logit a row that weighs it in the "
+                        "pooling, zero at the start) and train it with those layers")
+    p.add_argument("--pooling-gate-lr", type=float, default=1e-3,
+                   help="peak learning rate of the pooling gate (the same schedule as --lr): it starts at zero and "
+                        "has one logit a row to learn, not a trained model's weights to keep")
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the token, position and type embeddings too (by default they stay the teacher's, "
                         "so that the release holds only the layers)")
@@ -217,6 +224,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
                               (args.short_text_tail_steps, "--short-text-tail-steps")):
             if given:
                 parser.error(f"--long-input-min-tokens trains the long-input layers only: drop {option}")
+    if args.pooling_gate and args.long_input_min_tokens is None:
+        parser.error("--pooling-gate trains with the long-input layers: give --long-input-min-tokens too")
+    if not args.pooling_gate_lr > 0:
+        parser.error(f"--pooling-gate-lr must be positive, got {args.pooling_gate_lr}")
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens ({args.min_tokens}) must not exceed --max-tokens ({args.max_tokens})")
     if not 0 <= args.stsb_train_fraction < 1:
@@ -381,6 +392,12 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         elif lam.config.long_input_min_tokens != args.long_input_min_tokens:
             raise SystemExit(f"--long-input-min-tokens {args.long_input_min_tokens}: {args.model} reads inputs of "
                              f"more than {lam.config.long_input_min_tokens} tokens with long-input layers already")
+    if args.pooling_gate and lam.config.pooling_gate_min_tokens is None:
+        lam = lam.with_pooling_gate(args.long_input_min_tokens)
+        replace_transformer_model(model, lam)
+    elif args.pooling_gate and lam.config.pooling_gate_min_tokens != args.long_input_min_tokens:
+        raise SystemExit(f"--pooling-gate: {args.model} has a pooling gate from {lam.config.pooling_gate_min_tokens} "
+                         f"tokens, not --long-input-min-tokens {args.long_input_min_tokens}")
     dropout = lam.config.hidden_dropout_prob if args.dropout is None else args.dropout
     set_dropout(model, dropout)
     teacher = SentenceTransformer(resolve_teacher_path(args.teacher), device=str(device)).eval()
@@ -406,11 +423,18 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if args.train_only_token_mixers:
         freeze_all_but_token_mixers(lam)
     if long_inputs_only:
-        train_only(lam, lambda name: name.startswith("long_input_layers."), "long-input layers")
+        trained_prefixes = ("long_input_layers.", "pooling_gate.") if args.pooling_gate else ("long_input_layers.",)
+        train_only(lam, lambda name: name.startswith(trained_prefixes), "long-input layers")
     ranking = (losses.MultipleNegativesRankingLoss(model, scale=args.scale) if args.mini_batch_size is None else
                losses.CachedMultipleNegativesRankingLoss(model, scale=args.scale, mini_batch_size=args.mini_batch_size))
     keep_short = losses.MSELoss(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    # The gate's own rate and gradient clipping: its few values would otherwise take the
+    # layers' rate (too slow from zero) or most of their clipped gradient norm.
+    gate = list(lam.pooling_gate.parameters()) if args.pooling_gate else []
+    layers = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gate)]
+    optimizer = torch.optim.AdamW([{"params": layers},
+                                   *([{"params": gate, "lr": args.pooling_gate_lr, "weight_decay": 0.0}] if gate else [])],
+                                  lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))
     total_steps = args.steps + args.short_text_tail_steps
 
@@ -486,7 +510,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
             loss, rank_loss, short_losses = stage_loss(ranking, keep_short, triples, short, args.short_text_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -496,6 +521,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
             record["short_text_loss"] = round(short_losses[0].item(), 6)
         if with_passages:
             record["passage_loss"] = round(short_losses[-1].item(), 6)
+        if gate:
+            record["pooling_gate_norm"] = round(lam.pooling_gate.weight.norm().item(), 5)
         history.append(record)
         progress.update(1)
         progress.set_postfix(rank="tail" if rank_loss is None else f"{rank_loss.item():.3f}",
@@ -525,7 +552,10 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "token_weights_min_tokens": lam.config.token_weights_min_tokens,
         "outlier_pooling_temperature": lam.config.outlier_pooling_temperature, "inserted_share": args.inserted_share,
         "dropout": dropout, "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
-        "trained": ("long-input layers" if long_inputs_only else
+        "pooling_gate_min_tokens": lam.config.pooling_gate_min_tokens,
+        "pooling_gate_lr": args.pooling_gate_lr if args.pooling_gate else None,
+        "trained": ("long-input layers and pooling gate" if args.pooling_gate else
+                    "long-input layers" if long_inputs_only else
                     "token mixers" if args.train_only_token_mixers else "all layers"),
         "long_input_min_tokens": lam.config.long_input_min_tokens,
         "steps": step, "short_text_tail_steps": args.short_text_tail_steps,
