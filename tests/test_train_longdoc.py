@@ -372,6 +372,7 @@ def test_usage_errors_name_the_option_before_any_model_loads(tmp_path, capsys):
         (["--long-input-min-tokens", "-1"], "--long-input-min-tokens: must be an integer >= 0, got -1"),
         (["--long-input-min-tokens", "8", "--short-text-tail-steps", "2"],
          "--long-input-min-tokens trains the long-input layers only: drop --short-text-tail-steps"),
+        (["--lr", "0"], "--lr must be positive (or 0 with --pooling-gate: the gate alone trains), got 0.0"),
         (["--pooling-gate"], "--pooling-gate trains with the long-input layers: give --long-input-min-tokens too"),
         (["--long-input-min-tokens", "8", "--pooling-gate", "--pooling-gate-lr", "0"],
          "--pooling-gate-lr must be positive, got 0.0"),
@@ -622,6 +623,16 @@ def test_pooling_gate_trains_with_the_long_input_layers_and_short_inputs_keep_th
     assert manifest["pooling_gate_min_tokens"] == 12 and manifest["pooling_gate_lr"] == 1e-2
     released = load_release(tmp_path / "gate" / "release")
     torch.testing.assert_close(released.pooling_gate.weight, trained.pooling_gate.weight, atol=1e-4, rtol=1e-3)
+    # --lr 0: the gate alone; the long-input layers stay the copy of the first set.
+    longdoc.main(_smoke_args(tmp_path, model_dir, articles, tmp_path / "no-such-file.txt", "gate-only", "--steps", "2",
+                             "--lr", "0", "--long-input-min-tokens", "12", "--pooling-gate"))
+    gate_only = LAMModel.from_pretrained(tmp_path / "gate-only" / "sentence-transformer")
+    after = gate_only.state_dict()
+    assert all(torch.equal(after[name], after[name.removeprefix("long_input_")])
+               for name in after if name.startswith("long_input_layers."))
+    assert gate_only.pooling_gate.weight.abs().max() > 1e-3
+    manifest = json.loads((tmp_path / "gate-only" / "release" / "manifest.json").read_text())
+    assert manifest["trained"] == "pooling gate"
 
 
 def test_paraphrase_queries_are_mined_once_and_read_back_on_resume(tmp_path, tiny_model, monkeypatch):

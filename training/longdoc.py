@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paraphrase-similarity", type=float, nargs=2, default=(0.6, 0.9), metavar=("LOW", "HIGH"),
                    help="teacher cosine of a pair of --paraphrase-queries: at least LOW and below HIGH (near-copies "
                         "left out)")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
+    p.add_argument("--lr", type=float, default=2e-5,
+                   help="peak learning rate (AdamW, linear warm-up, cosine decay); 0 with --pooling-gate: the gate "
+                        "alone trains, the layers stay as loaded")
     p.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     p.add_argument("--scale", type=float, default=20.0, help="scale of the cosine scores in the ranking loss")
     p.add_argument("--short-text-weight", type=float, default=1000.0,
@@ -226,6 +228,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
                 parser.error(f"--long-input-min-tokens trains the long-input layers only: drop {option}")
     if args.pooling_gate and args.long_input_min_tokens is None:
         parser.error("--pooling-gate trains with the long-input layers: give --long-input-min-tokens too")
+    if not (args.lr > 0 or args.lr == 0 and args.pooling_gate):
+        parser.error(f"--lr must be positive (or 0 with --pooling-gate: the gate alone trains), got {args.lr}")
     if not args.pooling_gate_lr > 0:
         parser.error(f"--pooling-gate-lr must be positive, got {args.pooling_gate_lr}")
     if args.min_tokens > args.max_tokens:
@@ -385,6 +389,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if args.pooling is not None:
         set_pooling(model, args.pooling)
     long_inputs_only = args.long_input_min_tokens is not None
+    gate_only = args.pooling_gate and args.lr == 0  # no gradient reaches the layers at all
     if long_inputs_only:
         if lam.config.long_input_min_tokens is None:
             lam = lam.with_long_input_layers(args.long_input_min_tokens)
@@ -423,8 +428,9 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if args.train_only_token_mixers:
         freeze_all_but_token_mixers(lam)
     if long_inputs_only:
-        trained_prefixes = ("long_input_layers.", "pooling_gate.") if args.pooling_gate else ("long_input_layers.",)
-        train_only(lam, lambda name: name.startswith(trained_prefixes), "long-input layers")
+        trained_prefixes = (("pooling_gate.",) if gate_only else
+                            ("long_input_layers.", "pooling_gate.") if args.pooling_gate else ("long_input_layers.",))
+        train_only(lam, lambda name: name.startswith(trained_prefixes), "/".join(trained_prefixes))
     ranking = (losses.MultipleNegativesRankingLoss(model, scale=args.scale) if args.mini_batch_size is None else
                losses.CachedMultipleNegativesRankingLoss(model, scale=args.scale, mini_batch_size=args.mini_batch_size))
     keep_short = losses.MSELoss(model)
@@ -432,7 +438,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     # layers' rate (too slow from zero) or most of their clipped gradient norm.
     gate = list(lam.pooling_gate.parameters()) if args.pooling_gate else []
     layers = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gate)]
-    optimizer = torch.optim.AdamW([{"params": layers},
+    optimizer = torch.optim.AdamW([*([{"params": layers}] if layers else []),
                                    *([{"params": gate, "lr": args.pooling_gate_lr, "weight_decay": 0.0}] if gate else [])],
                                   lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))
@@ -489,6 +495,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if long_inputs_only:  # the frozen layers read the queries as at inference (no dropout)
         lam.embeddings.eval()
         lam.layers.eval()
+    if gate_only:
+        lam.eval()
     sentence_rng = random.Random(args.seed)
     progress = tqdm(total=total_steps, initial=step, desc="long-document stage", unit="step")
     while step < total_steps:
@@ -554,7 +562,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "dropout": dropout, "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
         "pooling_gate_min_tokens": lam.config.pooling_gate_min_tokens,
         "pooling_gate_lr": args.pooling_gate_lr if args.pooling_gate else None,
-        "trained": ("long-input layers and pooling gate" if args.pooling_gate else
+        "trained": ("pooling gate" if gate_only else "long-input layers and pooling gate" if args.pooling_gate else
                     "long-input layers" if long_inputs_only else
                     "token mixers" if args.train_only_token_mixers else "all layers"),
         "long_input_min_tokens": lam.config.long_input_min_tokens,
