@@ -49,8 +49,7 @@ def model_card(manifest: dict, name: str = "LAM", stsb_setting: str = "CPU, floa
     gate_min_tokens = manifest.get("pooling_gate_min_tokens")
     if gate_min_tokens is not None:
         pooling_text += (f"; in inputs of more than {gate_min_tokens} tokens each token also weighs exp(g), g a learned "
-                         "logit of its last hidden state (`pooling_gate_min_tokens`), trained with the long-document "
-                         "layers")
+                         "logit of its last hidden state (`pooling_gate_min_tokens`), trained on long documents")
     long_figures = figures.get("long_documents")
     stage = ", then on long documents (a sentence from anywhere in a document as the query)" if long_figures else ""
     long_input_min_tokens = manifest.get("long_input_min_tokens")

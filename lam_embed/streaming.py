@@ -7,9 +7,9 @@ own, between [CLS] and [SEP], exactly as a one-pass ``SentenceTransformer.encode
 ids would see them (without its truncation). Complete chunks are encoded once; the tokens of
 the incomplete last chunk wait for more text and are read again with it. With outlier pooling,
 token weights or a pooling gate (LAMConfig.outlier_pooling_temperature,
-token_weights_min_tokens, pooling_gate_min_tokens) a token's
-weight depends on the whole document, so the document keeps its tokens' last hidden rows
-(4 * hidden_size bytes a token) instead of sums, and memory grows with it. The embedding is
+token_weights_min_tokens, pooling_gate_min_tokens) a token's weight depends on the whole
+document, so the document keeps its tokens' last hidden rows (4 * hidden_size bytes a token)
+instead of sums, and memory grows with it. The embedding is
 the model's own pooling (mean over all tokens, then its Normalize module if it has one).
 Ids wait until a segment's worth is pending or the embedding is read, so a document read in
 small pieces costs one forward a segment, and an append followed by reading the embedding
@@ -55,9 +55,9 @@ class PooledRows:
     """The pooled part of a document whose pooling weights depend on all of its rows
     (LAMConfig.outlier_pooling_temperature: each row against the document's mean; or
     token_weights_min_tokens, pooling_gate_min_tokens: the weights' share depends on the
-    final length): the ids and
-    final hidden rows (float32) themselves, weighted as the model's one pass weighs them
-    when the embedding is read. Memory grows with the document: 4 * hidden_size bytes a token."""
+    final length): the ids and final hidden rows (float32) themselves, weighted as the
+    model's one pass weighs them when the embedding is read. Memory grows with the document:
+    4 * hidden_size bytes a token."""
 
     def __init__(self, lam):
         self.lam = lam

@@ -430,7 +430,8 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if long_inputs_only:
         trained_prefixes = (("pooling_gate.",) if gate_only else
                             ("long_input_layers.", "pooling_gate.") if args.pooling_gate else ("long_input_layers.",))
-        train_only(lam, lambda name: name.startswith(trained_prefixes), "/".join(trained_prefixes))
+        train_only(lam, lambda name: name.startswith(trained_prefixes),
+                   " and ".join(prefix.rstrip(".").replace("_", " ") for prefix in trained_prefixes))
     ranking = (losses.MultipleNegativesRankingLoss(model, scale=args.scale) if args.mini_batch_size is None else
                losses.CachedMultipleNegativesRankingLoss(model, scale=args.scale, mini_batch_size=args.mini_batch_size))
     keep_short = losses.MSELoss(model)
