@@ -50,7 +50,7 @@ def reference_mean(rows, ids, cap, gate, min_tokens):
     s the ramp's share for this many tokens."""
     occurrences = Counter(ids)
     share = min(1.0, max(0.0, math.log(len(ids) / min_tokens) / math.log(4.0)))
-    w, b = gate.weight[0].detach().double(), float(gate.bias[0])
+    w, b = gate.weight[0].detach().double(), float(gate.bias.detach()[0])
     weights = [min(1.0, cap / occurrences[token]) * math.exp(share * (float(w @ row.double()) + b))
                for token, row in zip(ids, rows)]
     return sum(weight * row.double() for weight, row in zip(weights, rows)) / sum(weights)
