@@ -428,17 +428,19 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if args.train_only_token_mixers:
         freeze_all_but_token_mixers(lam)
     if long_inputs_only:
-        trained_prefixes = (("pooling_gate.",) if gate_only else
-                            ("long_input_layers.", "pooling_gate.") if args.pooling_gate else ("long_input_layers.",))
-        train_only(lam, lambda name: name.startswith(trained_prefixes),
-                   " and ".join(prefix.rstrip(".").replace("_", " ") for prefix in trained_prefixes))
+        parts = {"long_input_layers.": "long-input layers", "pooling_gate.": "pooling gate"}
+        prefixes = tuple(prefix for prefix, on in (("long_input_layers.", not gate_only),
+                                                   ("pooling_gate.", args.pooling_gate)) if on)
+        trained_what = " and ".join(parts[prefix] for prefix in prefixes)
+        train_only(lam, lambda name: name.startswith(prefixes), trained_what)
     ranking = (losses.MultipleNegativesRankingLoss(model, scale=args.scale) if args.mini_batch_size is None else
                losses.CachedMultipleNegativesRankingLoss(model, scale=args.scale, mini_batch_size=args.mini_batch_size))
     keep_short = losses.MSELoss(model)
     # The gate's own rate and gradient clipping: its few values would otherwise take the
     # layers' rate (too slow from zero) or most of their clipped gradient norm.
     gate = list(lam.pooling_gate.parameters()) if args.pooling_gate else []
-    layers = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gate)]
+    gate_ids = {id(g) for g in gate}
+    layers = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     optimizer = torch.optim.AdamW([*([{"params": layers}] if layers else []),
                                    *([{"params": gate, "lr": args.pooling_gate_lr, "weight_decay": 0.0}] if gate else [])],
                                   lr=args.lr, weight_decay=0.01)
@@ -563,8 +565,7 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
         "dropout": dropout, "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
         "pooling_gate_min_tokens": lam.config.pooling_gate_min_tokens,
         "pooling_gate_lr": args.pooling_gate_lr if args.pooling_gate else None,
-        "trained": ("pooling gate" if gate_only else "long-input layers and pooling gate" if args.pooling_gate else
-                    "long-input layers" if long_inputs_only else
+        "trained": (trained_what if long_inputs_only else
                     "token mixers" if args.train_only_token_mixers else "all layers"),
         "long_input_min_tokens": lam.config.long_input_min_tokens,
         "steps": step, "short_text_tail_steps": args.short_text_tail_steps,
