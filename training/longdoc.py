@@ -428,10 +428,10 @@ def train(args, texts: list[str], sentences: list[str], passages: list[str] = ()
     if args.train_only_token_mixers:
         freeze_all_but_token_mixers(lam)
     if long_inputs_only:
-        parts = {"long_input_layers.": "long-input layers", "pooling_gate.": "pooling gate"}
-        prefixes = tuple(prefix for prefix, on in (("long_input_layers.", not gate_only),
-                                                   ("pooling_gate.", args.pooling_gate)) if on)
-        trained_what = " and ".join(parts[prefix] for prefix in prefixes)
+        trained_parts = {} if gate_only else {"long_input_layers.": "long-input layers"}
+        if args.pooling_gate:
+            trained_parts["pooling_gate."] = "pooling gate"
+        prefixes, trained_what = tuple(trained_parts), " and ".join(trained_parts.values())
         train_only(lam, lambda name: name.startswith(prefixes), trained_what)
     ranking = (losses.MultipleNegativesRankingLoss(model, scale=args.scale) if args.mini_batch_size is None else
                losses.CachedMultipleNegativesRankingLoss(model, scale=args.scale, mini_batch_size=args.mini_batch_size))
