@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import logging
+import threading
 
 import torch
 
@@ -52,13 +54,51 @@ class Backend:
 
 
 @functools.cache
-def load_triton():
-    """The package lam_embed.ops.triton, or None where triton does not import."""
+def _import_triton():
     try:
         from .ops import triton
     except ImportError:
         return None
+    # Triton's own cache key: a SHA-256 of its compiler's sources and of libtriton (whose
+    # packages it imports to list them), computed once a process before the first compiled
+    # kernel is looked up; 0.4-1.0 s of a process's first forward on a GPU host.
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # pragma: no cover - another triton layout: the first launch computes it
+        pass
+    else:
+        triton_key()
     return triton
+
+
+# The thread of prepare_triton, once started (one a process).
+_triton_preparation: threading.Thread | None = None
+_triton_preparation_lock = threading.Lock()
+
+
+def prepare_triton(config) -> None:
+    """Import the fused kernels and compute Triton's cache key in a background thread, where
+    this torch is built for a GPU, triton is installed and ``config`` may run the kernels:
+    work that a process's first forward on CUDA would otherwise do in the caller's thread
+    (docs/performance.md). LAMModel starts it when built, so that it runs while the weights
+    load and the first texts are tokenized; load_triton waits for it. Once a process."""
+    global _triton_preparation
+    if config.delta_impl not in ("auto", "triton") or (torch.version.cuda is None and torch.version.hip is None):
+        return
+    with _triton_preparation_lock:
+        if _triton_preparation is not None or importlib.util.find_spec("triton") is None:
+            return
+        _triton_preparation = threading.Thread(target=_import_triton, name="lam-prepare-triton", daemon=True)
+        _triton_preparation.start()
+
+
+def load_triton():
+    """The package lam_embed.ops.triton, or None where triton does not import; waits for
+    prepare_triton's thread where one runs (the key it computes is cached without a lock)."""
+    preparation = _triton_preparation
+    if preparation is not None and preparation is not threading.current_thread():
+        preparation.join()
+    return _import_triton()
 
 
 @functools.cache

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
-from .backends import Backend, carried_backend, load_triton, select_backend
+from .backends import Backend, carried_backend, load_triton, prepare_triton, select_backend
 from .checksums import verify_checksums
 from .configuration_lam import LAMConfig
 from .inference import input_checks, int8
@@ -309,6 +309,7 @@ class LAMModel(LAMPreTrainedModel):
             # One pooling weight per token id (LAMConfig.token_weights_min_tokens), saved with the weights.
             self.register_buffer("token_weights", torch.ones(config.vocab_size))
         self.post_init()
+        prepare_triton(config)
 
     def with_long_input_layers(self, min_tokens: int, long_input_layers: dict | None = None) -> "LAMModel":
         """A new LAMModel with this one's weights that reads inputs of more than ``min_tokens``

@@ -1,5 +1,10 @@
 """The backend registry (lam_embed/backends.py): what each delta_impl runs on CPU, the errors
-for a backend on the wrong device, and that a model forward selects the backend once."""
+for a backend on the wrong device, that a model forward selects the backend once, and the
+background preparation of the Triton kernels."""
+
+import functools
+import importlib.util
+import threading
 
 import pytest
 import torch
@@ -97,3 +102,48 @@ def test_a_model_with_a_trainable_parameter_wants_gradients():
     model.requires_grad_(False)
     model.layers[1].ffn_out.weight.requires_grad_(True)  # one trainable parameter is enough
     assert model.select_backend(ids).layer_code == "eager"
+
+
+def _fresh_preparation(monkeypatch, cuda_build: bool):
+    """backends as in a new process, on a torch built for CUDA or not."""
+    monkeypatch.setattr(backends, "_triton_preparation", None)
+    monkeypatch.setattr(torch.version, "cuda", "12.8" if cuda_build else None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    backends._import_triton.cache_clear()
+
+
+@pytest.mark.parametrize("delta_impl", ["auto", "triton"])
+def test_a_model_prepares_triton_in_the_background_and_load_triton_waits_for_it(monkeypatch, delta_impl):
+    _fresh_preparation(monkeypatch, cuda_build=True)
+    started = threading.Event()
+    release = threading.Event()
+    real_import = backends._import_triton.__wrapped__
+
+    def slow_import():
+        started.set()
+        release.wait(5)
+        return real_import()
+
+    monkeypatch.setattr(backends, "_import_triton", functools.cache(slow_import))
+    LAMModel(small_config(delta_impl=delta_impl))
+    if importlib.util.find_spec("triton") is None:
+        assert backends._triton_preparation is None and backends.load_triton() is None
+        return
+    preparation = backends._triton_preparation
+    assert started.wait(5) and preparation.is_alive()
+    LAMModel(small_config(delta_impl=delta_impl))  # once a process
+    assert backends._triton_preparation is preparation
+    threading.Timer(0.2, release.set).start()
+    module = backends.load_triton()  # waits for the thread, then takes its result
+    assert not preparation.is_alive()
+    assert module is not None and module is backends.load_triton()
+    assert backends._import_triton.cache_info().misses == 1  # imported (and Triton's key computed) once
+    from triton.runtime.cache import triton_key
+    assert triton_key.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize(("delta_impl", "cuda_build"), [("numba", True), ("chunk", True), ("auto", False)])
+def test_no_preparation_where_the_kernels_cannot_run(monkeypatch, delta_impl, cuda_build):
+    _fresh_preparation(monkeypatch, cuda_build)
+    LAMModel(small_config(delta_impl=delta_impl))
+    assert backends._triton_preparation is None
