@@ -61,7 +61,7 @@ def _import_triton():
         return None
     # Triton's own cache key: a SHA-256 of its compiler's sources and of libtriton (whose
     # packages it imports to list them), computed once a process before the first compiled
-    # kernel is looked up; 0.4-1.0 s of a process's first forward on a GPU host.
+    # kernel is looked up: 0.4-0.5 s of a process's first forward on a GPU host, imports aside.
     try:
         from triton.runtime.cache import triton_key
     except ImportError:  # pragma: no cover - another triton layout: the first launch computes it
