@@ -142,8 +142,13 @@ def test_a_model_prepares_triton_in_the_background_and_load_triton_waits_for_it(
     assert triton_key.cache_info().currsize == 1
 
 
-@pytest.mark.parametrize(("delta_impl", "cuda_build"), [("numba", True), ("chunk", True), ("auto", False)])
-def test_no_preparation_where_the_kernels_cannot_run(monkeypatch, delta_impl, cuda_build):
+@pytest.mark.parametrize(("delta_impl", "cuda_build", "triton_installed"),
+                         [("numba", True, True), ("chunk", True, True), ("auto", False, True), ("auto", True, False)])
+def test_no_preparation_where_the_kernels_cannot_run(monkeypatch, delta_impl, cuda_build, triton_installed):
     _fresh_preparation(monkeypatch, cuda_build)
+    if not triton_installed:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *args: None if name == "triton" else find_spec(name, *args))
     LAMModel(small_config(delta_impl=delta_impl))
     assert backends._triton_preparation is None
