@@ -95,9 +95,8 @@ def prepare_triton(config) -> None:
 def load_triton():
     """The package lam_embed.ops.triton, or None where triton does not import; waits for
     prepare_triton's thread where one runs (the key it computes is cached without a lock)."""
-    preparation = _triton_preparation
-    if preparation is not None and preparation is not threading.current_thread():
-        preparation.join()
+    if _triton_preparation is not None:
+        _triton_preparation.join()
     return _import_triton()
 
 
